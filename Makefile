@@ -1,0 +1,48 @@
+# One command sets up and runs the demo (`make demo`), one sets up and runs the tests (`make test`).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ADSEARCH := $(VENV)/bin/adsearch
+DEMO ?= demo
+
+.PHONY: setup test lint demo bench-extract bench-search
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+lint: setup
+	$(PY) -m ruff check adsearch tests benchmarks
+
+test: setup lint
+	$(PY) -m pytest
+
+# The demo: synthetic ADReSSo-layout corpus -> tiny model -> import -> extract -> search (2 workers, SQLite)
+# -> export (refit, held-out test, report) -> predict one test recording. Each line is a plain CLI call.
+demo: setup
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(ADSEARCH) synth $(DEMO)/adresso --n-train 40 --n-test 16 --seed 0
+	$(ADSEARCH) model tiny $(DEMO)/tiny-wav2vec2
+	$(ADSEARCH) corpus adresso $(DEMO)/adresso --test-labels $(DEMO)/adresso/task1.csv -o $(DEMO)/corpus.csv
+	$(ADSEARCH) extract $(DEMO)/corpus.csv --model $(DEMO)/tiny-wav2vec2 -o $(DEMO)/cache
+	$(ADSEARCH) search --cache $(DEMO)/cache --space studies/default.yaml --study demo \
+	    --storage sqlite:///$(DEMO)/adsearch.db --trials 40 --workers 2
+	$(ADSEARCH) export --study demo --storage sqlite:///$(DEMO)/adsearch.db -o $(DEMO)/best \
+	    --artifacts $(DEMO)/adsearch-artifacts --top-k 2
+	$(ADSEARCH) predict $(DEMO)/best $(DEMO)/adresso/ADReSSo21/diagnosis/test-dist/audio/adrsdt1.wav \
+	    --segments $(DEMO)/corpus.csv -o $(DEMO)/predictions.csv
+	@echo
+	@echo "report:    $(DEMO)/best/report.html"
+	@echo "dashboard: $(ADSEARCH) dashboard --storage sqlite:///$(DEMO)/adsearch.db --artifacts $(DEMO)/adsearch-artifacts"
+
+bench-extract: setup
+	$(PY) benchmarks/extract.py
+
+bench-search: setup
+	$(PY) benchmarks/search.py all

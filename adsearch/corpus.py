@@ -1,0 +1,360 @@
+"""Recordings, labels, speakers and splits: the corpus manifest and the importers that write it.
+
+A manifest is a CSV with one row per recording:
+
+    id, path, label (1 = AD, 0 = control, empty = unlabelled), group (speaker), split (train|test),
+    mmse (optional), segments (participant speech as ``begin-end`` seconds joined by ``;``,
+    empty = the whole recording)
+
+Relative paths are relative to the manifest's own folder, so a corpus folder can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adsearch.audio import AudioError, audio_duration
+
+MANIFEST_COLUMNS = ("id", "path", "label", "group", "split", "mmse", "segments")
+SPLITS = ("train", "test")
+
+Segment = tuple[float, float]
+
+
+class CorpusError(ValueError):
+    """Bad corpus input; the message names the file, the problem and what to do."""
+
+
+@dataclass(frozen=True)
+class Recording:
+    id: str
+    path: Path
+    label: int | None
+    group: str
+    split: str
+    mmse: float | None = None
+    segments: tuple[Segment, ...] = ()  # empty: use the whole recording
+
+
+@dataclass
+class ImportResult:
+    recordings: list[Recording]
+    warnings: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Segments
+
+
+def format_segments(segments: Sequence[Segment]) -> str:
+    return ";".join(f"{b:.3f}-{e:.3f}" for b, e in segments)
+
+
+def parse_segments(text: str) -> tuple[Segment, ...]:
+    """Parse ``b-e;b-e`` (seconds); raise ValueError with the offending piece."""
+    text = text.strip()
+    if not text:
+        return ()
+    segments = []
+    for piece in text.split(";"):
+        begin_text, sep, end_text = piece.strip().partition("-")
+        try:
+            if not sep:
+                raise ValueError
+            begin, end = float(begin_text), float(end_text)
+        except ValueError:
+            raise ValueError(f"segment {piece!r} is not 'begin-end' in seconds") from None
+        if not (0 <= begin < end):
+            raise ValueError(f"segment {piece!r} needs 0 <= begin < end")
+        segments.append((begin, end))
+    return tuple(merge_segments(segments))
+
+
+def merge_segments(segments: Iterable[Segment]) -> list[Segment]:
+    """Sort and merge overlapping or touching segments, so no audio is counted twice."""
+    merged: list[list[float]] = []
+    for begin, end in sorted(segments):
+        if merged and begin <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([begin, end])
+    return [(b, e) for b, e in merged]
+
+
+def clip_segments(segments: Iterable[Segment], duration: float) -> list[Segment]:
+    return [(b, min(e, duration)) for b, e in segments if b < duration and min(e, duration) > b]
+
+
+def complement_segments(segments: Iterable[Segment], duration: float) -> list[Segment]:
+    """The parts of [0, duration] not covered by `segments`."""
+    rest, cursor = [], 0.0
+    for begin, end in merge_segments(segments):
+        if begin > cursor:
+            rest.append((cursor, begin))
+        cursor = max(cursor, end)
+    if cursor < duration:
+        rest.append((cursor, duration))
+    return rest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Manifest files
+
+
+def _parse_label(text: str) -> int | None:
+    text = text.strip()
+    if text == "":
+        return None
+    if text in ("0", "1"):
+        return int(text)
+    raise ValueError(f"label {text!r} is not 1 (AD), 0 (control) or empty (unlabelled)")
+
+
+def read_manifest(path: Path | str, check_files: bool = True) -> list[Recording]:
+    """Read and validate a manifest; every problem is reported at once, with its line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"{path}: manifest not found")
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        header = [name.strip() for name in (reader.fieldnames or [])]
+        missing = [c for c in ("id", "path", "label", "group", "split") if c not in header]
+        if missing:
+            raise CorpusError(
+                f"{path}: missing column(s) {', '.join(missing)}; a manifest needs the columns "
+                f"{', '.join(MANIFEST_COLUMNS)} (mmse and segments may be left out)"
+            )
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    problems: list[str] = []
+    recordings: list[Recording] = []
+    seen: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):
+        where = f"{path} line {line}"
+        rec_id = row["id"]
+        if not rec_id:
+            problems.append(f"{where}: empty id")
+            continue
+        if rec_id in seen:
+            problems.append(f"{where}: id {rec_id!r} already used on line {seen[rec_id]}")
+        seen[rec_id] = line
+        try:
+            label = _parse_label(row["label"])
+            split = row["split"]
+            if split not in SPLITS:
+                raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+            if split == "train" and label is None:
+                raise ValueError("a train recording needs a label (0 or 1)")
+            mmse = float(row["mmse"]) if row.get("mmse") else None
+            segments = parse_segments(row.get("segments", ""))
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        audio_path = Path(row["path"])
+        if not audio_path.is_absolute():
+            audio_path = (path.parent / audio_path).resolve()
+        if check_files and not audio_path.is_file():
+            problems.append(f"{where}: audio file {audio_path} does not exist")
+        recordings.append(
+            Recording(rec_id, audio_path, label, row["group"] or rec_id, split, mmse, segments)
+        )
+    if problems:
+        shown = "\n  ".join(problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        raise CorpusError(f"{len(problems)} problem(s) in the manifest:\n  {shown}{more}")
+    if not recordings:
+        raise CorpusError(f"{path}: the manifest has no recordings")
+    return recordings
+
+
+def write_manifest(recordings: Sequence[Recording], path: Path | str) -> Path:
+    """Write atomically; paths inside the manifest's folder are stored relative to it."""
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(MANIFEST_COLUMNS)
+        for rec in recordings:
+            audio = Path(rec.path).resolve()
+            try:
+                shown = audio.relative_to(path.parent).as_posix()
+            except ValueError:
+                shown = str(audio)
+            writer.writerow([
+                rec.id, shown, "" if rec.label is None else rec.label, rec.group, rec.split,
+                "" if rec.mmse is None else f"{rec.mmse:g}", format_segments(rec.segments),
+            ])
+    os.replace(tmp, path)
+    return path
+
+
+def manifest_digest(recordings: Sequence[Recording]) -> str:
+    """Content hash of what extraction depends on: ids, labels, splits, segments and audio file sizes."""
+    digest = hashlib.sha256()
+    for rec in sorted(recordings, key=lambda r: r.id):
+        try:
+            size = Path(rec.path).stat().st_size
+        except OSError:
+            size = -1
+        digest.update(
+            f"{rec.id}\t{rec.label}\t{rec.group}\t{rec.split}\t{format_segments(rec.segments)}\t{size}\n".encode()
+        )
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ADReSSo 2021 diagnosis layout
+
+
+def find_diagnosis_dir(root: Path) -> Path:
+    """Accept the unpacked archive root, `ADReSSo21/`, or `ADReSSo21/diagnosis/` itself."""
+    for candidate in (root, root / "diagnosis", root / "ADReSSo21" / "diagnosis"):
+        if (candidate / "train" / "audio").is_dir():
+            return candidate
+    raise CorpusError(
+        f"{root}: no ADReSSo diagnosis data found; expected train/audio/{{ad,cn}}/*.wav under {root}, "
+        f"{root}/diagnosis or {root}/ADReSSo21/diagnosis (unpack ADReSSo21-diagnosis-train.tgz and "
+        f"ADReSSo21-diagnosis-test.tgz into the same folder)"
+    )
+
+
+def read_segmentation(path: Path) -> list[tuple[str, float, float]]:
+    """Rows of (speaker, begin_s, end_s) from an ADReSSo segmentation CSV (times in ms there)."""
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = [h.strip().lower() for h in next(reader, [])]
+        try:
+            i_spk, i_beg, i_end = header.index("speaker"), header.index("begin"), header.index("end")
+        except ValueError:
+            raise CorpusError(
+                f"{path}: segmentation file needs the columns speaker, begin, end (found {header})"
+            ) from None
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            try:
+                rows.append((row[i_spk].strip(), float(row[i_beg]) / 1000, float(row[i_end]) / 1000))
+            except (IndexError, ValueError):
+                raise CorpusError(f"{path} line {line}: cannot read speaker/begin/end from {row}") from None
+    return rows
+
+
+def participant_segments(path: Path, duration: float | None) -> tuple[list[Segment], str | None]:
+    """PAR speech; for INV-only files, the rest of the recording. Returns (segments, warning)."""
+    rows = read_segmentation(path)
+    par = [(b, e) for spk, b, e in rows if spk == "PAR" and e > b]
+    if par:
+        segments = merge_segments(par)
+        return (clip_segments(segments, duration) if duration else segments), None
+    inv = [(b, e) for spk, b, e in rows if spk == "INV" and e > b]
+    if inv and duration:
+        return complement_segments(inv, duration), f"{path}: no PAR rows, using everything outside INV speech"
+    return [], f"{path}: no usable PAR segments, using the whole recording"
+
+
+def _read_mmse(path: Path) -> dict[str, tuple[float | None, str]]:
+    scores: dict[str, tuple[float | None, str]] = {}
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        for row in csv.DictReader(handle):
+            row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+            name = row.get("adressfname") or row.get("id")
+            if not name:
+                continue
+            mmse = row.get("mmse", "")
+            scores[name] = (float(mmse) if mmse not in ("", "nan", "NA") else None, row.get("dx", ""))
+    return scores
+
+
+_DX = {"probablead": 1, "ad": 1, "1": 1, "control": 0, "cn": 0, "hc": 0, "0": 0}
+
+
+def read_test_labels(path: Path) -> dict[str, int]:
+    """The separately released `ID, Dx` file (ProbableAD | Control)."""
+    if not path.is_file():
+        raise CorpusError(f"{path}: test label file not found")
+    labels = {}
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        fields = {(f or "").strip().lower(): f for f in reader.fieldnames or []}
+        if "id" not in fields or "dx" not in fields:
+            raise CorpusError(f"{path}: test label file needs the columns ID and Dx (found {reader.fieldnames})")
+        for line, row in enumerate(reader, start=2):
+            rec_id = row[fields["id"]].strip()
+            dx = row[fields["dx"]].strip().lower()
+            if dx not in _DX:
+                raise CorpusError(f"{path} line {line}: Dx {dx!r} is not ProbableAD or Control")
+            labels[rec_id] = _DX[dx]
+    return labels
+
+
+def _import_folder(
+    audio_dir: Path, seg_dir: Path, split: str, label: int | None, mmse: dict, warnings: list[str]
+) -> list[Recording]:
+    recordings = []
+    for wav in sorted(audio_dir.glob("*.wav")):
+        rec_id = wav.stem
+        try:
+            duration: float | None = audio_duration(wav)
+        except AudioError as exc:
+            duration = None
+            warnings.append(f"{exc} (kept; extraction will report it)")
+        seg_file = seg_dir / f"{rec_id}.csv"
+        if seg_file.is_file():
+            try:
+                segments, warning = participant_segments(seg_file, duration)
+            except CorpusError as exc:
+                segments, warning = [], f"{exc}; using the whole recording"
+            if warning:
+                warnings.append(warning)
+        else:
+            segments = []
+            warnings.append(f"{seg_file}: segmentation file missing, using the whole recording")
+        score = mmse.get(rec_id, (None, ""))[0]
+        recordings.append(Recording(rec_id, wav.resolve(), label, rec_id, split, score, tuple(segments)))
+    return recordings
+
+
+def import_adresso(root: Path | str, test_labels: Path | str | None = None) -> ImportResult:
+    """Read the ADReSSo 2021 diagnosis layout into recordings (participant speech only)."""
+    base = find_diagnosis_dir(Path(root))
+    warnings: list[str] = []
+    mmse_file = base / "train" / "adresso-train-mmse-scores.csv"
+    mmse = _read_mmse(mmse_file) if mmse_file.is_file() else {}
+    if not mmse:
+        warnings.append(f"{mmse_file}: not found or empty, MMSE left empty")
+    recordings = []
+    for folder, label in (("ad", 1), ("cn", 0)):
+        audio_dir = base / "train" / "audio" / folder
+        if not audio_dir.is_dir():
+            raise CorpusError(f"{audio_dir}: folder missing; the train split needs audio/ad and audio/cn")
+        found = _import_folder(audio_dir, base / "train" / "segmentation" / folder, "train", label, mmse, warnings)
+        for rec in found:
+            dx = mmse.get(rec.id, (None, ""))[1].lower()
+            if dx and _DX.get(dx, label) != label:
+                warnings.append(f"{rec.id}: mmse file says dx={dx} but the audio is in {folder}/; using {folder}")
+        recordings += found
+
+    test_dir = base / "test-dist"
+    if test_dir.is_dir():
+        labels = read_test_labels(Path(test_labels)) if test_labels else {}
+        test = _import_folder(test_dir / "audio", test_dir / "segmentation", "test", None, {}, warnings)
+        test = [Recording(r.id, r.path, labels.get(r.id), r.group, r.split, r.mmse, r.segments) for r in test]
+        if test_labels:
+            unlabelled = [r.id for r in test if r.label is None]
+            unknown = sorted(set(labels) - {r.id for r in test})
+            if unlabelled:
+                warnings.append(f"{test_labels}: no label for {len(unlabelled)} test recording(s): {unlabelled[:5]}")
+            if unknown:
+                warnings.append(f"{test_labels}: {len(unknown)} id(s) not in test-dist: {unknown[:5]}")
+        recordings += test
+    else:
+        warnings.append(f"{test_dir}: not found, the corpus has no test split")
+    if not any(r.split == "train" for r in recordings):
+        raise CorpusError(f"{base}/train/audio: no .wav recordings found")
+    return ImportResult(recordings, warnings)

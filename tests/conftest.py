@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny random wav2vec2 saved with save_pretrained, and a small synthetic ADReSSo corpus."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from adsearch.embed.model import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    from adsearch.synth import synthesize_corpus
+
+    root = tmp_path_factory.mktemp("synth")
+    synthesize_corpus(root, n_train=12, n_test=4, effect=1.0, seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synth_manifest(synth_root, tmp_path_factory) -> Path:
+    from adsearch.corpus import import_adresso, write_manifest
+
+    result = import_adresso(synth_root, synth_root / "task1.csv")
+    return write_manifest(result.recordings, tmp_path_factory.mktemp("manifest") / "corpus.csv")
+
+
+def speechlike(seconds: float, rate: int = 16_000, seed: int = 0) -> np.ndarray:
+    """Amplitude-modulated harmonic noise: cheap, deterministic, not silence."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 120 + 30 * np.sin(2 * np.pi * 0.5 * t)
+    voiced = sum(np.sin(2 * np.pi * k * np.cumsum(f0) / rate) / k for k in range(1, 6))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)
+    return (0.2 * envelope * voiced + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def write_wav(path: Path, audio: np.ndarray, rate: int = 16_000, subtype: str = "PCM_16") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, audio, rate, subtype=subtype)
+    return path
+
+
+def write_rows(path: Path, header: list, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
