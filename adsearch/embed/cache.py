@@ -1,0 +1,247 @@
+"""The layer-wise embedding cache: layout on disk and the reader every search worker uses.
+
+One cache directory holds one (model + revision, manifest content, extraction settings) combination:
+
+    cache.json                 metadata: items, labels, groups, splits, windows, layers, dims, versions, hash
+    stats/{stat}/L{layer}.npy  float32 (n_windows, dim) per statistic and layer, memory-mapped on read
+
+The statistics per window and layer are frame count, mean, M2 (sum of squared deviations from the mean),
+max and min. Window-level and recording-level mean, std, max and min follow exactly from them (Chan's
+merge for M2), so one extraction serves every pooling strategy. A reader of one layer and one statistic
+opens one file and touches nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+META_FILE = "cache.json"
+STATS = ("mean", "m2", "max", "min")
+POOLINGS: dict[str, tuple[str, ...]] = {
+    "mean": ("mean",),
+    "std": ("std",),
+    "mean+std": ("mean", "std"),
+    "max": ("max",),
+    "min+max": ("min", "max"),
+    "mean+std+max": ("mean", "std", "max"),
+}
+
+
+class CacheError(RuntimeError):
+    pass
+
+
+def stat_path(cache_dir: Path, stat: str, layer: int) -> Path:
+    return cache_dir / "stats" / stat / f"L{layer:02d}.npy"
+
+
+def _find_cache_dir(path: Path) -> Path:
+    if (path / META_FILE).is_file():
+        return path
+    if not path.is_dir():
+        raise CacheError(f"{path}: cache directory not found")
+    found = sorted(p.parent for p in path.glob(f"*/{META_FILE}"))
+    if len(found) == 1:
+        return found[0]
+    if found:
+        listed = "\n  ".join(str(p) for p in found)
+        raise CacheError(f"{path} holds {len(found)} caches; pass one of them:\n  {listed}")
+    if (path / "parts").is_dir() or any(path.glob("*/parts")):
+        raise CacheError(f"{path}: extraction has not finished; run `adsearch extract` again to resume it")
+    raise CacheError(f"{path}: no {META_FILE} here or one level below; is this an `adsearch extract` output?")
+
+
+@dataclass(frozen=True)
+class EmbeddingCache:
+    """Read-only view of a finished cache; arrays are memory-mapped and sliced per layer and statistic."""
+
+    path: Path
+    meta: dict
+
+    # -- what the cache describes -------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.meta["layers"]["count"]
+
+    @property
+    def dim(self) -> int:
+        return self.meta["dim"]
+
+    @property
+    def content_hash(self) -> str:
+        return self.meta["content_hash"]
+
+    @cached_property
+    def ids(self) -> list[str]:
+        return [item["id"] for item in self.meta["items"]]
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        """1 = AD, 0 = control, -1 = unlabelled."""
+        return np.array([-1 if i["label"] is None else i["label"] for i in self.meta["items"]], np.int64)
+
+    @cached_property
+    def groups(self) -> np.ndarray:
+        return np.array([item["group"] for item in self.meta["items"]])
+
+    @cached_property
+    def splits(self) -> np.ndarray:
+        return np.array([item["split"] for item in self.meta["items"]])
+
+    @cached_property
+    def window_item(self) -> np.ndarray:
+        """Index into `ids` of each window; windows of one recording are contiguous."""
+        return np.asarray(self.meta["windows"]["item"], np.int64)
+
+    @cached_property
+    def window_frames(self) -> np.ndarray:
+        return np.asarray(self.meta["windows"]["n_frames"], np.int64)
+
+    # -- raw statistics -----------------------------------------------------------------------------------
+    def window_stat(self, layer: int, stat: str) -> np.ndarray:
+        """The (n_windows, dim) array of one statistic of one layer, memory-mapped."""
+        if stat not in STATS:
+            raise CacheError(f"unknown statistic {stat!r}; the cache holds {', '.join(STATS)}")
+        if not 0 <= layer < self.n_layers:
+            raise CacheError(f"layer {layer} is outside this cache's layers 0..{self.n_layers - 1}")
+        return np.load(stat_path(self.path, stat, layer), mmap_mode="r")
+
+    # -- pooled features ----------------------------------------------------------------------------------
+    def windows_of(self, items: np.ndarray | None) -> np.ndarray:
+        """Indices of the windows of `items` (all windows if None), in cache order."""
+        if items is None:
+            return np.arange(len(self.window_item))
+        return np.flatnonzero(np.isin(self.window_item, items))
+
+    def window_owner(self, items: np.ndarray) -> np.ndarray:
+        """For each window of `items` (in `windows_of` order): the position in `items` of its recording."""
+        position = np.full(len(self.ids), -1)
+        position[items] = np.arange(len(items))
+        return position[self.window_item[self.windows_of(items)]]
+
+    def _rows(self, layer: int, rows: np.ndarray, everything: bool):
+        """A statistic getter for `rows`: all rows stay memory-mapped; a subset is read with plain file
+        reads, one contiguous run at a time, so only those rows ever occupy memory (mapped pages would
+        count towards the worker's resident memory until the map is dropped)."""
+        if everything:
+            return lambda stat: self.window_stat(layer, stat)
+        return lambda stat: _read_rows(stat_path(self.path, _checked(stat), layer), rows)
+
+    def window_features(self, layer: int, pooling: str, items: np.ndarray | None = None) -> np.ndarray:
+        """(n_windows, k * dim) float32: each window of `items` (default: all) pooled on its own."""
+        rows = self.windows_of(items)
+        return pool_windows(self._rows(layer, rows, items is None), self.window_frames[rows], pooling)
+
+    def recording_features(self, layer: int, pooling: str, items: np.ndarray | None = None) -> np.ndarray:
+        """(n_items, k * dim) float32, rows in the order of `items` (default: all): all frames of a recording
+        pooled, derived exactly from its windows. Windows of other recordings are not read."""
+        if items is not None and np.any(np.diff(items) <= 0):
+            order = np.argsort(items)
+            pooled = self.recording_features(layer, pooling, np.asarray(items)[order])
+            return pooled[np.argsort(order)]
+        rows = self.windows_of(items)
+        return pool_recordings(self._rows(layer, rows, items is None), self.window_frames[rows],
+                               self.window_item[rows], pooling)
+
+
+def _checked(stat: str) -> str:
+    if stat not in STATS:
+        raise CacheError(f"unknown statistic {stat!r}; the cache holds {', '.join(STATS)}")
+    return stat
+
+
+def _read_rows(path: Path, rows: np.ndarray) -> np.ndarray:
+    """Rows of a 2-D .npy file, read with pread-style file reads (sorted `rows`)."""
+    header = np.load(path, mmap_mode="r")  # parses the header only; no data page is touched
+    offset, shape, dtype = header.offset, header.shape, header.dtype
+    del header
+    row_bytes = shape[1] * dtype.itemsize
+    out = np.empty((len(rows), shape[1]), dtype)
+    with path.open("rb") as handle:
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # contiguous runs of rows
+        for run_rows, run_out in zip(np.split(rows, breaks), np.split(np.arange(len(rows)), breaks), strict=True):
+            if len(run_rows):
+                handle.seek(offset + int(run_rows[0]) * row_bytes)
+                handle.readinto(memoryview(out[run_out[0]:run_out[-1] + 1]).cast("B"))
+    return out
+
+
+def pool_windows(stat: Callable[[str], np.ndarray], n_frames: np.ndarray, pooling: str) -> np.ndarray:
+    """Pool each window from its statistics; `stat(name)` returns the (n_windows, dim) array of one."""
+    names = _pooling_parts(pooling)
+    out = None
+    for i, name in enumerate(names):  # written into one array: no float64 or concatenation copies
+        values = stat("m2" if name == "std" else name)
+        if out is None:
+            dim = values.shape[1]
+            out = np.empty((values.shape[0], dim * len(names)), np.float32)
+        block = out[:, i * dim:(i + 1) * dim]
+        if name == "std":
+            np.divide(values, n_frames[:, None].astype(np.float32), out=block)
+            np.sqrt(block, out=block)
+        else:
+            block[:] = values
+    return out
+
+
+def pool_recordings(stat: Callable[[str], np.ndarray], n_frames: np.ndarray, window_item: np.ndarray,
+                    pooling: str, block: int = 256) -> np.ndarray:
+    """Pool all frames of each recording exactly from its windows (contiguous runs of `window_item`).
+
+    Means are frame-weighted; M2 merges with Chan's formula (sum of M2 plus between-window terms), which
+    stays exact where summing squares in float32 would cancel; max and min are element-wise. The float64
+    work runs `block` columns at a time, so its temporaries stay small however many windows there are.
+    """
+    starts = np.flatnonzero(np.r_[True, window_item[1:] != window_item[:-1]])
+    owner = np.cumsum(np.r_[False, window_item[1:] != window_item[:-1]])  # run index of each window
+    names = _pooling_parts(pooling)
+    needed = {"m2" if n == "std" else n for n in names} | ({"mean"} if "std" in names else set())
+    arrays = {name: stat(name) for name in needed}
+    dim = next(iter(arrays.values())).shape[1]
+    frames = np.add.reduceat(n_frames, starts).astype(np.float64)[:, None]
+    weights = n_frames[:, None].astype(np.float64)
+    out = np.empty((len(starts), dim * len(names)), np.float32)
+    for low in range(0, dim, block):
+        cols = slice(low, min(low + block, dim))
+        if "mean" in arrays:
+            mean_w = np.asarray(arrays["mean"][:, cols], np.float64)
+            mean = np.add.reduceat(mean_w * weights, starts) / frames
+        for i, name in enumerate(names):
+            target = out[:, i * dim + cols.start:i * dim + cols.stop]
+            if name == "mean":
+                target[:] = mean
+            elif name == "std":
+                between = weights * (mean_w - mean[owner]) ** 2
+                m2 = np.add.reduceat(np.asarray(arrays["m2"][:, cols], np.float64), starts)
+                target[:] = np.sqrt((m2 + np.add.reduceat(between, starts)) / frames)
+            elif name == "max":
+                target[:] = np.maximum.reduceat(arrays["max"][:, cols], starts)
+            elif name == "min":
+                target[:] = np.minimum.reduceat(arrays["min"][:, cols], starts)
+    return out
+
+
+def _pooling_parts(pooling: str) -> tuple[str, ...]:
+    try:
+        return POOLINGS[pooling]
+    except KeyError:
+        raise CacheError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}") from None
+
+
+def open_cache(path: Path | str) -> EmbeddingCache:
+    """Open a finished cache by its directory (or the `-o` root of `adsearch extract` if it holds one)."""
+    cache_dir = _find_cache_dir(Path(path))
+    meta = json.loads((cache_dir / META_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CacheError(
+            f"{cache_dir}: cache format {meta.get('format_version')} is not the supported {FORMAT_VERSION}; "
+            "re-run `adsearch extract` with this version"
+        )
+    return EmbeddingCache(cache_dir, meta)

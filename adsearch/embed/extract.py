@@ -1,0 +1,482 @@
+"""Every recording through the speech model once; every layer's pooled statistics to the cache.
+
+Correctness first: the model's own feature extractor normalises each window, layer-norm models get an
+`attention_mask` (so padding does not change their outputs), group-norm models only ever see batches of
+equal-length windows, and frames past a window's true length never enter a statistic.
+
+Nothing is lost on a crash: each finished recording is written atomically to `parts/{id}.npz`; a rerun
+skips those and recomputes nothing. The final layer-major arrays and `cache.json` are written only once
+every recording is done or has failed; `cache.json` goes last, so its presence means "complete".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from adsearch import __version__
+from adsearch.audio import SAMPLE_RATE, AudioError, audio_duration, load_audio
+from adsearch.corpus import Recording, manifest_digest, read_manifest
+from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, stat_path
+from adsearch.embed.model import ModelSource, load_model, resolve_model, uses_attention_mask
+
+MIN_WINDOW_SAMPLES = 400  # the CNN front end needs 400 samples for its first frame
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Everything that changes the cached numbers (and so is part of the cache key)."""
+
+    window_s: float = 20.0
+    min_window_s: float = 0.5
+    dtype: str = "float32"
+
+
+@dataclass
+class Failure:
+    id: str
+    path: str
+    reason: str
+
+
+@dataclass
+class ExtractResult:
+    cache_dir: Path
+    n_items: int
+    n_computed: int  # recordings computed by this run (not resumed from parts)
+    failures: list[Failure] = field(default_factory=list)
+    audio_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+
+class ExtractProgress(Protocol):
+    def start(self, n_recordings: int, audio_seconds: float, n_done: int) -> None: ...
+    def advance(self, n_recordings: int, audio_seconds: float) -> None: ...
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Windows
+
+
+def plan_windows(
+    segments: Sequence[tuple[float, float]], n_samples: int, window_s: float, min_window_s: float
+) -> list[tuple[int, int]]:
+    """Split each speech segment evenly into windows of at most `window_s` (none spans two segments).
+
+    Even splitting avoids a tiny tail window; windows under `min_window_s` are dropped.
+    """
+    spans = [(round(b * SAMPLE_RATE), min(round(e * SAMPLE_RATE), n_samples)) for b, e in segments]
+    if not segments:
+        spans = [(0, n_samples)]
+    max_len = int(window_s * SAMPLE_RATE)
+    min_len = max(int(min_window_s * SAMPLE_RATE), MIN_WINDOW_SAMPLES)
+    windows = []
+    for begin, end in spans:
+        if end - begin < min_len:
+            continue
+        pieces = math.ceil((end - begin) / max_len)
+        bounds = np.linspace(begin, end, pieces + 1).round().astype(int)
+        windows += [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b - a >= min_len]
+    return windows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def masked_layer_stats(hidden_states, n_frames) -> dict[str, np.ndarray]:
+    """Per layer and item: mean, M2, max, min over the first n_frames frames, float32 (L, B, D)."""
+    import torch
+
+    out: dict[str, list] = {stat: [] for stat in STATS}
+    t = hidden_states[0].shape[1]
+    mask = (torch.arange(t, device=n_frames.device)[None, :] < n_frames[:, None])[:, :, None]
+    count = n_frames.to(torch.float32)[:, None]
+    for h in hidden_states:
+        h = h.to(torch.float32)
+        mean = torch.where(mask, h, 0).sum(1) / count
+        out["mean"].append(mean)
+        out["m2"].append(torch.where(mask, h - mean[:, None], 0).square().sum(1))
+        out["max"].append(torch.where(mask, h, -torch.inf).amax(1))
+        out["min"].append(torch.where(mask, h, torch.inf).amin(1))
+    return {stat: torch.stack(values).cpu().numpy() for stat, values in out.items()}
+
+
+class WindowEncoder:
+    """Runs batches of 16 kHz windows through a model and returns per-window, per-layer statistics."""
+
+    def __init__(self, source: ModelSource, device: str = "auto", dtype: str = "auto"):
+        import torch
+
+        self.device = resolve_device(device)
+        self.dtype_name = resolve_dtype(dtype, self.device)
+        self.extractor, self.model = load_model(source, self.device, getattr(torch, self.dtype_name))
+        self.masked = uses_attention_mask(self.model)
+        self.n_layers = self.model.config.num_hidden_layers + 1
+        self.dim = self.model.config.hidden_size
+
+    def frame_counts(self, n_samples: Sequence[int]) -> np.ndarray:
+        import torch
+
+        lengths = self.model._get_feat_extract_output_lengths(torch.as_tensor(list(n_samples)))
+        return lengths.cpu().numpy().astype(np.int64)
+
+    def keep_layers(self, last: int) -> None:
+        """Drop the transformer layers above `last`: a classifier on layer k needs only k layers run.
+
+        One layer always stays: transformers 5 captures hidden states through the layers, so a model with
+        none returns no hidden state at all, not even layer 0.
+        """
+        kept = max(last, 1)
+        self.model.encoder.layers = self.model.encoder.layers[:kept]
+        self.model.config.num_hidden_layers = kept
+        self.n_layers = kept + 1
+
+    def encode(self, windows: Sequence[np.ndarray], layers: Sequence[int] | None = None
+               ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(n_frames (B,), stats {stat: (L, B, D)}) for one batch, for all hidden states or `layers`.
+
+        Group-norm models need equal-length windows.
+        """
+        import torch
+
+        lengths = [len(w) for w in windows]
+        if not self.masked and len(set(lengths)) > 1:
+            raise ValueError("group-norm models can only batch equal-length windows")
+        inputs = self.extractor(
+            list(windows), sampling_rate=SAMPLE_RATE, padding=True, return_tensors="pt",
+            return_attention_mask=self.masked,
+        )
+        values = inputs["input_values"].to(self.device, getattr(torch, self.dtype_name))
+        mask = inputs["attention_mask"].to(self.device) if self.masked else None
+        n_frames = self.frame_counts(lengths)
+        with torch.inference_mode():
+            hidden = self.model(values, attention_mask=mask, output_hidden_states=True).hidden_states
+            if layers is not None:
+                hidden = [hidden[i] for i in layers]
+            stats = masked_layer_stats(hidden, torch.as_tensor(n_frames, device=self.device))
+        return n_frames, stats
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def default_batch_size(device: str) -> int:
+    """Batching pays on a GPU; on a CPU the matrices are already large and bigger batches only cost memory."""
+    return 16 if device.startswith("cuda") else 1
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {dtype!r}: choose auto, float32, bfloat16 or float16")
+    return dtype
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batching
+
+
+@dataclass
+class _Window:
+    item: int  # index into the group's recordings
+    start: int
+    end: int
+    audio: np.ndarray
+
+
+def make_batches(windows: list[_Window], batch_size: int, equal_lengths: bool) -> Iterator[list[_Window]]:
+    """Longest first, so padding inside a batch stays small; optionally only equal lengths together."""
+    ordered = sorted(windows, key=lambda w: w.end - w.start, reverse=True)
+    batch: list[_Window] = []
+    for window in ordered:
+        if batch and (len(batch) == batch_size or (equal_lengths and len(window.audio) != len(batch[0].audio))):
+            yield batch
+            batch = []
+        batch.append(window)
+    if batch:
+        yield batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The extraction run
+
+
+def cache_key(source: ModelSource, manifest_hash: str, settings: ExtractSettings) -> str:
+    blob = json.dumps(
+        {"model": source.name, "revision": source.revision, "manifest": manifest_hash,
+         "settings": asdict(settings), "format": FORMAT_VERSION},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def cache_dir_for(out_root: Path, source: ModelSource, key: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(source.name).name if Path(source.name).is_dir() else source.name)
+    return out_root / f"{slug.strip('-')[:60]}-{key}"
+
+
+def _save_atomic_npz(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _part_path(parts: Path, rec_id: str) -> Path:
+    return parts / f"{rec_id}.npz"
+
+
+def _speech_seconds(rec: Recording) -> float:
+    try:
+        return sum(e - b for b, e in rec.segments) or audio_duration(rec.path)
+    except AudioError:
+        return 0.0
+
+
+def _recording_windows(rec: Recording, settings: ExtractSettings) -> tuple[list[_Window], float]:
+    audio = load_audio(rec.path)
+    spans = plan_windows(rec.segments, len(audio), settings.window_s, settings.min_window_s)
+    if not spans:
+        raise AudioError(
+            rec.path,
+            f"too short: no participant speech span of at least {settings.min_window_s} s "
+            f"({len(audio) / SAMPLE_RATE:.2f} s of audio)",
+        )
+    seconds = sum(b - a for a, b in spans) / SAMPLE_RATE
+    return [_Window(0, a, b, audio[a:b]) for a, b in spans], seconds
+
+
+def _group_recordings(recordings: list[Recording], target_windows: int, settings: ExtractSettings) -> Iterator:
+    """Load audio one group ahead in a thread while the model works on the current group."""
+
+    def load(group: list[Recording]):
+        loaded = []
+        for rec in group:
+            try:
+                loaded.append((rec, *_recording_windows(rec, settings)))
+            except AudioError as exc:
+                loaded.append((rec, exc, 0.0))
+        return loaded
+
+    # Estimate group sizes from durations in the segment lists; exactness is not needed here.
+    groups, current, estimate = [], [], 0
+    for rec in recordings:
+        current.append(rec)
+        span = sum(e - b for b, e in rec.segments) or settings.window_s
+        estimate += max(1, math.ceil(span / settings.window_s))
+        if estimate >= target_windows:
+            groups.append(current)
+            current, estimate = [], 0
+    if current:
+        groups.append(current)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, groups[0]) if groups else None
+        for i in range(len(groups)):
+            loaded = pending.result()
+            pending = pool.submit(load, groups[i + 1]) if i + 1 < len(groups) else None
+            yield loaded
+
+
+def extract(
+    manifest: Path | str,
+    out_root: Path | str,
+    model: str,
+    settings: ExtractSettings | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    revision: str | None = None,
+    progress: ExtractProgress | None = None,
+    encoder: WindowEncoder | None = None,
+) -> ExtractResult:
+    """Extract (or resume extracting) the cache for `manifest` under `out_root`; return where it is.
+
+    Pass `encoder` to reuse a model already loaded from the same `model` (the benchmarks do).
+    """
+    import torch
+
+    settings = settings or ExtractSettings()
+    if settings.window_s * SAMPLE_RATE < MIN_WINDOW_SAMPLES or settings.min_window_s > settings.window_s:
+        raise ValueError("--window-s must be at least 0.025 s and not below --min-window-s")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    recordings = read_manifest(manifest)
+    source = resolve_model(model, revision)
+    dev = resolve_device(device)
+    batch_size = batch_size or default_batch_size(dev)
+    settings = ExtractSettings(settings.window_s, settings.min_window_s, resolve_dtype(settings.dtype, dev))
+    manifest_hash = manifest_digest(recordings)
+    cache_dir = cache_dir_for(Path(out_root), source, cache_key(source, manifest_hash, settings))
+    if (cache_dir / META_FILE).is_file():
+        meta = json.loads((cache_dir / META_FILE).read_text())
+        failures = [Failure(**f) for f in meta["failures"]]
+        return ExtractResult(cache_dir, len(meta["items"]), 0, failures)
+
+    parts = cache_dir / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(cache_dir / "settings.json", {
+        "model": source.name, "revision": source.revision, "manifest": str(Path(manifest).resolve()),
+        "manifest_hash": manifest_hash, **asdict(settings),
+    })
+    todo = [r for r in recordings if not _part_path(parts, r.id).is_file()]
+    if encoder is None and todo:
+        encoder = WindowEncoder(source, dev, settings.dtype)
+    if progress:
+        todo_seconds = sum(_speech_seconds(r) for r in todo)
+        progress.start(len(recordings), todo_seconds, len(recordings) - len(todo))
+
+    failures: dict[str, Failure] = {}
+    audio_seconds, started = 0.0, time.perf_counter()
+    for group in _group_recordings(todo, 4 * batch_size, settings):
+        windows: list[_Window] = []
+        for index, (rec, loaded, _) in enumerate(group):
+            if isinstance(loaded, AudioError):
+                failures[rec.id] = Failure(rec.id, str(rec.path), loaded.reason)
+                continue
+            for window in loaded:
+                window.item = index
+            windows += loaded
+        results: dict[int, list] = {}
+        for batch in make_batches(windows, batch_size, equal_lengths=not encoder.masked):
+            n_frames, stats = encoder.encode([w.audio for w in batch])
+            for j, window in enumerate(batch):
+                results.setdefault(window.item, []).append(
+                    (window.start, window.end, n_frames[j], {s: stats[s][:, j] for s in STATS})
+                )
+        for index, (rec, _, seconds) in enumerate(group):
+            if rec.id in failures:
+                continue
+            rows = sorted(results[index], key=lambda row: row[0])
+            _save_atomic_npz(
+                _part_path(parts, rec.id),
+                start=np.array([r[0] for r in rows], np.int64),
+                end=np.array([r[1] for r in rows], np.int64),
+                n_frames=np.array([r[2] for r in rows], np.int64),
+                **{s: np.stack([r[3][s] for r in rows], axis=1).astype(np.float32) for s in STATS},
+            )
+            audio_seconds += seconds
+        if progress:
+            progress.advance(len(group), sum(seconds for _, _, seconds in group))
+    compute_seconds = time.perf_counter() - started
+
+    if encoder is not None:
+        n_layers, dim = encoder.n_layers, encoder.dim
+    else:  # everything was already in parts: read the shape from one of them
+        with np.load(_part_path(parts, recordings[0].id)) as part:
+            n_layers, dim = part["mean"].shape[0], part["mean"].shape[2]
+    done = [r for r in recordings if _part_path(parts, r.id).is_file()]
+    if not done:
+        raise RuntimeError(f"no recording could be extracted; failures: {[asdict(f) for f in failures.values()]}")
+    meta = _consolidate(cache_dir, done, n_layers, dim)
+    meta.update({
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": _model_meta(source, encoder),
+        "layers": {
+            "count": n_layers,
+            "meaning": {
+                "0": "input to the first transformer layer (feature projection + positional convolution)",
+                "i (1..N)": "output of transformer layer i",
+                "N": "last layer output, before the encoder's final LayerNorm for stable-layer-norm models "
+                     "(transformers 5 hidden_states[-1])",
+            },
+        },
+        "dim": dim,
+        "stats": list(STATS),
+        "settings": {**asdict(settings), "sample_rate": SAMPLE_RATE},
+        "manifest": {"path": str(Path(manifest).resolve()), "hash": manifest_hash},
+        "failures": [asdict(f) for f in failures.values()],
+        "versions": _versions(torch),
+    })
+    _write_json_atomic(cache_dir / META_FILE, meta)
+    shutil.rmtree(parts)
+    return ExtractResult(cache_dir, len(done), len(todo) - len(failures), list(failures.values()),
+                         audio_seconds, compute_seconds)
+
+
+def _consolidate(cache_dir: Path, done: list[Recording], n_layers: int, dim: int) -> dict:
+    """Gather the per-recording parts into layer-major memory-mappable arrays; hash their content."""
+    parts = cache_dir / "parts"
+    window_counts = []
+    for rec in done:
+        with np.load(_part_path(parts, rec.id)) as part:
+            window_counts.append(len(part["n_frames"]))
+    n_windows = sum(window_counts)
+    arrays = {}
+    for stat in STATS:
+        for layer in range(n_layers):
+            target = stat_path(cache_dir, stat, layer)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            arrays[stat, layer] = np.lib.format.open_memmap(target, "w+", np.float32, (n_windows, dim))
+    windows: dict[str, list] = {"item": [], "start_sample": [], "end_sample": [], "n_frames": []}
+    items = []
+    offset = 0
+    for index, (rec, count) in enumerate(zip(done, window_counts, strict=True)):
+        with np.load(_part_path(parts, rec.id)) as part:
+            for stat in STATS:
+                values = part[stat]
+                for layer in range(n_layers):
+                    arrays[stat, layer][offset : offset + count] = values[layer]
+            windows["item"] += [index] * count
+            windows["start_sample"] += part["start"].tolist()  # at 16 kHz, after resampling
+            windows["end_sample"] += part["end"].tolist()
+            windows["n_frames"] += part["n_frames"].tolist()
+        items.append({"id": rec.id, "label": rec.label, "group": rec.group, "split": rec.split,
+                      "mmse": rec.mmse, "path": str(rec.path), "n_windows": count})
+        offset += count
+    digest = hashlib.sha256()
+    for (stat, layer), array in arrays.items():
+        array.flush()
+        digest.update(f"{stat}/{layer}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    del arrays
+    return {"items": items, "windows": windows, "n_windows": n_windows, "content_hash": digest.hexdigest()}
+
+
+def _model_meta(source: ModelSource, encoder: WindowEncoder | None) -> dict:
+    meta = {"name": source.name, "revision": source.revision, "path": str(source.path)}
+    config_file = source.path / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        meta.update({k: config.get(k) for k in (
+            "model_type", "hidden_size", "num_hidden_layers", "feat_extract_norm", "do_stable_layer_norm")})
+    if encoder is not None:
+        meta.update({"device": encoder.device, "uses_attention_mask": encoder.masked})
+    return meta
+
+
+def _versions(torch) -> dict:
+    import transformers
+
+    return {"adsearch": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}

@@ -1,0 +1,114 @@
+"""Finding, identifying and loading wav2vec2-family speech models (wav2vec2, HuBERT, WavLM).
+
+Both a Hugging Face id and a local `save_pretrained` directory go through `AutoFeatureExtractor` and
+`AutoModel.from_pretrained`, so the tiny test model exercises exactly the path a real checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "jonatasgrosman/wav2vec2-large-xlsr-53-english"
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+
+
+class ModelError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are, and which exact weights they are (part of every cache key)."""
+
+    name: str  # what the user asked for: an id or a directory
+    path: Path  # local directory holding config, preprocessor config and weights
+    revision: str  # commit hash from the HF cache, or a content hash of a local directory
+
+
+def _directory_revision(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = [path / "config.json", path / "preprocessor_config.json"]
+    files += sorted(f for pattern in _WEIGHT_PATTERNS for f in path.glob(pattern))
+    for file in files:
+        if file.is_file():
+            digest.update(file.name.encode())
+            with file.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def resolve_model(name: str, revision: str | None = None) -> ModelSource:
+    """A local directory as is; otherwise the HF cache first, then the hub if it can be reached."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelError(f"{local}: not a model directory (no config.json); save one with save_pretrained")
+        return ModelSource(name, local.resolve(), _directory_revision(local))
+    if local.suffix or name.startswith((".", "/")):
+        raise ModelError(f"{name}: model directory not found")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["config.json", "preprocessor_config.json", *_WEIGHT_PATTERNS]
+    try:
+        path = Path(snapshot_download(name, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        try:
+            path = Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+        except Exception as exc:
+            raise ModelError(
+                f"model {name!r} is neither a local directory nor in the Hugging Face cache, and downloading "
+                f"it failed ({type(exc).__name__}). Pass a directory written by save_pretrained, or download "
+                f"the model on a machine with hub access (huggingface-cli download {name})."
+            ) from exc
+    commit = path.name if re.fullmatch(r"[0-9a-f]{40}", path.name) else _directory_revision(path)
+    return ModelSource(name, path, commit)
+
+
+def load_model(source: ModelSource, device: str, dtype):
+    """Return (feature_extractor, model) in eval mode on `device` in `dtype`."""
+    from transformers import AutoFeatureExtractor, AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        extractor = AutoFeatureExtractor.from_pretrained(source.path)
+        model = AutoModel.from_pretrained(source.path, dtype=dtype)
+    except Exception as exc:
+        raise ModelError(f"{source.name}: cannot load model from {source.path} ({exc})") from exc
+    if not hasattr(model, "_get_feat_extract_output_lengths"):
+        raise ModelError(f"{source.name}: {type(model).__name__} is not a wav2vec2-family speech model")
+    return extractor, model.to(device).eval()
+
+
+def uses_attention_mask(model) -> bool:
+    """Layer-norm feature encoders honour attention_mask; group-norm ones (wav2vec2-base) cannot."""
+    return getattr(model.config, "feat_extract_norm", "layer") == "layer"
+
+
+def save_tiny_model(out: Path | str, seed: int = 0, hidden_size: int = 32, num_layers: int = 4) -> Path:
+    """A tiny random wav2vec2 with the large model's structure (stable layer norm, masked preprocessor)."""
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    out = Path(out)
+    if (out / "config.json").exists():
+        raise ModelError(f"{out} already holds a model; choose an empty folder")
+    torch.manual_seed(seed)
+    config = Wav2Vec2Config(
+        hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=2,
+        intermediate_size=2 * hidden_size, conv_dim=(32,) * 7, num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2, feat_extract_norm="layer", do_stable_layer_norm=True,
+        vocab_size=32,
+    )
+    Wav2Vec2Model(config).eval().save_pretrained(out)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16_000, padding_value=0.0, do_normalize=True, return_attention_mask=True
+    ).save_pretrained(out)
+    return out

@@ -1,0 +1,222 @@
+"""Extraction speed and memory: adsearch's windowed, batched extractor vs. a naive loop.
+
+The naive loop is what most notebooks do: one whole recording at a time through the model with
+`output_hidden_states=True`, then a mean per layer. Both run the same randomly initialised model (base
+shape by default, layer-norm feature encoder) on the same speech-like audio, each case in a fresh
+subprocess so peak memory is that case's alone. Reported: audio seconds per second of compute (model load
+excluded), the ratio ours/naive, and peak RSS growth after the model is loaded.
+
+    python benchmarks/extract.py                         # CPU: 8 x 10 s, then 1, 3 and 6 minutes
+    python benchmarks/extract.py --durations 60 --short-n 4   # quicker
+    python benchmarks/extract.py --size large --device cuda --dtype bfloat16   # GPU: large XLSR shape
+
+On CUDA it also reports the fraction of the GPU's dense bf16 peak reached (FLOPs counted with torch's
+FLOP counter on one window; give the peak with --peak-tflops, H100 SXM: 989).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+SIZES = {
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "tiny": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64),
+}
+
+
+def make_model(size: str, out: Path) -> Path:
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(**SIZES[size], feat_extract_norm="layer", do_stable_layer_norm=True)
+    Wav2Vec2Model(config).save_pretrained(out)
+    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(out)
+    return out
+
+
+def make_audio(seconds: float, path: Path, seed: int) -> Path:
+    """Speech-like: harmonic source with a moving pitch, syllable-rate envelope, noise; 22.05 kHz."""
+    rate = 22_050
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 110 + 40 * np.sin(2 * np.pi * 0.3 * t + seed)
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 8))
+    envelope = np.clip(np.sin(2 * np.pi * 4 * t + rng.uniform(0, 6)), 0, None)
+    audio = 0.2 * envelope * voiced + 0.02 * rng.standard_normal(len(t))
+    sf.write(path, audio.astype(np.float32), rate, subtype="PCM_16")
+    return path
+
+
+def rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM, so the peak measured is the run's, not the load's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def child(args: argparse.Namespace) -> None:
+    """One measured case in this process; prints one JSON line."""
+    import torch
+
+    from adsearch.audio import load_audio
+    from adsearch.corpus import Recording, write_manifest
+    from adsearch.embed.extract import ExtractSettings, WindowEncoder, extract
+    from adsearch.embed.model import resolve_model
+
+    wavs = [Path(p) for p in args.wavs]
+    cuda = args.device.startswith("cuda")
+    dtype = getattr(torch, args.dtype)
+    encoder = WindowEncoder(resolve_model(args.model), args.device, args.dtype)
+    encoder.encode([np.zeros(32_000, np.float32)])  # warm-up (kernel selection), untimed for both loops
+    if args.mode == "naive":
+        extractor, model = encoder.extractor, encoder.model
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        reset_peak()
+        base = rss_mb("VmRSS")
+        start = time.perf_counter()
+        audio_seconds = 0.0
+        for wav in wavs:
+            audio = load_audio(wav)
+            audio_seconds += len(audio) / 16_000
+            inputs = extractor(audio, sampling_rate=16_000, return_tensors="pt")
+            with torch.inference_mode():
+                out = model(inputs["input_values"].to(args.device, dtype), output_hidden_states=True)
+                _ = [h[0].float().mean(0).cpu() for h in out.hidden_states]
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    else:
+        manifest = write_manifest(
+            [Recording(w.stem, w, 0, w.stem, "train") for w in wavs], Path(args.workdir) / f"m-{args.tag}.csv"
+        )
+        # The model is loaded outside the timed region and the memory baseline, as for the naive loop.
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        reset_peak()
+        base = rss_mb("VmRSS")
+        result = extract(manifest, Path(args.workdir) / f"cache-{args.tag}", args.model,
+                         ExtractSettings(window_s=args.window_s, dtype=args.dtype), batch_size=args.batch_size or None,
+                         device=args.device, encoder=encoder)
+        seconds, audio_seconds = result.compute_seconds, result.audio_seconds
+    report = {"mode": args.mode, "tag": args.tag, "seconds": seconds, "audio_seconds": audio_seconds,
+              "peak_growth_mb": rss_mb("VmHWM") - base}
+    if cuda:
+        report["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(report))
+
+
+def flops_per_audio_second(model_dir: str, window_s: float, device: str, dtype_name: str) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from adsearch.embed.model import load_model, resolve_model
+
+    extractor, model = load_model(resolve_model(model_dir), device, getattr(torch, dtype_name))
+    audio = np.random.default_rng(0).standard_normal(int(window_s * 16_000)).astype(np.float32)
+    values = extractor(audio, sampling_rate=16_000, return_tensors="pt")["input_values"].to(device, model.dtype)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(values, output_hidden_states=True)
+    return counter.get_total_flops() / window_s
+
+
+def run_case(mode: str, tag: str, wavs: list[Path], args: argparse.Namespace, model: Path, work: Path) -> dict:
+    command = [sys.executable, __file__, "--child", "--mode", mode, "--tag", tag, "--model", str(model),
+               "--workdir", str(work), "--device", args.device, "--dtype", args.dtype,
+               "--window-s", str(args.window_s), "--batch-size", str(args.batch_size), "--wavs", *map(str, wavs)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"mode": mode, "tag": tag, "error": done.stderr.strip().splitlines()[-1][:200]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="base")
+    parser.add_argument("--durations", type=float, nargs="*", default=[60, 180, 360],
+                        help="single long recordings, seconds")
+    parser.add_argument("--short-n", type=int, default=8, help="number of short recordings")
+    parser.add_argument("--short-s", type=float, default=10, help="length of a short recording, seconds")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--window-s", type=float, default=20.0)
+    parser.add_argument("--batch-size", type=int, default=0, help="0: the extractor's default for the device")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
+    parser.add_argument("--skip-naive-above", type=float, default=float("inf"),
+                        help="skip the naive loop for recordings longer than this (it may not fit)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    # child-process arguments
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--tag", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--wavs", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = make_model(args.size, work / f"{args.size}-model")
+        cases = []
+        if args.short_n:
+            short = [make_audio(args.short_s, work / f"short{i}.wav", i) for i in range(args.short_n)]
+            cases.append((f"{args.short_n} x {args.short_s:g} s", short))
+        for seconds in args.durations:
+            cases.append((f"1 x {seconds / 60:g} min", [make_audio(seconds, work / f"long{seconds:g}.wav", 99)]))
+        rows = []
+        for tag, wavs in cases:
+            long_seconds = max(sf.info(w).duration for w in wavs)
+            ours = run_case("ours", tag, wavs, args, model, work)
+            naive = (run_case("naive", tag, wavs, args, model, work) if long_seconds <= args.skip_naive_above
+                     else {"mode": "naive", "tag": tag, "error": "skipped"})
+            rows.append({"case": tag, "ours": ours, "naive": naive})
+            print(format_row(rows[-1]), flush=True)
+        extra = {}
+        if args.device.startswith("cuda"):
+            flops = flops_per_audio_second(str(model), args.window_s, args.device, args.dtype)
+            best = max(r["ours"]["audio_seconds"] / r["ours"]["seconds"] for r in rows if "seconds" in r["ours"])
+            extra = {"gflop_per_audio_s": flops / 1e9, "best_audio_s_per_s": best,
+                     "fraction_of_peak": best * flops / (args.peak_tflops * 1e12)}
+            print(f"{flops / 1e9:.1f} GFLOP per audio second; {best:,.0f} audio-s/s = "
+                  f"{100 * extra['fraction_of_peak']:.1f} % of {args.peak_tflops:g} TFLOP/s")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "json"},
+                                         "rows": rows, **extra}, indent=1, default=str))
+
+
+def format_row(row: dict) -> str:
+    def speed(r: dict) -> str:
+        return f"{r['audio_seconds'] / r['seconds']:8.1f} audio-s/s, +{r['peak_growth_mb']:7.0f} MB" if "seconds" in r \
+            else f"{r.get('error', '?')[:60]:>30}"
+
+    ours, naive = row["ours"], row["naive"]
+    ratio = (ours["audio_seconds"] / ours["seconds"]) / (naive["audio_seconds"] / naive["seconds"]) \
+        if "seconds" in ours and "seconds" in naive else float("nan")
+    return f"{row['case']:>12} | ours {speed(ours)} | naive {speed(naive)} | speed ratio {ratio:5.2f}x"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import speechlike, write_rows, write_wav
+
+from adsearch.audio import SAMPLE_RATE, load_audio
+from adsearch.corpus import read_manifest
+from adsearch.embed import open_cache
+from adsearch.embed.cache import CacheError, stat_path
+from adsearch.embed.extract import (
+    ExtractSettings,
+    WindowEncoder,
+    _Window,
+    extract,
+    make_batches,
+    plan_windows,
+)
+from adsearch.embed.model import ModelError, resolve_model
+
+
+@pytest.fixture(scope="module")
+def cache(synth_manifest, tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    extract(synth_manifest, root, str(tiny_model), ExtractSettings(window_s=3.0), batch_size=4)
+    return open_cache(root)
+
+
+def direct_hidden_states(model_dir, windows):
+    """Reference: each window alone through the model (no padding, no batching)."""
+    encoder = WindowEncoder(resolve_model(str(model_dir)), "cpu", "float32")
+    states = []
+    for w in windows:
+        inputs = encoder.extractor(w, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        with torch.inference_mode():
+            out = encoder.model(inputs["input_values"], attention_mask=inputs.get("attention_mask"),
+                                output_hidden_states=True)
+        states.append(torch.stack(out.hidden_states)[:, 0].numpy())  # (L, T, D)
+    return states
+
+
+def test_plan_windows_splits_evenly_inside_segments_and_drops_short_spans():
+    windows = plan_windows([(0.0, 5.0), (6.0, 6.3), (7.0, 8.0)], 10 * SAMPLE_RATE, window_s=2.0, min_window_s=0.5)
+    lengths = [(b - a) / SAMPLE_RATE for a, b in windows]
+    assert lengths == pytest.approx([5 / 3] * 3 + [1.0], abs=1 / SAMPLE_RATE)  # 5 s -> 3 even; 0.3 s dropped
+    assert windows[0][0] == 0 and windows[2][1] == 5 * SAMPLE_RATE and windows[3] == (7 * SAMPLE_RATE, 8 * SAMPLE_RATE)
+    assert plan_windows([], 3 * SAMPLE_RATE, 20.0, 0.5) == [(0, 3 * SAMPLE_RATE)]
+    assert plan_windows([(0.0, 9.0)], 4 * SAMPLE_RATE, 20.0, 0.5) == [(0, 4 * SAMPLE_RATE)]  # clipped to audio
+
+
+def test_cache_holds_every_hidden_state_and_describes_them(cache, tiny_model):
+    config = resolve_model(str(tiny_model))
+    assert cache.n_layers == 4 + 1 and cache.dim == 32
+    assert "input to the first transformer layer" in cache.meta["layers"]["meaning"]["0"]
+    assert cache.meta["model"]["revision"] == config.revision
+    assert len(cache.ids) == 16 and set(cache.splits) == {"train", "test"}
+    assert cache.meta["versions"]["transformers"].startswith("5.")
+    assert len(cache.window_item) == cache.meta["n_windows"] == np.load(stat_path(cache.path, "mean", 0)).shape[0]
+
+
+@pytest.mark.parametrize("layer", [0, 2, 4])
+def test_recording_pooling_equals_pooling_all_frames_directly(cache, tiny_model, layer):
+    item = 1
+    rec_path = cache.meta["items"][item]["path"]
+    audio = load_audio(rec_path)
+    rows = np.flatnonzero(cache.window_item == item)
+    assert len(rows) > 1, "the test needs a recording that spans several windows"
+    starts = np.asarray(cache.meta["windows"]["start_sample"])[rows]
+    ends = np.asarray(cache.meta["windows"]["end_sample"])[rows]
+    states = direct_hidden_states(tiny_model, [audio[a:b] for a, b in zip(starts, ends, strict=True)])
+    frames = np.concatenate([s[layer] for s in states]).astype(np.float64)  # all frames of the recording
+    expected = {
+        "mean": frames.mean(0), "std": frames.std(0), "max": frames.max(0), "min": frames.min(0),
+    }
+    for pooling, names in [("mean", ["mean"]), ("std", ["std"]), ("mean+std+max", ["mean", "std", "max"]),
+                           ("min+max", ["min", "max"])]:
+        got = cache.recording_features(layer, pooling)[item]
+        np.testing.assert_allclose(got, np.concatenate([expected[n] for n in names]), rtol=1e-5, atol=1e-5)
+    window = cache.window_features(layer, "mean+std")[rows[0]]
+    np.testing.assert_allclose(window, np.concatenate([states[0][layer].mean(0), states[0][layer].std(0)]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_padded_batch_equals_unpadded_items_for_layer_norm_model(tiny_model):
+    encoder = WindowEncoder(resolve_model(str(tiny_model)), "cpu", "float32")
+    assert encoder.masked
+    windows = [speechlike(2.3, seed=1), speechlike(0.7, seed=2), speechlike(1.6, seed=3)]
+    n_frames, batched = encoder.encode(windows)
+    assert list(n_frames) == [int((len(w) - 400) // 320 + 1) for w in windows]
+    for j, window in enumerate(windows):
+        _, alone = encoder.encode([window])
+        for stat in ("mean", "m2", "max", "min"):
+            np.testing.assert_allclose(batched[stat][:, j], alone[stat][:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_stable_layer_norm_last_hidden_state_is_pre_final_norm(tiny_model):
+    """Pins the transformers 5 behaviour the cache metadata documents for layer N."""
+    encoder = WindowEncoder(resolve_model(str(tiny_model)), "cpu", "float32")
+    inputs = encoder.extractor(speechlike(1.0), sampling_rate=SAMPLE_RATE, return_tensors="pt")
+    with torch.inference_mode():
+        out = encoder.model(inputs["input_values"], output_hidden_states=True)
+        normed = encoder.model.encoder.layer_norm(out.hidden_states[-1])
+    assert len(out.hidden_states) == encoder.model.config.num_hidden_layers + 1
+    torch.testing.assert_close(out.last_hidden_state, normed)
+
+
+@pytest.fixture(scope="module")
+def group_norm_model(tmp_path_factory):
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("models") / "groupnorm"
+    config = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                            conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+                            feat_extract_norm="group", do_stable_layer_norm=False)
+    Wav2Vec2Model(config).save_pretrained(out)
+    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=False).save_pretrained(out)
+    return out
+
+
+def test_group_norm_model_only_batches_equal_lengths(group_norm_model, tmp_path):
+    encoder = WindowEncoder(resolve_model(str(group_norm_model)), "cpu", "float32")
+    assert not encoder.masked
+    with pytest.raises(ValueError, match="equal-length"):
+        encoder.encode([speechlike(1.0), speechlike(1.5)])
+    windows = [_Window(i, 0, n, np.zeros(n, np.float32)) for i, n in enumerate([800, 1600, 800, 1600, 1200])]
+    batches = list(make_batches(windows, batch_size=8, equal_lengths=True))
+    assert sorted(len(b) for b in batches) == [1, 2, 2]
+    assert all(len({len(w.audio) for w in b}) == 1 for b in batches)
+    # Extraction through the group-norm path gives the same numbers as one window at a time.
+    write_wav(tmp_path / "a.wav", speechlike(4.0, seed=5))
+    manifest = write_rows(tmp_path / "m.csv", ["id", "path", "label", "group", "split", "segments"],
+                          [["a", "a.wav", 1, "a", "train", "0-2;2.5-4"]])
+    got = open_cache(extract(manifest, tmp_path / "c", str(group_norm_model), ExtractSettings(window_s=1.0)).cache_dir)
+    audio = load_audio(tmp_path / "a.wav")
+    _, alone = encoder.encode([audio[:16000]])
+    np.testing.assert_allclose(got.window_stat(1, "mean")[0], alone["mean"][1, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_files_are_reported_and_skipped(tmp_path, tiny_model):
+    write_wav(tmp_path / "good1.wav", speechlike(3.0, seed=1))
+    write_wav(tmp_path / "good2.wav", speechlike(2.0, seed=2), 44_100)
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunk")
+    write_wav(tmp_path / "empty.wav", np.zeros(0, np.float32))
+    write_wav(tmp_path / "short.wav", speechlike(0.2))
+    rows = [[name, f"{name}.wav", i % 2, name, "train", ""] for i, name in
+            enumerate(["good1", "corrupt", "empty", "short", "good2"])]
+    manifest = write_rows(tmp_path / "m.csv", ["id", "path", "label", "group", "split", "segments"], rows)
+    result = extract(manifest, tmp_path / "cache", str(tiny_model))
+    reasons = {f.id: f.reason for f in result.failures}
+    assert set(reasons) == {"corrupt", "empty", "short"}
+    assert "cannot decode" in reasons["corrupt"] and "no audio samples" in reasons["empty"]
+    assert "too short" in reasons["short"]
+    cache = open_cache(result.cache_dir)
+    assert cache.ids == ["good1", "good2"]
+    assert {f["id"] for f in cache.meta["failures"]} == {"corrupt", "empty", "short"}
+
+
+def test_other_settings_or_models_never_overwrite_a_cache(synth_manifest, tiny_model, tmp_path):
+    from adsearch.embed.model import save_tiny_model
+
+    other_model = save_tiny_model(tmp_path / "other", seed=1)
+    a = extract(synth_manifest, tmp_path / "c", str(tiny_model), ExtractSettings(window_s=20))
+    hash_a = open_cache(a.cache_dir).content_hash
+    b = extract(synth_manifest, tmp_path / "c", str(tiny_model), ExtractSettings(window_s=5))
+    c = extract(synth_manifest, tmp_path / "c", str(other_model), ExtractSettings(window_s=20))
+    assert len({a.cache_dir, b.cache_dir, c.cache_dir}) == 3
+    assert open_cache(a.cache_dir).content_hash == hash_a
+    again = extract(synth_manifest, tmp_path / "c", str(tiny_model), ExtractSettings(window_s=20))
+    assert again.cache_dir == a.cache_dir and again.n_computed == 0
+    with pytest.raises(CacheError, match="holds 3 caches"):
+        open_cache(tmp_path / "c")
+
+
+class Recorder:
+    def __init__(self):
+        self.started = None
+
+    def start(self, n_recordings, audio_seconds, n_done):
+        self.started = (n_recordings, n_done)
+
+    def advance(self, n_recordings, audio_seconds):
+        pass
+
+
+@pytest.mark.slow
+def test_killed_extraction_resumes_without_recomputing(synth_manifest, tiny_model, tmp_path):
+    root = tmp_path / "cache"
+    command = [sys.executable, "-m", "adsearch.cli", "extract", str(synth_manifest), "--model", str(tiny_model),
+               "-o", str(root), "--window-s", "0.5", "--min-window-s", "0.1", "--batch-size", "1"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(root.glob("*/parts/*.npz"))) < 3 and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "extraction finished before it could be killed"
+    done_before = {p.stem for p in root.glob("*/parts/*.npz")}
+    assert 3 <= len(done_before) < 16
+    assert not list(root.glob("*/cache.json"))
+    with pytest.raises(CacheError, match="has not finished"):
+        open_cache(root)
+
+    recorder = Recorder()
+    settings = ExtractSettings(window_s=0.5, min_window_s=0.1)
+    result = extract(synth_manifest, root, str(tiny_model), settings, batch_size=1, progress=recorder)
+    assert recorder.started == (16, len(done_before))
+    assert result.n_computed == 16 - len(done_before)
+    resumed = open_cache(result.cache_dir)
+    clean = open_cache(extract(synth_manifest, tmp_path / "clean", str(tiny_model), settings, batch_size=1).cache_dir)
+    assert resumed.ids == clean.ids == [r.id for r in read_manifest(synth_manifest)]
+    for layer in (0, 4):
+        np.testing.assert_allclose(resumed.recording_features(layer, "mean+std+max"),
+                                   clean.recording_features(layer, "mean+std+max"), rtol=1e-5, atol=1e-5)
+    assert not (result.cache_dir / "parts").exists()
+
+
+def test_reader_touches_only_the_requested_layer_and_statistic(cache, monkeypatch, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cache.path, copy)
+    expected = cache.recording_features(2, "mean")
+    for path in (copy / "stats").rglob("*.npy"):
+        if path != stat_path(copy, "mean", 2):
+            path.write_bytes(b"garbage")  # any read of another layer or statistic would fail
+    opened = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda p, *a, **k: opened.append(p) or real_load(p, *a, **k))
+    reopened = open_cache(copy)
+    np.testing.assert_array_equal(reopened.recording_features(2, "mean"), expected)
+    assert isinstance(reopened.window_stat(2, "mean"), np.memmap)
+    assert opened == [stat_path(copy, "mean", 2)] * 2
+
+
+def test_reader_rejects_unknown_pooling_and_layer(cache):
+    with pytest.raises(CacheError, match="unknown pooling 'median'"):
+        cache.recording_features(0, "median")
+    with pytest.raises(CacheError, match="outside this cache's layers 0..4"):
+        cache.window_stat(5, "mean")
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match="model directory not found"):
+        resolve_model(str(tmp_path / "nope/"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve_model(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("pooling", ["mean+std+max", "min+max", "std"])
+def test_features_of_item_subsets_equal_slices_of_all(cache, pooling):
+    items = np.array([7, 2, 11, 3])  # unsorted on purpose
+    np.testing.assert_array_equal(cache.recording_features(3, pooling, items),
+                                  cache.recording_features(3, pooling)[items])
+    rows = cache.windows_of(items)
+    np.testing.assert_array_equal(cache.window_features(3, pooling, items), cache.window_features(3, pooling)[rows])
+    assert set(cache.window_item[rows]) == set(items.tolist())
+
+
+@pytest.mark.parametrize("family", ["hubert", "wavlm"])
+def test_other_wav2vec2_family_models_extract_the_same_way(family, tmp_path):
+    from transformers import (
+        HubertConfig,
+        HubertModel,
+        Wav2Vec2FeatureExtractor,
+        WavLMConfig,
+        WavLMModel,
+    )
+
+    config_class, model_class = {"hubert": (HubertConfig, HubertModel), "wavlm": (WavLMConfig, WavLMModel)}[family]
+    torch.manual_seed(0)
+    config = config_class(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                          conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+                          feat_extract_norm="layer", do_stable_layer_norm=True)
+    model_class(config).eval().save_pretrained(tmp_path / "model")
+    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(tmp_path / "model")
+    write_wav(tmp_path / "a.wav", speechlike(3.0, seed=1))
+    manifest = write_rows(tmp_path / "m.csv", ["id", "path", "label", "group", "split"],
+                          [["a", "a.wav", 1, "a", "train"]])
+    result = extract(manifest, tmp_path / "c", str(tmp_path / "model"), ExtractSettings(window_s=1.0))
+    cache = open_cache(result.cache_dir)
+    assert cache.n_layers == 4 and cache.meta["model"]["model_type"] == family
+    assert cache.recording_features(3, "mean+std").shape == (1, 64)
+    encoder = WindowEncoder(resolve_model(str(tmp_path / "model")), "cpu", "float32")
+    _, batched = encoder.encode([speechlike(1.3, seed=2), speechlike(0.6, seed=3)])
+    _, alone = encoder.encode([speechlike(0.6, seed=3)])
+    np.testing.assert_allclose(batched["mean"][:, 1], alone["mean"][:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_hub_id_loads_from_the_local_hugging_face_cache(tiny_model, tmp_path, monkeypatch):
+    """A model id resolves offline to its snapshot in the HF cache; the commit hash becomes the revision."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-w2v"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(tiny_model, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    source = resolve_model("someone/tiny-w2v")
+    assert source.revision == commit and source.path == snapshot
+    encoder = WindowEncoder(source, "cpu", "float32")
+    assert encoder.n_layers == 5
+    with pytest.raises(ModelError, match="neither a local directory nor in the Hugging Face cache"):
+        resolve_model("someone/not-there")
