@@ -1,0 +1,147 @@
+"""The classifier registry: each entry is a name, its default hyperparameter ranges and a builder.
+
+Adding a classifier is one `register(...)` call; a YAML space can then name it, restrict its ranges or fix
+its values. Every builder is single-threaded and seeded, so a trial scores the same in any worker.
+Trees and boosters are bounded (iteration caps, histogram binning) because on 1024-dim inputs they are
+one to two orders of magnitude slower than the linear models; PCA in the space helps them further.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class IntRange:
+    low: int
+    high: int
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class Choice:
+    options: tuple
+
+
+Param = FloatRange | IntRange | Choice
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    name: str
+    description: str
+    params: dict[str, Param]
+    build: Callable[[dict[str, Any], int], Any]  # (hyperparameters, seed) -> unfitted estimator
+    # (hyperparameters, n_training_samples) -> hyperparameters the data allows (e.g. k <= n for kNN)
+    fit_to_data: Callable[[dict[str, Any], int], dict[str, Any]] | None = None
+
+
+REGISTRY: dict[str, ClassifierSpec] = {}
+
+
+def register(name: str, description: str, params: dict[str, Param],
+             fit_to_data: Callable[[dict[str, Any], int], dict[str, Any]] | None = None):
+    def decorator(build: Callable[[dict[str, Any], int], Any]) -> Callable[[dict[str, Any], int], Any]:
+        REGISTRY[name] = ClassifierSpec(name, description, params, build, fit_to_data)
+        return build
+
+    return decorator
+
+
+@register("logreg", "L2-regularised logistic regression", {"C": FloatRange(1e-4, 1e2, log=True)})
+def _logreg(p, seed):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=p["C"], max_iter=2000, random_state=seed)
+
+
+@register("linear_svm", "linear support vector machine (Platt-free: decision function)",
+          {"C": FloatRange(1e-5, 1e1, log=True)})
+def _linear_svm(p, seed):
+    from sklearn.svm import LinearSVC
+
+    return LinearSVC(C=p["C"], max_iter=5000, random_state=seed)
+
+
+@register("rbf_svm", "support vector machine with an RBF kernel",
+          {"C": FloatRange(1e-2, 1e3, log=True), "gamma": FloatRange(1e-5, 1e-1, log=True)})
+def _rbf_svm(p, seed):
+    from sklearn.svm import SVC
+
+    return SVC(C=p["C"], gamma=p["gamma"], kernel="rbf", random_state=seed)
+
+
+@register("knn", "k nearest neighbours",
+          {"n_neighbors": IntRange(1, 31), "weights": Choice(("uniform", "distance")),
+           "metric": Choice(("euclidean", "cosine"))},
+          fit_to_data=lambda p, n: {**p, "n_neighbors": min(p["n_neighbors"], n)})
+def _knn(p, seed):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    return KNeighborsClassifier(n_neighbors=p["n_neighbors"], weights=p["weights"], metric=p["metric"])
+
+
+@register("lda", "linear discriminant analysis with Ledoit-Wolf-style shrinkage",
+          {"shrinkage": FloatRange(0.0, 1.0)})
+def _lda(p, seed):
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    return LinearDiscriminantAnalysis(solver="lsqr", shrinkage=p["shrinkage"])
+
+
+_FOREST = {"n_estimators": IntRange(50, 300, log=True), "max_depth": IntRange(2, 16),
+           "max_features": Choice(("sqrt", "log2")), "min_samples_leaf": IntRange(1, 8)}
+
+
+@register("random_forest", "random forest", _FOREST)
+def _random_forest(p, seed):
+    from sklearn.ensemble import RandomForestClassifier
+
+    return RandomForestClassifier(**p, n_jobs=1, random_state=seed)
+
+
+@register("extra_trees", "extremely randomised trees", _FOREST)
+def _extra_trees(p, seed):
+    from sklearn.ensemble import ExtraTreesClassifier
+
+    return ExtraTreesClassifier(**p, n_jobs=1, random_state=seed)
+
+
+@register("xgboost", "gradient-boosted trees (XGBoost, histogram method, capped rounds)",
+          {"n_estimators": IntRange(20, 200, log=True), "max_depth": IntRange(2, 6),
+           "learning_rate": FloatRange(0.01, 0.3, log=True), "subsample": FloatRange(0.5, 1.0),
+           "colsample_bytree": FloatRange(0.1, 1.0)})
+def _xgboost(p, seed):
+    from xgboost import XGBClassifier
+
+    return XGBClassifier(**p, tree_method="hist", max_bin=64, n_jobs=1, random_state=seed, verbosity=0)
+
+
+@register("catboost", "gradient-boosted oblivious trees (CatBoost, capped iterations)",
+          {"iterations": IntRange(20, 200, log=True), "depth": IntRange(2, 6),
+           "learning_rate": FloatRange(0.01, 0.3, log=True), "l2_leaf_reg": FloatRange(1.0, 10.0, log=True)})
+def _catboost(p, seed):
+    from catboost import CatBoostClassifier
+
+    return CatBoostClassifier(**p, border_count=32, thread_count=1, random_seed=seed, verbose=False,
+                              allow_writing_files=False)
+
+
+@register("mlp", "small multilayer perceptron (one hidden layer, early stopping)",
+          {"hidden_units": IntRange(16, 256, log=True), "alpha": FloatRange(1e-5, 1e-1, log=True),
+           "learning_rate_init": FloatRange(1e-4, 1e-2, log=True)})
+def _mlp(p, seed):
+    from sklearn.neural_network import MLPClassifier
+
+    return MLPClassifier(hidden_layer_sizes=(p["hidden_units"],), alpha=p["alpha"],
+                         learning_rate_init=p["learning_rate_init"], max_iter=300, early_stopping=True,
+                         n_iter_no_change=10, random_state=seed)

@@ -1,0 +1,297 @@
+"""The search space: a YAML file under `studies/`, validated, turned into one define-by-run Optuna space.
+
+One trial picks, in order: layer, pooling, unit (recording vectors, or window vectors classified and then
+averaged per recording), scaling, PCA (none, a number of components, or a share of explained variance),
+L2 normalisation, classifier, and that classifier's own hyperparameters (named `classifier.param`, so the
+conditional parameters of different classifiers never share a distribution).
+
+In YAML a hyperparameter is a range (`{low: 0.01, high: 100, log: true}`), a list of choices, or a single
+fixed value; a classifier listed with `{}` keeps the registry's default ranges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from adsearch.embed.cache import POOLINGS
+from adsearch.search.classifiers import REGISTRY, Choice, FloatRange, IntRange
+
+METRICS = ("balanced_accuracy", "accuracy", "f1", "roc_auc")
+
+
+class SpaceError(ValueError):
+    """A space file that cannot be used; the message names the file, the key and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IntSpan(_Strict):
+    low: int
+    high: int | None = None  # layers only: None = the cache's last layer
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.high is not None and self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class FloatSpan(_Strict):
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class CVSpec(_Strict):
+    folds: int = Field(5, ge=2, le=20, description="stratified, speaker-grouped folds")
+    repeats: int = Field(1, ge=1, le=10, description="repetitions with different fold assignments")
+    metric: Literal["balanced_accuracy", "accuracy", "f1", "roc_auc"] = "balanced_accuracy"
+
+
+class Reference(_Strict):
+    """The fixed settings the layer-grid sampler scores every layer with (the seed's baseline)."""
+
+    pooling: str = "mean"
+    unit: Literal["recording", "window"] = "recording"
+    scale: Literal["standard", "none"] = "standard"
+    pca: Literal["none", "components", "variance"] = "none"
+    l2_normalize: bool = False
+    classifier: str = "logreg"
+    params: dict[str, Any] = Field(default_factory=lambda: {"C": 1.0})
+
+
+class SearchSpace(_Strict):
+    layers: IntSpan | list[int] = IntSpan(low=0)
+    pooling: list[Literal["mean", "std", "mean+std", "max", "min+max", "mean+std+max"]] = list(POOLINGS)
+    unit: list[Literal["recording", "window"]] = ["recording"]
+    scale: list[Literal["standard", "none"]] = ["standard"]
+    pca: list[Literal["none", "components", "variance"]] = ["none"]
+    pca_components: IntSpan = IntSpan(low=4, high=128, log=True)
+    pca_variance: FloatSpan = FloatSpan(low=0.8, high=0.99)
+    l2_normalize: list[bool] = [False]
+    classifiers: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"logreg": {}})
+
+    @field_validator("pooling", "unit", "scale", "pca", "l2_normalize", "classifiers")
+    @classmethod
+    def _not_empty(cls, value):
+        if not value:
+            raise ValueError("needs at least one entry")
+        return value
+
+    @field_validator("pca_variance")
+    @classmethod
+    def _share(cls, value: FloatSpan):
+        if not (0 < value.low and value.high < 1):
+            raise ValueError("explained variance must lie strictly between 0 and 1")
+        return value
+
+
+class StudySpec(_Strict):
+    cv: CVSpec = CVSpec()
+    seed: int = 0
+    sampler: Literal["tpe", "random", "layer-grid"] = "tpe"
+    pruner: Literal["wilcoxon", "median", "none"] = "wilcoxon"
+    space: SearchSpace = SearchSpace()
+    layer_grid: Reference = Reference()
+
+    def digest(self) -> str:
+        """Hash of the validated content: formatting and comments in the file do not matter."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _format_loc(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _resolve_param(where: str, name: str, default, value) -> tuple[str, Any]:
+    """Validate one YAML hyperparameter against the registry's default; return (kind, spec)."""
+    numeric = isinstance(default, FloatRange | IntRange)
+    if isinstance(value, dict):
+        if not numeric:
+            raise SpaceError(f"{where}: {name} is categorical; give a list of {list(default.options)} or one value")
+        span_type = IntSpan if isinstance(default, IntRange) else FloatSpan
+        try:
+            return "range", span_type(**value)
+        except ValidationError as exc:
+            detail = "; ".join(f"{_format_loc(e['loc']) or 'range'}: {e['msg']}" for e in exc.errors())
+            raise SpaceError(f"{where}: {detail} (a range is {{low: .., high: .., log: true|false}})") from None
+        except TypeError:
+            raise SpaceError(f"{where}: a range is {{low: .., high: .., log: true|false}}") from None
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise SpaceError(f"{where}: an empty list of choices")
+    for item in values:
+        if isinstance(default, Choice) and item not in default.options:
+            raise SpaceError(f"{where}: {item!r} is not one of {list(default.options)}")
+        if numeric and (isinstance(item, bool) or not isinstance(item, int | float)):
+            raise SpaceError(f"{where}: {item!r} is not a number")
+        if isinstance(default, IntRange) and not float(item).is_integer():
+            raise SpaceError(f"{where}: {item!r} is not an integer")
+    values = [int(v) if isinstance(default, IntRange) else v for v in values]
+    return ("fixed", values[0]) if len(values) == 1 else ("choice", tuple(values))
+
+
+def classifier_params(spec: StudySpec, name: str) -> dict[str, tuple[str, Any]]:
+    """The effective hyperparameter space of one classifier: registry defaults overridden by the YAML."""
+    overrides = spec.space.classifiers.get(name) or {}
+    resolved = {}
+    for param, default in REGISTRY[name].params.items():
+        if param in overrides:
+            resolved[param] = _resolve_param(f"space.classifiers.{name}.{param}", param, default, overrides[param])
+        elif isinstance(default, Choice):
+            resolved[param] = ("choice", default.options)
+        else:
+            resolved[param] = ("range", default)
+    return resolved
+
+
+def _check_registry(spec: StudySpec) -> None:
+    for name, overrides in spec.space.classifiers.items():
+        if name not in REGISTRY:
+            raise SpaceError(f"space.classifiers.{name}: unknown classifier; available: {', '.join(REGISTRY)}")
+        if not isinstance(overrides, dict | None):
+            raise SpaceError(f"space.classifiers.{name}: give a mapping of hyperparameters (or {{}} for defaults)")
+        unknown = set(overrides or {}) - set(REGISTRY[name].params)
+        if unknown:
+            raise SpaceError(f"space.classifiers.{name}: unknown hyperparameter(s) {sorted(unknown)}; "
+                             f"{name} has {sorted(REGISTRY[name].params)}")
+        classifier_params(spec, name)
+    reference = spec.layer_grid
+    if reference.classifier not in REGISTRY:
+        raise SpaceError(f"layer_grid.classifier: unknown classifier {reference.classifier!r}")
+    if reference.pooling not in POOLINGS:
+        raise SpaceError(f"layer_grid.pooling: {reference.pooling!r} is not one of {list(POOLINGS)}")
+    missing = set(REGISTRY[reference.classifier].params) - set(reference.params)
+    unknown = set(reference.params) - set(REGISTRY[reference.classifier].params)
+    if missing or unknown:
+        raise SpaceError(f"layer_grid.params: {reference.classifier} needs exactly "
+                         f"{sorted(REGISTRY[reference.classifier].params)} (fixed values)")
+
+
+def parse_spec(data: Any, source: str = "<space>") -> StudySpec:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpaceError(f"{source}: the top level must be a mapping with keys cv, seed, sampler, pruner, space")
+    try:
+        spec = StudySpec(**data)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            allowed = error.get("ctx", {}).get("expected")
+            lines.append(f"{source}: {_format_loc(error['loc'])}: {error['msg']}"
+                         + (f" (allowed: {allowed})" if allowed and allowed not in error["msg"] else ""))
+        raise SpaceError("\n".join(lines)) from None
+    try:
+        _check_registry(spec)
+    except SpaceError as exc:
+        raise SpaceError(f"{source}: {exc}") from None
+    return spec
+
+
+def load_spec(path: Path | str) -> StudySpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpaceError(f"{path}: space file not found (see studies/default.yaml for an example)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpaceError(f"{path}: not valid YAML ({exc})") from None
+    return parse_spec(data, str(path))
+
+
+def check_layers(spec: StudySpec, n_layers: int, source: str = "space") -> tuple[int, ...]:
+    """The layers this space may pick, checked against a cache with `n_layers` hidden states."""
+    layers = spec.space.layers
+    last = n_layers - 1
+    if isinstance(layers, list):
+        bad = [layer for layer in layers if not 0 <= layer <= last]
+        if bad or not layers:
+            raise SpaceError(f"{source}: space.layers: {bad or 'empty'} outside the cache's layers 0..{last}")
+        return tuple(sorted(set(layers)))
+    high = last if layers.high is None else layers.high
+    if not 0 <= layers.low <= high <= last:
+        raise SpaceError(f"{source}: space.layers: {layers.low}..{high} is outside the cache's layers 0..{last}")
+    return tuple(range(layers.low, high + 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Define-by-run
+
+
+class PipelineSettings(_Strict):
+    """Preprocessing and classifier: what is fitted on the pooled features."""
+
+    scale: Literal["standard", "none"]
+    pca: Literal["none", "components", "variance"]
+    pca_components: int | None = None
+    pca_variance: float | None = None
+    l2_normalize: bool
+    classifier: str
+    params: dict[str, Any]
+
+
+class TrialConfig(PipelineSettings):
+    """One point of the space: which features (layer, pooling, unit) and which pipeline."""
+
+    layer: int
+    pooling: str
+    unit: Literal["recording", "window"]
+
+
+def _suggest_span(trial, name: str, span) -> Any:
+    if isinstance(span, IntSpan | IntRange):
+        return trial.suggest_int(name, span.low, span.high, log=span.log)
+    return trial.suggest_float(name, span.low, span.high, log=span.log)
+
+
+def suggest(trial, spec: StudySpec, layers: tuple[int, ...]) -> TrialConfig:
+    """Ask `trial` for one configuration; conditional parameters are only asked when they apply."""
+    space = spec.space
+    if isinstance(space.layers, list):
+        layer = trial.suggest_categorical("layer", list(layers))
+    else:
+        layer = trial.suggest_int("layer", layers[0], layers[-1])
+    choice = trial.suggest_categorical
+    pooling = choice("pooling", list(space.pooling))
+    unit = choice("unit", list(space.unit))
+    scale = choice("scale", list(space.scale))
+    pca = choice("pca", list(space.pca))
+    components = _suggest_span(trial, "pca_components", space.pca_components) if pca == "components" else None
+    variance = _suggest_span(trial, "pca_variance", space.pca_variance) if pca == "variance" else None
+    l2 = choice("l2_normalize", list(space.l2_normalize))
+    classifier = choice("classifier", list(space.classifiers))
+    params = {}
+    for name, (kind, value) in classifier_params(spec, classifier).items():
+        key = f"{classifier}.{name}"
+        if kind == "fixed":
+            params[name] = value
+        elif kind == "choice":
+            params[name] = choice(key, list(value))
+        else:
+            params[name] = _suggest_span(trial, key, value)
+    return TrialConfig(layer=layer, pooling=pooling, unit=unit, scale=scale, pca=pca, pca_components=components,
+                       pca_variance=variance, l2_normalize=l2, classifier=classifier, params=params)

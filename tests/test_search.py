@@ -1,0 +1,380 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from adsearch.embed import open_cache
+from adsearch.embed.synthetic import write_synthetic_cache
+from adsearch.search import objective as objective_module
+from adsearch.search.objective import FeatureSource, ProtocolError, assign_folds, cross_validate
+from adsearch.search.space import TrialConfig, parse_spec
+from adsearch.search.study import (
+    StudyError,
+    TrialBudget,
+    create_or_resume,
+    make_sampler,
+    make_storage,
+    run_worker,
+    trial_counts,
+)
+
+SMALL = dict(n_train=40, n_test=10, n_layers=4, dim=16, windows_per_item=3, signal_layer=2, signal_dims=4)
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    return open_cache(write_synthetic_cache(tmp_path_factory.mktemp("cache") / "c", **SMALL))
+
+
+def config(**overrides) -> TrialConfig:
+    values = dict(layer=2, pooling="mean", unit="recording", scale="standard", pca="none", l2_normalize=False,
+                  classifier="logreg", params={"C": 1.0})
+    return TrialConfig(**{**values, **overrides})
+
+
+def test_folds_keep_each_speaker_in_one_fold_and_stay_stratified():
+    rng = np.random.default_rng(0)
+    groups = np.repeat([f"s{i}" for i in range(30)], rng.integers(1, 4, 30))
+    speaker_label = {g: i % 2 for i, g in enumerate(dict.fromkeys(groups))}
+    labels = np.array([speaker_label[g] for g in groups])
+    folds = assign_folds(labels, groups, folds=5, repeats=3, seed=1)
+    assert folds.shape == (3, len(groups))
+    for assignment in folds:
+        for group in set(groups):
+            assert len(set(assignment[groups == group])) == 1
+        for fold in range(5):
+            assert 0.25 < labels[assignment == fold].mean() < 0.75
+    assert not np.array_equal(folds[0], folds[1])  # repeats differ
+    with pytest.raises(ProtocolError, match="lower cv.folds"):
+        assign_folds(labels[:6], groups[:6], folds=5, repeats=1, seed=0)
+
+
+def test_cv_never_reads_test_items(tmp_path):
+    clean = open_cache(write_synthetic_cache(tmp_path / "a", **SMALL))
+    poisoned_dir = write_synthetic_cache(tmp_path / "b", **SMALL)
+    test_windows = np.flatnonzero(clean.splits[clean.window_item] == "test")
+    for path in (poisoned_dir / "stats").rglob("*.npy"):
+        values = np.load(path)
+        values[test_windows] = np.nan  # any test item reaching a fit would make it fail or change
+        np.save(path, values)
+    meta = json.loads((poisoned_dir / "cache.json").read_text())
+    for item in meta["items"]:
+        if item["split"] == "test":
+            item["label"] = 1 - item["label"]
+    (poisoned_dir / "cache.json").write_text(json.dumps(meta))
+    poisoned = open_cache(poisoned_dir)
+    for unit in ("recording", "window"):
+        source_a, source_b = FeatureSource(clean), FeatureSource(poisoned)
+        folds = assign_folds(source_a.labels, source_a.groups, 5, 1, 0)
+        a = cross_validate(config(unit=unit), source_a, folds, "roc_auc", 0)
+        b = cross_validate(config(unit=unit), source_b, folds, "roc_auc", 0)
+        assert a.fold_scores == b.fold_scores and len(a.fold_scores) == 5
+
+
+def test_window_level_cv_keeps_all_windows_of_a_recording_on_one_side(small_cache, monkeypatch):
+    source = FeatureSource(small_cache)
+    folds = assign_folds(source.labels, source.groups, 4, 1, 0)
+    real_fit = objective_module.fit_pipeline
+    seen = []
+
+    def spy(cfg, X, y, seed):
+        seen.append({tuple(row) for row in X})
+        return real_fit(cfg, X, y, seed)
+
+    monkeypatch.setattr(objective_module, "fit_pipeline", spy)
+    cross_validate(config(unit="window"), source, folds, "accuracy", 0)
+    X = source.get(2, "mean", "window")
+    for fold, train_rows in enumerate(seen):
+        valid_items = np.flatnonzero(folds[0] == fold)
+        valid_windows = {tuple(X[i]) for i in np.flatnonzero(np.isin(source.window_owner, valid_items))}
+        assert train_rows and not (train_rows & valid_windows)
+
+
+SCORE_SCRIPT = """
+import json, sys
+from adsearch.embed import open_cache
+from adsearch.search.objective import FeatureSource, assign_folds, cross_validate
+from adsearch.search.space import TrialConfig
+source = FeatureSource(open_cache(sys.argv[1]))
+folds = assign_folds(source.labels, source.groups, 5, 2, 7)
+configs = json.loads(sys.argv[2])
+print(json.dumps([cross_validate(TrialConfig(**c), source, folds, "roc_auc", 7).fold_scores for c in configs]))
+"""
+
+
+def test_same_parameters_give_identical_scores_in_two_processes(small_cache):
+    configs = [
+        config().model_dump(),
+        config(classifier="rbf_svm", params={"C": 3.0, "gamma": 0.01}, pca="components", pca_components=6).model_dump(),
+        config(classifier="random_forest", unit="window", pooling="mean+std",
+               params={"n_estimators": 30, "max_depth": 4, "max_features": "sqrt", "min_samples_leaf": 2}).model_dump(),
+        config(classifier="xgboost", params={"n_estimators": 20, "max_depth": 3, "learning_rate": 0.1,
+                                             "subsample": 0.8, "colsample_bytree": 0.5}).model_dump(),
+        config(classifier="catboost", params={"iterations": 20, "depth": 3, "learning_rate": 0.1,
+                                              "l2_leaf_reg": 3.0}).model_dump(),
+        config(classifier="mlp", l2_normalize=True,
+               params={"hidden_units": 16, "alpha": 1e-3, "learning_rate_init": 1e-3}).model_dump(),
+    ]
+    runs = [subprocess.run([sys.executable, "-c", SCORE_SCRIPT, str(small_cache.path), json.dumps(configs)],
+                           capture_output=True, text=True, check=True).stdout for _ in range(2)]
+    first, second = (json.loads(r) for r in runs)
+    assert first == second
+    assert all(len(scores) == 10 for scores in first)
+
+
+def test_signal_layer_scores_best(tmp_path):
+    cache = open_cache(write_synthetic_cache(tmp_path / "c", **{**SMALL, "n_train": 120, "strength": 1.5}))
+    source = FeatureSource(cache)
+    folds = assign_folds(source.labels, source.groups, 5, 1, 0)
+    scores = [cross_validate(config(layer=layer), source, folds, "roc_auc", 0).mean for layer in range(4)]
+    assert int(np.argmax(scores)) == 2 and scores[2] > 0.85
+
+
+def search_command(cache, storage, study, trials, workers, *extra):
+    return [sys.executable, "-m", "adsearch.cli", "search", "--cache", str(cache), "--study", study,
+            "--storage", storage, "--trials", str(trials), "--workers", str(workers), *map(str, extra)]
+
+
+def write_space(tmp_path, text):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+FAST_SPACE = """
+cv: {folds: 4}
+pruner: none
+space:
+  pooling: [mean, mean+std]
+  classifiers: {logreg: {}, lda: {}, knn: {}}
+"""
+
+
+# Trials of ~0.3 s: long enough that one worker cannot finish the budget before the others have started.
+SHARED_SPACE = """
+cv: {folds: 4, repeats: 2}
+pruner: none
+space:
+  pooling: [mean, mean+std]
+  classifiers:
+    random_forest: {n_estimators: 30, max_depth: [3, 6], max_features: sqrt, min_samples_leaf: 1}
+"""
+
+
+@pytest.mark.slow
+def test_three_workers_on_sqlite_finish_exactly_the_budget(small_cache, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    space = write_space(tmp_path, SHARED_SPACE)
+    done = subprocess.run(search_command(small_cache.path, storage, "exact", 25, 3, "--space", space),
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    study = optuna.load_study(study_name="exact", storage=storage)
+    counts = trial_counts(study)
+    assert counts["finished"] == 25 and counts["failed"] == 0 and counts["running"] == 0
+    assert len(study.get_trials()) == 25
+    assert len({t.user_attrs["worker"] for t in study.get_trials()}) >= 2
+    assert "study exact: 25/25 finished" in done.stdout and "export it with" in done.stdout
+    trial = study.best_trial
+    attrs = trial.user_attrs
+    assert attrs["folds_done"] == 8 and attrs["cv_balanced_accuracy"] == pytest.approx(trial.value)
+    assert {"cv_accuracy", "cv_roc_auc", "cv_f1", "cv_std", "fit_seconds", "worker"} <= set(attrs)
+    assert sorted(trial.intermediate_values) == list(range(8))
+    assert np.mean(list(trial.intermediate_values.values())) == pytest.approx(trial.value)
+    # resuming with a larger budget runs only the difference
+    more = subprocess.run(search_command(small_cache.path, storage, "exact", 30, 2, "--space", space),
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert more.returncode == 0, more.stderr
+    assert trial_counts(optuna.load_study(study_name="exact", storage=storage))["finished"] == 30
+
+
+def worker_pids(parent: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                pids.append(int(entry))
+    return pids
+
+
+SLOW_SPACE = """
+cv: {folds: 4}
+pruner: none
+space:
+  pooling: [mean]
+  classifiers:
+    random_forest: {n_estimators: 150, max_depth: 6, max_features: sqrt, min_samples_leaf: 1}
+"""
+
+
+@pytest.mark.slow
+def test_killed_worker_leaves_nothing_running_and_budget_is_met(small_cache, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    space = write_space(tmp_path, SLOW_SPACE)
+    command = search_command(small_cache.path, storage, "kill", 6, 2, "--space", space, "--heartbeat", 1,
+                             "--grace", 3)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    victim_trial = None
+    deadline = time.monotonic() + 120
+    while victim_trial is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        try:
+            study = optuna.load_study(study_name="kill", storage=storage)
+        except KeyError:
+            continue
+        children = worker_pids(proc.pid)
+        for trial in study.get_trials(states=(TrialState.RUNNING,)):
+            worker = trial.user_attrs.get("worker", "")
+            pid = int(worker.rsplit(":", 1)[1]) if worker else -1
+            if pid in children:
+                os.kill(pid, signal.SIGKILL)
+                victim_trial = trial.number
+                break
+    assert victim_trial is not None, "no running trial to kill"
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out + err
+    study = optuna.load_study(study_name="kill", storage=storage)
+    trials = study.get_trials()
+    states = [t.state for t in trials]
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == 6
+    assert trials[victim_trial].state == TrialState.FAIL
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == victim_trial]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    # the retry re-runs what the victim had chosen (it may have died before choosing everything)
+    assert trials[victim_trial].params.items() <= retried[0].params.items()
+
+
+def test_budget_reservations_are_exact_under_contention(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    make_storage(url)
+    budget = TrialBudget(url, "s")
+    budget.set(50, 0)
+    with ThreadPoolExecutor(8) as pool:
+        granted = sum(pool.map(lambda _: budget.reserve(), range(200)))
+    assert granted == 50 and budget.get() == (50, 50)
+    budget.release()
+    assert budget.reserve() and not budget.reserve()
+    assert budget.reconcile(50, 47) and budget.get() == (50, 47)
+    assert not budget.reconcile(50, 10)  # someone changed it meanwhile: leave it
+
+
+def test_worker_refuses_another_cache_or_space_and_unknown_study(small_cache, tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = parse_spec({"cv": {"folds": 4}})
+    create_or_resume(make_storage(url), "mine", small_cache, spec, "space.yaml", 5)
+    other = open_cache(write_synthetic_cache(tmp_path / "other", **{**SMALL, "seed": 9}))
+    with pytest.raises(StudyError, match="was created with the cache .* Use that cache"):
+        run_worker("mine", url, cache_path=str(other.path))
+    with pytest.raises(StudyError, match="different search space"):
+        create_or_resume(make_storage(url), "mine", small_cache, parse_spec({"cv": {"folds": 3}}), "x.yaml", 5)
+    with pytest.raises(StudyError, match="no study 'nobody'"):
+        run_worker("nobody", url)
+
+
+def test_worker_fails_loudly_when_every_trial_fails(small_cache, tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    create_or_resume(make_storage(url), "broken", small_cache, parse_spec({"cv": {"folds": 4}}), "s.yaml", 20)
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("classifier exploded")
+
+    monkeypatch.setattr("adsearch.search.study.cross_validate", explode)
+    with pytest.raises(StudyError, match="5 trials failed in a row; last error: .*classifier exploded"):
+        run_worker("broken", url)
+    assert TrialBudget(url, "broken").get() == (20, 0)  # failed trials gave their slots back
+
+
+def test_layer_grid_sampler_walks_layers_with_reference_settings_then_tunes(small_cache):
+    spec = parse_spec({"space": {"pooling": ["mean", "max"], "classifiers": {"logreg": {}, "knn": {}}},
+                       "layer_grid": {"pooling": "max", "classifier": "logreg", "params": {"C": 0.5}}})
+    from adsearch.search.space import suggest
+
+    sampler = make_sampler("layer-grid", spec, (0, 1, 2, 3), seed=0)
+    study = optuna.create_study(sampler=sampler, direction="maximize")
+    for number in range(10):
+        trial = study.ask()
+        cfg = suggest(trial, spec, (0, 1, 2, 3))
+        if number < 4:
+            assert (cfg.layer, cfg.pooling, cfg.classifier, cfg.params) == (number, "max", "logreg", {"C": 0.5})
+            study.tell(trial, 1.0 if number == 2 else 0.5)
+        else:
+            assert (cfg.layer, cfg.pooling) == (2, "max")
+            study.tell(trial, 0.6)
+
+
+POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def postgres_available() -> str | None:
+    import sqlalchemy as sa
+
+    try:
+        with sa.create_engine(POSTGRES).connect() as connection:
+            connection.execute(sa.text("select 1"))
+    except Exception as exc:
+        return f"PostgreSQL not reachable at {POSTGRES}: {type(exc).__name__}"
+    return None
+
+
+@pytest.mark.slow
+def test_two_workers_on_postgresql(small_cache, tmp_path):
+    reason = postgres_available()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the PostgreSQL test: {reason}")
+        pytest.skip(reason)
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    space = write_space(tmp_path, FAST_SPACE)
+    try:
+        done = subprocess.run(search_command(small_cache.path, POSTGRES, name, 12, 2, "--space", space),
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr
+        counts = trial_counts(optuna.load_study(study_name=name, storage=POSTGRES))
+        assert counts["finished"] == 12 and counts["failed"] == 0 and counts["running"] == 0
+    finally:
+        optuna.delete_study(study_name=name, storage=POSTGRES)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # scikit-learn on single-class draws; compared all the same
+def test_numpy_metrics_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+    from adsearch.search.objective import metrics
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(2, 30))
+        y = rng.integers(0, 2, n)
+        score = rng.integers(0, 5, n) / 4 if trial % 2 else rng.random(n)  # with and without ties
+        got = metrics(y, score, 0.5)
+        predicted = (score > 0.5).astype(int)
+        assert got["accuracy"] == pytest.approx(accuracy_score(y, predicted))
+        with np.errstate(all="ignore"):
+            assert got["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, predicted))
+        assert got["f1"] == pytest.approx(f1_score(y, predicted, zero_division=0))
+        if len(set(y)) == 2:
+            assert got["roc_auc"] == pytest.approx(roc_auc_score(y, score))
+        else:
+            assert np.isnan(got["roc_auc"])
+
+
+def test_knn_with_more_neighbours_than_a_fold_has_is_capped(small_cache):
+    source = FeatureSource(small_cache)
+    folds = assign_folds(source.labels, source.groups, 4, 1, 0)
+    knn = config(classifier="knn", params={"n_neighbors": 500, "weights": "uniform", "metric": "euclidean"})
+    result = cross_validate(knn, source, folds, "accuracy", 0)
+    assert len(result.fold_scores) == 4
