@@ -1,0 +1,544 @@
+"""The `adsearch` command line: thin wrappers that parse options, show progress and report errors."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+app = typer.Typer(
+    help="AutoML hyperparameter search over layer-wise wav2vec2 embeddings for speech-based dementia "
+    "detection. Workflow: corpus -> extract -> search -> export.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+corpus_app = typer.Typer(help="Build a corpus manifest (recordings, labels, speakers, splits).", no_args_is_help=True)
+model_app = typer.Typer(help="Speech model helpers.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect embedding caches.", no_args_is_help=True)
+app.add_typer(corpus_app, name="corpus")
+app.add_typer(model_app, name="model")
+app.add_typer(cache_app, name="cache")
+
+out = Console(soft_wrap=True)  # never break paths or commands across lines
+err = Console(stderr=True, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn expected input errors into one red message and exit code 2, without a traceback."""
+    from adsearch.audio import AudioError
+    from adsearch.corpus import CorpusError
+    from adsearch.embed.cache import CacheError
+
+    expected: tuple[type[Exception], ...] = (AudioError, CorpusError, CacheError, ValueError, FileNotFoundError)
+    with contextlib.suppress(ImportError):
+        from adsearch.embed.model import ModelError
+        from adsearch.synth import SynthError
+
+        expected += (ModelError, SynthError)
+    try:
+        yield
+    except expected as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _print_warnings(warnings: list[str], limit: int = 20) -> None:
+    for warning in warnings[:limit]:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if len(warnings) > limit:
+        err.print(f"[yellow]... and {len(warnings) - limit} more warnings[/]")
+
+
+def _summarise_corpus(recordings, manifest: Path) -> None:
+    from collections import Counter
+
+    counts = Counter((r.split, r.label) for r in recordings)
+    parts = []
+    for split in ("train", "test"):
+        n = sum(v for (s, _), v in counts.items() if s == split)
+        if n:
+            parts.append(f"{split} {n} (AD {counts[split, 1]}, control {counts[split, 0]}, "
+                         f"unlabelled {counts[split, None]})")
+    out.print(f"wrote {manifest}: {'; '.join(parts)}", highlight=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# corpus
+
+
+@corpus_app.command("adresso")
+def corpus_adresso(
+    root: Annotated[Path, typer.Argument(help="Unpacked ADReSSo 2021 archives (the folder holding ADReSSo21/, "
+                                              "or ADReSSo21/diagnosis itself).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Manifest CSV to write.")] = Path("corpus.csv"),
+    test_labels: Annotated[Path | None, typer.Option(help="The separately released test label file "
+                                                          "(task1.csv: ID, Dx).")] = None,
+) -> None:
+    """Import the ADReSSo 2021 diagnosis layout, keeping participant (PAR) speech only."""
+    from adsearch.corpus import import_adresso, write_manifest
+
+    with user_errors():
+        result = import_adresso(root, test_labels)
+        _print_warnings(result.warnings)
+        manifest = write_manifest(result.recordings, output)
+    _summarise_corpus(result.recordings, manifest)
+
+
+@corpus_app.command("csv")
+def corpus_csv(
+    file: Annotated[Path, typer.Argument(help="Your manifest: id, path, label, group, split[, mmse, segments].")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Validated manifest to write.")] = Path("corpus.csv"),
+) -> None:
+    """Validate a manifest of another corpus and write it in canonical form.
+
+    label is 1 (AD), 0 (control) or empty (unlabelled, test only); group is the speaker (recordings of one
+    speaker never straddle folds); segments lists participant speech as `begin-end` seconds joined by `;`
+    (empty = whole recording). Relative paths are taken relative to FILE's folder.
+    """
+    from adsearch.corpus import read_manifest, write_manifest
+
+    with user_errors():
+        recordings = read_manifest(file)
+        manifest = write_manifest(recordings, output)
+    _summarise_corpus(recordings, manifest)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# synth and model
+
+
+@app.command()
+def synth(
+    output: Annotated[Path, typer.Argument(help="Folder to write the corpus into.")],
+    n_train: Annotated[int, typer.Option(help="Training recordings (ADReSSo: 166).")] = 166,
+    n_test: Annotated[int, typer.Option(help="Test recordings (ADReSSo: 71).")] = 71,
+    effect: Annotated[float, typer.Option(help="Strength of the AD speech markers; 0 = no group difference.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing synthetic corpus in OUTPUT.")] = False,
+) -> None:
+    """Write a synthetic corpus in the exact ADReSSo layout, spoken by eSpeak NG.
+
+    AD speakers talk slower, pause more and longer, use more filled pauses and repetitions and fewer
+    content words, each scaled by --effect. Test labels go to OUTPUT/task1.csv, drawn parameters to
+    OUTPUT/markers.csv.
+    """
+    from adsearch.synth import synthesize_corpus
+
+    with user_errors(), _bar() as progress:
+        task = progress.add_task("synthesising", total=n_train + n_test)
+        synthesize_corpus(output, n_train, n_test, effect, seed, overwrite,
+                          on_recording=lambda _: progress.advance(task))
+    out.print(f"wrote {n_train} train and {n_test} test recordings under {output}/ADReSSo21/diagnosis; "
+              f"test labels in {output}/task1.csv", highlight=False)
+    out.print(f"next: adsearch corpus adresso {output} --test-labels {output}/task1.csv -o corpus.csv",
+              highlight=False)
+
+
+@model_app.command("tiny")
+def model_tiny(
+    output: Annotated[Path, typer.Argument(help="Folder to save the model into (save_pretrained format).")],
+    seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
+    hidden_size: Annotated[int, typer.Option(help="Hidden size.")] = 32,
+    layers: Annotated[int, typer.Option(help="Transformer layers.")] = 4,
+) -> None:
+    """Save a tiny randomly initialised wav2vec2 (stable layer norm, masked preprocessor) for tests and demos.
+
+    It loads through the same from_pretrained path as a real checkpoint; its embeddings carry no meaning.
+    """
+    from adsearch.embed.model import save_tiny_model
+
+    with user_errors():
+        save_tiny_model(output, seed, hidden_size, layers)
+    out.print(f"saved a tiny random wav2vec2 ({layers} layers, hidden size {hidden_size}) to {output}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# extract
+
+
+class _AudioSpeedColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.1f} audio-s/s" if speed else "-- audio-s/s", style="cyan")
+
+
+def _bar(*columns: ProgressColumn) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
+        *columns, TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False,
+    )
+
+
+class _RichExtractProgress:
+    """Bar over audio seconds (so speed is audio-s/s and the ETA is honest), with recordings counted."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.task = None
+        self.done = self.total = 0
+
+    def start(self, n_recordings: int, audio_seconds: float, n_done: int) -> None:
+        self.done, self.total = n_done, n_recordings
+        if n_done:
+            err.print(f"resuming: {n_done} of {n_recordings} recordings already extracted")
+        self.task = self.progress.add_task(self._label(), total=max(audio_seconds, 1e-9))
+
+    def advance(self, n_recordings: int, audio_seconds: float) -> None:
+        self.done += n_recordings
+        self.progress.update(self.task, advance=audio_seconds, description=self._label())
+
+    def _label(self) -> str:
+        return f"extracting {self.done}/{self.total} recordings; audio s"
+
+
+@app.command()
+def extract(
+    manifest: Annotated[Path, typer.Argument(help="Corpus manifest from `adsearch corpus`.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Cache root; each model/corpus/settings "
+                                                                "combination gets its own sub-folder.")],
+    model: Annotated[str, typer.Option(help="Hugging Face id or local directory of a wav2vec2-family model.")] = (
+        "jonatasgrosman/wav2vec2-large-xlsr-53-english"),
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    window_s: Annotated[float, typer.Option(help="Longest window in seconds (bounds memory, attention cost).")] = 20.0,
+    min_window_s: Annotated[float, typer.Option(help="Shorter speech spans are skipped.")] = 0.5,
+    batch_size: Annotated[int | None, typer.Option(help="Windows per forward pass (default: 16 on CUDA, "
+                                                        "1 on CPU, where batching only costs memory).")] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16/fp16 on CUDA, fp32 on CPU), float32, bfloat16, "
+                                            "float16.")] = "auto",
+) -> None:
+    """Run every recording through the speech model once and cache every layer's pooled statistics.
+
+    Participant speech is cut into windows of at most --window-s seconds; per window and layer the
+    cache keeps frame count, mean, M2, max and min, from which every pooling is derived exactly.
+    Interrupted runs resume where they stopped; unreadable or too-short files are reported and skipped.
+    """
+    from adsearch.embed.extract import ExtractSettings
+    from adsearch.embed.extract import extract as run_extract
+
+    with user_errors(), _bar(_AudioSpeedColumn()) as progress:
+        result = run_extract(manifest, output, model, ExtractSettings(window_s, min_window_s, dtype),
+                             batch_size=batch_size, device=device, revision=revision,
+                             progress=_RichExtractProgress(progress))
+    if result.n_computed == 0 and not result.failures:
+        out.print("cache already complete, nothing to do")
+    if result.failures:
+        err.print(f"[yellow]{len(result.failures)} recording(s) skipped:[/]")
+        for failure in result.failures:
+            err.print(f"  {failure.id}  {failure.path}: {failure.reason}", highlight=False)
+    out.print(f"cache: {result.cache_dir} ({result.n_items} recordings)", highlight=False)
+    if result.compute_seconds > 0:
+        out.print(f"{result.audio_seconds:,.0f} s of audio in {result.compute_seconds:,.1f} s "
+                  f"({result.audio_seconds / result.compute_seconds:,.1f}x real time)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# search
+
+
+space_app = typer.Typer(help="Search-space files.", no_args_is_help=True)
+app.add_typer(space_app, name="space")
+
+_STORAGE_HELP = ("SQLAlchemy URL of the study database: the default is an embedded SQLite file in the working "
+                 "directory; use postgresql://host/db for workers on several machines.")
+
+
+@space_app.command("check")
+def space_check(
+    space: Annotated[Path, typer.Argument(help="Search-space YAML file.")],
+    cache: Annotated[Path | None, typer.Option(help="Also check the layers against this cache.")] = None,
+) -> None:
+    """Validate a search-space file and print what it searches."""
+    import optuna
+
+    from adsearch.embed import open_cache
+    from adsearch.search.space import check_layers, classifier_params, load_spec
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with user_errors():
+        spec = load_spec(space)
+        layers = check_layers(spec, open_cache(cache).n_layers, str(space)) if cache else None
+    out.print(f"{space}: valid (hash {spec.digest()})", highlight=False)
+    out.print(f"cv {spec.cv.folds} folds x {spec.cv.repeats}, metric {spec.cv.metric}, sampler {spec.sampler}, "
+              f"pruner {spec.pruner}, seed {spec.seed}")
+    out.print(f"layers {list(layers) if layers else spec.space.layers}; pooling {spec.space.pooling}; "
+              f"unit {spec.space.unit}; pca {spec.space.pca}")
+    for name in spec.space.classifiers:
+        params = ", ".join(f"{k}: {kind} {value}" for k, (kind, value) in classifier_params(spec, name).items())
+        out.print(f"  {name}: {params}", highlight=False)
+
+
+def _study_summary(study, budget: int) -> None:
+    from adsearch.search.study import StudySetup, best_summary, describe_config, trial_counts
+
+    counts = trial_counts(study)
+    out.print(f"study {study.study_name}: {counts['finished']}/{budget} finished ({counts['complete']} complete, "
+              f"{counts['pruned']} pruned), {counts['failed']} failed, {counts['running']} running", highlight=False)
+    best = best_summary(study, StudySetup.from_study(study))
+    if best:
+        out.print(f"best: trial {best['number']}, CV {best['value']:.4f}: {describe_config(best['config'])}",
+                  highlight=False)
+
+
+@app.command()
+def search(
+    cache: Annotated[Path, typer.Option(help="Embedding cache from `adsearch extract`.")],
+    study: Annotated[str, typer.Option(help="Study name; an existing study is resumed.")],
+    space: Annotated[Path, typer.Option(help="Search-space YAML.")] = Path("studies/default.yaml"),
+    storage: Annotated[str, typer.Option(help=_STORAGE_HELP)] = "sqlite:///adsearch.db",
+    trials: Annotated[int, typer.Option(help="Total finished trials for the study, across all workers.")] = 100,
+    workers: Annotated[int, typer.Option(help="Worker processes on this machine (one core each).")] = 1,
+    sampler: Annotated[str | None, typer.Option(help="Override the space's sampler: tpe, random, layer-grid.")] = None,
+    pruner: Annotated[str | None, typer.Option(help="Override the space's pruner: wilcoxon, median, none.")] = None,
+    heartbeat: Annotated[int, typer.Option(help="Seconds between worker heartbeats.")] = 10,
+    grace: Annotated[int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")] = 30,
+) -> None:
+    """Create or resume a study and run worker processes until it has --trials finished trials.
+
+    One Optuna study searches layer, pooling, unit, preprocessing, classifier and its hyperparameters
+    jointly, scoring each trial by speaker-grouped cross-validation on the train split. More workers can
+    join from any shell or machine with `adsearch worker --study NAME --storage URL`.
+    """
+    import time as _time
+
+    from adsearch.embed import open_cache
+    from adsearch.search.space import load_spec
+    from adsearch.search.study import (
+        StudySetup,
+        best_summary,
+        create_or_resume,
+        describe_config,
+        make_storage,
+        spawn_workers,
+        trial_counts,
+    )
+
+    if trials < 1 or workers < 1:
+        err.print("[bold red]error:[/] --trials and --workers must be at least 1")
+        raise typer.Exit(2)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with user_errors():
+        spec = load_spec(space)
+        opened = open_cache(cache)
+        the_study = create_or_resume(make_storage(storage, heartbeat, grace), study, opened, spec, str(space), trials)
+    counts = trial_counts(the_study)
+    if counts["finished"] >= trials:
+        out.print(f"study {study} already has {counts['finished']} finished trials (budget {trials})")
+    else:
+        kwargs = {"study_name": study, "storage_url": storage, "cache_path": str(opened.path), "sampler": sampler,
+                  "pruner": pruner, "heartbeat_interval": heartbeat, "grace_period": grace}
+        processes = spawn_workers(workers, kwargs)
+        setup = StudySetup.from_study(the_study)
+        with _bar(TextColumn("{task.fields[best]}")) as progress:
+            task = progress.add_task(f"{study}: trials", total=trials, completed=counts["finished"], best="")
+            while any(p.is_alive() for p in processes):
+                _time.sleep(1.0)
+                counts = trial_counts(the_study)
+                best = best_summary(the_study, setup)
+                text = (f"best {best['value']:.3f} (#{best['number']}): {describe_config(best['config'])}"
+                        if best else "")
+                progress.update(task, completed=counts["finished"], best=text[:100])
+        if any(p.exitcode for p in processes):
+            err.print("[yellow]warning:[/] some workers stopped with an error (see their messages above)")
+    _study_summary(the_study, trials)
+    out.print(f"export it with: adsearch export --study {study} --storage {storage} -o {study}-best",
+              highlight=False)
+
+
+@app.command()
+def worker(
+    study: Annotated[str, typer.Option(help="Name of an existing study.")],
+    storage: Annotated[str, typer.Option(help=_STORAGE_HELP)] = "sqlite:///adsearch.db",
+    cache: Annotated[Path | None, typer.Option(help="The study's cache, if it lives elsewhere on this machine "
+                                                    "(its content must match).")] = None,
+    sampler: Annotated[str | None, typer.Option(help="Override the study's sampler.")] = None,
+    pruner: Annotated[str | None, typer.Option(help="Override the study's pruner.")] = None,
+    heartbeat: Annotated[int, typer.Option(help="Seconds between heartbeats.")] = 10,
+    grace: Annotated[int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")] = 30,
+) -> None:
+    """Join an existing study from any shell or machine and run trials until its budget is met.
+
+    The study supplies the cache, the search space, the CV folds and the budget; a worker refuses a cache
+    whose content differs from the one the study was created with.
+    """
+    from adsearch.search.study import run_worker
+
+    with user_errors():
+        report = run_worker(study, storage, str(cache) if cache else None, sampler, pruner,
+                            heartbeat_interval=heartbeat, grace_period=grace)
+    out.print(f"worker done: ran {report.ran} trial(s), {report.failed} failed")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# finishing a study
+
+
+@app.command()
+def export(
+    study: Annotated[str, typer.Option(help="Study name.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="New folder for config, model and report.")],
+    storage: Annotated[str, typer.Option(help=_STORAGE_HELP)] = "sqlite:///adsearch.db",
+    trial: Annotated[int | None, typer.Option(help="Trial number to export (default: the best).")] = None,
+    top_k: Annotated[int, typer.Option(help="Also test the next K configurations; exact McNemar vs the "
+                                            "exported one.")] = 0,
+    cache: Annotated[Path | None, typer.Option(help="The study's cache, if it moved (content must match).")] = None,
+    artifacts: Annotated[Path, typer.Option(help="Artifact store the dashboard reads figures from.")] = Path(
+        "adsearch-artifacts"),
+) -> None:
+    """Freeze a trial: config.yaml, the refit pipeline (model.skops), one held-out test evaluation, report.
+
+    The test split is read only here. Accuracy, sensitivity and specificity get Wilson intervals; balanced
+    accuracy, F1 and ROC AUC bootstrap intervals; the CV-to-test gap is printed beside them. Without test
+    labels the export stops after the refit.
+    """
+    from adsearch.export import export_trial
+
+    with user_errors():
+        result = export_trial(study, storage, output, trial, top_k, str(cache) if cache else None, artifacts,
+                              log=lambda message: out.print(message, highlight=False))
+    cv = result.config.cv
+    out.print(f"trial {result.config.study.trial}: CV {cv.metric} {cv.mean:.4f} +/- {cv.std:.4f}")
+    if result.test:
+        test = result.test
+        for name in ("accuracy", "balanced_accuracy", "f1", "roc_auc", "sensitivity", "specificity"):
+            low, high = test[name]["ci95"]
+            out.print(f"  test {name:<18} {test[name]['value']:.4f}  95 % [{low:.3f}, {high:.3f}] "
+                      f"({test[name]['method']})")
+        (tn, fp), (fn, tp) = test["confusion"]["matrix"]
+        out.print(f"  confusion (rows true control/AD): [[{tn}, {fp}], [{fn}, {tp}]] on {test['n']} recordings")
+        out.print(f"  CV-to-test gap ({cv.metric}): {test['gap']:+.4f}")
+        for row in result.top_k:
+            out.print(f"  trial {row['trial']}: CV {row['cv_mean']:.4f}, test accuracy {row['test']['accuracy']:.4f}, "
+                      f"McNemar p = {row['mcnemar']['p_value']:.3f}")
+    out.print(f"report: {result.out_dir / 'report.html'}", highlight=False)
+
+
+@app.command()
+def evaluate(
+    config: Annotated[Path, typer.Argument(help="config.yaml written by `adsearch export` (or its folder).")],
+    cache: Annotated[Path, typer.Option(help="The cache the study used.")],
+) -> None:
+    """Re-run the cross-validation of an exported config and check it reproduces the study's score."""
+    from adsearch.embed import open_cache
+    from adsearch.export import load_config, reproduce_cv
+
+    with user_errors():
+        exported = load_config(config)
+        scores = reproduce_cv(exported, open_cache(cache))
+    mean = sum(scores) / len(scores)
+    out.print(f"CV {exported.cv.metric}: {mean:.6f} over {len(scores)} folds "
+              f"({', '.join(f'{s:.4f}' for s in scores)})")
+    if scores == exported.cv.fold_scores:
+        out.print("reproduced exactly: identical fold scores to the study's trial "
+                  f"{exported.study.trial}")
+    else:
+        err.print(f"[yellow]differs from the study's {exported.cv.mean:.6f} "
+                  f"({', '.join(f'{s:.4f}' for s in exported.cv.fold_scores)})[/]")
+        raise typer.Exit(1)
+
+
+@app.command()
+def predict(
+    export_dir: Annotated[Path, typer.Argument(help="Folder written by `adsearch export`.")],
+    audio: Annotated[list[Path], typer.Argument(help="Recordings (any rate, mono or stereo, WAV/FLAC).")],
+    segments: Annotated[Path | None, typer.Option(help="Participant speech: a CSV file,begin,end (seconds) or a "
+                                                       "corpus manifest; files not in it are used whole.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write predictions CSV here.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Probability of AD for new recordings, through the exported speech model layer, pooling and pipeline.
+
+    Only as many transformer layers run as the chosen layer needs. A file that cannot be read gets an
+    error row; the others are still predicted.
+    """
+    from adsearch.predict import Predictor, read_segments, write_predictions
+
+    with user_errors():
+        spans = read_segments(segments) if segments else {}
+        predictor = Predictor(export_dir, device)
+    predictions = []
+    for path in audio:
+        found = spans.get(str(path), spans.get(str(path.resolve()), spans.get(path.name, ())))
+        prediction = predictor.predict(path, found)
+        predictions.append(prediction)
+        if prediction.error:
+            err.print(f"[red]{path}: {prediction.error}[/]", highlight=False)
+        else:
+            out.print(f"{path}: P(AD) = {prediction.prob_ad:.3f} -> {prediction.label} "
+                      f"({prediction.n_windows} windows, {prediction.speech_seconds:.1f} s of speech)", highlight=False)
+    if output:
+        write_predictions(predictions, output)
+        out.print(f"wrote {output}", highlight=False)
+    if all(p.error for p in predictions):
+        raise typer.Exit(1)
+
+
+@app.command()
+def dashboard(
+    storage: Annotated[str, typer.Option(help=_STORAGE_HELP)] = "sqlite:///adsearch.db",
+    host: Annotated[str, typer.Option(help="Address to bind. The dashboard has NO authentication and can delete "
+                                           "studies: keep 127.0.0.1, or put an authenticating proxy in front.")] = (
+        "127.0.0.1"),
+    port: Annotated[int, typer.Option(help="Port.")] = 8080,
+    artifacts: Annotated[Path, typer.Option(help="Artifact store written by `adsearch export` (figures).")] = Path(
+        "adsearch-artifacts"),
+) -> None:
+    """Serve optuna-dashboard for the study storage (history, importances, notes, report figures).
+
+    WARNING: optuna-dashboard has no authentication and exposes write routes (delete study, tell trial).
+    It binds to 127.0.0.1 unless told otherwise.
+    """
+    import optuna_dashboard
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from adsearch.search.study import make_storage
+
+    with user_errors():
+        store = make_storage(storage)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[yellow]warning:[/] serving on {host}: anyone who reaches it can change or delete studies")
+    out.print(f"dashboard: http://{host}:{port}/dashboard  (Ctrl-C stops it)", highlight=False)
+    optuna_dashboard.run_server(store, host=host, port=port, artifact_store=FileSystemArtifactStore(str(artifacts)))
+
+
+@cache_app.command("info")
+def cache_info(path: Annotated[Path, typer.Argument(help="Cache directory (or the extract -o root).")]) -> None:
+    """Summarise a cache: model, layers, items per split and label, windows, failures."""
+    from adsearch.embed import open_cache
+
+    with user_errors():
+        cache = open_cache(path)
+    meta = cache.meta
+    out.print(f"cache      {cache.path}", highlight=False)
+    out.print(f"model      {meta['model']['name']} @ {meta['model']['revision']}", highlight=False)
+    last = cache.n_layers - 1
+    out.print(f"layers     {cache.n_layers} (0 = transformer input, {last} = last layer), dim {cache.dim}")
+    for split in ("train", "test"):
+        labels = cache.labels[cache.splits == split]
+        if len(labels):
+            out.print(f"{split:<10} {len(labels)} recordings (AD {(labels == 1).sum()}, control {(labels == 0).sum()}, "
+                      f"unlabelled {(labels == -1).sum()})")
+    out.print(f"windows    {meta['n_windows']} (window {meta['settings']['window_s']} s)")
+    out.print(f"failures   {len(meta['failures'])}")
+    out.print(f"hash       {cache.content_hash[:16]}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,357 @@
+"""From a study to a usable classifier: exported config, refit, held-out test evaluation, top-k comparison.
+
+The test split is read here and nowhere else, after the configuration is frozen. Every look at the test
+labels is recorded on the study, so a reader of the results can tell how often the test set was consulted.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from adsearch import __version__
+from adsearch.embed.cache import POOLINGS, EmbeddingCache
+from adsearch.search.classifiers import REGISTRY
+from adsearch.search.objective import assign_folds, cross_validate, fit_pipeline, metrics, recording_scores
+from adsearch.search.space import PipelineSettings, TrialConfig
+
+CONFIG_FILE = "config.yaml"
+MODEL_FILE = "model.skops"
+TRUSTED_MODULES = ("sklearn.", "xgboost.", "catboost.", "numpy.", "scipy.", "builtins.")
+
+
+class ExportError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelRef(_Strict):
+    name: str
+    revision: str
+
+
+class Features(_Strict):
+    layer: int
+    pooling: str
+    unit: Literal["recording", "window"]
+    window_s: float
+    min_window_s: float
+    dtype: str = "float32"
+    sample_rate: int = 16_000
+
+
+class CVRecord(_Strict):
+    folds: int
+    repeats: int
+    metric: Literal["balanced_accuracy", "accuracy", "f1", "roc_auc"]
+    seed: int
+    mean: float
+    std: float
+    fold_scores: list[float]
+
+
+class StudyRef(_Strict):
+    name: str
+    trial: int
+    storage: str
+
+
+class CacheRef(_Strict):
+    path: str
+    content_hash: str
+
+
+class ExportedConfig(_Strict):
+    """config.yaml: everything needed to rebuild the classifier without the study."""
+
+    adsearch_version: str
+    study: StudyRef
+    model: ModelRef
+    features: Features
+    pipeline: PipelineSettings
+    cv: CVRecord
+    seed: int
+    cache: CacheRef
+    versions: dict[str, str]
+
+    def trial_config(self) -> TrialConfig:
+        return TrialConfig(layer=self.features.layer, pooling=self.features.pooling, unit=self.features.unit,
+                           **self.pipeline.model_dump())
+
+
+def load_config(path: Path | str) -> ExportedConfig:
+    """Read and validate config.yaml; a hand edit that breaks it is reported by key."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG_FILE
+    if not path.is_file():
+        raise ExportError(f"{path}: exported config not found (run `adsearch export` first)")
+    try:
+        data = yaml.safe_load(path.read_text())
+        config = ExportedConfig(**(data or {}))
+    except yaml.YAMLError as exc:
+        raise ExportError(f"{path}: not valid YAML ({exc})") from None
+    except (ValidationError, TypeError) as exc:
+        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()) \
+            if isinstance(exc, ValidationError) else str(exc)
+        raise ExportError(f"{path}: invalid config: {details}") from None
+    pipeline = config.pipeline
+    problems = []
+    if pipeline.classifier not in REGISTRY:
+        problems.append(f"pipeline.classifier: unknown {pipeline.classifier!r}; available: {', '.join(REGISTRY)}")
+    elif set(pipeline.params) != set(REGISTRY[pipeline.classifier].params):
+        problems.append(f"pipeline.params: {pipeline.classifier} needs exactly "
+                        f"{sorted(REGISTRY[pipeline.classifier].params)}")
+    if config.features.pooling not in POOLINGS:
+        problems.append(f"features.pooling: {config.features.pooling!r} is not one of {list(POOLINGS)}")
+    if pipeline.pca == "components" and not (pipeline.pca_components or 0) >= 1:
+        problems.append("pipeline.pca_components: needs a positive integer when pca is 'components'")
+    if pipeline.pca == "variance" and not 0 < (pipeline.pca_variance or 0) < 1:
+        problems.append("pipeline.pca_variance: needs a share in (0, 1) when pca is 'variance'")
+    if problems:
+        raise ExportError(f"{path}: invalid config: " + "; ".join(problems))
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Features and predictions
+
+
+def item_features(cache: EmbeddingCache, config: TrialConfig, items: np.ndarray):
+    """(X, owner): recording rows for `items` (sorted), or their windows with the index into `items` of each."""
+    if config.unit == "recording":
+        return cache.recording_features(config.layer, config.pooling, items), np.arange(len(items))
+    return cache.window_features(config.layer, config.pooling, items), cache.window_owner(items)
+
+
+def fit_on(cache: EmbeddingCache, config: TrialConfig, items: np.ndarray, seed: int):
+    X, owner = item_features(cache, config, items)
+    return fit_pipeline(config, X, cache.labels[items][owner], seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Statistics for a small test set
+
+
+def wilson(successes: int, n: int) -> tuple[float, float]:
+    """Wilson score interval for a proportion (good at n = 71 and near 0 or 1, unlike the normal one)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    from scipy.stats import binomtest
+
+    interval = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def bootstrap_interval(y: np.ndarray, score: np.ndarray, threshold: float, metric: str, n: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap over recordings (resamples lacking a class are redrawn)."""
+    rng = np.random.default_rng(seed)
+    values = []
+    while len(values) < n:
+        pick = rng.integers(0, len(y), len(y))
+        if len(set(y[pick])) == 2:
+            values.append(metrics(y[pick], score[pick], threshold)[metric])
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
+    """Exact (binomial) McNemar test on the recordings where exactly one system is right."""
+    from scipy.stats import binomtest
+
+    only_a = int(np.sum(correct_a & ~correct_b))
+    only_b = int(np.sum(~correct_a & correct_b))
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {"only_best_right": only_a, "only_other_right": only_b, "p_value": float(p)}
+
+
+def test_report(y: np.ndarray, score: np.ndarray, threshold: float, seed: int) -> dict:
+    predicted = (score > threshold).astype(int)
+    tp, tn = int(np.sum((predicted == 1) & (y == 1))), int(np.sum((predicted == 0) & (y == 0)))
+    fp, fn = int(np.sum((predicted == 1) & (y == 0))), int(np.sum((predicted == 0) & (y == 1)))
+    values = metrics(y, score, threshold)
+    n = len(y)
+    return {
+        "n": n,
+        "accuracy": {"value": values["accuracy"], "ci95": wilson(tp + tn, n), "method": "Wilson"},
+        "sensitivity": {"value": tp / max(tp + fn, 1), "ci95": wilson(tp, tp + fn), "method": "Wilson"},
+        "specificity": {"value": tn / max(tn + fp, 1), "ci95": wilson(tn, tn + fp), "method": "Wilson"},
+        "balanced_accuracy": {"value": values["balanced_accuracy"],
+                              "ci95": bootstrap_interval(y, score, threshold, "balanced_accuracy", seed=seed),
+                              "method": "bootstrap"},
+        "f1": {"value": values["f1"], "ci95": bootstrap_interval(y, score, threshold, "f1", seed=seed),
+               "method": "bootstrap"},
+        "roc_auc": {"value": values["roc_auc"], "ci95": bootstrap_interval(y, score, threshold, "roc_auc", seed=seed),
+                    "method": "bootstrap"},
+        "confusion": {"labels": ["control", "AD"], "matrix": [[tn, fp], [fn, tp]]},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    config: ExportedConfig
+    test: dict | None
+    top_k: list[dict] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version(), "adsearch": __version__}
+    for package in ("numpy", "scikit-learn", "xgboost", "catboost", "optuna", "torch", "transformers"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def save_model(model, path: Path) -> None:
+    import skops.io as sio
+
+    sio.dump(model, path)
+
+
+def load_model(path: Path):
+    """Load with skops, trusting only types from scikit-learn, XGBoost, CatBoost, NumPy and SciPy."""
+    import skops.io as sio
+
+    untrusted = sio.get_untrusted_types(file=path)
+    unexpected = [t for t in untrusted if not t.startswith(TRUSTED_MODULES)]
+    if unexpected:
+        raise ExportError(f"{path}: refuses to load unexpected types {unexpected}")
+    return sio.load(path, trusted=untrusted)
+
+
+def export_trial(
+    study_name: str,
+    storage_url: str,
+    out_dir: Path | str,
+    trial_number: int | None = None,
+    top_k: int = 0,
+    cache_path: str | None = None,
+    artifacts: Path | str | None = None,
+    log=print,
+) -> ExportResult:
+    """Write config.yaml and model.skops; evaluate once on the held-out test split; write the report."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from adsearch.report import write_report
+    from adsearch.search.study import StudySetup, load_cache_for, make_storage, trial_config
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ExportError(f"{out_dir} already exists and is not empty; choose another -o or remove it")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = make_storage(storage_url)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        raise ExportError(f"no study {study_name!r} in {storage_url}") from None
+    setup = StudySetup.from_study(study)
+    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                      key=lambda t: t.value, reverse=True)
+    if not complete:
+        raise ExportError(f"study {study_name!r} has no complete trial yet")
+    if trial_number is None:
+        chosen = complete[0]
+    else:
+        trials = study.get_trials(deepcopy=False)
+        if not 0 <= trial_number < len(trials):
+            raise ExportError(f"study {study_name!r} has trials 0..{len(trials) - 1}, not {trial_number}")
+        chosen = trials[trial_number]
+        if chosen.state != TrialState.COMPLETE:
+            raise ExportError(f"trial {trial_number} is {chosen.state.name}, not COMPLETE; "
+                              "export a complete trial (leave --trial out for the best)")
+    cache = load_cache_for(setup, study_name, cache_path)
+    config = trial_config(setup, chosen.params)
+    spec = setup.spec
+    scores = [chosen.intermediate_values[k] for k in sorted(chosen.intermediate_values)]
+    exported = ExportedConfig(
+        adsearch_version=__version__,
+        study=StudyRef(name=study_name, trial=chosen.number, storage=storage_url),
+        model=ModelRef(name=cache.meta["model"]["name"], revision=cache.meta["model"]["revision"]),
+        features=Features(layer=config.layer, pooling=config.pooling, unit=config.unit,
+                          window_s=cache.meta["settings"]["window_s"],
+                          min_window_s=cache.meta["settings"]["min_window_s"],
+                          dtype=cache.meta["settings"]["dtype"]),
+        pipeline=PipelineSettings(**config.model_dump(exclude={"layer", "pooling", "unit"})),
+        cv=CVRecord(folds=spec.cv.folds, repeats=spec.cv.repeats, metric=spec.cv.metric, seed=spec.seed,
+                    mean=chosen.value, std=float(np.std(scores)), fold_scores=scores),
+        seed=spec.seed,
+        cache=CacheRef(path=str(cache.path), content_hash=cache.content_hash),
+        versions=_versions(),
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(exported.model_dump(mode="json"), sort_keys=False))
+    train = np.flatnonzero(cache.splits == "train")
+    model = fit_on(cache, config, train, spec.seed)
+    save_model(model, out_dir / MODEL_FILE)
+    log(f"refit on {len(train)} train recordings; wrote {out_dir / CONFIG_FILE} and {out_dir / MODEL_FILE}")
+
+    test_items = np.flatnonzero((cache.splits == "test") & (cache.labels >= 0))
+    result = ExportResult(out_dir, exported, None)
+    if len(test_items) == 0 or len(set(cache.labels[test_items])) < 2:
+        log("no test labels in the cache: stopped after the refit (no held-out evaluation)")
+    else:
+        result.test, correct_best = _evaluate_test(cache, config, model, test_items, spec.seed)
+        result.test.update({"trial": chosen.number, "cv_mean": chosen.value,
+                            "cv_metric": spec.cv.metric, "gap": result.test[spec.cv.metric]["value"] - chosen.value})
+        looks = study.user_attrs.get("adsearch_test_looks", [])
+        if looks:
+            log(f"note: the test set of this study was already evaluated {len(looks)} time(s) "
+                f"(trials {sorted({look['trial'] for look in looks})})")
+        study.set_user_attr("adsearch_test_looks", looks + [
+            {"trial": chosen.number, "top_k": top_k, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}])
+        for other in [t for t in complete if t.number != chosen.number][:top_k]:
+            other_config = trial_config(setup, other.params)
+            other_model = fit_on(cache, other_config, train, spec.seed)
+            other_test, correct_other = _evaluate_test(cache, other_config, other_model, test_items, spec.seed)
+            result.top_k.append({"trial": other.number, "cv_mean": other.value,
+                                 "test": {k: other_test[k]["value"]
+                                          for k in ("accuracy", "balanced_accuracy", "roc_auc")},
+                                 "mcnemar": mcnemar_exact(correct_best, correct_other)})
+        (out_dir / "test.json").write_text(json.dumps({**result.test, "top_k": result.top_k}, indent=1))
+    result.figures = write_report(study, setup, cache, exported, result.test, result.top_k, out_dir, artifacts)
+    return result
+
+
+def _evaluate_test(cache: EmbeddingCache, config: TrialConfig, model, items: np.ndarray, seed: int):
+    X, owner = item_features(cache, config, items)
+    score, threshold = recording_scores(model, X, owner, len(items))
+    y = cache.labels[items]
+    report = test_report(y, score, threshold, seed)
+    report["predictions"] = [{"id": cache.ids[i], "label": int(label), "score": float(s)}
+                             for i, label, s in zip(items, y, score, strict=True)]
+    return report, (score > threshold).astype(int) == y
+
+
+def reproduce_cv(config: ExportedConfig, cache: EmbeddingCache) -> list[float]:
+    """Re-run the study's cross-validation for an exported config; the fold assignment is recomputed."""
+    if cache.content_hash != config.cache.content_hash:
+        raise ExportError(f"{cache.path}: content hash {cache.content_hash[:12]} differs from the exported "
+                          f"config's cache ({config.cache.content_hash[:12]}); scores cannot be reproduced on it")
+    from adsearch.search.objective import FeatureSource
+
+    source = FeatureSource(cache)
+    folds = assign_folds(source.labels, source.groups, config.cv.folds, config.cv.repeats, config.cv.seed)
+    return cross_validate(config.trial_config(), source, folds, config.cv.metric, config.seed).fold_scores

@@ -1,0 +1,134 @@
+"""Predicting new recordings with an exported classifier.
+
+The speech model named in the config is loaded (local directory or HF cache) and cut down to the layers the
+classifier needs; windowing, statistics and pooling are the extraction's own code, so a training
+recording gets the features the cache holds. A file that cannot be used gets its own error row.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from adsearch.audio import SAMPLE_RATE, AudioError, load_audio
+from adsearch.embed.cache import pool_recordings, pool_windows
+from adsearch.export import CONFIG_FILE, MODEL_FILE, ExportedConfig, ExportError, load_config, load_model
+
+
+@dataclass
+class Prediction:
+    file: str
+    prob_ad: float | None = None  # probability (or decision score for margin classifiers) of AD
+    label: str | None = None
+    n_windows: int = 0
+    speech_seconds: float = 0.0
+    error: str | None = None
+
+
+def read_segments(path: Path | str) -> dict[str, list[tuple[float, float]]]:
+    """Participant speech per file, keyed by path as given, resolved path and file name.
+
+    Either a CSV with columns file, begin, end (seconds; several rows per file) or a corpus manifest
+    (its segments column), so the speech of corpus recordings is cut exactly as for extraction.
+    """
+    from adsearch.corpus import CorpusError, merge_segments, read_manifest
+
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"{path}: segments file not found")
+    found: dict[str, list] = defaultdict(list)
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        header = next(csv.reader(handle), [])
+    if {"path", "segments"} <= set(header):
+        by_file = {}
+        for rec in read_manifest(path, check_files=False):
+            for key in (str(rec.path), Path(rec.path).name):
+                by_file[key] = list(rec.segments)
+        return by_file
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        if not {"file", "begin", "end"} <= set(reader.fieldnames or []):
+            raise CorpusError(f"{path}: needs the columns file, begin, end (seconds), or a corpus manifest; "
+                              f"found {reader.fieldnames}")
+        for line, row in enumerate(reader, start=2):
+            try:
+                begin, end = float(row["begin"]), float(row["end"])
+            except ValueError:
+                raise CorpusError(f"{path} line {line}: begin/end are not numbers") from None
+            if not 0 <= begin < end:
+                raise CorpusError(f"{path} line {line}: needs 0 <= begin < end")
+            found[row["file"]].append((begin, end))
+    return {name: merge_segments(spans) for name, spans in found.items()}
+
+
+class Predictor:
+    """An exported classifier plus the speech model it needs, ready for recordings."""
+
+    def __init__(self, export_dir: Path | str, device: str = "auto"):
+        from adsearch.embed.extract import WindowEncoder
+        from adsearch.embed.model import resolve_model
+
+        export_dir = Path(export_dir)
+        self.config: ExportedConfig = load_config(export_dir / CONFIG_FILE)
+        model_file = export_dir / MODEL_FILE
+        if not model_file.is_file():
+            raise ExportError(f"{model_file}: fitted model missing; export again")
+        self.classifier = load_model(model_file)
+        source = resolve_model(self.config.model.name)
+        if source.revision != self.config.model.revision:
+            raise ExportError(
+                f"speech model {self.config.model.name!r} is revision {source.revision}, but the classifier was "
+                f"trained on features of revision {self.config.model.revision}; point the config's model.name at "
+                "that exact model"
+            )
+        self.encoder = WindowEncoder(source, device, self.config.features.dtype)
+        self.encoder.keep_layers(self.config.features.layer)
+
+    def features(self, audio: np.ndarray, segments) -> tuple[np.ndarray, int, float]:
+        """(X, n_windows, speech seconds): one pooled row, or one row per window for window-level configs."""
+        from adsearch.embed.extract import plan_windows
+
+        feats = self.config.features
+        spans = plan_windows(segments, len(audio), feats.window_s, feats.min_window_s)
+        if not spans:
+            raise AudioError("", f"too short: no speech span of at least {feats.min_window_s} s")
+        n_frames, stats = [], defaultdict(list)
+        for begin, end in spans:  # one window at a time: the CPU default, and memory stays flat
+            frames, window_stats = self.encoder.encode([audio[begin:end]], layers=[feats.layer])
+            n_frames.append(frames[0])
+            for name, values in window_stats.items():
+                stats[name].append(values[0, 0])
+        arrays = {name: np.stack(values) for name, values in stats.items()}
+        n_frames = np.asarray(n_frames)
+        if feats.unit == "window":
+            X = pool_windows(arrays.__getitem__, n_frames, feats.pooling)
+        else:
+            X = pool_recordings(arrays.__getitem__, n_frames, np.zeros(len(spans), np.int64), feats.pooling)
+        return X, len(spans), sum(e - b for b, e in spans) / SAMPLE_RATE
+
+    def predict(self, path: Path | str, segments=()) -> Prediction:
+        from adsearch.search.objective import recording_scores
+
+        prediction = Prediction(str(path))
+        try:
+            X, prediction.n_windows, prediction.speech_seconds = self.features(load_audio(path), segments)
+        except AudioError as exc:
+            prediction.error = exc.reason
+            return prediction
+        score, threshold = recording_scores(self.classifier, X, np.zeros(len(X), np.int64), 1)
+        prediction.prob_ad = float(score[0])
+        prediction.label = "AD" if score[0] > threshold else "control"
+        return prediction
+
+
+def write_predictions(predictions: list[Prediction], path: Path | str) -> None:
+    fields = ["file", "prob_ad", "label", "n_windows", "speech_seconds", "error"]
+    with Path(path).open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for p in predictions:
+            writer.writerow({f: ("" if getattr(p, f) is None else getattr(p, f)) for f in fields})

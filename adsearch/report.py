@@ -1,0 +1,156 @@
+"""The study report: figures (PNG) and one HTML page, also uploaded to the study as artifacts.
+
+Figures: the layer curve (best CV score per layer: which layer carries the signal), best score per pooling
+and per classifier, the optimisation history, parameter importances and, when the test split is labelled,
+the test confusion matrix.
+"""
+
+from __future__ import annotations
+
+import html
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_ARTIFACTS = "adsearch-artifacts"
+
+
+def _best_by(trials, key) -> tuple[list, list]:
+    best: dict = defaultdict(lambda: -np.inf)
+    for trial in trials:
+        value = key(trial)
+        if value is not None:
+            best[value] = max(best[value], trial.value)
+    names = sorted(best)
+    return names, [best[n] for n in names]
+
+
+def _figures(study, setup, test: dict | None, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    metric = setup.spec.cv.metric
+    paths = []
+
+    def save(fig, name: str) -> None:
+        path = out / f"{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
+    layers, scores = _best_by(complete, lambda t: t.params.get("layer"))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(layers, scores, marker="o")
+    ax.set(xlabel="layer (0 = transformer input)", ylabel=f"best CV {metric}", title="Layer curve")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    save(fig, "layer_curve")
+
+    for key, title in (("pooling", "Best CV score per pooling"), ("classifier", "Best CV score per classifier")):
+        names, values = _best_by(complete, lambda t, k=key: t.params.get(k))
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        ax.barh(names, values)
+        ax.set(xlabel=f"best CV {metric}", title=title, xlim=(min(values + [0.5]) - 0.05, 1.0))
+        save(fig, f"best_per_{key}")
+
+    ordered = sorted(complete, key=lambda t: t.number)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.scatter([t.number for t in ordered], [t.value for t in ordered], s=10, alpha=0.6, label="trial")
+    ax.plot([t.number for t in ordered], np.maximum.accumulate([t.value for t in ordered]), color="C1",
+            label="best so far")
+    ax.set(xlabel="trial", ylabel=f"CV {metric}", title="Optimisation history")
+    ax.legend()
+    save(fig, "history")
+
+    try:
+        import warnings
+
+        import optuna
+
+        with warnings.catch_warnings():  # "regimes with < 2 trials" for conditional parameters
+            warnings.simplefilter("ignore")
+            importances = optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError):  # too few or too uniform trials
+        importances = {}
+    if importances:
+        names = list(importances)[:12][::-1]
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.barh(names, [importances[n] for n in names])
+        ax.set(xlabel="importance (Optuna's default evaluator)", title="Parameter importances")
+        save(fig, "importances")
+
+    if test:
+        matrix = np.array(test["confusion"]["matrix"])
+        fig, ax = plt.subplots(figsize=(3.6, 3.2))
+        ax.imshow(matrix, cmap="Blues")
+        for (i, j), count in np.ndenumerate(matrix):
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=14)
+        labels = test["confusion"]["labels"]
+        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=labels, yticklabels=labels, xlabel="predicted",
+               ylabel="true", title="Test confusion matrix")
+        save(fig, "test_confusion")
+    return paths
+
+
+def _table(rows: list[tuple]) -> str:
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table>{body}</table>"
+
+
+def write_report(study, setup, cache, exported, test: dict | None, top_k: list[dict], out_dir: Path,
+                 artifacts: Path | str | None = None) -> list[Path]:
+    """Write out_dir/report.html and out_dir/figures/*.png; upload the figures to the study."""
+    figures_dir = out_dir / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    figures = _figures(study, setup, test, figures_dir)
+    pipeline = exported.pipeline
+    config_rows = [("trial", exported.study.trial), ("model", f"{exported.model.name} @ {exported.model.revision}"),
+                   ("layer", exported.features.layer), ("pooling", exported.features.pooling),
+                   ("unit", exported.features.unit), ("scale", pipeline.scale),
+                   ("pca", pipeline.pca_components or pipeline.pca_variance or "none"),
+                   ("l2 normalise", pipeline.l2_normalize), ("classifier", pipeline.classifier),
+                   ("hyperparameters", pipeline.params),
+                   (f"CV {exported.cv.metric}", f"{exported.cv.mean:.4f} +/- {exported.cv.std:.4f} "
+                                                f"({exported.cv.folds} folds x {exported.cv.repeats})")]
+    parts = ["<h1>adsearch report: study " + html.escape(exported.study.name) + "</h1>",
+             "<h2>Exported configuration</h2>", _table(config_rows)]
+    if test:
+        rows = [(name, f"{test[name]['value']:.4f}", f"[{test[name]['ci95'][0]:.3f}, {test[name]['ci95'][1]:.3f}]",
+                 test[name]["method"])
+                for name in ("accuracy", "balanced_accuracy", "f1", "roc_auc", "sensitivity", "specificity")]
+        parts += [f"<h2>Held-out test ({test['n']} recordings, evaluated once)</h2>",
+                  _table([("metric", "value", "95 % interval", "interval")] + rows),
+                  f"<p>CV {html.escape(test['cv_metric'])} {test['cv_mean']:.4f} vs test "
+                  f"{test[test['cv_metric']]['value']:.4f}: gap {test['gap']:+.4f}. A CV score after a large "
+                  "search is optimistic; the test figure is the honest one.</p>"]
+        if top_k:
+            parts += ["<h2>Next configurations on the test split (exact McNemar test vs the exported one)</h2>",
+                      _table([("trial", "CV", "test accuracy", "test AUC", "p (McNemar)")] +
+                             [(r["trial"], f"{r['cv_mean']:.4f}", f"{r['test']['accuracy']:.4f}",
+                               f"{r['test']['roc_auc']:.4f}", f"{r['mcnemar']['p_value']:.3f}") for r in top_k])]
+    else:
+        parts.append("<p>No test labels: no held-out evaluation.</p>")
+    parts += [f"<h2>{html.escape(p.stem.replace('_', ' '))}</h2><img src='figures/{p.name}'>" for p in figures]
+    style = ("<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+             "td{padding:2px 10px;border-bottom:1px solid #ddd}</style>")
+    (out_dir / "report.html").write_text(f"<!doctype html><meta charset='utf-8'>{style}" + "\n".join(parts))
+    _upload(study, figures, artifacts)
+    return figures
+
+
+def _upload(study, figures: list[Path], artifacts: Path | str | None) -> None:
+    """Attach the figures to the study so the dashboard (started with the same store) shows them."""
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    base = Path(artifacts or DEFAULT_ARTIFACTS)
+    base.mkdir(parents=True, exist_ok=True)
+    store = FileSystemArtifactStore(str(base))
+    for path in figures:
+        upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study, mimetype="image/png")

@@ -1,0 +1,93 @@
+"""The commands as a user types them (in-process through typer's runner, same code path as the script)."""
+
+from conftest import speechlike, write_rows, write_wav
+from typer.testing import CliRunner
+
+from adsearch.cli import app
+from adsearch.embed import open_cache
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_full_foundation_workflow(synth_root, tiny_model, tmp_path):
+    manifest = tmp_path / "corpus.csv"
+    result = run("corpus", "adresso", synth_root, "--test-labels", synth_root / "task1.csv", "-o", manifest)
+    assert result.exit_code == 0, result.output
+    assert "train 12" in result.output and "test 4" in result.output
+    result = run("extract", manifest, "--model", tiny_model, "-o", tmp_path / "cache", "--window-s", "5")
+    assert result.exit_code == 0, result.output
+    assert "cache:" in result.output and "(16 recordings)" in result.output
+    cache = open_cache(tmp_path / "cache")
+    assert cache.meta["settings"]["window_s"] == 5.0
+    result = run("cache", "info", tmp_path / "cache")
+    assert result.exit_code == 0 and "layers     5" in result.output
+    result = run("extract", manifest, "--model", tiny_model, "-o", tmp_path / "cache", "--window-s", "5")
+    assert "already complete" in result.output
+
+
+def test_csv_corpus_validates_and_rewrites(tmp_path):
+    write_wav(tmp_path / "audio" / "x.wav", speechlike(1.0))
+    mine = write_rows(tmp_path / "mine.csv", ["id", "path", "label", "group", "split"],
+                      [["x", "audio/x.wav", "1", "spk1", "train"], ["y", "audio/x.wav", "", "spk2", "test"]])
+    result = run("corpus", "csv", mine, "-o", tmp_path / "out" / "corpus.csv")
+    assert result.exit_code == 0, result.output
+    assert str(tmp_path / "audio" / "x.wav") in (tmp_path / "out" / "corpus.csv").read_text()
+    bad = write_rows(tmp_path / "bad.csv", ["id", "path", "label", "group", "split"],
+                     [["x", "nope.wav", "2", "", "train"]])
+    result = run("corpus", "csv", bad)
+    assert result.exit_code == 2
+    assert "bad.csv line 2" in result.output and "label '2'" in result.output
+
+
+def test_extract_reports_skipped_files_and_clear_errors(tmp_path, tiny_model):
+    write_wav(tmp_path / "ok.wav", speechlike(2.0))
+    (tmp_path / "broken.wav").write_bytes(b"\x00" * 100)
+    manifest = write_rows(tmp_path / "m.csv", ["id", "path", "label", "group", "split"],
+                          [["ok", "ok.wav", "1", "a", "train"], ["broken", "broken.wav", "0", "b", "train"]])
+    result = run("extract", manifest, "--model", tiny_model, "-o", tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    assert "1 recording(s) skipped" in result.output and "broken" in result.output
+    result = run("extract", manifest, "--model", tmp_path / "no-such-model/", "-o", tmp_path / "c")
+    assert result.exit_code == 2 and "model directory not found" in result.output
+    result = run("extract", tmp_path / "missing.csv", "--model", tiny_model, "-o", tmp_path / "c")
+    assert result.exit_code == 2 and "manifest not found" in result.output
+    result = run("cache", "info", tmp_path / "nothing")
+    assert result.exit_code == 2 and "cache directory not found" in result.output
+
+
+def test_model_tiny_and_synth_refuse_to_overwrite(tmp_path):
+    assert run("model", "tiny", tmp_path / "m").exit_code == 0
+    result = run("model", "tiny", tmp_path / "m")
+    assert result.exit_code == 2 and "already holds a model" in result.output
+    assert run("synth", tmp_path / "s", "--n-train", "4", "--n-test", "0").exit_code == 0
+    result = run("synth", tmp_path / "s", "--n-train", "4", "--n-test", "0")
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert len(list((tmp_path / "s").rglob("*.wav"))) == 4
+
+
+def test_help_explains_every_command():
+    for command in (["--help"], ["corpus", "adresso", "--help"], ["corpus", "csv", "--help"], ["synth", "--help"],
+                    ["extract", "--help"], ["model", "tiny", "--help"], ["cache", "info", "--help"]):
+        result = run(*command)
+        assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_space_check_validates_and_summarises(tmp_path):
+    result = run("space", "check", "studies/default.yaml")
+    assert result.exit_code == 0 and "valid (hash" in result.output and "catboost:" in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cv: {metric: auc}\n")
+    result = run("space", "check", bad)
+    assert result.exit_code == 2 and "cv.metric" in result.output
+
+
+def test_worker_and_search_report_unknown_study_and_bad_cache(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'x.db'}"
+    result = run("worker", "--study", "ghost", "--storage", storage)
+    assert result.exit_code == 2 and "no study 'ghost'" in result.output and "adsearch search" in result.output
+    result = run("search", "--cache", tmp_path / "missing", "--study", "s", "--storage", storage)
+    assert result.exit_code == 2 and "cache directory not found" in result.output

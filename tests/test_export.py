@@ -1,0 +1,214 @@
+"""Export, evaluate, predict: a real (tiny-model) cache of the synthetic corpus, a short study, then the end."""
+
+import json
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from adsearch.cli import app
+from adsearch.embed import open_cache
+from adsearch.embed.extract import ExtractSettings, extract
+from adsearch.export import ExportError, export_trial, load_config, load_model, mcnemar_exact, wilson
+from adsearch.search.space import parse_spec
+from adsearch.search.study import create_or_resume, make_storage, run_worker
+
+runner = CliRunner()
+SPACE = {"cv": {"folds": 3}, "pruner": "none", "seed": 3,
+         "space": {"layers": {"low": 1, "high": 3}, "pooling": ["mean", "mean+std"], "unit": ["recording", "window"],
+                   "classifiers": {"logreg": {}, "knn": {}}}}
+
+
+@pytest.fixture(scope="module")
+def study_env(synth_manifest, tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    cache = open_cache(extract(synth_manifest, root / "cache", str(tiny_model), ExtractSettings(window_s=5)).cache_dir)
+    url = f"sqlite:///{root / 'study.db'}"
+    study = create_or_resume(make_storage(url), "s", cache, parse_spec(SPACE), "space.yaml", 10)
+    run_worker("s", url, worker_index=0)
+    return {"root": root, "cache": cache, "url": url, "study": study, "manifest": synth_manifest}
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def exported(study_env):
+    out = study_env["root"] / "best"
+    result = export_trial("s", study_env["url"], out, top_k=2, artifacts=study_env["root"] / "artifacts",
+                          log=lambda _: None)
+    return out, result
+
+
+def test_export_writes_config_model_test_evaluation_and_report(exported, study_env):
+    out, result = exported
+    study = optuna.load_study(study_name="s", storage=study_env["url"])
+    config = load_config(out / "config.yaml")
+    assert config.study.trial == study.best_trial.number and config.cv.mean == study.best_trial.value
+    assert config.cv.fold_scores == [study.best_trial.intermediate_values[i] for i in range(3)]
+    assert config.model.revision == study_env["cache"].meta["model"]["revision"]
+    assert config.cache.content_hash == study_env["cache"].content_hash
+    assert {"numpy", "scikit-learn", "optuna"} <= set(config.versions)
+    test = json.loads((out / "test.json").read_text())
+    assert test["n"] == 4 and len(test["predictions"]) == 4
+    for name in ("accuracy", "balanced_accuracy", "f1", "roc_auc"):
+        low, high = test[name]["ci95"]
+        assert low <= test[name]["value"] <= high
+    assert sum(map(sum, test["confusion"]["matrix"])) == 4
+    assert test["gap"] == pytest.approx(test["balanced_accuracy"]["value"] - config.cv.mean)
+    assert len(result.top_k) == 2 and all(0 <= r["mcnemar"]["p_value"] <= 1 for r in result.top_k)
+    html = (out / "report.html").read_text()
+    for figure in ("layer_curve", "best_per_pooling", "best_per_classifier", "history", "test_confusion"):
+        assert (out / "figures" / f"{figure}.png").stat().st_size > 1000
+        assert f"figures/{figure}.png" in html
+    uploaded = optuna.artifacts.get_all_artifact_meta(study, storage=study.__dict__["_storage"])
+    assert {meta.filename for meta in uploaded} >= {"layer_curve.png", "test_confusion.png"}
+    assert [look["trial"] for look in study.user_attrs["adsearch_test_looks"]] == [config.study.trial]
+
+
+def test_refit_model_loads_from_skops_and_matches(exported, study_env):
+    out, _ = exported
+    model = load_model(out / "model.skops")
+    config = load_config(out).trial_config()
+    from adsearch.export import fit_on, item_features
+
+    cache = study_env["cache"]
+    test = np.flatnonzero(cache.splits == "test")
+    X, _ = item_features(cache, config, test)
+    refit = fit_on(cache, config, np.flatnonzero(cache.splits == "train"), 3)
+    np.testing.assert_array_equal(model.predict(X), refit.predict(X))
+
+
+def test_evaluate_reproduces_the_study_score_exactly(exported, study_env):
+    out, _ = exported
+    result = run("evaluate", out / "config.yaml", "--cache", study_env["cache"].path)
+    assert result.exit_code == 0, result.output
+    assert "reproduced exactly" in result.output
+
+
+def test_export_bad_inputs(study_env, exported, tmp_path):
+    out, _ = exported
+    with pytest.raises(ExportError, match="already exists and is not empty"):
+        export_trial("s", study_env["url"], out)
+    with pytest.raises(ExportError, match="no study 'nope'"):
+        export_trial("nope", study_env["url"], tmp_path / "x")
+    study = optuna.load_study(study_name="s", storage=study_env["url"])
+    with pytest.raises(ExportError, match=f"has trials 0..{len(study.trials) - 1}, not 99"):
+        export_trial("s", study_env["url"], tmp_path / "x", trial_number=99)
+    failed = study.ask()
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    with pytest.raises(ExportError, match=f"trial {failed.number} is FAIL, not COMPLETE"):
+        export_trial("s", study_env["url"], tmp_path / "x", trial_number=failed.number)
+    result = run("export", "--study", "s", "--storage", study_env["url"], "-o", out)
+    assert result.exit_code == 2 and "already exists" in result.output
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c["pipeline"].update(classifier="svm"), "pipeline.classifier: unknown 'svm'"),
+    (lambda c: c["pipeline"]["params"].update(gamma=1), "pipeline.params: "),
+    (lambda c: c["features"].pop("layer"), "features.layer: Field required"),
+    (lambda c: c["features"].update(pooling="median"), "features.pooling: 'median'"),
+    (lambda c: c.update(extra=1), "extra: Extra inputs are not permitted"),
+])
+def test_hand_edited_invalid_config_is_reported_by_key(exported, study_env, tmp_path, edit, message):
+    out, _ = exported
+    data = yaml.safe_load((out / "config.yaml").read_text())
+    edit(data)
+    broken = tmp_path / "config.yaml"
+    broken.write_text(yaml.safe_dump(data))
+    with pytest.raises(ExportError, match="invalid config") as info:
+        load_config(broken)
+    assert message in str(info.value)
+    result = run("evaluate", broken, "--cache", study_env["cache"].path)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_export_without_test_labels_stops_after_refit(study_env, tmp_path):
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(study_env["cache"].path, copy)
+    meta = json.loads((copy / "cache.json").read_text())
+    for item in meta["items"]:
+        if item["split"] == "test":
+            item["label"] = None
+    (copy / "cache.json").write_text(json.dumps(meta))
+    messages = []
+    result = export_trial("s", study_env["url"], tmp_path / "out", cache_path=str(copy),
+                          artifacts=tmp_path / "art", log=messages.append)
+    assert result.test is None and not (tmp_path / "out" / "test.json").exists()
+    assert (tmp_path / "out" / "model.skops").exists()
+    assert any("no test labels" in m for m in messages)
+
+
+def test_predicting_a_training_recording_reproduces_the_cached_features(exported, study_env):
+    from adsearch.audio import load_audio
+    from adsearch.corpus import read_manifest
+    from adsearch.predict import Predictor
+
+    out, _ = exported
+    predictor = Predictor(out, device="cpu")
+    config = predictor.config
+    cache = study_env["cache"]
+    assert len(predictor.encoder.model.encoder.layers) == max(config.features.layer, 1)  # only the layers needed
+    recordings = {r.id: r for r in read_manifest(study_env["manifest"])}
+    for index in (0, 5):
+        rec = recordings[cache.ids[index]]
+        X, n_windows, _ = predictor.features(load_audio(rec.path), rec.segments)
+        if config.features.unit == "recording":
+            expected = cache.recording_features(config.features.layer, config.features.pooling)[index][None]
+        else:
+            expected = cache.window_features(config.features.layer, config.features.pooling)[cache.window_item == index]
+        assert n_windows == cache.meta["items"][index]["n_windows"]
+        np.testing.assert_allclose(X, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layer", [0, 2, 4])
+def test_keep_layers_reproduces_every_hidden_state(tiny_model, layer):
+    from conftest import speechlike
+
+    from adsearch.embed.extract import WindowEncoder
+    from adsearch.embed.model import resolve_model
+
+    full = WindowEncoder(resolve_model(str(tiny_model)), "cpu", "float32")
+    cut = WindowEncoder(resolve_model(str(tiny_model)), "cpu", "float32")
+    cut.keep_layers(layer)
+    audio = [speechlike(1.5, seed=layer)]
+    _, expected = full.encode(audio)
+    _, got = cut.encode(audio, layers=[layer])
+    for stat in ("mean", "m2", "max", "min"):
+        np.testing.assert_allclose(got[stat][0], expected[stat][layer], rtol=1e-5, atol=1e-5)
+
+
+def test_predict_cli_bad_file_gets_its_own_error(exported, study_env, tmp_path):
+    out, _ = exported
+    cache = study_env["cache"]
+    test_audio = cache.meta["items"][int(np.flatnonzero(cache.splits == "test")[0])]["path"]
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF nothing")
+    csv_out = tmp_path / "p.csv"
+    result = run("predict", out, test_audio, broken, "--segments", study_env["manifest"], "-o", csv_out)
+    assert result.exit_code == 0, result.output
+    rows = csv_out.read_text().splitlines()
+    assert rows[0] == "file,prob_ad,label,n_windows,speech_seconds,error"
+    good, bad = rows[1].split(","), rows[2].split(",")
+    assert 0 <= float(good[1]) <= 1 and good[2] in ("AD", "control") and good[5] == ""
+    assert bad[1] == "" and "cannot decode" in rows[2]
+    assert "broken.wav: cannot decode" in result.output
+
+
+def test_wilson_and_mcnemar_known_values():
+    low, high = wilson(8, 10)
+    assert (round(low, 3), round(high, 3)) == (0.490, 0.943)
+    # All right or all wrong: the interval must still contain the observed proportion exactly (float
+    # rounding in a hand-written formula once gave 0.9999999999999999 as the upper end at 4 of 4).
+    for n in (1, 4, 71):
+        assert wilson(n, n)[1] == 1.0 and wilson(n, n)[0] < 1.0
+        assert wilson(0, n)[0] == 0.0 and wilson(0, n)[1] > 0.0
+    a = np.array([True] * 5 + [True] * 10)
+    b = np.array([False] * 5 + [True] * 10)
+    result = mcnemar_exact(a, b)
+    assert result["only_best_right"] == 5 and result["p_value"] == pytest.approx(0.0625)
