@@ -194,12 +194,16 @@ def test_killed_extraction_resumes_without_recomputing(synth_manifest, tiny_mode
     command = [sys.executable, "-m", "adsearch.cli", "extract", str(synth_manifest), "--model", str(tiny_model),
                "-o", str(root), "--window-s", "0.5", "--min-window-s", "0.1", "--batch-size", "1"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def finished_parts() -> set[str]:  # a part being written is `{id}.npz.tmp.npz` until its rename
+        return {p.stem for p in root.glob("*/parts/*.npz") if not p.name.endswith(".tmp.npz")}
+
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(root.glob("*/parts/*.npz"))) < 3 and proc.poll() is None:
+    while time.monotonic() < deadline and len(finished_parts()) < 3 and proc.poll() is None:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "extraction finished before it could be killed"
-    done_before = {p.stem for p in root.glob("*/parts/*.npz")}
+    done_before = finished_parts()
     assert 3 <= len(done_before) < 16
     assert not list(root.glob("*/cache.json"))
     with pytest.raises(CacheError, match="has not finished"):
@@ -260,6 +264,21 @@ def test_features_of_item_subsets_equal_slices_of_all(cache, pooling):
     rows = cache.windows_of(items)
     np.testing.assert_array_equal(cache.window_features(3, pooling, items), cache.window_features(3, pooling)[rows])
     assert set(cache.window_item[rows]) == set(items.tolist())
+
+
+@pytest.mark.parametrize("pooling", ["mean+std+max", "min+max"])
+def test_features_read_in_small_chunks_equal_one_read(cache, pooling, monkeypatch):
+    import adsearch.embed.cache as cache_module
+
+    whole = cache.recording_features(2, pooling), cache.window_features(2, pooling)
+    items = np.arange(1, len(cache.ids), 2)
+    subset = cache.recording_features(2, pooling, items), cache.window_features(2, pooling, items)
+    monkeypatch.setattr(cache_module, "CHUNK_WINDOWS", 2)  # many chunks, cut at recording boundaries
+    assert len(cache._chunks(cache.windows_of(None))) > 3
+    np.testing.assert_array_equal(cache.recording_features(2, pooling), whole[0])
+    np.testing.assert_array_equal(cache.window_features(2, pooling), whole[1])
+    np.testing.assert_array_equal(cache.recording_features(2, pooling, items), subset[0])
+    np.testing.assert_array_equal(cache.window_features(2, pooling, items), subset[1])
 
 
 @pytest.mark.parametrize("family", ["hubert", "wavlm"])

@@ -34,6 +34,10 @@ POOLINGS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Windows pooled per read: 1,024 windows x 1,024 dims x 4 bytes = 4 MB per raw statistic.
+CHUNK_WINDOWS = 1024
+
+
 class CacheError(RuntimeError):
     pass
 
@@ -126,18 +130,38 @@ class EmbeddingCache:
         position[items] = np.arange(len(items))
         return position[self.window_item[self.windows_of(items)]]
 
-    def _rows(self, layer: int, rows: np.ndarray, everything: bool):
-        """A statistic getter for `rows`: all rows stay memory-mapped; a subset is read with plain file
-        reads, one contiguous run at a time, so only those rows ever occupy memory (mapped pages would
-        count towards the worker's resident memory until the map is dropped)."""
-        if everything:
-            return lambda stat: self.window_stat(layer, stat)
+    def _chunks(self, rows: np.ndarray) -> list[np.ndarray]:
+        """`rows` (sorted window indices) cut into runs of whole recordings of about CHUNK_WINDOWS windows:
+        features are pooled one run at a time, so the raw statistics and float64 temporaries in memory
+        stay a few megabytes however large the cache is; only the pooled output is full size."""
+        if len(rows) == 0:
+            return []
+        items = self.window_item[rows]
+        recording_starts = np.flatnonzero(np.r_[True, items[1:] != items[:-1]])
+        cuts, last = [], 0
+        for start in recording_starts[1:]:
+            if start - last >= CHUNK_WINDOWS:
+                cuts.append(start)
+                last = start
+        return np.split(rows, cuts)
+
+    def _reader(self, layer: int, rows: np.ndarray) -> Callable[[str], np.ndarray]:
+        """A statistic getter for `rows`, read with plain file reads so only those rows occupy memory
+        (pages of a memory map would count towards the worker's resident memory until it is dropped)."""
+        if not 0 <= layer < self.n_layers:
+            raise CacheError(f"layer {layer} is outside this cache's layers 0..{self.n_layers - 1}")
         return lambda stat: _read_rows(stat_path(self.path, _checked(stat), layer), rows)
 
     def window_features(self, layer: int, pooling: str, items: np.ndarray | None = None) -> np.ndarray:
         """(n_windows, k * dim) float32: each window of `items` (default: all) pooled on its own."""
         rows = self.windows_of(items)
-        return pool_windows(self._rows(layer, rows, items is None), self.window_frames[rows], pooling)
+        out = np.empty((len(rows), len(_pooling_parts(pooling)) * self.dim), np.float32)
+        done = 0
+        for chunk in self._chunks(rows):
+            out[done:done + len(chunk)] = pool_windows(self._reader(layer, chunk), self.window_frames[chunk],
+                                                       pooling)
+            done += len(chunk)
+        return out
 
     def recording_features(self, layer: int, pooling: str, items: np.ndarray | None = None) -> np.ndarray:
         """(n_items, k * dim) float32, rows in the order of `items` (default: all): all frames of a recording
@@ -147,8 +171,16 @@ class EmbeddingCache:
             pooled = self.recording_features(layer, pooling, np.asarray(items)[order])
             return pooled[np.argsort(order)]
         rows = self.windows_of(items)
-        return pool_recordings(self._rows(layer, rows, items is None), self.window_frames[rows],
-                               self.window_item[rows], pooling)
+        items_of_rows = self.window_item[rows]
+        n_recordings = int(np.count_nonzero(np.r_[True, items_of_rows[1:] != items_of_rows[:-1]])) if len(rows) else 0
+        out = np.empty((n_recordings, len(_pooling_parts(pooling)) * self.dim), np.float32)
+        done = 0
+        for chunk in self._chunks(rows):
+            pooled = pool_recordings(self._reader(layer, chunk), self.window_frames[chunk], self.window_item[chunk],
+                                     pooling)
+            out[done:done + len(pooled)] = pooled
+            done += len(pooled)
+        return out
 
 
 def _checked(stat: str) -> str:
