@@ -25,7 +25,7 @@ from adsearch.search.space import PipelineSettings, TrialConfig
 
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.skops"
-TRUSTED_MODULES = ("sklearn.", "xgboost.", "catboost.", "numpy.", "scipy.", "builtins.")
+TRUSTED_MODULES = ("adsearch.search.estimators.", "sklearn.", "xgboost.", "catboost.", "numpy.", "scipy.", "builtins.")
 
 
 class ExportError(ValueError):
@@ -231,7 +231,8 @@ def save_model(model, path: Path) -> None:
 
 
 def load_model(path: Path):
-    """Load with skops, trusting only types from scikit-learn, XGBoost, CatBoost, NumPy and SciPy."""
+    """Load with skops, trusting only types from adsearch's estimators, scikit-learn, XGBoost, CatBoost,
+    NumPy and SciPy."""
     import skops.io as sio
 
     untrusted = sio.get_untrusted_types(file=path)

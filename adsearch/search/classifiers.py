@@ -90,12 +90,12 @@ def _knn(p, seed):
     return KNeighborsClassifier(n_neighbors=p["n_neighbors"], weights=p["weights"], metric=p["metric"])
 
 
-@register("lda", "linear discriminant analysis with Ledoit-Wolf-style shrinkage",
-          {"shrinkage": FloatRange(0.0, 1.0)})
+@register("lda", "linear discriminant analysis, covariance shrunk towards a scaled identity",
+          {"shrinkage": FloatRange(1e-3, 1.0, log=True)})
 def _lda(p, seed):
-    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    from adsearch.search.estimators import ShrinkageLDA
 
-    return LinearDiscriminantAnalysis(solver="lsqr", shrinkage=p["shrinkage"])
+    return ShrinkageLDA(shrinkage=p["shrinkage"])
 
 
 _FOREST = {"n_estimators": IntRange(50, 300, log=True), "max_depth": IntRange(2, 16),

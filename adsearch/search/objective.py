@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from adsearch.embed.cache import EmbeddingCache
+from adsearch.embed.cache import POOLINGS, EmbeddingCache
 from adsearch.search.classifiers import REGISTRY
 from adsearch.search.space import TrialConfig
 
@@ -41,34 +41,41 @@ def assign_folds(labels: np.ndarray, groups: np.ndarray, folds: int, repeats: in
     return assignment
 
 
-def build_pipeline(config: TrialConfig, seed: int):
-    """scale -> PCA -> L2 -> classifier, as an unfitted scikit-learn Pipeline."""
+def build_pipeline(config: TrialConfig, seed: int, in_place: bool = False, pca_by_covariance: bool = False):
+    """scale -> PCA -> L2 -> classifier, as an unfitted scikit-learn Pipeline. `in_place=True` lets scaling
+    and normalisation overwrite their input: for cross-validation, whose fold matrices are private copies,
+    so a window-level fold does not hold a second full-size copy. `pca_by_covariance` suits more samples than
+    features (see `CovariancePCA`)."""
     from sklearn.decomposition import PCA
     from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import Normalizer, StandardScaler
+    from sklearn.preprocessing import Normalizer
+
+    from adsearch.search.estimators import BlockwiseStandardScaler, CovariancePCA
 
     steps = []
     if config.scale == "standard":
-        steps.append(("scale", StandardScaler()))
-    if config.pca == "components":
-        steps.append(("pca", PCA(n_components=config.pca_components, svd_solver="full", random_state=seed)))
-    elif config.pca == "variance":
-        steps.append(("pca", PCA(n_components=config.pca_variance, svd_solver="full")))
+        steps.append(("scale", BlockwiseStandardScaler(copy=not in_place)))
+    if config.pca != "none":
+        components = config.pca_components if config.pca == "components" else config.pca_variance
+        pca = CovariancePCA(components) if pca_by_covariance else PCA(components, svd_solver="full")
+        steps.append(("pca", pca))
     if config.l2_normalize:
-        steps.append(("l2", Normalizer()))
+        steps.append(("l2", Normalizer(copy=not in_place)))
     steps.append(("classifier", REGISTRY[config.classifier].build(config.params, seed)))
     return Pipeline(steps)
 
 
-def fit_pipeline(config: TrialConfig, X: np.ndarray, y: np.ndarray, seed: int):
+def fit_pipeline(config: TrialConfig, X: np.ndarray, y: np.ndarray, seed: int, in_place: bool = False):
     """Build and fit; settings the training data cannot support (more PCA components than samples, more
-    neighbours than training points) are capped to what it allows."""
+    neighbours than training points) are capped to what it allows. With more samples than features
+    (window-level), PCA diagonalises the d x d covariance: an SVD of the whole matrix takes several copies of
+    it (800 MB on 6,400 windows x 3,072 features); with fewer (recording-level), the SVD is the cheap one."""
     if config.pca == "components" and config.pca_components > min(X.shape):
         config = config.model_copy(update={"pca_components": min(X.shape)})
     adapt = REGISTRY[config.classifier].fit_to_data
     if adapt is not None:
         config = config.model_copy(update={"params": adapt(config.params, len(X))})
-    return build_pipeline(config, seed).fit(X, y)
+    return build_pipeline(config, seed, in_place, pca_by_covariance=X.shape[0] > X.shape[1]).fit(X, y)
 
 
 def scores_of(model, X: np.ndarray) -> tuple[np.ndarray, float]:
@@ -133,27 +140,44 @@ class FeatureSource:
         self._budget = budget_bytes
 
     def get(self, layer: int, pooling: str, unit: str) -> np.ndarray:
+        """All train rows (recordings, or the windows of the train recordings in cache order)."""
         key = (layer, pooling, unit)
         if key in self._memo:
             self._memo.move_to_end(key)
             return self._memo[key]
-        # Only train rows are read from the cache: test items never enter a trial.
-        if unit == "recording":
-            features = self.cache.recording_features(layer, pooling, self.train)
-        else:
-            features = self.cache.window_features(layer, pooling, self.train)
-        if features.nbytes <= self._budget // 2:  # huge window matrices are recomputed rather than kept
+        features = self._read(layer, pooling, unit, self.train)
+        if self._fits_memo(pooling, unit):
             self._memo[key] = features
             while sum(a.nbytes for a in self._memo.values()) > self._budget:
                 self._memo.popitem(last=False)
         return features
+
+    def rows(self, layer: int, pooling: str, unit: str, chosen: np.ndarray) -> np.ndarray:
+        """A private copy of the rows of the train recordings where `chosen` (a mask over them) is True, in
+        `get`'s order (preprocessing may overwrite it in place). A matrix too large for the memo is read
+        from the cache for these recordings only, so the whole of it never sits beside a fold's copy."""
+        if self._fits_memo(pooling, unit):
+            features = self.get(layer, pooling, unit)
+            return features[chosen] if unit == "recording" else features[chosen[self.window_owner]]
+        self._memo.clear()  # the fold's matrices take the memo's place
+        return self._read(layer, pooling, unit, self.train[chosen])
+
+    def _fits_memo(self, pooling: str, unit: str) -> bool:
+        n_rows = len(self.train) if unit == "recording" else len(self.window_owner)
+        return n_rows * len(POOLINGS[pooling]) * self.cache.dim * 4 <= self._budget // 2
+
+    def _read(self, layer: int, pooling: str, unit: str, items: np.ndarray) -> np.ndarray:
+        # Only train rows are read from the cache: test items never enter a trial.
+        if unit == "recording":
+            return self.cache.recording_features(layer, pooling, items)
+        return self.cache.window_features(layer, pooling, items)
 
 
 @dataclass
 class CVResult:
     fold_scores: list[float]  # the study metric, one per evaluated fold
     fold_metrics: list[dict[str, float]] = field(default_factory=list)
-    fit_seconds: float = 0.0  # time inside fit and predict
+    fit_seconds: float = 0.0  # time inside fit and predict (not reading or copying features)
 
     @property
     def mean(self) -> float:
@@ -173,23 +197,26 @@ def cross_validate(
     on_fold: Callable[[int, float], None] | None = None,
 ) -> CVResult:
     """Score `config` fold by fold; `on_fold(step, score)` may raise to stop early (pruning)."""
-    X = source.get(config.layer, config.pooling, config.unit)
-    y = source.labels
+    features = config.layer, config.pooling, config.unit
+    y, owner = source.labels, source.window_owner
     result = CVResult([])
     n_folds = int(folds.max()) + 1
     for repeat, assignment in enumerate(folds):
         for fold in range(n_folds):
             valid = assignment == fold
+            train_labels = y[~valid] if config.unit == "recording" else y[owner[~valid[owner]]]
+            train_rows = source.rows(*features, ~valid)
+            started = time.perf_counter()
+            model = fit_pipeline(config, train_rows, train_labels, seed, in_place=True)
+            result.fit_seconds += time.perf_counter() - started
+            del train_rows  # the training and validation matrices never sit in memory together
+            valid_rows = source.rows(*features, valid)
             started = time.perf_counter()
             if config.unit == "recording":
-                model = fit_pipeline(config, X[~valid], y[~valid], seed)
-                score, threshold = scores_of(model, X[valid])
-            else:
-                owner = source.window_owner
-                train_windows = ~valid[owner]
-                model = fit_pipeline(config, X[train_windows], y[owner[train_windows]], seed)
-                score, threshold = recording_scores(model, X[~train_windows], owner[~train_windows], len(y))
-                score = score[valid]  # mean window score per validation recording
+                score, threshold = scores_of(model, valid_rows)
+            else:  # the mean window score of each validation recording
+                score, threshold = recording_scores(model, valid_rows, owner[valid[owner]], len(y))
+                score = score[valid]
             result.fit_seconds += time.perf_counter() - started
             fold_metrics = metrics(y[valid], score, threshold)
             result.fold_metrics.append(fold_metrics)

@@ -1,0 +1,183 @@
+"""Three scikit-learn estimators rebuilt to work in row blocks, for wide pooled features on large corpora.
+
+On 3,072-dim features (mean+std+max of a 1024-dim layer) and thousands of windows, scikit-learn's
+`StandardScaler.fit` makes a float64 copy of its whole input (twice the float32 features),
+`LinearDiscriminantAnalysis(solver="lsqr", shrinkage=s)` holds about ten d x d matrices and solves by SVD
+(370 MB and about 10 s a fit on one core), and `PCA` copies its input and decomposes it (or its covariance)
+with several more (about 420 MB). The estimators below read their input a block of rows at a time and keep
+at most one d x d float64 matrix, so a search worker stays within a few hundred megabytes.
+They follow scikit-learn's conventions (parameters in `__init__`, `fit` / `predict`, fitted attributes with
+a trailing underscore) and are saved with skops like the rest of the pipeline.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import linalg
+from scipy.linalg.blas import dsyrk
+from scipy.special import expit, softmax
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+BLOCK_ROWS = 256
+
+
+class BlockwiseStandardScaler(StandardScaler):
+    """`StandardScaler` whose `fit` merges per-block statistics (`partial_fit`, `block_rows` rows at a time)
+    instead of upcasting the whole input to float64 at once. Same mean and variance up to rounding."""
+
+    def __init__(self, *, copy: bool = True, with_mean: bool = True, with_std: bool = True,
+                 block_rows: int = BLOCK_ROWS):
+        super().__init__(copy=copy, with_mean=with_mean, with_std=with_std)
+        self.block_rows = block_rows
+
+    def fit(self, X, y=None, sample_weight=None):
+        for fitted in ("n_samples_seen_", "mean_", "var_", "scale_"):  # a refit starts from nothing
+            self.__dict__.pop(fitted, None)
+        for start in range(0, X.shape[0], self.block_rows):
+            rows = slice(start, start + self.block_rows)
+            self.partial_fit(X[rows], None, None if sample_weight is None else sample_weight[rows])
+        return self
+
+
+def _scatter(X: np.ndarray, centres: np.ndarray, centre_of_row: np.ndarray, block_rows: int) -> np.ndarray:
+    """Upper triangle (Fortran order, float64) of the sum over rows of (x - c)^T (x - c), where c is the row's
+    centre (`centres[centre_of_row[i]]`); one symmetric rank-k update per block of rows."""
+    scatter = np.zeros((X.shape[1], X.shape[1]), order="F")
+    for start in range(0, X.shape[0], block_rows):
+        rows = slice(start, start + block_rows)
+        centred = X[rows].astype(np.float64) - centres[centre_of_row[rows]]
+        scatter = dsyrk(1.0, centred, beta=1.0, c=scatter, trans=1, lower=0, overwrite_c=1)
+    return scatter
+
+
+class CovariancePCA(TransformerMixin, BaseEstimator):
+    """PCA by eigendecomposition of the covariance, for more samples than features (window-level data).
+
+    The same components and explained variances as scikit-learn's `PCA` (signs as its `svd_flip`: each
+    component's largest entry positive); `n_components` is a count or, below 1, the fraction of variance to
+    keep. The covariance is accumulated in float64 row blocks and decomposed in float32 (LAPACK's MRRR
+    solver, only the leading eigenvectors when a count is asked), so memory is about two d x d matrices.
+    """
+
+    def __init__(self, n_components: int | float = 0.95, block_rows: int = BLOCK_ROWS):
+        self.n_components = n_components
+        self.block_rows = block_rows
+
+    def fit(self, X, y=None):
+        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        n, dim = X.shape
+        wanted = self.n_components
+        if not (0 < wanted < 1 or (float(wanted).is_integer() and 1 <= wanted <= dim)):
+            raise ValueError(f"n_components must be a fraction in (0, 1) or a count in 1..{dim}, got {wanted}")
+        mean = np.zeros(dim)
+        for start in range(0, n, self.block_rows):
+            mean += X[start:start + self.block_rows].sum(axis=0, dtype=np.float64)
+        mean /= n
+        covariance = _scatter(X, mean[None, :], np.zeros(n, np.intp), self.block_rows)
+        covariance /= n - 1
+        total_variance = float(np.trace(covariance))
+        covariance = covariance.astype(np.float32, order="F")  # the float64 matrix is dropped here
+        if wanted >= 1:
+            subset = [dim - int(wanted), dim - 1]
+            values, vectors = linalg.eigh(covariance, lower=False, driver="evr", subset_by_index=subset,
+                                          overwrite_a=True, check_finite=False)
+        else:
+            values, vectors = linalg.eigh(covariance, lower=False, driver="evr", overwrite_a=True,
+                                          check_finite=False)
+        values, vectors = np.maximum(values[::-1], 0.0), vectors[:, ::-1].T
+        ratio = values / total_variance
+        if wanted < 1:  # as scikit-learn: the fewest components whose cumulative ratio exceeds the fraction
+            keep = int(np.searchsorted(np.cumsum(ratio), wanted, side="right")) + 1
+            values, vectors, ratio = values[:keep], vectors[:keep], ratio[:keep]
+        signs = np.sign(vectors[np.arange(len(vectors)), np.abs(vectors).argmax(axis=1)])
+        self.components_ = (vectors * signs[:, None]).astype(X.dtype)
+        self.explained_variance_ = values.astype(np.float64)
+        self.explained_variance_ratio_ = ratio.astype(np.float64)
+        self.n_components_ = len(values)
+        self.mean_ = mean
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        out = np.empty((X.shape[0], self.n_components_), X.dtype)
+        centre = self.mean_.astype(X.dtype)
+        for start in range(0, X.shape[0], self.block_rows):
+            rows = slice(start, start + self.block_rows)
+            out[rows] = (X[rows] - centre) @ self.components_.T
+        return out
+
+
+class ShrinkageLDA(ClassifierMixin, BaseEstimator):
+    """Linear discriminant analysis with the pooled within-class covariance shrunk towards a scaled identity,
+    `(1 - shrinkage) * S + shrinkage * trace(S) / d * I`, solved by a Cholesky factorisation.
+
+    The same model as scikit-learn's `LinearDiscriminantAnalysis(solver="lsqr",
+    covariance_estimator=ShrunkCovariance(shrinkage=...))` (shrinking each class's covariance and pooling
+    them by prior equals shrinking the pooled one; a test checks it). The scatter matrix is accumulated block
+    by block with a symmetric rank-k update and factorised in place: one d x d float64 matrix in memory, and
+    a Cholesky solve instead of an SVD. With more features than samples, `shrinkage` must be above 0 (the
+    covariance is singular otherwise).
+    """
+
+    def __init__(self, shrinkage: float = 0.5, block_rows: int = BLOCK_ROWS):
+        self.shrinkage = shrinkage
+        self.block_rows = block_rows
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], ensure_min_samples=2)
+        check_classification_targets(y)
+        if not 0.0 <= self.shrinkage <= 1.0:
+            raise ValueError(f"shrinkage must be within [0, 1], got {self.shrinkage}")
+        self.classes_, target = np.unique(y, return_inverse=True)
+        n_classes, (n, dim) = len(self.classes_), X.shape
+        if n_classes < 2:
+            raise ValueError("ShrinkageLDA needs samples of at least two classes")
+        counts = np.bincount(target, minlength=n_classes)
+        means = np.zeros((n_classes, dim))
+        for start in range(0, n, self.block_rows):
+            rows = slice(start, start + self.block_rows)
+            for k in range(n_classes):
+                means[k] += X[rows][target[rows] == k].sum(axis=0, dtype=np.float64)
+        means /= counts[:, None]
+        scatter = _scatter(X, means, target, self.block_rows)  # the within-class scatter
+        scatter /= n
+        diagonal = np.einsum("ii->i", scatter)
+        level = diagonal.sum() / dim
+        scatter *= 1.0 - self.shrinkage
+        diagonal += self.shrinkage * level
+        try:
+            factor = linalg.cho_factor(scatter, lower=False, overwrite_a=True, check_finite=False)
+        except linalg.LinAlgError:
+            raise ValueError(f"the within-class covariance is singular at shrinkage={self.shrinkage}: "
+                             "use a shrinkage above 0") from None
+        weights = linalg.cho_solve(factor, means.T, check_finite=False).T  # (n_classes, dim)
+        intercepts = -0.5 * np.sum(means * weights, axis=1) + np.log(counts / n)
+        if n_classes == 2:
+            weights, intercepts = weights[1:] - weights[:1], intercepts[1:] - intercepts[:1]
+        self.coef_ = weights.astype(X.dtype)
+        self.intercept_ = intercepts.astype(X.dtype)
+        self.means_ = means
+        self.priors_ = counts / n
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        scores = X @ self.coef_.T + self.intercept_
+        return scores.ravel() if len(self.classes_) == 2 else scores
+
+    def predict_proba(self, X) -> np.ndarray:
+        scores = self.decision_function(X)
+        if len(self.classes_) == 2:
+            positive = expit(scores)
+            return np.column_stack([1.0 - positive, positive])
+        return softmax(scores, axis=1)
+
+    def predict(self, X) -> np.ndarray:
+        scores = self.decision_function(X)
+        index = (scores > 0).astype(int) if len(self.classes_) == 2 else scores.argmax(axis=1)
+        return self.classes_[index]

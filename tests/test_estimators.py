@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+from sklearn.covariance import ShrunkCovariance
+from sklearn.decomposition import PCA
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+from sklearn.preprocessing import StandardScaler
+
+from adsearch.export import load_model, save_model
+from adsearch.search.estimators import BlockwiseStandardScaler, CovariancePCA, ShrinkageLDA
+
+
+def data(n, dim, classes, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, dim)) * rng.uniform(0.1, 3.0, dim)
+    y = rng.integers(0, classes, n)
+    X[:, :3] += y[:, None]
+    return X, y
+
+
+@pytest.mark.parametrize("n, dim, classes, shrinkage", [(300, 40, 2, 0.0), (300, 40, 3, 0.3), (100, 200, 2, 0.7)])
+def test_shrinkage_lda_equals_scikit_learn_lda_with_shrunk_covariance(n, dim, classes, shrinkage):
+    X, y = data(n, dim, classes)
+    reference = LinearDiscriminantAnalysis(solver="lsqr", covariance_estimator=ShrunkCovariance(shrinkage=shrinkage))
+    reference.fit(X, y)
+    ours = ShrinkageLDA(shrinkage=shrinkage, block_rows=64).fit(X, y)  # several blocks
+    np.testing.assert_allclose(ours.coef_, reference.coef_, atol=1e-10)
+    np.testing.assert_allclose(ours.intercept_, reference.intercept_, atol=1e-10)
+    np.testing.assert_allclose(ours.predict_proba(X), reference.predict_proba(X), atol=1e-10)
+    np.testing.assert_array_equal(ours.predict(X), reference.predict(X))
+
+
+def test_shrinkage_lda_keeps_float32_and_reports_a_singular_covariance():
+    X, y = data(40, 100, 2)
+    model = ShrinkageLDA(shrinkage=0.2).fit(X.astype(np.float32), y)
+    assert model.coef_.dtype == np.float32 and model.predict_proba(X.astype(np.float32)).shape == (40, 2)
+    with pytest.raises(ValueError, match="singular at shrinkage=0.0"):
+        ShrinkageLDA(shrinkage=0.0).fit(X, y)  # more features than samples
+    with pytest.raises(ValueError, match="at least two classes"):
+        ShrinkageLDA().fit(X, np.zeros(40))
+
+
+def test_blockwise_scaler_equals_standard_scaler_and_refits_from_scratch():
+    X, _ = data(1000, 30, 2)
+    X32 = X.astype(np.float32)
+    ours = BlockwiseStandardScaler(block_rows=77).fit(X32[:500]).fit(X32)  # the second fit forgets the first
+    reference = StandardScaler().fit(X32)
+    np.testing.assert_allclose(ours.mean_, reference.mean_, rtol=1e-12)
+    np.testing.assert_allclose(ours.scale_, reference.scale_, rtol=1e-12)
+    assert ours.n_samples_seen_ == 1000
+    in_place = X32.copy()
+    BlockwiseStandardScaler(copy=False).fit_transform(in_place)
+    np.testing.assert_allclose(in_place, reference.transform(X32), atol=1e-6)
+
+
+@pytest.mark.parametrize("n_components", [5, 0.8])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_covariance_pca_equals_scikit_learn_pca(n_components, dtype):
+    X, _ = data(2000, 40, 2)
+    X = (X @ np.random.default_rng(1).normal(size=(40, 40))).astype(dtype)  # correlated features
+    reference = PCA(n_components, svd_solver="full").fit(X)
+    ours = CovariancePCA(n_components, block_rows=300).fit(X)
+    assert ours.n_components_ == reference.n_components_
+    np.testing.assert_allclose(ours.explained_variance_ratio_, reference.explained_variance_ratio_, rtol=1e-4)
+    np.testing.assert_allclose(ours.explained_variance_, reference.explained_variance_, rtol=1e-4)
+    scale = np.abs(reference.transform(X)).max()
+    np.testing.assert_allclose(ours.transform(X), reference.transform(X), atol=1e-4 * scale)
+    assert ours.transform(X).dtype == dtype
+    with pytest.raises(ValueError, match="n_components must be"):
+        CovariancePCA(41).fit(X)
+
+
+def test_estimators_round_trip_through_skops(tmp_path):
+    from sklearn.pipeline import make_pipeline
+
+    X, y = data(200, 20, 2)
+    model = make_pipeline(BlockwiseStandardScaler(), CovariancePCA(5), ShrinkageLDA(0.1)).fit(X, y)
+    save_model(model, tmp_path / "m.skops")
+    np.testing.assert_array_equal(load_model(tmp_path / "m.skops").predict_proba(X), model.predict_proba(X))
