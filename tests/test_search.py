@@ -79,15 +79,36 @@ def test_cv_never_reads_test_items(tmp_path):
         assert a.fold_scores == b.fold_scores and len(a.fold_scores) == 5
 
 
+@pytest.mark.parametrize("unit", ["recording", "window"])
+def test_in_place_scaling_never_touches_the_cached_features(small_cache, unit):
+    source = FeatureSource(small_cache)
+    folds = assign_folds(source.labels, source.groups, 4, 1, 0)
+    before = source.get(2, "mean", unit).copy()
+    cross_validate(config(unit=unit, l2_normalize=True), source, folds, "accuracy", 0)
+    np.testing.assert_array_equal(source.get(2, "mean", unit), before)
+
+
+@pytest.mark.parametrize("unit", ["recording", "window"])
+def test_features_read_fold_by_fold_score_the_same_as_memoised_ones(small_cache, unit):
+    folds = assign_folds(FeatureSource(small_cache).labels, FeatureSource(small_cache).groups, 4, 1, 0)
+    memoised = FeatureSource(small_cache)
+    per_fold = FeatureSource(small_cache, budget_bytes=0)  # nothing fits: every fold reads its rows
+    cfg = config(unit=unit, pooling="mean+std")
+    assert not per_fold._fits_memo(cfg.pooling, unit)
+    first = cross_validate(cfg, memoised, folds, "roc_auc", 0)
+    assert memoised._memo and cross_validate(cfg, per_fold, folds, "roc_auc", 0).fold_scores == first.fold_scores
+    assert not per_fold._memo
+
+
 def test_window_level_cv_keeps_all_windows_of_a_recording_on_one_side(small_cache, monkeypatch):
     source = FeatureSource(small_cache)
     folds = assign_folds(source.labels, source.groups, 4, 1, 0)
     real_fit = objective_module.fit_pipeline
     seen = []
 
-    def spy(cfg, X, y, seed):
+    def spy(cfg, X, y, seed, **kwargs):
         seen.append({tuple(row) for row in X})
-        return real_fit(cfg, X, y, seed)
+        return real_fit(cfg, X, y, seed, **kwargs)
 
     monkeypatch.setattr(objective_module, "fit_pipeline", spy)
     cross_validate(config(unit="window"), source, folds, "accuracy", 0)
@@ -184,7 +205,7 @@ def test_three_workers_on_sqlite_finish_exactly_the_budget(small_cache, tmp_path
     assert "study exact: 25/25 finished" in done.stdout and "export it with" in done.stdout
     trial = study.best_trial
     attrs = trial.user_attrs
-    assert attrs["folds_done"] == 8 and attrs["cv_balanced_accuracy"] == pytest.approx(trial.value)
+    assert attrs["cv_balanced_accuracy"] == pytest.approx(trial.value)
     assert {"cv_accuracy", "cv_roc_auc", "cv_f1", "cv_std", "fit_seconds", "worker"} <= set(attrs)
     assert sorted(trial.intermediate_values) == list(range(8))
     assert np.mean(list(trial.intermediate_values.values())) == pytest.approx(trial.value)

@@ -275,7 +275,11 @@ def suggest(trial, spec: StudySpec, layers: tuple[int, ...]) -> TrialConfig:
         layer = trial.suggest_categorical("layer", list(layers))
     else:
         layer = trial.suggest_int("layer", layers[0], layers[-1])
-    choice = trial.suggest_categorical
+    def choice(name: str, options: list) -> Any:
+        # A setting with one option is a constant, not a parameter: asking for it would cost a storage
+        # write per trial and add a column that never varies. The full config records it all the same.
+        return options[0] if len(options) == 1 else trial.suggest_categorical(name, options)
+
     pooling = choice("pooling", list(space.pooling))
     unit = choice("unit", list(space.unit))
     scale = choice("scale", list(space.scale))

@@ -405,16 +405,16 @@ class Objective:
             raise
 
     def _evaluate(self, trial: optuna.Trial) -> float:
-        started = time.perf_counter()
         config = suggest(trial, self.setup.spec, self.layers)
         spec = self.setup.spec
 
         scores: list[float] = []
+        prunes = not isinstance(trial.study.pruner, optuna.pruners.NopPruner)
 
         def report(step: int, score: float) -> None:
             scores.append(score)
             trial.report(score, step)
-            if trial.should_prune():
+            if prunes and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after fold {step + 1}")
 
         pruned = None
@@ -422,17 +422,37 @@ class Objective:
             result = cross_validate(config, self.source, self.setup.folds, spec.cv.metric, spec.seed, report)
         except optuna.TrialPruned as exc:
             pruned, result = exc, None
-        # Flat attributes read well as dashboard columns; per-fold scores are the intermediate values.
-        attrs = {"cv_std": round(float(np.std(scores)), 6), "folds_done": len(scores)}
+        # Flat attributes read well as dashboard columns; per-fold scores are the intermediate values and
+        # the trial's duration is the dashboard's own column (each attribute is one storage write).
+        attrs = {"cv_std": round(float(np.std(scores)), 6)}
         if result is not None:
             attrs.update({f"cv_{name}": round(value, 6) for name, value in result.summary().items()})
             attrs["fit_seconds"] = round(result.fit_seconds, 4)
-        attrs["trial_seconds"] = round(time.perf_counter() - started, 4)
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         if pruned is not None:
             raise pruned
         return result.mean
+
+
+def _return_freed_memory_to_the_system() -> None:
+    """Fix glibc's mmap threshold at 8 MiB. By default glibc raises it (up to 32 MiB) each time a large array
+    is freed, after which fold-sized arrays come from the heap and their pages stay with the process when
+    freed: on the 10,000-window memory benchmark the peak was 502 MB with the default and 465 MB with this
+    (446 MB at 1 MiB, but then the small arrays of an ADReSSo-sized fold page-fault on every allocation and
+    fits got about 20 % slower; at 8 MiB they did not). Setting the threshold also turns that adjustment off.
+    Nothing happens where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 8 << 20)
+    mallopt(m_trim_threshold, 8 << 20)
 
 
 @dataclass
@@ -458,6 +478,7 @@ def run_worker(
     from threadpoolctl import threadpool_limits
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _return_freed_memory_to_the_system()
     storage = make_storage(storage_url, heartbeat_interval, grace_period)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
