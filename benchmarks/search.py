@@ -44,18 +44,43 @@ def _trials(url: str, name: str):
     return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
 
 
+class _ConstantModel:
+    """Stands in for a fitted pipeline: what is left of a trial is the search framework's own cost."""
+
+    def predict_proba(self, X):
+        import numpy as np
+
+        return np.full((len(X), 2), 0.5)
+
+
 def overhead(work: Path, trials: int = 300) -> dict:
-    """Share of one worker's wall time spent outside classifier fit/predict."""
+    """Share of one worker's wall time spent outside classifier fit/predict, and the framework's cost per
+    trial measured directly (the same run with every fit replaced by a constant model)."""
+    import adsearch.search.objective as objective
+
     cache_dir = write_synthetic_cache(work / "adresso-large", **ADRESSO_LARGE, signal_layer=12)
     url = _study(work, cache_dir, "overhead", LOGREG_ONLY, trials)
     started = time.perf_counter()
     run_worker("overhead", url, worker_index=0)
     wall = time.perf_counter() - started
     fit = sum(t.user_attrs["fit_seconds"] for t in _trials(url, "overhead"))
+    real_fit = objective.fit_pipeline
+    objective.fit_pipeline = lambda *args, **kwargs: _ConstantModel()
+    try:
+        url = _study(work, cache_dir, "no-fit", LOGREG_ONLY, trials)
+        started = time.perf_counter()
+        run_worker("no-fit", url, worker_index=0)
+        framework = time.perf_counter() - started
+    finally:
+        objective.fit_pipeline = real_fit
     result = {"trials": trials, "wall_s": wall, "fit_predict_s": fit, "overhead_share": 1 - fit / wall,
-              "ms_per_trial_outside_fit": 1000 * (wall - fit) / trials}
+              "ms_per_trial_outside_fit": 1000 * (wall - fit) / trials,
+              "ms_per_trial_fit": 1000 * fit / trials,
+              "ms_per_trial_without_any_fit": 1000 * framework / trials}
     print(f"overhead: {trials} trials in {wall:.1f} s, {fit:.1f} s in fit/predict -> "
-          f"{100 * result['overhead_share']:.1f} % outside ({result['ms_per_trial_outside_fit']:.0f} ms/trial)")
+          f"{100 * result['overhead_share']:.1f} % outside ({result['ms_per_trial_outside_fit']:.0f} ms/trial "
+          f"outside, {result['ms_per_trial_fit']:.0f} ms/trial in fit/predict); the same trials without any fit: "
+          f"{result['ms_per_trial_without_any_fit']:.0f} ms/trial")
     return result
 
 
@@ -177,33 +202,56 @@ def quality(work: Path, trials: int = 100, seeds: int = 5, dim: int = 64) -> dic
 
 
 # ru_maxrss survives fork and exec on Linux (a child would report its parent's peak, here the parent that
-# wrote a 4 GB cache), so the child resets its high-water mark first and reads VmHWM at the end.
+# wrote a 4 GB cache), so the child resets its high-water mark first and reads VmHWM at the end. It also
+# resets the mark around every trial's cross-validation, to tell which configurations need the most.
 MEMORY_SCRIPT = """
 import json, sys
 from pathlib import Path
-Path("/proc/self/clear_refs").write_text("5")
-from adsearch.search.study import run_worker
-run_worker(sys.argv[1], sys.argv[2], worker_index=0)
-hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
-print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
+import adsearch.search.study as study_module
+
+def high_water_mb(reset=False):
+    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")
+    return int(hwm.split()[1]) / 1024
+
+high_water_mb(reset=True)
+peaks, per_trial = [], []
+real_cv = study_module.cross_validate
+
+def measured_cv(config, *args, **kwargs):
+    peaks.append(high_water_mb(reset=True))
+    try:
+        return real_cv(config, *args, **kwargs)
+    finally:
+        per_trial.append({"peak_rss_mb": high_water_mb(reset=True), "config": study_module.describe_config(
+            config.model_dump())})
+
+study_module.cross_validate = measured_cv
+study_module.run_worker(sys.argv[1], sys.argv[2], worker_index=0)
+peaks.append(high_water_mb())
+print(json.dumps({"peak_rss_mb": max(peaks + [t["peak_rss_mb"] for t in per_trial]), "per_trial": per_trial}))
 """
 
 
 def memory(work: Path, trials: int = 20) -> dict:
-    """Peak RSS of one worker process on a cache of 25 layers x 1024 dims x 10,000 windows."""
+    """Peak RSS of one worker process on a cache of 25 layers x 1024 dims x 10,000 windows (8,000 of them in
+    the train split), over trials of the memory-hungry kinds: window-level units, wide poolings, PCA, LDA."""
     shape = dict(n_train=2000, n_test=500, n_layers=25, dim=1024, windows_per_item=4)  # 10,000 windows
     cache_dir = write_synthetic_cache(work / "big", **shape, signal_layer=12)
     spec = {"cv": {"folds": 5}, "pruner": "none",
             "space": {"pooling": ["mean", "mean+std+max"], "unit": ["recording", "window"],
-                      "classifiers": {"logreg": {}, "lda": {}}}}
+                      "pca": ["none", "components", "variance"], "classifiers": {"logreg": {}, "lda": {}}}}
     url = _study(work, cache_dir, "memory", spec, trials)
     done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, "memory", url], capture_output=True, text=True,
                           check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     units = [t.params["unit"] for t in _trials(url, "memory")]
     result.update({"trials": trials, "window_trials": units.count("window"), "windows": 10_000})
+    worst = max(result["per_trial"], key=lambda t: t["peak_rss_mb"])
     print(f"memory: peak worker RSS {result['peak_rss_mb']:.0f} MB over {trials} trials "
-          f"({result['window_trials']} window-level) on 25 x 1024 x 10,000 windows")
+          f"({result['window_trials']} window-level) on 25 x 1024 x 10,000 windows; "
+          f"largest trial {worst['peak_rss_mb']:.0f} MB: {worst['config']}")
     return result
 
 
