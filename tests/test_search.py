@@ -293,6 +293,32 @@ def test_budget_reservations_are_exact_under_contention(tmp_path):
     assert not budget.reconcile(50, 10)  # someone changed it meanwhile: leave it
 
 
+POP_WAITING = """
+import sys
+import optuna
+from adsearch.search.study import make_storage
+study = optuna.load_study(study_name="queue", storage=make_storage(sys.argv[1]))
+claimed = []
+while (trial_id := study._pop_waiting_trial_id()) is not None:
+    claimed.append(trial_id)
+print(" ".join(map(str, claimed)))
+"""
+
+
+def test_a_waiting_trial_is_claimed_by_one_worker_only_on_sqlite(tmp_path):
+    # Retried (stale) and enqueued trials wait in the queue; Optuna's claim is read-check-write, which
+    # SQLite only makes atomic with BEGIN IMMEDIATE. Without it, 3 processes claimed 16-25 of 300 twice.
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    study = optuna.create_study(study_name="queue", storage=make_storage(url))
+    for x in range(300):
+        study.enqueue_trial({"x": x}, skip_if_exists=False)
+    processes = [subprocess.Popen([sys.executable, "-c", POP_WAITING, url], stdout=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+    claimed = [int(t) for p in processes for t in p.communicate(timeout=120)[0].split()]
+    assert all(p.returncode == 0 for p in processes)
+    assert len(claimed) == 300 and len(set(claimed)) == 300
+
+
 def test_worker_refuses_another_cache_or_space_and_unknown_study(small_cache, tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     spec = parse_spec({"cv": {"folds": 4}})

@@ -77,20 +77,31 @@ def make_storage(
         except Exception as exc:
             raise StudyError(f"cannot open storage {url!r}: {exc}") from exc
     if sqlite_file is not None:
-        _relax_sqlite_sync(storage.engine)
+        _configure_sqlite(storage.engine)
     return storage
 
 
-def _relax_sqlite_sync(engine) -> None:
-    """WAL + synchronous=NORMAL: no fsync per commit, still safe when a process is killed (only an OS crash
-    or power loss can drop the last commits). A trial commits about ten times, so this matters."""
+def _configure_sqlite(engine) -> None:
+    """Every transaction starts with BEGIN IMMEDIATE, and WAL runs with synchronous=NORMAL.
+
+    Optuna claims a waiting trial (a retried or enqueued one) by reading it, checking it is WAITING and
+    writing RUNNING, relying on SELECT ... FOR UPDATE, which SQLite ignores: two workers could both read
+    WAITING and both run the trial, and the slower one then crashed on "Cannot tell a COMPLETE trial"
+    (measured: 16 to 25 double claims in 300 pops by 3 processes). BEGIN IMMEDIATE takes the write lock
+    before the read, so the check and the write are one step. synchronous=NORMAL: no fsync per commit, still
+    safe when a process is killed (only an OS crash or power loss can drop the last commits)."""
     import sqlalchemy as sa
 
     def on_connect(connection, _record) -> None:
+        connection.isolation_level = None  # the driver's own implicit BEGIN would come first otherwise
         connection.execute("PRAGMA synchronous=NORMAL")
 
+    def on_begin(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
     sa.event.listen(engine, "connect", on_connect)
-    engine.dispose()  # connections opened before the listener existed are dropped
+    sa.event.listen(engine, "begin", on_begin)
+    engine.dispose()  # connections opened before the listeners existed are dropped
 
 
 class _StaleTrialHandler:
@@ -115,7 +126,7 @@ class TrialBudget:
         sqlite = url.startswith("sqlite")
         self.engine = sa.create_engine(url, **({"connect_args": {"timeout": 120}} if sqlite else {}))
         if sqlite:
-            _relax_sqlite_sync(self.engine)
+            _configure_sqlite(self.engine)
         self.table = sa.Table(
             "adsearch_budget", sa.MetaData(),
             sa.Column("study_name", sa.String(512), primary_key=True),
