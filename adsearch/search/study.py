@@ -20,6 +20,7 @@ import os
 import random
 import socket
 import sqlite3
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -69,7 +70,8 @@ def make_storage(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            storage = optuna.storages.RDBStorage(
+            kind = _SQLiteStorage if sqlite_file is not None else optuna.storages.RDBStorage
+            storage = kind(
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period,
                 heartbeat_stale_trial_callback=_StaleTrialHandler(url, max_retry),
@@ -81,23 +83,40 @@ def make_storage(
     return storage
 
 
-def _configure_sqlite(engine) -> None:
-    """Every transaction starts with BEGIN IMMEDIATE, and WAL runs with synchronous=NORMAL.
+_STATE_CHANGE = threading.local()
 
-    Optuna claims a waiting trial (a retried or enqueued one) by reading it, checking it is WAITING and
-    writing RUNNING, relying on SELECT ... FOR UPDATE, which SQLite ignores: two workers could both read
-    WAITING and both run the trial, and the slower one then crashed on "Cannot tell a COMPLETE trial"
-    (measured: 16 to 25 double claims in 300 pops by 3 processes). BEGIN IMMEDIATE takes the write lock
-    before the read, so the check and the write are one step. synchronous=NORMAL: no fsync per commit, still
-    safe when a process is killed (only an OS crash or power loss can drop the last commits)."""
+
+class _SQLiteStorage(optuna.storages.RDBStorage):
+    """RDBStorage whose trial state changes run in one BEGIN IMMEDIATE transaction on SQLite.
+
+    Optuna changes a state by reading the trial, checking its state and writing the new one, relying on
+    SELECT ... FOR UPDATE, which SQLite ignores. Two workers could then both claim one waiting (retried or
+    enqueued) trial and both run it, the slower one dying on "Cannot tell a COMPLETE trial" (measured: 16 to
+    25 double claims in 300 pops by 3 processes), or both fail one stale trial and retry it twice. BEGIN
+    IMMEDIATE takes the write lock before the read. Only state changes (one or two per trial) do so: making
+    every transaction immediate serialised the workers' reads too (2 workers 1.17x instead of 1.7x).
+    """
+
+    def set_trial_state_values(self, trial_id, state, values=None) -> bool:
+        _STATE_CHANGE.active = True
+        try:
+            return super().set_trial_state_values(trial_id, state, values)
+        finally:
+            _STATE_CHANGE.active = False
+
+
+def _configure_sqlite(engine) -> None:
+    """State changes begin IMMEDIATE (see `_SQLiteStorage`); WAL runs with synchronous=NORMAL: no fsync per
+    commit, still safe when a process is killed (only an OS crash or power loss can drop the last commits)."""
     import sqlalchemy as sa
 
     def on_connect(connection, _record) -> None:
-        connection.isolation_level = None  # the driver's own implicit BEGIN would come first otherwise
         connection.execute("PRAGMA synchronous=NORMAL")
 
     def on_begin(connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Other transactions keep the driver's default: it begins right before the first write.
+        if getattr(_STATE_CHANGE, "active", False):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     sa.event.listen(engine, "connect", on_connect)
     sa.event.listen(engine, "begin", on_begin)
