@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 ADSEARCH := $(VENV)/bin/adsearch
 DEMO ?= demo
 
-.PHONY: setup test lint demo bench-extract bench-search
+.PHONY: setup test lint demo bench-extract bench-search bench-estimators
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,3 +46,6 @@ bench-extract: setup
 
 bench-search: setup
 	$(PY) benchmarks/search.py all
+
+bench-estimators: setup
+	$(PY) benchmarks/estimators.py
