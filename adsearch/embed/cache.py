@@ -136,10 +136,8 @@ class EmbeddingCache:
         stay a few megabytes however large the cache is; only the pooled output is full size."""
         if len(rows) == 0:
             return []
-        items = self.window_item[rows]
-        recording_starts = np.flatnonzero(np.r_[True, items[1:] != items[:-1]])
         cuts, last = [], 0
-        for start in recording_starts[1:]:
+        for start in recording_starts(self.window_item[rows])[1:]:
             if start - last >= CHUNK_WINDOWS:
                 cuts.append(start)
                 last = start
@@ -171,8 +169,7 @@ class EmbeddingCache:
             pooled = self.recording_features(layer, pooling, np.asarray(items)[order])
             return pooled[np.argsort(order)]
         rows = self.windows_of(items)
-        items_of_rows = self.window_item[rows]
-        n_recordings = int(np.count_nonzero(np.r_[True, items_of_rows[1:] != items_of_rows[:-1]])) if len(rows) else 0
+        n_recordings = len(recording_starts(self.window_item[rows]))
         out = np.empty((n_recordings, len(_pooling_parts(pooling)) * self.dim), np.float32)
         done = 0
         for chunk in self._chunks(rows):
@@ -205,6 +202,13 @@ def _read_rows(path: Path, rows: np.ndarray) -> np.ndarray:
     return out
 
 
+def recording_starts(window_item: np.ndarray) -> np.ndarray:
+    """Positions where a new recording's run of windows begins (windows of a recording are contiguous)."""
+    if len(window_item) == 0:
+        return np.empty(0, np.intp)
+    return np.flatnonzero(np.r_[True, window_item[1:] != window_item[:-1]])
+
+
 def pool_windows(stat: Callable[[str], np.ndarray], n_frames: np.ndarray, pooling: str) -> np.ndarray:
     """Pool each window from its statistics; `stat(name)` returns the (n_windows, dim) array of one."""
     names = _pooling_parts(pooling)
@@ -231,7 +235,7 @@ def pool_recordings(stat: Callable[[str], np.ndarray], n_frames: np.ndarray, win
     stays exact where summing squares in float32 would cancel; max and min are element-wise. The float64
     work runs `block` columns at a time, so its temporaries stay small however many windows there are.
     """
-    starts = np.flatnonzero(np.r_[True, window_item[1:] != window_item[:-1]])
+    starts = recording_starts(window_item)
     owner = np.cumsum(np.r_[False, window_item[1:] != window_item[:-1]])  # run index of each window
     names = _pooling_parts(pooling)
     needed = {"m2" if n == "std" else n for n in names} | ({"mean"} if "std" in names else set())

@@ -42,6 +42,16 @@ class BlockwiseStandardScaler(StandardScaler):
         return self
 
 
+def _means(X: np.ndarray, centre_of_row: np.ndarray, n_centres: int, block_rows: int) -> np.ndarray:
+    """(n_centres, d) float64 mean of the rows assigned to each centre, summed a block of rows at a time."""
+    sums = np.zeros((n_centres, X.shape[1]))
+    for start in range(0, X.shape[0], block_rows):
+        rows = slice(start, start + block_rows)
+        for centre in range(n_centres):
+            sums[centre] += X[rows][centre_of_row[rows] == centre].sum(axis=0, dtype=np.float64)
+    return sums / np.bincount(centre_of_row, minlength=n_centres)[:, None]
+
+
 def _scatter(X: np.ndarray, centres: np.ndarray, centre_of_row: np.ndarray, block_rows: int) -> np.ndarray:
     """Upper triangle (Fortran order, float64) of the sum over rows of (x - c)^T (x - c), where c is the row's
     centre (`centres[centre_of_row[i]]`); one symmetric rank-k update per block of rows."""
@@ -72,11 +82,9 @@ class CovariancePCA(TransformerMixin, BaseEstimator):
         wanted = self.n_components
         if not (0 < wanted < 1 or (float(wanted).is_integer() and 1 <= wanted <= dim)):
             raise ValueError(f"n_components must be a fraction in (0, 1) or a count in 1..{dim}, got {wanted}")
-        mean = np.zeros(dim)
-        for start in range(0, n, self.block_rows):
-            mean += X[start:start + self.block_rows].sum(axis=0, dtype=np.float64)
-        mean /= n
-        covariance = _scatter(X, mean[None, :], np.zeros(n, np.intp), self.block_rows)
+        one_centre = np.zeros(n, np.intp)
+        mean = _means(X, one_centre, 1, self.block_rows)
+        covariance = _scatter(X, mean, one_centre, self.block_rows)
         covariance /= n - 1
         total_variance = float(np.trace(covariance))
         covariance = covariance.astype(np.float32, order="F")  # the float64 matrix is dropped here
@@ -97,7 +105,7 @@ class CovariancePCA(TransformerMixin, BaseEstimator):
         self.explained_variance_ = values.astype(np.float64)
         self.explained_variance_ratio_ = ratio.astype(np.float64)
         self.n_components_ = len(values)
-        self.mean_ = mean
+        self.mean_ = mean[0]
         return self
 
     def transform(self, X) -> np.ndarray:
@@ -137,12 +145,7 @@ class ShrinkageLDA(ClassifierMixin, BaseEstimator):
         if n_classes < 2:
             raise ValueError("ShrinkageLDA needs samples of at least two classes")
         counts = np.bincount(target, minlength=n_classes)
-        means = np.zeros((n_classes, dim))
-        for start in range(0, n, self.block_rows):
-            rows = slice(start, start + self.block_rows)
-            for k in range(n_classes):
-                means[k] += X[rows][target[rows] == k].sum(axis=0, dtype=np.float64)
-        means /= counts[:, None]
+        means = _means(X, target, n_classes, self.block_rows)
         scatter = _scatter(X, means, target, self.block_rows)  # the within-class scatter
         scatter /= n
         diagonal = np.einsum("ii->i", scatter)

@@ -204,7 +204,8 @@ def cross_validate(
     for repeat, assignment in enumerate(folds):
         for fold in range(n_folds):
             valid = assignment == fold
-            train_labels = y[~valid] if config.unit == "recording" else y[owner[~valid[owner]]]
+            valid_windows = valid[owner]
+            train_labels = y[~valid] if config.unit == "recording" else y[owner[~valid_windows]]
             train_rows = source.rows(*features, ~valid)
             started = time.perf_counter()
             model = fit_pipeline(config, train_rows, train_labels, seed, in_place=True)
@@ -215,7 +216,7 @@ def cross_validate(
             if config.unit == "recording":
                 score, threshold = scores_of(model, valid_rows)
             else:  # the mean window score of each validation recording
-                score, threshold = recording_scores(model, valid_rows, owner[valid[owner]], len(y))
+                score, threshold = recording_scores(model, valid_rows, owner[valid_windows], len(y))
                 score = score[valid]
             result.fit_seconds += time.perf_counter() - started
             fold_metrics = metrics(y[valid], score, threshold)

@@ -78,8 +78,6 @@ def make_storage(
             )
         except Exception as exc:
             raise StudyError(f"cannot open storage {url!r}: {exc}") from exc
-    if sqlite_file is not None:
-        _configure_sqlite(storage.engine)
     return storage
 
 
@@ -96,6 +94,10 @@ class _SQLiteStorage(optuna.storages.RDBStorage):
     IMMEDIATE takes the write lock before the read. Only state changes (one or two per trial) do so: making
     every transaction immediate serialised the workers' reads too (2 workers 1.17x instead of 1.7x).
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _configure_sqlite(self.engine)
 
     def set_trial_state_values(self, trial_id, state, values=None) -> bool:
         _STATE_CHANGE.active = True
