@@ -425,3 +425,84 @@ def test_knn_with_more_neighbours_than_a_fold_has_is_capped(small_cache):
     knn = config(classifier="knn", params={"n_neighbors": 500, "weights": "uniform", "metric": "euclidean"})
     result = cross_validate(knn, source, folds, "accuracy", 0)
     assert len(result.fold_scores) == 4
+
+
+def _stored_trial(url: str, number: int) -> optuna.trial.FrozenTrial:
+    """The trial as another process would read it: a fresh, write-through storage."""
+    return optuna.load_study(study_name="w", storage=make_storage(url)).trials[number]
+
+
+def test_coalesced_writes_wait_then_land_together_with_the_state_change(tmp_path):
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    study = optuna.create_study(study_name="w", storage=make_storage(url, coalesce_seconds=3600),
+                                direction="maximize")
+    trial = study.ask()
+    x = trial.suggest_float("x", 0, 1)  # (sampling reads the study, which would send earlier writes)
+    trial.set_user_attr("worker", "w0")
+    assert _stored_trial(url, 0).params == {} and _stored_trial(url, 0).user_attrs == {}  # still waiting
+    study._storage._backend.flush()  # what a worker does once the parameters are sampled
+    assert _stored_trial(url, 0).params == {"x": x} and _stored_trial(url, 0).user_attrs == {"worker": "w0"}
+
+    for step, value in enumerate([0.5, float("nan"), float("inf")]):
+        trial.report(value, step)
+    trial.set_user_attr("cv_std", 0.1)
+    trial.set_user_attr("cv_std", 0.2)  # the last value wins
+    assert _stored_trial(url, 0).intermediate_values == {}
+    mine = study._storage.get_trial(trial._trial_id)  # this process reads what it wrote
+    assert mine.intermediate_values[0] == 0.5 and mine.user_attrs["cv_std"] == 0.2
+    trial.set_user_attr("cv_accuracy", 0.7)
+    study.tell(trial, 0.6)
+
+    stored = _stored_trial(url, 0)
+    assert stored.state == TrialState.COMPLETE and stored.value == 0.6
+    assert stored.user_attrs == {"worker": "w0", "cv_std": 0.2, "cv_accuracy": 0.7}
+    assert stored.intermediate_values[0] == 0.5 and stored.intermediate_values[2] == float("inf")
+    assert np.isnan(stored.intermediate_values[1])
+
+
+def test_a_slow_trial_sends_its_writes_as_they_come(tmp_path):
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    study = optuna.create_study(study_name="w", storage=make_storage(url, coalesce_seconds=0.2))
+    trial = study.ask()
+    trial.report(1.0, 0)
+    assert _stored_trial(url, 0).intermediate_values == {}
+    time.sleep(0.3)  # a fold that took longer than coalesce_seconds: its report goes out at once
+    trial.report(2.0, 1)
+    assert _stored_trial(url, 0).intermediate_values == {0: 1.0, 1: 2.0}
+    trial.set_user_attr("a", 1)
+    assert make_storage(url, coalesce_seconds=0).get_trial_user_attrs(trial._trial_id) == {}
+
+
+def _write_transactions_of_a_worker(cache, url: str, coalesce_seconds: float) -> int:
+    import sqlalchemy as sa
+
+    spec = parse_spec({"cv": {"folds": 3}, "pruner": "none", "space": {"classifiers": {"logreg": {}}}})
+    create_or_resume(make_storage(url), "s", cache, spec, "space.yaml", 8)
+    writing, transactions = set(), []
+
+    def on_statement(connection, _cursor, statement, *_args) -> None:
+        if statement.lstrip().split()[0].upper() in ("INSERT", "UPDATE", "DELETE"):
+            writing.add(id(connection))
+
+    def on_commit(connection) -> None:
+        if id(connection) in writing:
+            writing.discard(id(connection))
+            transactions.append(connection)
+
+    sa.event.listen(sa.engine.Engine, "after_cursor_execute", on_statement)
+    sa.event.listen(sa.engine.Engine, "commit", on_commit)
+    try:
+        run_worker("s", url, worker_index=0, coalesce_seconds=coalesce_seconds)
+    finally:
+        sa.event.remove(sa.engine.Engine, "after_cursor_execute", on_statement)
+        sa.event.remove(sa.engine.Engine, "commit", on_commit)
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert len(trials) == 8 and all(len(t.intermediate_values) == 3 and "cv_accuracy" in t.user_attrs
+                                    and t.user_attrs["worker"] for t in trials)
+    return len(transactions)
+
+
+def test_a_worker_coalesces_its_writes_into_few_transactions(small_cache, tmp_path):
+    one_by_one = _write_transactions_of_a_worker(small_cache, f"sqlite:///{tmp_path / 'a.db'}", 0)
+    coalesced = _write_transactions_of_a_worker(small_cache, f"sqlite:///{tmp_path / 'b.db'}", 60)
+    assert coalesced < one_by_one / 2, (coalesced, one_by_one)
