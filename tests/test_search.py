@@ -89,6 +89,20 @@ def test_in_place_scaling_never_touches_the_cached_features(small_cache, unit):
 
 
 @pytest.mark.parametrize("unit", ["recording", "window"])
+def test_memoised_statistics_assemble_every_pooling_exactly(small_cache, unit):
+    from adsearch.embed.cache import POOLINGS
+
+    source = FeatureSource(small_cache)
+    train = source.train
+    for pooling in POOLINGS:
+        direct = (small_cache.recording_features(2, pooling, train) if unit == "recording"
+                  else small_cache.window_features(2, pooling, train))
+        np.testing.assert_array_equal(source.get(2, pooling, unit), direct)
+    # six poolings, four statistics: each statistic is read and kept once
+    assert sorted(source._memo) == [(2, s, unit) for s in ("max", "mean", "min", "std")]
+
+
+@pytest.mark.parametrize("unit", ["recording", "window"])
 def test_features_read_fold_by_fold_score_the_same_as_memoised_ones(small_cache, unit):
     folds = assign_folds(FeatureSource(small_cache).labels, FeatureSource(small_cache).groups, 4, 1, 0)
     memoised = FeatureSource(small_cache)

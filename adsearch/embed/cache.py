@@ -265,6 +265,9 @@ def pool_recordings(stat: Callable[[str], np.ndarray], n_frames: np.ndarray, win
 
 
 def _pooling_parts(pooling: str) -> tuple[str, ...]:
+    """The pooled statistics a pooling concatenates; a single statistic (min too) reads on its own."""
+    if pooling == "min":
+        return ("min",)
     try:
         return POOLINGS[pooling]
     except KeyError:

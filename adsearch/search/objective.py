@@ -121,7 +121,12 @@ def metrics(y_true: np.ndarray, score: np.ndarray, threshold: float) -> dict[str
 
 
 class FeatureSource:
-    """Train-split features of a cache, memoised per (layer, pooling, unit) within a byte budget."""
+    """Train-split features of a cache, memoised per (layer, pooled statistic, unit) within a byte budget.
+
+    A pooling is a concatenation of pooled statistics (mean+std+max = mean | std | max), so the memo keeps
+    each statistic once and poolings that share one share its block: the recording-level statistics of all
+    25 layers of an ADReSSo-sized cache (68 MB) fit, and a search that wanders across poolings stops
+    re-reading the cache."""
 
     def __init__(self, cache: EmbeddingCache, budget_bytes: int = 96 * 2**20):
         self.cache = cache
@@ -141,26 +146,32 @@ class FeatureSource:
 
     def get(self, layer: int, pooling: str, unit: str) -> np.ndarray:
         """All train rows (recordings, or the windows of the train recordings in cache order)."""
-        key = (layer, pooling, unit)
-        if key in self._memo:
-            self._memo.move_to_end(key)
-            return self._memo[key]
-        features = self._read(layer, pooling, unit, self.train)
-        if self._fits_memo(pooling, unit):
-            self._memo[key] = features
-            while sum(a.nbytes for a in self._memo.values()) > self._budget:
-                self._memo.popitem(last=False)
-        return features
+        return self.rows(layer, pooling, unit, np.ones(len(self.train), bool))
 
     def rows(self, layer: int, pooling: str, unit: str, chosen: np.ndarray) -> np.ndarray:
         """A private copy of the rows of the train recordings where `chosen` (a mask over them) is True, in
         `get`'s order (preprocessing may overwrite it in place). A matrix too large for the memo is read
         from the cache for these recordings only, so the whole of it never sits beside a fold's copy."""
-        if self._fits_memo(pooling, unit):
-            features = self.get(layer, pooling, unit)
-            return features[chosen] if unit == "recording" else features[chosen[self.window_owner]]
-        self._memo.clear()  # the fold's matrices take the memo's place
-        return self._read(layer, pooling, unit, self.train[chosen])
+        if not self._fits_memo(pooling, unit):
+            self._memo.clear()  # the fold's matrices take the memo's place
+            return self._read(layer, pooling, unit, self.train[chosen])
+        picked = chosen if unit == "recording" else chosen[self.window_owner]
+        statistics = POOLINGS[pooling]
+        out = np.empty((int(picked.sum()), len(statistics) * self.cache.dim), np.float32)
+        for i, statistic in enumerate(statistics):
+            out[:, i * self.cache.dim:(i + 1) * self.cache.dim] = self._statistic(layer, statistic, unit)[picked]
+        return out
+
+    def _statistic(self, layer: int, statistic: str, unit: str) -> np.ndarray:
+        key = (layer, statistic, unit)
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key]
+        features = self._read(layer, statistic, unit, self.train)
+        self._memo[key] = features
+        while sum(a.nbytes for a in self._memo.values()) > self._budget:
+            self._memo.popitem(last=False)
+        return features
 
     def _fits_memo(self, pooling: str, unit: str) -> bool:
         n_rows = len(self.train) if unit == "recording" else len(self.window_owner)
