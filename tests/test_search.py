@@ -482,9 +482,9 @@ def test_a_slow_trial_sends_its_writes_as_they_come(tmp_path):
     assert _stored_trial(url, 0).intermediate_values == {}
     time.sleep(0.3)  # a fold that took longer than coalesce_seconds: its report goes out at once
     trial.report(2.0, 1)
-    assert _stored_trial(url, 0).intermediate_values == {0: 1.0, 1: 2.0}
-    trial.set_user_attr("a", 1)
-    assert make_storage(url, coalesce_seconds=0).get_trial_user_attrs(trial._trial_id) == {}
+    trial.set_user_attr("a", 1)  # right after a send: this one waits again
+    stored = _stored_trial(url, 0)
+    assert stored.intermediate_values == {0: 1.0, 1: 2.0} and stored.user_attrs == {}
 
 
 def _write_transactions_of_a_worker(cache, url: str, coalesce_seconds: float) -> int:
