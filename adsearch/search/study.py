@@ -39,6 +39,7 @@ from adsearch.search.space import StudySpec, TrialConfig, check_layers, parse_sp
 DEFAULT_STORAGE = "sqlite:///adsearch.db"
 ATTR = "adsearch"  # study user attribute holding the study's setup
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+SQLITE_LOCK_TIMEOUT_S = 120
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial: who ran it
 
 
@@ -57,25 +58,27 @@ def _sqlite_path(url: str) -> Path | None:
     return None if path in ("", ":memory:") else Path(path)
 
 
+def _engine_kwargs(url: str) -> dict:
+    """SQLite connections wait up to SQLITE_LOCK_TIMEOUT_S for the write lock instead of failing."""
+    return {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}} if url.startswith("sqlite") else {}
+
+
 def make_storage(
     url: str = DEFAULT_STORAGE, heartbeat_interval: int = 10, grace_period: int = 30, max_retry: int = 3,
     coalesce_seconds: float = 0.0,
 ) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats and stale-trial retry; SQLite gets WAL and a 120 s lock timeout.
     `coalesce_seconds > 0` (workers) groups a running trial's writes, see `AdsearchStorage`."""
-    engine_kwargs = {}
     sqlite_file = _sqlite_path(url)
     if sqlite_file is not None:
         sqlite_file.parent.mkdir(parents=True, exist_ok=True)
-        with sqlite3.connect(sqlite_file, timeout=120) as connection:  # WAL persists in the file
+        with sqlite3.connect(sqlite_file, timeout=SQLITE_LOCK_TIMEOUT_S) as connection:  # WAL persists
             connection.execute("PRAGMA journal_mode=WAL")
-    if url.startswith("sqlite"):
-        engine_kwargs = {"connect_args": {"timeout": 120}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
             storage = AdsearchStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                url, engine_kwargs=_engine_kwargs(url), heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period,
                 heartbeat_stale_trial_callback=_StaleTrialHandler(url, max_retry),
                 coalesce_seconds=coalesce_seconds,
@@ -241,9 +244,8 @@ class TrialBudget:
         import sqlalchemy as sa
 
         self.study_name = study_name
-        sqlite = url.startswith("sqlite")
-        self.engine = sa.create_engine(url, **({"connect_args": {"timeout": 120}} if sqlite else {}))
-        if sqlite:
+        self.engine = sa.create_engine(url, **_engine_kwargs(url))
+        if self.engine.name == "sqlite":
             _configure_sqlite(self.engine)
         self.table = sa.Table(
             "adsearch_budget", sa.MetaData(),
