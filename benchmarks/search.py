@@ -57,17 +57,15 @@ def _in_memory_without_fits(url: str, name: str, cache_dir: Path, trials: int) -
     """Seconds for `trials` trials of the same objective and sampler on Optuna's in-memory storage, every
     fit replaced by a constant model: what a trial costs when the database costs nothing."""
     import optuna
-    import sklearn
-    from threadpoolctl import threadpool_limits
 
-    from adsearch.search.study import Objective, StudySetup, make_pruner, make_sampler
+    from adsearch.search.study import Objective, StudySetup, make_pruner, make_sampler, trial_conditions
 
     setup = StudySetup.from_study(optuna.load_study(study_name=name, storage=url))
     objective = Objective(setup, open_cache(cache_dir))
     study = optuna.create_study(direction="maximize", pruner=make_pruner(setup.spec.pruner),
                                 sampler=make_sampler(setup.spec.sampler, setup.spec, objective.layers, 0))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with threadpool_limits(1), sklearn.config_context(assume_finite=True):
+    with trial_conditions():  # as in a worker
         started = time.perf_counter()
         study.optimize(objective, n_trials=trials)
         return time.perf_counter() - started

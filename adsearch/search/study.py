@@ -23,7 +23,8 @@ import sqlite3
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -589,6 +590,20 @@ def _return_freed_memory_to_the_system() -> None:
     mallopt(m_trim_threshold, 8 << 20)
 
 
+@contextmanager
+def trial_conditions() -> Iterator[None]:
+    """What a worker runs its trials under. One core per worker (also keeps BLAS results identical across
+    workers); convergence and similar warnings of thousands of fits would bury the progress display, and a
+    failing fit fails its trial. Features come from the cache, finite by construction: scikit-learn's
+    finiteness checks are skipped."""
+    import sklearn
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1), warnings.catch_warnings(), sklearn.config_context(assume_finite=True):
+        warnings.simplefilter("ignore")
+        yield
+
+
 @dataclass
 class WorkerReport:
     ran: int = 0
@@ -609,9 +624,6 @@ def run_worker(
     coalesce_seconds: float = 1.0,
 ) -> WorkerReport:
     """Run trials of `study_name` until the study's global budget of finished trials is met."""
-    import sklearn
-    from threadpoolctl import threadpool_limits
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _return_freed_memory_to_the_system()
     storage = make_storage(storage_url, heartbeat_interval, grace_period, coalesce_seconds=coalesce_seconds)
@@ -639,11 +651,7 @@ def run_worker(
             streak.clear()
 
     suspect: tuple[int, int, float] | None = None  # (reserved, holders, since) while they disagree
-    # One core per worker (also keeps BLAS results identical across workers); convergence and similar
-    # warnings of thousands of fits would bury the progress display, and a failing fit fails its trial.
-    # Features come from the cache, finite by construction: skip scikit-learn's finiteness checks.
-    with threadpool_limits(1), warnings.catch_warnings(), sklearn.config_context(assume_finite=True):
-        warnings.simplefilter("ignore")
+    with trial_conditions():
         while True:
             if budget.reserve():
                 report.ran += 1
