@@ -32,6 +32,8 @@ POOLINGS: dict[str, tuple[str, ...]] = {
     "min+max": ("min", "max"),
     "mean+std+max": ("mean", "std", "max"),
 }
+# What poolings concatenate; each also reads on its own (the search memoises features per statistic).
+POOLED_STATISTICS = ("mean", "std", "max", "min")
 
 
 # Windows pooled per read: 1,024 windows x 1,024 dims x 4 bytes = 4 MB per raw statistic.
@@ -265,9 +267,9 @@ def pool_recordings(stat: Callable[[str], np.ndarray], n_frames: np.ndarray, win
 
 
 def _pooling_parts(pooling: str) -> tuple[str, ...]:
-    """The pooled statistics a pooling concatenates; a single statistic (min too) reads on its own."""
-    if pooling == "min":
-        return ("min",)
+    """The pooled statistics a pooling concatenates; a pooled statistic is its own single part."""
+    if pooling in POOLED_STATISTICS:
+        return (pooling,)
     try:
         return POOLINGS[pooling]
     except KeyError:
