@@ -20,7 +20,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from adsearch import __version__
 from adsearch.embed.cache import POOLINGS, EmbeddingCache
 from adsearch.search.classifiers import REGISTRY
-from adsearch.search.objective import assign_folds, cross_validate, fit_pipeline, metrics, recording_scores
+from adsearch.search.objective import (
+    assign_folds,
+    cross_validate,
+    fit_pipeline,
+    metrics,
+    read_features,
+    recording_scores,
+)
 from adsearch.search.space import PipelineSettings, TrialConfig
 
 CONFIG_FILE = "config.yaml"
@@ -130,9 +137,8 @@ def load_config(path: Path | str) -> ExportedConfig:
 
 def item_features(cache: EmbeddingCache, config: TrialConfig, items: np.ndarray):
     """(X, owner): recording rows for `items` (sorted), or their windows with the index into `items` of each."""
-    if config.unit == "recording":
-        return cache.recording_features(config.layer, config.pooling, items), np.arange(len(items))
-    return cache.window_features(config.layer, config.pooling, items), cache.window_owner(items)
+    X = read_features(cache, config.layer, config.pooling, config.unit, items)
+    return X, np.arange(len(items)) if config.unit == "recording" else cache.window_owner(items)
 
 
 def fit_on(cache: EmbeddingCache, config: TrialConfig, items: np.ndarray, seed: int):

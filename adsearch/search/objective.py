@@ -120,6 +120,13 @@ def metrics(y_true: np.ndarray, score: np.ndarray, threshold: float) -> dict[str
     }
 
 
+def read_features(cache: EmbeddingCache, layer: int, pooling: str, unit: str, items: np.ndarray) -> np.ndarray:
+    """The rows of `items` (sorted) for one unit: one per recording, or one per window in cache order."""
+    if unit == "recording":
+        return cache.recording_features(layer, pooling, items)
+    return cache.window_features(layer, pooling, items)
+
+
 class FeatureSource:
     """Train-split features of a cache, memoised per (layer, pooled statistic, unit) within a byte budget.
 
@@ -179,9 +186,7 @@ class FeatureSource:
 
     def _read(self, layer: int, pooling: str, unit: str, items: np.ndarray) -> np.ndarray:
         # Only train rows are read from the cache: test items never enter a trial.
-        if unit == "recording":
-            return self.cache.recording_features(layer, pooling, items)
-        return self.cache.window_features(layer, pooling, items)
+        return read_features(self.cache, layer, pooling, unit, items)
 
 
 @dataclass
