@@ -317,15 +317,9 @@ def search(
 
     from adsearch.embed import open_cache
     from adsearch.search.space import load_spec
-    from adsearch.search.study import (
-        StudySetup,
-        best_summary,
-        create_or_resume,
-        describe_config,
-        make_storage,
-        spawn_workers,
-        trial_counts,
-    )
+    from adsearch.search.storage import make_storage
+    from adsearch.search.study import StudySetup, best_summary, create_or_resume, describe_config, trial_counts
+    from adsearch.search.worker import spawn_workers
 
     if trials < 1 or workers < 1:
         err.print("[bold red]error:[/] --trials and --workers must be at least 1")
@@ -377,7 +371,7 @@ def worker(
     The study supplies the cache, the search space, the CV folds and the budget; a worker refuses a cache
     whose content differs from the one the study was created with.
     """
-    from adsearch.search.study import run_worker
+    from adsearch.search.worker import run_worker
 
     with user_errors():
         report = run_worker(study, storage, str(cache) if cache else None, sampler, pruner,
@@ -507,7 +501,7 @@ def dashboard(
     import optuna_dashboard
     from optuna.artifacts import FileSystemArtifactStore
 
-    from adsearch.search.study import make_storage
+    from adsearch.search.storage import make_storage
 
     with user_errors():
         store = make_storage(storage)

@@ -263,7 +263,8 @@ def export_trial(
     from optuna.trial import TrialState
 
     from adsearch.report import write_report
-    from adsearch.search.study import StudySetup, load_cache_for, make_storage, trial_config
+    from adsearch.search.storage import make_storage
+    from adsearch.search.study import StudySetup, load_cache_for, trial_config
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):

@@ -6,7 +6,7 @@
     python benchmarks/search.py memory     # peak worker RSS on a 25 x 1024 x 10,000-window cache
     python benchmarks/search.py all --json benchmarks/results/search-cpu.json
 
-Every part runs the real worker (`adsearch.search.study.run_worker`) against an SQLite file.
+Every part runs the real worker (`adsearch.search.worker.run_worker`) against an SQLite file.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from pathlib import Path
 from adsearch.embed import open_cache
 from adsearch.embed.synthetic import write_synthetic_cache
 from adsearch.search.space import check_layers, parse_spec, suggest
-from adsearch.search.study import create_or_resume, make_storage, run_worker
+from adsearch.search.storage import make_storage
+from adsearch.search.study import create_or_resume
+from adsearch.search.worker import run_worker
 
 ADRESSO_LARGE = dict(n_train=166, n_test=71, n_layers=25, dim=1024, windows_per_item=4)
 LOGREG_ONLY = {"cv": {"folds": 5}, "pruner": "none",
@@ -58,7 +60,10 @@ def _in_memory_without_fits(url: str, name: str, cache_dir: Path, trials: int) -
     fit replaced by a constant model: what a trial costs when the database costs nothing."""
     import optuna
 
-    from adsearch.search.study import Objective, StudySetup, make_pruner, make_sampler, trial_conditions
+    from adsearch.search.objective import Objective
+    from adsearch.search.samplers import make_pruner, make_sampler
+    from adsearch.search.study import StudySetup
+    from adsearch.search.worker import trial_conditions
 
     setup = StudySetup.from_study(optuna.load_study(study_name=name, storage=url))
     objective = Objective(setup, open_cache(cache_dir))
@@ -136,7 +141,7 @@ def scaling(work: Path, trials: int = 80) -> dict:
     """Trials per minute (first start to last completion) with 1 and with 2 worker processes running the
     same enqueued configurations, for logistic-regression-only trials and heavier ones (RBF SVM, kNN,
     forests)."""
-    from adsearch.search.study import spawn_workers
+    from adsearch.search.worker import spawn_workers
 
     cache_dir = work / "adresso-large"
     if not cache_dir.exists():
@@ -232,7 +237,9 @@ def quality(work: Path, trials: int = 100, seeds: int = 5, dim: int = 64) -> dic
 MEMORY_SCRIPT = """
 import json, sys
 from pathlib import Path
+import adsearch.search.objective as objective_module
 import adsearch.search.study as study_module
+import adsearch.search.worker as worker_module
 
 def high_water_mb(reset=False):
     hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
@@ -242,7 +249,7 @@ def high_water_mb(reset=False):
 
 high_water_mb(reset=True)
 peaks, per_trial = [], []
-real_cv = study_module.cross_validate
+real_cv = objective_module.cross_validate
 
 def measured_cv(config, *args, **kwargs):
     peaks.append(high_water_mb(reset=True))
@@ -252,8 +259,8 @@ def measured_cv(config, *args, **kwargs):
         per_trial.append({"peak_rss_mb": high_water_mb(reset=True), "config": study_module.describe_config(
             config.model_dump())})
 
-study_module.cross_validate = measured_cv
-study_module.run_worker(sys.argv[1], sys.argv[2], worker_index=0)
+objective_module.cross_validate = measured_cv
+worker_module.run_worker(sys.argv[1], sys.argv[2], worker_index=0)
 peaks.append(high_water_mb())
 print(json.dumps({"peak_rss_mb": max(peaks + [t["peak_rss_mb"] for t in per_trial]), "per_trial": per_trial}))
 """

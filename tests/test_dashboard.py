@@ -13,7 +13,9 @@ import pytest
 from adsearch.embed import open_cache
 from adsearch.embed.synthetic import write_synthetic_cache
 from adsearch.search.space import parse_spec
-from adsearch.search.study import create_or_resume, make_storage, run_worker
+from adsearch.search.storage import make_storage
+from adsearch.search.study import create_or_resume
+from adsearch.search.worker import run_worker
 
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

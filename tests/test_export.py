@@ -13,7 +13,9 @@ from adsearch.embed import open_cache
 from adsearch.embed.extract import ExtractSettings, extract
 from adsearch.export import ExportError, export_trial, load_config, load_model, mcnemar_exact, wilson
 from adsearch.search.space import parse_spec
-from adsearch.search.study import create_or_resume, make_storage, run_worker
+from adsearch.search.storage import make_storage
+from adsearch.search.study import create_or_resume
+from adsearch.search.worker import run_worker
 
 runner = CliRunner()
 SPACE = {"cv": {"folds": 3}, "pruner": "none", "seed": 3,

@@ -14,17 +14,14 @@ from optuna.trial import TrialState
 from adsearch.embed import open_cache
 from adsearch.embed.synthetic import write_synthetic_cache
 from adsearch.search import objective as objective_module
+from adsearch.search.budget import TrialBudget
+from adsearch.search.errors import StudyError
 from adsearch.search.objective import FeatureSource, ProtocolError, assign_folds, cross_validate
+from adsearch.search.samplers import make_sampler
 from adsearch.search.space import TrialConfig, parse_spec
-from adsearch.search.study import (
-    StudyError,
-    TrialBudget,
-    create_or_resume,
-    make_sampler,
-    make_storage,
-    run_worker,
-    trial_counts,
-)
+from adsearch.search.storage import make_storage
+from adsearch.search.study import create_or_resume, trial_counts
+from adsearch.search.worker import run_worker
 
 SMALL = dict(n_train=40, n_test=10, n_layers=4, dim=16, windows_per_item=3, signal_layer=2, signal_dims=4)
 
@@ -310,7 +307,7 @@ def test_budget_reservations_are_exact_under_contention(tmp_path):
 POP_WAITING = """
 import sys
 import optuna
-from adsearch.search.study import make_storage
+from adsearch.search.storage import make_storage
 study = optuna.load_study(study_name="queue", storage=make_storage(sys.argv[1]))
 claimed = []
 while (trial_id := study._pop_waiting_trial_id()) is not None:
@@ -353,7 +350,7 @@ def test_worker_fails_loudly_when_every_trial_fails(small_cache, tmp_path, monke
     def explode(*args, **kwargs):
         raise RuntimeError("classifier exploded")
 
-    monkeypatch.setattr("adsearch.search.study.cross_validate", explode)
+    monkeypatch.setattr("adsearch.search.objective.cross_validate", explode)
     with pytest.raises(StudyError, match="5 trials failed in a row; last error: .*classifier exploded"):
         run_worker("broken", url)
     assert TrialBudget(url, "broken").get() == (20, 0)  # failed trials gave their slots back
@@ -451,11 +448,10 @@ def test_coalesced_writes_wait_then_land_together_with_the_state_change(tmp_path
     study = optuna.create_study(study_name="w", storage=make_storage(url, coalesce_seconds=3600),
                                 direction="maximize")
     trial = study.ask()
-    x = trial.suggest_float("x", 0, 1)  # (sampling reads the study, which would send earlier writes)
+    x = trial.suggest_float("x", 0, 1)
+    assert _stored_trial(url, 0).params == {"x": x}  # parameters go at once: a retry re-runs them
     trial.set_user_attr("worker", "w0")
-    assert _stored_trial(url, 0).params == {} and _stored_trial(url, 0).user_attrs == {}  # still waiting
-    study._storage._backend.flush()  # what a worker does once the parameters are sampled
-    assert _stored_trial(url, 0).params == {"x": x} and _stored_trial(url, 0).user_attrs == {"worker": "w0"}
+    assert _stored_trial(url, 0).user_attrs == {}  # still waiting
 
     for step, value in enumerate([0.5, float("nan"), float("inf")]):
         trial.report(value, step)
@@ -468,26 +464,78 @@ def test_coalesced_writes_wait_then_land_together_with_the_state_change(tmp_path
     # the study-wide read Optuna's cache makes (its `_get_trials` hook) sends waiting writes first too
     assert study.get_trials(deepcopy=False)[0].user_attrs["cv_accuracy"] == 0.7
     trial.set_user_attr("cv_accuracy", 0.75)
+    study._storage.set_trial_intermediate_value(trial._trial_id, 0, 0.55)  # a repeated step overwrites
     study.tell(trial, 0.6)
 
     stored = _stored_trial(url, 0)
     assert stored.state == TrialState.COMPLETE and stored.value == 0.6
     assert stored.user_attrs == {"worker": "w0", "cv_std": 0.2, "cv_accuracy": 0.75}
-    assert stored.intermediate_values[0] == 0.5 and stored.intermediate_values[2] == float("inf")
+    assert stored.intermediate_values[0] == 0.55 and stored.intermediate_values[2] == float("inf")
     assert np.isnan(stored.intermediate_values[1])
 
 
-def test_a_slow_trial_sends_its_writes_as_they_come(tmp_path):
+def test_coalesced_writes_raise_where_optuna_raises(tmp_path):
+    storage = make_storage(f"sqlite:///{tmp_path / 'w.db'}", coalesce_seconds=3600)
+    study = optuna.create_study(study_name="w", storage=storage)
+    trial = study.ask()
+    with pytest.raises(TypeError):
+        storage.set_trial_user_attr(trial._trial_id, "bad", object())  # not JSON: refused now, not later
+    study.tell(trial, 1.0)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        storage.set_trial_user_attr(trial._trial_id, "late", 1)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        storage.set_trial_intermediate_value(trial._trial_id, 0, 1.0)
+    with pytest.raises(KeyError):
+        storage.set_trial_user_attr(trial._trial_id + 100, "missing", 1)
+    with pytest.raises(ValueError):  # a parameter whose distribution contradicts the study's
+        other = study.ask()
+        other.suggest_float("x", 0, 1)
+        storage.set_trial_param(other._trial_id, "x", 1.0, optuna.distributions.CategoricalDistribution(["a"]))
+
+
+def test_a_trial_failed_by_another_worker_drops_its_waiting_writes_and_its_state_change_raises(tmp_path):
     url = f"sqlite:///{tmp_path / 'w.db'}"
-    study = optuna.create_study(study_name="w", storage=make_storage(url, coalesce_seconds=0.2))
+    mine = make_storage(url, coalesce_seconds=3600)
+    study = optuna.create_study(study_name="w", storage=mine)
+    trial, other = study.ask(), study.ask()
+    trial.report(0.5, 0)
+    make_storage(url).set_trial_state_values(trial._trial_id, TrialState.FAIL)  # e.g. failed as stale
+    assert study._storage.get_trial(other._trial_id).number == 1  # reads of other trials go on
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        mine.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, [1.0])
+
+
+def test_a_slow_trial_sends_its_writes_within_coalesce_seconds(tmp_path):
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    study = optuna.create_study(study_name="w", storage=make_storage(url, coalesce_seconds=2))
     trial = study.ask()
     trial.report(1.0, 0)
-    assert _stored_trial(url, 0).intermediate_values == {}
-    time.sleep(0.3)  # a fold that took longer than coalesce_seconds: its report goes out at once
-    trial.report(2.0, 1)
-    trial.set_user_attr("a", 1)  # right after a send: this one waits again
+    trial.set_user_attr("a", 1)
+    assert _stored_trial(url, 0).intermediate_values == {}  # waits (up to 2 s)
+    deadline = time.monotonic() + 10
+    while _stored_trial(url, 0).user_attrs != {"a": 1} and time.monotonic() < deadline:
+        time.sleep(0.05)  # nothing else is called: the timer sends them
     stored = _stored_trial(url, 0)
-    assert stored.intermediate_values == {0: 1.0, 1: 2.0} and stored.user_attrs == {}
+    assert stored.intermediate_values == {0: 1.0} and stored.user_attrs == {"a": 1}
+
+
+def test_the_storage_pickles_with_its_settings_and_waiting_writes(tmp_path):
+    import pickle
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    storage = make_storage(url, coalesce_seconds=3600)
+    study = optuna.create_study(study_name="w", storage=storage)
+    trial = study.ask()
+    trial.report(0.25, 0)
+    copy = pickle.loads(pickle.dumps(storage))  # a study handed to a process pool
+    assert copy.coalesce_seconds == 3600 and copy.url == storage.url
+    assert copy.get_trial(trial._trial_id).intermediate_values == {0: 0.25}
+
+
+def test_an_in_memory_sqlite_storage_works(tmp_path):
+    study = optuna.create_study(storage=make_storage("sqlite:///:memory:"))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    assert len(study.trials) == 3
 
 
 def _write_transactions_of_a_worker(cache, url: str, coalesce_seconds: float) -> int:
@@ -522,4 +570,4 @@ def _write_transactions_of_a_worker(cache, url: str, coalesce_seconds: float) ->
 def test_a_worker_coalesces_its_writes_into_few_transactions(small_cache, tmp_path):
     one_by_one = _write_transactions_of_a_worker(small_cache, f"sqlite:///{tmp_path / 'a.db'}", 0)
     coalesced = _write_transactions_of_a_worker(small_cache, f"sqlite:///{tmp_path / 'b.db'}", 60)
-    assert coalesced < one_by_one / 2, (coalesced, one_by_one)
+    assert coalesced < one_by_one * 0.6, (coalesced, one_by_one)  # measured 73 vs 137 for 8 trials

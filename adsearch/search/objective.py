@@ -8,16 +8,25 @@ average the window scores of each validation recording, so windows of one record
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+import optuna
 
 from adsearch.embed.cache import POOLINGS, EmbeddingCache
 from adsearch.search.classifiers import REGISTRY
-from adsearch.search.space import TrialConfig
+from adsearch.search.space import TrialConfig, suggest
+
+if TYPE_CHECKING:
+    from adsearch.search.study import StudySetup
+
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial: who ran it
 
 
 class ProtocolError(ValueError):
@@ -241,3 +250,55 @@ def cross_validate(
             if on_fold:
                 on_fold(repeat * n_folds + fold, fold_metrics[metric])
     return result
+
+
+class Objective:
+    """Callable for `study.optimize`: suggest a config, cross-validate it, report each fold."""
+
+    def __init__(self, setup: StudySetup, cache: EmbeddingCache):
+        self.setup = setup
+        self.source = FeatureSource(cache)
+        if self.source.ids != setup.train_ids:
+            raise ProtocolError("the cache's train items differ from the study's fold assignment")
+        self.layers = setup.layers
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", WORKER_ID)
+        try:
+            return self._evaluate(trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:  # kept on the trial: Optuna 5 records no reason for a failure
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:1000])
+            raise
+
+    def _evaluate(self, trial: optuna.Trial) -> float:
+        config = suggest(trial, self.setup.spec, self.layers)
+        spec = self.setup.spec
+
+        scores: list[float] = []
+        prunes = not isinstance(trial.study.pruner, optuna.pruners.NopPruner)
+
+        def report(step: int, score: float) -> None:
+            scores.append(score)
+            trial.report(score, step)
+            if prunes and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after fold {step + 1}")
+
+        pruned = None
+        try:
+            result = cross_validate(config, self.source, self.setup.folds, spec.cv.metric, spec.seed, report)
+        except optuna.TrialPruned as exc:
+            pruned, result = exc, None
+        # Flat attributes read well as dashboard columns; per-fold scores are the intermediate values and
+        # the trial's duration is the dashboard's own column (each attribute is one storage write).
+        attrs = {"cv_std": round(float(np.std(scores)), 6)}
+        if result is not None:
+            attrs.update({f"cv_{name}": round(value, 6) for name, value in result.summary().items()})
+            attrs["fit_seconds"] = round(result.fit_seconds, 4)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        if pruned is not None:
+            raise pruned
+        return result.mean
+

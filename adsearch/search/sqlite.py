@@ -1,0 +1,46 @@
+"""How adsearch talks to SQLite, the embedded study database: shared by the storage and the budget table."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+SQLITE_LOCK_TIMEOUT_S = 120
+_STATE_CHANGE = threading.local()
+
+
+def engine_kwargs(url: str) -> dict:
+    """SQLite connections wait up to SQLITE_LOCK_TIMEOUT_S for the write lock instead of failing."""
+    return {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}} if url.startswith("sqlite") else {}
+
+
+@contextmanager
+def state_change(engine) -> Iterator[None]:
+    """Transactions begun inside take SQLite's write lock before their first read (BEGIN IMMEDIATE)."""
+    _STATE_CHANGE.active = engine.name == "sqlite"
+    try:
+        yield
+    finally:
+        _STATE_CHANGE.active = False
+
+
+def configure_sqlite(engine) -> None:
+    """Transactions inside `state_change` begin IMMEDIATE; WAL runs with synchronous=NORMAL: no fsync per
+    commit, still safe when a process is killed (only an OS crash or power loss can drop the last commits)."""
+    import sqlalchemy as sa
+
+    def on_connect(connection, _record) -> None:
+        connection.execute("PRAGMA synchronous=NORMAL")
+
+    def on_begin(connection) -> None:
+        # Other transactions keep the driver's default: it begins right before the first write.
+        if getattr(_STATE_CHANGE, "active", False):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    sa.event.listen(engine, "connect", on_connect)
+    sa.event.listen(engine, "begin", on_begin)
+    if engine.url.database not in (None, "", ":memory:"):
+        # Connections opened before the listeners existed are dropped. An in-memory database lives in its
+        # one connection: dropping that would drop the tables.
+        engine.dispose()
