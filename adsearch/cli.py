@@ -317,7 +317,7 @@ def search(
 
     from adsearch.embed import open_cache
     from adsearch.search.space import load_spec
-    from adsearch.search.storage import make_storage
+    from adsearch.search.storage import make_storage, mask_url
     from adsearch.search.study import StudySetup, best_summary, create_or_resume, describe_config, trial_counts
     from adsearch.search.worker import spawn_workers
 
@@ -348,11 +348,33 @@ def search(
                 text = (f"best {best['value']:.3f} (#{best['number']}): {describe_config(best['config'])}"
                         if best else "")
                 progress.update(task, completed=counts["finished"], best=text[:100])
-        if any(p.exitcode for p in processes):
-            err.print("[yellow]warning:[/] some workers stopped with an error (see their messages above)")
+        _report_worker_exits(processes)
     _study_summary(the_study, trials)
-    out.print(f"export it with: adsearch export --study {study} --storage {storage} -o {study}-best",
+    counts = trial_counts(the_study)
+    if counts["finished"] < trials:
+        err.print(f"[bold red]error:[/] the budget is not met: {counts['finished']} of {trials} trials finished. "
+                  "Run the same command again to resume.", highlight=False)
+        raise typer.Exit(1)
+    if counts["complete"] == 0:
+        err.print("[bold red]error:[/] no trial completed, so there is nothing to export; see the errors above "
+                  "and the `error` attribute of the failed trials", highlight=False)
+        raise typer.Exit(1)
+    out.print(f"export it with: adsearch export --study {study} --storage {mask_url(storage)} -o {study}-best",
               highlight=False)
+
+
+def _report_worker_exits(processes) -> None:
+    """Say how each worker that did not end cleanly ended: its own message, if any, is above."""
+    import signal
+
+    for index, process in enumerate(processes):
+        if process.exitcode and process.exitcode < 0:
+            name = signal.Signals(-process.exitcode).name
+            err.print(f"[yellow]warning:[/] worker {index} was killed by {name}"
+                      + (" (out of memory?)" if name == "SIGKILL" else ""))
+        elif process.exitcode:
+            err.print(f"[yellow]warning:[/] worker {index} stopped with exit code {process.exitcode} (its message "
+                      "is above)")
 
 
 @app.command()

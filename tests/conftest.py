@@ -9,6 +9,22 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def postgres_available() -> str | None:
+    """None if the PostgreSQL of these machines answers, else why not (tests print it when they skip)."""
+    import sqlalchemy as sa
+
+    try:
+        engine = sa.create_engine(POSTGRES)
+        with engine.connect() as connection:
+            connection.execute(sa.text("select 1"))
+        engine.dispose()
+    except Exception as exc:
+        return f"PostgreSQL not reachable at {POSTGRES}: {type(exc).__name__}"
+    return None
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:

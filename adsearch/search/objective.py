@@ -255,8 +255,9 @@ def cross_validate(
 class Objective:
     """Callable for `study.optimize`: suggest a config, cross-validate it, report each fold."""
 
-    def __init__(self, setup: StudySetup, cache: EmbeddingCache):
+    def __init__(self, setup: StudySetup, cache: EmbeddingCache, on_sampled: Callable[[], None] | None = None):
         self.setup = setup
+        self.on_sampled = on_sampled  # e.g. send the trial's waiting writes (its worker) once it is set up
         self.source = FeatureSource(cache)
         if self.source.ids != setup.train_ids:
             raise ProtocolError("the cache's train items differ from the study's fold assignment")
@@ -274,6 +275,8 @@ class Objective:
 
     def _evaluate(self, trial: optuna.Trial) -> float:
         config = suggest(trial, self.setup.spec, self.layers)
+        if self.on_sampled is not None:
+            self.on_sampled()
         spec = self.setup.spec
 
         scores: list[float] = []

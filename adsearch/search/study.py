@@ -7,6 +7,7 @@ or space. The storage lives in `storage.py`, the budget in `budget.py`, the work
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,9 @@ class StudySetup:
         storage = study._storage  # Study exposes no system attributes; the storage API does
         attr = storage.get_study_system_attrs(storage.get_study_id_from_name(study.study_name)).get(ATTR)
         if attr is None:
-            raise StudyError(f"study {study.study_name!r} was not created by adsearch (no '{ATTR}' attribute)")
+            raise StudyError(f"study {study.study_name!r} was not created by adsearch (no '{ATTR}' attribute), or "
+                             "its creation was interrupted; choose another --study name, or delete it with "
+                             f"`optuna delete-study --study-name {study.study_name} --storage URL`")
         return cls(attr["cache"]["path"], attr["cache"]["content_hash"], attr["cache"]["n_layers"],
                    parse_spec(attr["space"]["spec"]), attr["space"]["file"], attr["folds"]["train_ids"],
                    np.asarray(attr["folds"]["assignment"]))
@@ -108,18 +111,34 @@ def create_or_resume(storage, study_name: str, cache: EmbeddingCache, spec: Stud
     url = storage.url
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
-        check_compatible(StudySetup.from_study(study), study_name, cache, spec)
     except KeyError:
-        setup = new_setup(cache, spec, space_file)
-        study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize")
-        # A system attribute: workers need it, the dashboard's user-attribute table does not.
-        storage.set_study_system_attr(storage.get_study_id_from_name(study_name), ATTR, setup.to_attr())
-        import optuna_dashboard
+        setup = new_setup(cache, spec, space_file)  # every check runs before anything is written
+        try:
+            study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize")
+        except optuna.exceptions.DuplicatedStudyError:  # another `search` created it a moment ago
+            study = optuna.load_study(study_name=study_name, storage=storage)
+        else:
+            # A system attribute: workers need it, the dashboard's user-attribute table does not.
+            storage.set_study_system_attr(study._study_id, ATTR, setup.to_attr())
+            import optuna_dashboard
 
-        optuna_dashboard.save_note(study, study_note(cache, setup))
+            optuna_dashboard.save_note(study, study_note(cache, setup))
+    check_compatible(_wait_for_setup(study), study_name, cache, spec)
     counts = trial_counts(study)
     TrialBudget(url, study_name).set(budget, counts["finished"] + counts["running"])
     return study
+
+
+def _wait_for_setup(study: optuna.Study, timeout_s: float = 30.0) -> StudySetup:
+    """The study's setup; a study created by another process this instant gets its setup a moment later."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return StudySetup.from_study(study)
+        except StudyError:
+            if time.monotonic() > deadline or study.get_trials(deepcopy=False):
+                raise
+            time.sleep(0.2)
 
 
 def study_note(cache: EmbeddingCache, setup: StudySetup) -> str:

@@ -90,7 +90,7 @@ def run_worker(
         raise StudyError(f"no study {study_name!r} in {storage_url}; create it with `adsearch search`") from None
     setup = StudySetup.from_study(study)
     cache = load_cache_for(setup, study_name, cache_path)
-    objective = Objective(setup, cache)
+    objective = Objective(setup, cache, on_sampled=storage.flush)  # who runs it, visible at once
     index = worker_index if worker_index is not None else random.SystemRandom().randrange(1 << 30)
     seed = _worker_seed(setup.spec.seed, index, len(study.get_trials(deepcopy=False)))
     study.sampler = make_sampler(sampler or setup.spec.sampler, setup.spec, objective.layers, seed)

@@ -1,0 +1,131 @@
+"""Optuna's own storage test suite, run against AdsearchStorage: it must pass every test RDBStorage passes.
+
+The tests come from the Optuna sdist of the installed version (downloaded with pip into pytest's temporary
+folder; no copy of Optuna's code lives in this repository): `tests/storages_tests/` test_storages.py,
+test_heartbeat.py, test_callbacks.py and test_with_server.py. tests/contract/optuna_storage_plugin.py makes
+their RDB storage modes hand out the class under test. Each backend (SQLite; PostgreSQL where reachable,
+always in CI) runs three times at once: Optuna's RDBStorage as the baseline, then AdsearchStorage with
+coalesced writes off and on. A test that fails for the baseline too (a broken test, a missing service) does
+not count against adsearch; any other failure does.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import POSTGRES, postgres_available
+
+OPTUNA_TESTS = ["test_storages.py", "test_heartbeat.py", "test_callbacks.py", "test_with_server.py"]
+PLUGIN_DIR = Path(__file__).parent / "contract"
+RUNS = {"rdb": ("rdb", 0.0), "adsearch": ("adsearch", 0.0), "adsearch-coalesced": ("adsearch", 1.0)}
+pytestmark = pytest.mark.slow
+
+
+def _fail_or_skip(reason: str):
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run Optuna's storage tests: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def optuna_tests(tmp_path_factory) -> Path:
+    """tests/ of the Optuna sdist matching the installed version: the package root and storages_tests."""
+    folder = tmp_path_factory.mktemp("optuna-sdist")
+    download = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+         f"optuna=={optuna.__version__}", "-d", str(folder)], capture_output=True, text=True, timeout=300)
+    archives = list(folder.glob("optuna-*.tar.gz"))
+    if download.returncode or not archives:
+        _fail_or_skip(f"cannot download the optuna {optuna.__version__} sdist: {download.stderr[-500:]}")
+    root = tmp_path_factory.mktemp("optuna-tests")
+    with tarfile.open(archives[0]) as archive:
+        prefix = f"optuna-{optuna.__version__}/tests/"
+        members = [m for m in archive.getmembers() if m.name.startswith(prefix)
+                   and (m.name[len(prefix):] in ("__init__.py", "conftest.py")
+                        or m.name[len(prefix):].startswith("storages_tests/"))]
+        for member in members:
+            member.name = member.name[len(f"optuna-{optuna.__version__}/"):]
+        archive.extractall(root, members=members, filter="data")
+    return root
+
+
+def _postgres_database(name: str) -> str:
+    """A database of its own for one run (the plugin resets its schema for every storage it hands out)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+    with engine.connect() as db:
+        if not db.exec_driver_sql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'").first():
+            db.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    engine.dispose()
+    return POSTGRES.rsplit("/", 1)[0] + f"/{name}"
+
+
+def _failures(report: Path) -> tuple[set[str], int]:
+    """Ids of the failed or erroring tests in a JUnit report, and how many tests ran."""
+    cases = ET.parse(report).getroot().iter("testcase")
+    failed, ran = set(), 0
+    for case in cases:
+        ran += 1
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed.add(f"{case.get('classname')}::{case.get('name')}")
+    return failed, ran
+
+
+@pytest.fixture(scope="module")
+def contract_runs(optuna_tests, tmp_path_factory) -> dict[tuple[str, str], tuple[set[str], int, str]]:
+    """Every (backend, run) at once: the tests mostly wait on heartbeats, so they overlap well."""
+    backends = {"sqlite": None}
+    reason = postgres_available()
+    if reason is None:
+        backends["postgresql"] = reason
+    elif os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run Optuna's storage tests on PostgreSQL: {reason}")
+    else:
+        print(f"Optuna storage tests on PostgreSQL skipped: {reason}")
+    out = tmp_path_factory.mktemp("contract")
+    processes = {}
+    for backend in backends:
+        for run, (cls, coalesce) in RUNS.items():
+            db = "sqlite" if backend == "sqlite" else _postgres_database(f"adsearch_contract_{run.replace('-', '_')}")
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGIN_DIR), os.environ.get("PYTHONPATH", "")]),
+                   "ADSEARCH_CONTRACT_CLASS": cls, "ADSEARCH_CONTRACT_COALESCE": str(coalesce),
+                   "ADSEARCH_CONTRACT_DB": db}
+            env.pop("TEST_DB_URL", None)
+            report = out / f"{backend}-{run}.xml"
+            log = (out / f"{backend}-{run}.log").open("w")
+            command = [sys.executable, "-m", "pytest", "-p", "optuna_storage_plugin", "-p", "no:cacheprovider",
+                       "-q", "--color=no", f"--junitxml={report}", "--rootdir", str(optuna_tests),
+                       *[str(optuna_tests / "tests" / "storages_tests" / name) for name in OPTUNA_TESTS]]
+            processes[backend, run] = (subprocess.Popen(command, cwd=optuna_tests, env=env, stdout=log,
+                                                        stderr=subprocess.STDOUT), report, log)
+    results = {}
+    for key, (process, report, log) in processes.items():
+        process.wait(timeout=1200)
+        log.close()
+        tail = Path(log.name).read_text()[-3000:]
+        if not report.is_file():
+            pytest.fail(f"Optuna's storage tests did not run for {key}:\n{tail}")
+        results[key] = (*_failures(report), tail)
+    return results
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("run", ["adsearch", "adsearch-coalesced"])
+def test_adsearch_storage_passes_every_optuna_storage_test_rdbstorage_passes(contract_runs, backend, run):
+    if (backend, run) not in contract_runs:
+        pytest.skip(f"{backend} not reachable here (see the printed reason)")
+    baseline, baseline_ran, _ = contract_runs[backend, "rdb"]
+    failed, ran, log = contract_runs[backend, run]
+    assert ran == baseline_ran and ran > 150, (ran, baseline_ran)
+    print(f"{backend}/{run}: {ran} Optuna storage tests, {len(failed)} failed "
+          f"({len(baseline)} also fail for RDBStorage: {sorted(baseline)})")
+    regressions = sorted(failed - baseline)
+    assert not regressions, f"fail for AdsearchStorage, pass for RDBStorage: {regressions}\n{log}"
