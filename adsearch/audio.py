@@ -13,6 +13,7 @@ import soundfile as sf
 import soxr
 
 SAMPLE_RATE = 16_000
+SILENCE_PEAK = 1e-5  # -100 dBFS: below any microphone's noise floor, i.e. digital silence
 
 
 class AudioError(Exception):
@@ -33,20 +34,53 @@ def audio_duration(path: Path | str) -> float:
     return info.frames / info.samplerate
 
 
+def _wav_declared_frames(path: Path) -> int | None:
+    """Frames a RIFF/WAVE file's data chunk announces (libsndfile quietly shortens a truncated one), or None
+    for other formats and streamed WAVs whose size field was never filled in."""
+    with path.open("rb") as handle:
+        if handle.read(12)[8:12] != b"WAVE":
+            return None
+        block_align = None
+        for _ in range(64):  # chunks before 'data': fmt, LIST, fact, ...
+            header = handle.read(8)
+            if len(header) < 8:
+                return None
+            chunk, size = header[:4], int.from_bytes(header[4:], "little")
+            if chunk == b"fmt ":
+                block_align = int.from_bytes(handle.read(16)[12:14], "little")
+                handle.seek(size - 16 + (size & 1), 1)
+            elif chunk == b"data":
+                if not block_align or size in (0, 0xFFFFFFFF):
+                    return None
+                return size // block_align
+            else:
+                handle.seek(size + (size & 1), 1)
+    return None
+
+
 def load_audio(path: Path | str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Decode, downmix to mono and resample with soxr's anti-aliasing filter (VHQ)."""
     path = Path(path)
     if not path.exists():
         raise AudioError(path, "file does not exist")
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as handle:
+            declared, rate = handle.frames, handle.samplerate
+            data = handle.read(dtype="float32", always_2d=True)
     except Exception as exc:
         raise AudioError(path, f"cannot decode audio ({exc})") from exc
     if data.shape[0] == 0:
         raise AudioError(path, "file holds no audio samples")
+    declared = max(declared, _wav_declared_frames(path) or 0)
+    if data.shape[0] < declared:
+        raise AudioError(path, f"truncated: the header announces {declared / rate:.2f} s, the file holds "
+                               f"{data.shape[0] / rate:.2f} s; re-export or re-download it")
     mono = data.mean(axis=1, dtype=np.float32)
     if not np.isfinite(mono).all():
         raise AudioError(path, "audio contains NaN or infinite samples")
+    if float(np.max(np.abs(mono))) < SILENCE_PEAK:
+        raise AudioError(path, f"silent: no sample reaches {SILENCE_PEAK:g} of full scale (-100 dBFS); a model "
+                               "would score it with confidence it does not have")
     if rate != sample_rate:
         mono = soxr.resample(mono, rate, sample_rate, quality="VHQ").astype(np.float32, copy=False)
     return np.ascontiguousarray(mono)

@@ -483,9 +483,11 @@ def predict(
     Only as many transformer layers run as the chosen layer needs. A file that cannot be read gets an
     error row; the others are still predicted.
     """
-    from adsearch.predict import Predictor, read_segments, write_predictions
+    from adsearch.predict import Predictor, check_output, read_segments, write_predictions
 
     with user_errors():
+        if output:
+            check_output(output)
         spans = read_segments(segments) if segments else {}
         predictor = Predictor(export_dir, device)
     predictions = []
@@ -496,7 +498,9 @@ def predict(
         if prediction.error:
             err.print(f"[red]{path}: {prediction.error}[/]", highlight=False)
         else:
-            out.print(f"{path}: P(AD) = {prediction.prob_ad:.3f} -> {prediction.label} "
+            score = (f"P(AD) = {prediction.prob_ad:.3f}" if prediction.prob_ad is not None
+                     else f"decision {prediction.decision:+.3f}")
+            out.print(f"{path}: {score} -> {prediction.label} "
                       f"({prediction.n_windows} windows, {prediction.speech_seconds:.1f} s of speech)", highlight=False)
     if output:
         write_predictions(predictions, output)

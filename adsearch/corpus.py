@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,9 @@ MANIFEST_COLUMNS = ("id", "path", "label", "group", "split", "mmse", "segments")
 SPLITS = ("train", "test")
 
 Segment = tuple[float, float]
+# Ids become file names in caches (parts/{id}.npz): letters, digits, '.', '_' and '-', no leading dot.
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+MAX_MANIFEST_BYTES = 256 * 2**20
 
 
 class CorpusError(ValueError):
@@ -45,6 +51,16 @@ class Recording:
 class ImportResult:
     recordings: list[Recording]
     warnings: list[str] = field(default_factory=list)
+
+
+def check_id(rec_id: str) -> str | None:
+    """Why `rec_id` cannot name a recording (it becomes a file name), or None if it can."""
+    if ID_PATTERN.fullmatch(rec_id):
+        return None
+    if len(rec_id) > 128:
+        return f"id {rec_id[:40]!r}... is {len(rec_id)} characters long; at most 128"
+    return (f"id {rec_id[:60]!r} may only hold letters, digits, '.', '_' and '-' and must not start with '.' "
+            "(ids become file names in the cache)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -69,6 +85,8 @@ def parse_segments(text: str) -> tuple[Segment, ...]:
             begin, end = float(begin_text), float(end_text)
         except ValueError:
             raise ValueError(f"segment {piece!r} is not 'begin-end' in seconds") from None
+        if not (math.isfinite(begin) and math.isfinite(end)):
+            raise ValueError(f"segment {piece!r} needs finite seconds")
         if not (0 <= begin < end):
             raise ValueError(f"segment {piece!r} needs 0 <= begin < end")
         segments.append((begin, end))
@@ -115,29 +133,65 @@ def _parse_label(text: str) -> int | None:
     raise ValueError(f"label {text!r} is not 1 (AD), 0 (control) or empty (unlabelled)")
 
 
+def _read_text(path: Path, what: str, limit: int = MAX_MANIFEST_BYTES) -> str:
+    """A CSV's text as UTF-8 (with or without BOM); any other encoding is refused with what to do."""
+    if not path.is_file():
+        raise CorpusError(f"{path}: {what} not found" + (" (it is a folder)" if path.is_dir() else ""))
+    if path.stat().st_size > limit:
+        raise CorpusError(f"{path}: {path.stat().st_size:,} bytes; a {what} of over {limit:,} bytes is refused")
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise CorpusError(f"{path}: the {what} is UTF-16; save it as UTF-8 (CSV UTF-8 in a spreadsheet program)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise CorpusError(f"{path} line {line}: not UTF-8 text (byte {raw[exc.start]:#x}); save the {what} as "
+                          "UTF-8") from None
+
+
+def read_csv(path: Path, what: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(header, [(line, cells)]) of a CSV, blank lines skipped; a repeated column is refused."""
+    reader = csv.reader(io.StringIO(_read_text(path, what), newline=""))
+    try:
+        header = [name.strip() for name in next(reader, [])]
+        rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except csv.Error as exc:
+        raise CorpusError(f"{path} line {reader.line_num}: not valid CSV ({exc})") from None
+    repeated = sorted({name for name in header if name and header.count(name) > 1})
+    if repeated:
+        raise CorpusError(f"{path} line 1: column(s) {', '.join(repeated)} appear more than once; keep one of each")
+    return header, rows
+
+
 def read_manifest(path: Path | str, check_files: bool = True) -> list[Recording]:
     """Read and validate a manifest; every problem is reported at once, with its line number."""
     path = Path(path)
-    if not path.is_file():
-        raise CorpusError(f"{path}: manifest not found")
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        header = [name.strip() for name in (reader.fieldnames or [])]
-        missing = [c for c in ("id", "path", "label", "group", "split") if c not in header]
-        if missing:
-            raise CorpusError(
-                f"{path}: missing column(s) {', '.join(missing)}; a manifest needs the columns "
-                f"{', '.join(MANIFEST_COLUMNS)} (mmse and segments may be left out)"
-            )
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    header, raw_rows = read_csv(path, "manifest")
+    missing = [c for c in ("id", "path", "label", "group", "split") if c not in header]
+    if missing:
+        raise CorpusError(
+            f"{path}: missing column(s) {', '.join(missing)}; a manifest needs the columns "
+            f"{', '.join(MANIFEST_COLUMNS)} (mmse and segments may be left out)"
+        )
     problems: list[str] = []
+    rows = []
+    for line, cells in raw_rows:
+        if len(cells) != len(header):
+            problems.append(f"{path} line {line}: {len(cells)} fields, the header has {len(header)} (a comma inside "
+                            "a value needs quotes)")
+            continue
+        rows.append((line, {name: cell.strip() for name, cell in zip(header, cells, strict=True)}))
     recordings: list[Recording] = []
     seen: dict[str, int] = {}
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         where = f"{path} line {line}"
         rec_id = row["id"]
         if not rec_id:
             problems.append(f"{where}: empty id")
+            continue
+        if (bad_id := check_id(rec_id)) is not None:
+            problems.append(f"{where}: {bad_id}")
             continue
         if rec_id in seen:
             problems.append(f"{where}: id {rec_id!r} already used on line {seen[rec_id]}")
@@ -149,10 +203,13 @@ def read_manifest(path: Path | str, check_files: bool = True) -> list[Recording]
                 raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
             if split == "train" and label is None:
                 raise ValueError("a train recording needs a label (0 or 1)")
-            mmse = float(row["mmse"]) if row.get("mmse") else None
+            mmse = _parse_mmse(row.get("mmse", ""))
             segments = parse_segments(row.get("segments", ""))
         except ValueError as exc:
             problems.append(f"{where}: {exc}")
+            continue
+        if not row["path"]:
+            problems.append(f"{where}: empty path")
             continue
         audio_path = Path(row["path"])
         if not audio_path.is_absolute():
@@ -162,6 +219,7 @@ def read_manifest(path: Path | str, check_files: bool = True) -> list[Recording]
         recordings.append(
             Recording(rec_id, audio_path, label, row["group"] or rec_id, split, mmse, segments)
         )
+    problems += speakers_in_both_splits(recordings, path)
     if problems:
         shown = "\n  ".join(problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
@@ -169,6 +227,31 @@ def read_manifest(path: Path | str, check_files: bool = True) -> list[Recording]
     if not recordings:
         raise CorpusError(f"{path}: the manifest has no recordings")
     return recordings
+
+
+def _parse_mmse(text: str) -> float | None:
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"mmse {text!r} is not a number") from None
+    if not 0 <= value <= 30:
+        raise ValueError(f"mmse {text!r} is outside 0..30")
+    return value
+
+
+def speakers_in_both_splits(recordings: Sequence[Recording], source: Path | str) -> list[str]:
+    """A speaker (group) with recordings in train and test would leak into the held-out evaluation."""
+    splits: dict[str, set[str]] = {}
+    for rec in recordings:
+        splits.setdefault(rec.group, set()).add(rec.split)
+    both = sorted(group for group, found in splits.items() if len(found) > 1)
+    if not both:
+        return []
+    return [f"{source}: speaker(s) {', '.join(map(repr, both[:10]))}{' ...' if len(both) > 10 else ''} have "
+            "recordings in both train and test: the test split would not be held out. Put each speaker's "
+            "recordings in one split"]
 
 
 def write_manifest(recordings: Sequence[Recording], path: Path | str) -> Path:
@@ -225,7 +308,7 @@ def find_diagnosis_dir(root: Path) -> Path:
 
 def read_segmentation(path: Path) -> list[tuple[str, float, float]]:
     """Rows of (speaker, begin_s, end_s) from an ADReSSo segmentation CSV (times in ms there)."""
-    with path.open(newline="", encoding="utf-8-sig") as handle:
+    with io.StringIO(_read_text(path, "segmentation file"), newline="") as handle:
         reader = csv.reader(handle)
         header = [h.strip().lower() for h in next(reader, [])]
         try:
@@ -276,10 +359,8 @@ _DX = {"probablead": 1, "ad": 1, "1": 1, "control": 0, "cn": 0, "hc": 0, "0": 0}
 
 def read_test_labels(path: Path) -> dict[str, int]:
     """The separately released `ID, Dx` file (ProbableAD | Control)."""
-    if not path.is_file():
-        raise CorpusError(f"{path}: test label file not found")
     labels = {}
-    with path.open(newline="", encoding="utf-8-sig") as handle:
+    with io.StringIO(_read_text(path, "test label file"), newline="") as handle:
         reader = csv.DictReader(handle)
         fields = {(f or "").strip().lower(): f for f in reader.fieldnames or []}
         if "id" not in fields or "dx" not in fields:
@@ -299,6 +380,8 @@ def _import_folder(
     recordings = []
     for wav in sorted(audio_dir.glob("*.wav")):
         rec_id = wav.stem
+        if (bad_id := check_id(rec_id)) is not None:
+            raise CorpusError(f"{wav}: {bad_id}; rename the file")
         try:
             duration: float | None = audio_duration(wav)
         except AudioError as exc:

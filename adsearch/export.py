@@ -15,11 +15,11 @@ from typing import Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adsearch import __version__
 from adsearch.embed.cache import POOLINGS, EmbeddingCache
-from adsearch.search.classifiers import REGISTRY
+from adsearch.safeyaml import YamlError, load_yaml
 from adsearch.search.objective import (
     assign_folds,
     cross_validate,
@@ -28,11 +28,24 @@ from adsearch.search.objective import (
     read_features,
     recording_scores,
 )
-from adsearch.search.space import PipelineSettings, TrialConfig
+from adsearch.search.space import PipelineSettings, TrialConfig, fixed_params_problems
 
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.skops"
-TRUSTED_MODULES = ("adsearch.search.estimators.", "sklearn.", "xgboost.", "catboost.", "numpy.", "scipy.", "builtins.")
+# The exact types beyond skops' own safe defaults that a model adsearch exports can hold: measured with
+# `skops.io.get_untrusted_types` over every registry classifier with every preprocessing option
+# (tests/test_hardening.py re-measures it). Never a module prefix: `builtins.`, `numpy.` or `scipy.` would
+# admit eval, exec, numpy.load and the numpy.testing helpers, which run code when a model is loaded.
+TRUSTED_TYPES = frozenset({
+    "adsearch.search.estimators.BlockwiseStandardScaler",
+    "adsearch.search.estimators.CovariancePCA",
+    "adsearch.search.estimators.ShrinkageLDA",
+    "catboost.core.CatBoostClassifier",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.tree._tree.Tree",
+    "xgboost.core.Booster",
+    "xgboost.sklearn.XGBClassifier",
+})
 
 
 class ExportError(ValueError):
@@ -49,13 +62,13 @@ class ModelRef(_Strict):
 
 
 class Features(_Strict):
-    layer: int
+    layer: int = Field(ge=0)  # a negative index would silently pick another layer
     pooling: str
     unit: Literal["recording", "window"]
-    window_s: float
-    min_window_s: float
-    dtype: str = "float32"
-    sample_rate: int = 16_000
+    window_s: float = Field(gt=0, le=600)
+    min_window_s: float = Field(ge=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    sample_rate: Literal[16_000] = 16_000
 
 
 class CVRecord(_Strict):
@@ -105,21 +118,18 @@ def load_config(path: Path | str) -> ExportedConfig:
     if not path.is_file():
         raise ExportError(f"{path}: exported config not found (run `adsearch export` first)")
     try:
-        data = yaml.safe_load(path.read_text())
-        config = ExportedConfig(**(data or {}))
-    except yaml.YAMLError as exc:
-        raise ExportError(f"{path}: not valid YAML ({exc})") from None
+        data = load_yaml(path, "exported config")
+        if not isinstance(data, dict):
+            raise ExportError(f"{path}: the top level must be a mapping (an exported config.yaml)")
+        config = ExportedConfig(**data)
+    except YamlError as exc:
+        raise ExportError(str(exc)) from None
     except (ValidationError, TypeError) as exc:
         details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()) \
             if isinstance(exc, ValidationError) else str(exc)
         raise ExportError(f"{path}: invalid config: {details}") from None
     pipeline = config.pipeline
-    problems = []
-    if pipeline.classifier not in REGISTRY:
-        problems.append(f"pipeline.classifier: unknown {pipeline.classifier!r}; available: {', '.join(REGISTRY)}")
-    elif set(pipeline.params) != set(REGISTRY[pipeline.classifier].params):
-        problems.append(f"pipeline.params: {pipeline.classifier} needs exactly "
-                        f"{sorted(REGISTRY[pipeline.classifier].params)}")
+    problems = fixed_params_problems(pipeline.classifier, pipeline.params, "pipeline")
     if config.features.pooling not in POOLINGS:
         problems.append(f"features.pooling: {config.features.pooling!r} is not one of {list(POOLINGS)}")
     if pipeline.pca == "components" and not (pipeline.pca_components or 0) >= 1:
@@ -237,15 +247,24 @@ def save_model(model, path: Path) -> None:
 
 
 def load_model(path: Path):
-    """Load with skops, trusting only types from adsearch's estimators, scikit-learn, XGBoost, CatBoost,
-    NumPy and SciPy."""
+    """Load with skops, trusting its safe defaults and the exact types in TRUSTED_TYPES, nothing else."""
     import skops.io as sio
 
-    untrusted = sio.get_untrusted_types(file=path)
-    unexpected = [t for t in untrusted if not t.startswith(TRUSTED_MODULES)]
+    try:
+        untrusted = sio.get_untrusted_types(file=path)
+    except Exception as exc:  # not a zip, no schema, a schema of another version ...
+        raise ExportError(f"{path}: not a model file adsearch can read ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); export again") from None
+    unexpected = sorted(set(untrusted) - TRUSTED_TYPES)
     if unexpected:
-        raise ExportError(f"{path}: refuses to load unexpected types {unexpected}")
-    return sio.load(path, trusted=untrusted)
+        listed = ", ".join(unexpected)[:500]
+        raise ExportError(f"{path}: refused: the file holds types adsearch never exports ({listed}); it may run "
+                          "code when loaded. Only load models written by `adsearch export`")
+    try:
+        return sio.load(path, trusted=sorted(untrusted))
+    except Exception as exc:
+        raise ExportError(f"{path}: cannot load the model ({type(exc).__name__}: {str(exc)[:200]}); export again"
+                          ) from None
 
 
 def export_trial(

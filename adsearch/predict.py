@@ -8,6 +8,8 @@ recording gets the features the cache holds. A file that cannot be used gets its
 from __future__ import annotations
 
 import csv
+import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,8 @@ from adsearch.export import CONFIG_FILE, MODEL_FILE, ExportedConfig, ExportError
 @dataclass
 class Prediction:
     file: str
-    prob_ad: float | None = None  # probability (or decision score for margin classifiers) of AD
+    prob_ad: float | None = None  # probability of AD, for classifiers that estimate one
+    decision: float | None = None  # the signed margin of classifiers that only have a decision function
     label: str | None = None
     n_windows: int = 0
     speech_seconds: float = 0.0
@@ -35,33 +38,31 @@ def read_segments(path: Path | str) -> dict[str, list[tuple[float, float]]]:
     Either a CSV with columns file, begin, end (seconds; several rows per file) or a corpus manifest
     (its segments column), so the speech of corpus recordings is cut exactly as for extraction.
     """
-    from adsearch.corpus import CorpusError, merge_segments, read_manifest
+    from adsearch.corpus import CorpusError, merge_segments, read_csv, read_manifest
 
     path = Path(path)
-    if not path.is_file():
-        raise CorpusError(f"{path}: segments file not found")
-    found: dict[str, list] = defaultdict(list)
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        header = next(csv.reader(handle), [])
+    header, rows = read_csv(path, "segments file")
     if {"path", "segments"} <= set(header):
         by_file = {}
         for rec in read_manifest(path, check_files=False):
             for key in (str(rec.path), Path(rec.path).name):
                 by_file[key] = list(rec.segments)
         return by_file
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        if not {"file", "begin", "end"} <= set(reader.fieldnames or []):
-            raise CorpusError(f"{path}: needs the columns file, begin, end (seconds), or a corpus manifest; "
-                              f"found {reader.fieldnames}")
-        for line, row in enumerate(reader, start=2):
-            try:
-                begin, end = float(row["begin"]), float(row["end"])
-            except ValueError:
-                raise CorpusError(f"{path} line {line}: begin/end are not numbers") from None
-            if not 0 <= begin < end:
-                raise CorpusError(f"{path} line {line}: needs 0 <= begin < end")
-            found[row["file"]].append((begin, end))
+    if not {"file", "begin", "end"} <= set(header):
+        raise CorpusError(f"{path}: needs the columns file, begin, end (seconds), or a corpus manifest; "
+                          f"found {header[:10]}")
+    found: dict[str, list] = defaultdict(list)
+    for line, cells in rows:
+        if len(cells) != len(header):
+            raise CorpusError(f"{path} line {line}: {len(cells)} fields, the header has {len(header)}")
+        row = dict(zip(header, (cell.strip() for cell in cells), strict=True))
+        try:
+            begin, end = float(row["begin"]), float(row["end"])
+        except ValueError:
+            raise CorpusError(f"{path} line {line}: begin/end are not numbers") from None
+        if not (math.isfinite(begin) and math.isfinite(end) and 0 <= begin < end):
+            raise CorpusError(f"{path} line {line}: needs finite seconds with 0 <= begin < end")
+        found[row["file"]].append((begin, end))
     return {name: merge_segments(spans) for name, spans in found.items()}
 
 
@@ -120,15 +121,37 @@ class Predictor:
             prediction.error = exc.reason
             return prediction
         score, threshold = recording_scores(self.classifier, X, np.zeros(len(X), np.int64), 1)
-        prediction.prob_ad = float(score[0])
+        if hasattr(self.classifier, "predict_proba"):
+            prediction.prob_ad = float(score[0])
+        else:  # an SVM's margin is no probability: it gets its own column
+            prediction.decision = float(score[0])
         prediction.label = "AD" if score[0] > threshold else "control"
         return prediction
 
 
+def check_output(path: Path | str) -> Path:
+    """Where predictions go, checked before any is computed: its folder is created, an existing folder or
+    an unwritable place is refused."""
+    path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"-o {path}: is a folder; name a CSV file, e.g. {path / 'predictions.csv'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"-o {path}: cannot create its folder ({exc.strerror})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise ExportError(f"-o {path}: its folder {path.parent} is not writable")
+    return path
+
+
 def write_predictions(predictions: list[Prediction], path: Path | str) -> None:
-    fields = ["file", "prob_ad", "label", "n_windows", "speech_seconds", "error"]
-    with Path(path).open("w", newline="") as handle:
+    """Write the CSV atomically (a crash never leaves half a file)."""
+    fields = ["file", "prob_ad", "decision", "label", "n_windows", "speech_seconds", "error"]
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for p in predictions:
             writer.writerow({f: ("" if getattr(p, f) is None else getattr(p, f)) for f in fields})
+    os.replace(tmp, path)

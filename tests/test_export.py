@@ -109,7 +109,7 @@ def test_export_bad_inputs(study_env, exported, tmp_path):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda c: c["pipeline"].update(classifier="svm"), "pipeline.classifier: unknown 'svm'"),
+    (lambda c: c["pipeline"].update(classifier="svm"), "pipeline.classifier: unknown classifier 'svm'"),
     (lambda c: c["pipeline"]["params"].update(gamma=1), "pipeline.params: "),
     (lambda c: c["features"].pop("layer"), "features.layer: Field required"),
     (lambda c: c["features"].update(pooling="median"), "features.pooling: 'median'"),
@@ -195,9 +195,9 @@ def test_predict_cli_bad_file_gets_its_own_error(exported, study_env, tmp_path):
     result = run("predict", out, test_audio, broken, "--segments", study_env["manifest"], "-o", csv_out)
     assert result.exit_code == 0, result.output
     rows = csv_out.read_text().splitlines()
-    assert rows[0] == "file,prob_ad,label,n_windows,speech_seconds,error"
+    assert rows[0] == "file,prob_ad,decision,label,n_windows,speech_seconds,error"
     good, bad = rows[1].split(","), rows[2].split(",")
-    assert 0 <= float(good[1]) <= 1 and good[2] in ("AD", "control") and good[5] == ""
+    assert 0 <= float(good[1]) <= 1 and good[2] == "" and good[3] in ("AD", "control") and good[6] == ""
     assert bad[1] == "" and "cannot decode" in rows[2]
     assert "broken.wav: cannot decode" in result.output
 

@@ -44,6 +44,15 @@ class ExtractSettings:
     min_window_s: float = 0.5
     dtype: str = "float32"
 
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.window_s) and math.isfinite(self.min_window_s)):
+            raise ValueError(f"--window-s {self.window_s} and --min-window-s {self.min_window_s} must be finite")
+        if self.window_s * SAMPLE_RATE < MIN_WINDOW_SAMPLES or not 0 <= self.min_window_s <= self.window_s:
+            raise ValueError(f"--window-s ({self.window_s}) must be at least {MIN_WINDOW_SAMPLES / SAMPLE_RATE} s "
+                             f"and --min-window-s ({self.min_window_s}) between 0 and --window-s")
+        if self.window_s > 600:
+            raise ValueError(f"--window-s {self.window_s}: at most 600 s (attention cost grows with its square)")
+
 
 @dataclass
 class Failure:
@@ -172,12 +181,21 @@ class WindowEncoder:
 
 
 def resolve_device(device: str) -> str:
+    """auto, cpu, cuda or cuda:N, checked against what torch sees (a clear error, not a CUDA traceback)."""
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d{1,3})?", device):
+        raise ValueError(f"--device {device[:40]!r}: choose auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} asked for, but torch sees no CUDA device (a CPU build of torch, or "
+                             "no driver); use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -326,8 +344,6 @@ def extract(
     import torch
 
     settings = settings or ExtractSettings()
-    if settings.window_s * SAMPLE_RATE < MIN_WINDOW_SAMPLES or settings.min_window_s > settings.window_s:
-        raise ValueError("--window-s must be at least 0.025 s and not below --min-window-s")
     if batch_size is not None and batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     recordings = read_manifest(manifest)

@@ -15,9 +15,25 @@ from typing import Any
 
 @dataclass(frozen=True)
 class FloatRange:
+    """The default search range, and the values the estimator accepts at all (`above` exclusive, `max`
+    inclusive): a YAML space may widen the range, never leave the valid values."""
+
     low: float
     high: float
     log: bool = False
+    above: float | None = None
+    max: float | None = None
+    min: float | None = None
+
+    def invalid(self, value: float) -> str | None:
+        """Why the estimator cannot take `value`, or None."""
+        if self.min is not None and value < self.min:
+            return f"must be at least {self.min:g}"
+        if self.above is not None and not value > self.above:
+            return f"must be above {self.above:g}"
+        if self.max is not None and value > self.max:
+            return f"must be at most {self.max:g}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -25,6 +41,15 @@ class IntRange:
     low: int
     high: int
     log: bool = False
+    min: int = 1  # every integer hyperparameter here counts something
+    max: int | None = None
+
+    def invalid(self, value: float) -> str | None:
+        if value < self.min:
+            return f"must be at least {self.min}"
+        if self.max is not None and value > self.max:
+            return f"must be at most {self.max}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -57,7 +82,7 @@ def register(name: str, description: str, params: dict[str, Param],
     return decorator
 
 
-@register("logreg", "L2-regularised logistic regression", {"C": FloatRange(1e-4, 1e2, log=True)})
+@register("logreg", "L2-regularised logistic regression", {"C": FloatRange(1e-4, 1e2, log=True, above=0)})
 def _logreg(p, seed):
     from sklearn.linear_model import LogisticRegression
 
@@ -65,7 +90,7 @@ def _logreg(p, seed):
 
 
 @register("linear_svm", "linear support vector machine (Platt-free: decision function)",
-          {"C": FloatRange(1e-5, 1e1, log=True)})
+          {"C": FloatRange(1e-5, 1e1, log=True, above=0)})
 def _linear_svm(p, seed):
     from sklearn.svm import LinearSVC
 
@@ -73,7 +98,7 @@ def _linear_svm(p, seed):
 
 
 @register("rbf_svm", "support vector machine with an RBF kernel",
-          {"C": FloatRange(1e-2, 1e3, log=True), "gamma": FloatRange(1e-5, 1e-1, log=True)})
+          {"C": FloatRange(1e-2, 1e3, log=True, above=0), "gamma": FloatRange(1e-5, 1e-1, log=True, above=0)})
 def _rbf_svm(p, seed):
     from sklearn.svm import SVC
 
@@ -91,7 +116,7 @@ def _knn(p, seed):
 
 
 @register("lda", "linear discriminant analysis, covariance shrunk towards a scaled identity",
-          {"shrinkage": FloatRange(1e-3, 1.0, log=True)})
+          {"shrinkage": FloatRange(1e-3, 1.0, log=True, above=0, max=1)})
 def _lda(p, seed):
     from adsearch.search.estimators import ShrinkageLDA
 
@@ -118,8 +143,9 @@ def _extra_trees(p, seed):
 
 @register("xgboost", "gradient-boosted trees (XGBoost, histogram method, capped rounds)",
           {"n_estimators": IntRange(20, 200, log=True), "max_depth": IntRange(2, 6),
-           "learning_rate": FloatRange(0.01, 0.3, log=True), "subsample": FloatRange(0.5, 1.0),
-           "colsample_bytree": FloatRange(0.1, 1.0)})
+           "learning_rate": FloatRange(0.01, 0.3, log=True, above=0),
+           "subsample": FloatRange(0.5, 1.0, above=0, max=1),
+           "colsample_bytree": FloatRange(0.1, 1.0, above=0, max=1)})
 def _xgboost(p, seed):
     from xgboost import XGBClassifier
 
@@ -127,8 +153,9 @@ def _xgboost(p, seed):
 
 
 @register("catboost", "gradient-boosted oblivious trees (CatBoost, capped iterations)",
-          {"iterations": IntRange(20, 200, log=True), "depth": IntRange(2, 6),
-           "learning_rate": FloatRange(0.01, 0.3, log=True), "l2_leaf_reg": FloatRange(1.0, 10.0, log=True)})
+          {"iterations": IntRange(20, 200, log=True), "depth": IntRange(2, 6, max=16),
+           "learning_rate": FloatRange(0.01, 0.3, log=True, above=0),
+           "l2_leaf_reg": FloatRange(1.0, 10.0, log=True, min=0)})
 def _catboost(p, seed):
     from catboost import CatBoostClassifier
 
@@ -137,8 +164,8 @@ def _catboost(p, seed):
 
 
 @register("mlp", "small multilayer perceptron (one hidden layer, early stopping)",
-          {"hidden_units": IntRange(16, 256, log=True), "alpha": FloatRange(1e-5, 1e-1, log=True),
-           "learning_rate_init": FloatRange(1e-4, 1e-2, log=True)})
+          {"hidden_units": IntRange(16, 256, log=True), "alpha": FloatRange(1e-5, 1e-1, log=True, min=0),
+           "learning_rate_init": FloatRange(1e-4, 1e-2, log=True, above=0)})
 def _mlp(p, seed):
     from sklearn.neural_network import MLPClassifier
 

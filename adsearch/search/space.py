@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adsearch.embed.cache import POOLINGS
+from adsearch.safeyaml import YamlError, load_yaml, short
 from adsearch.search.classifiers import REGISTRY, Choice, FloatRange, IntRange
 
 METRICS = ("balanced_accuracy", "accuracy", "f1", "roc_auc")
@@ -30,7 +31,8 @@ class SpaceError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity are no range bounds: a NaN range once crashed `search` after the study was created.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class IntSpan(_Strict):
@@ -127,29 +129,38 @@ def _format_loc(loc: tuple) -> str:
 
 
 def _resolve_param(where: str, name: str, default, value) -> tuple[str, Any]:
-    """Validate one YAML hyperparameter against the registry's default; return (kind, spec)."""
+    """Validate one YAML hyperparameter against the registry's default and valid values; return (kind, spec)."""
     numeric = isinstance(default, FloatRange | IntRange)
     if isinstance(value, dict):
         if not numeric:
             raise SpaceError(f"{where}: {name} is categorical; give a list of {list(default.options)} or one value")
         span_type = IntSpan if isinstance(default, IntRange) else FloatSpan
         try:
-            return "range", span_type(**value)
+            span = span_type(**value)
         except ValidationError as exc:
             detail = "; ".join(f"{_format_loc(e['loc']) or 'range'}: {e['msg']}" for e in exc.errors())
             raise SpaceError(f"{where}: {detail} (a range is {{low: .., high: .., log: true|false}})") from None
         except TypeError:
             raise SpaceError(f"{where}: a range is {{low: .., high: .., log: true|false}}") from None
+        for bound in (span.low, span.high):
+            if (problem := default.invalid(bound)) is not None:
+                raise SpaceError(f"{where}: {name} {problem}; {bound:g} is not (the default range is "
+                                 f"{default.low:g}..{default.high:g})")
+        return "range", span
     values = value if isinstance(value, list) else [value]
     if not values:
         raise SpaceError(f"{where}: an empty list of choices")
     for item in values:
         if isinstance(default, Choice) and item not in default.options:
-            raise SpaceError(f"{where}: {item!r} is not one of {list(default.options)}")
+            raise SpaceError(f"{where}: {short(item)} is not one of {list(default.options)}")
         if numeric and (isinstance(item, bool) or not isinstance(item, int | float)):
-            raise SpaceError(f"{where}: {item!r} is not a number")
+            raise SpaceError(f"{where}: {short(item)} is not a number")
+        if numeric and not math.isfinite(item):
+            raise SpaceError(f"{where}: {item} is not a finite number")
         if isinstance(default, IntRange) and not float(item).is_integer():
-            raise SpaceError(f"{where}: {item!r} is not an integer")
+            raise SpaceError(f"{where}: {short(item)} is not an integer")
+        if numeric and (problem := default.invalid(item)) is not None:
+            raise SpaceError(f"{where}: {name} {problem}; {item:g} is not")
     values = [int(v) if isinstance(default, IntRange) else v for v in values]
     return ("fixed", values[0]) if len(values) == 1 else ("choice", tuple(values))
 
@@ -171,7 +182,8 @@ def classifier_params(spec: StudySpec, name: str) -> dict[str, tuple[str, Any]]:
 def _check_registry(spec: StudySpec) -> None:
     for name, overrides in spec.space.classifiers.items():
         if name not in REGISTRY:
-            raise SpaceError(f"space.classifiers.{name}: unknown classifier; available: {', '.join(REGISTRY)}")
+            raise SpaceError(f"space.classifiers.{str(name)[:60]}: unknown classifier; available: "
+                             f"{', '.join(REGISTRY)}")
         if not isinstance(overrides, dict | None):
             raise SpaceError(f"space.classifiers.{name}: give a mapping of hyperparameters (or {{}} for defaults)")
         unknown = set(overrides or {}) - set(REGISTRY[name].params)
@@ -180,15 +192,29 @@ def _check_registry(spec: StudySpec) -> None:
                              f"{name} has {sorted(REGISTRY[name].params)}")
         classifier_params(spec, name)
     reference = spec.layer_grid
-    if reference.classifier not in REGISTRY:
-        raise SpaceError(f"layer_grid.classifier: unknown classifier {reference.classifier!r}")
     if reference.pooling not in POOLINGS:
-        raise SpaceError(f"layer_grid.pooling: {reference.pooling!r} is not one of {list(POOLINGS)}")
-    missing = set(REGISTRY[reference.classifier].params) - set(reference.params)
-    unknown = set(reference.params) - set(REGISTRY[reference.classifier].params)
-    if missing or unknown:
-        raise SpaceError(f"layer_grid.params: {reference.classifier} needs exactly "
-                         f"{sorted(REGISTRY[reference.classifier].params)} (fixed values)")
+        raise SpaceError(f"layer_grid.pooling: {short(reference.pooling)} is not one of {list(POOLINGS)}")
+    problems = fixed_params_problems(reference.classifier, reference.params, "layer_grid")
+    if problems:
+        raise SpaceError("; ".join(problems))
+
+
+def fixed_params_problems(classifier: str, params: dict[str, Any], where: str) -> list[str]:
+    """What is wrong with one fixed setting of a classifier (a layer-grid reference, an exported config)."""
+    if classifier not in REGISTRY:
+        return [f"{where}.classifier: unknown classifier {short(classifier)}; available: {', '.join(REGISTRY)}"]
+    expected = REGISTRY[classifier].params
+    if set(params) != set(expected):
+        return [f"{where}.params: {classifier} needs exactly {sorted(expected)} (fixed values)"]
+    problems = []
+    for name, value in params.items():
+        try:
+            if isinstance(value, list | dict) or _resolve_param(f"{where}.params.{name}", name, expected[name],
+                                                                 value)[0] != "fixed":
+                problems.append(f"{where}.params.{name}: one fixed value, not {short(value)}")
+        except SpaceError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def parse_spec(data: Any, source: str = "<space>") -> StudySpec:
@@ -202,8 +228,12 @@ def parse_spec(data: Any, source: str = "<space>") -> StudySpec:
         lines = []
         for error in exc.errors():
             allowed = error.get("ctx", {}).get("expected")
-            lines.append(f"{source}: {_format_loc(error['loc'])}: {error['msg']}"
-                         + (f" (allowed: {allowed})" if allowed and allowed not in error["msg"] else ""))
+            line = (f"{source}: {_format_loc(error['loc'])}: {error['msg']}"
+                    + (f" (allowed: {allowed})" if allowed and allowed not in error["msg"] else ""))
+            lines.append(line if len(line) <= 300 else line[:300] + "...")
+            if len(lines) == 20:
+                lines.append(f"... and {len(exc.errors()) - 20} more")
+                break
         raise SpaceError("\n".join(lines)) from None
     try:
         _check_registry(spec)
@@ -214,12 +244,12 @@ def parse_spec(data: Any, source: str = "<space>") -> StudySpec:
 
 def load_spec(path: Path | str) -> StudySpec:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise SpaceError(f"{path}: space file not found (see studies/default.yaml for an example)")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SpaceError(f"{path}: not valid YAML ({exc})") from None
+        data = load_yaml(path, "search-space file")
+    except YamlError as exc:
+        raise SpaceError(str(exc)) from None
     return parse_spec(data, str(path))
 
 
