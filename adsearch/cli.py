@@ -515,7 +515,7 @@ def dashboard(
     host: Annotated[str, typer.Option(help="Address to bind. The dashboard has NO authentication and can delete "
                                            "studies: keep 127.0.0.1, or put an authenticating proxy in front.")] = (
         "127.0.0.1"),
-    port: Annotated[int, typer.Option(help="Port.")] = 8080,
+    port: Annotated[int, typer.Option(help="Port.", min=1, max=65535)] = 8080,
     artifacts: Annotated[Path, typer.Option(help="Artifact store written by `adsearch export` (figures).")] = Path(
         "adsearch-artifacts"),
 ) -> None:
@@ -531,11 +531,29 @@ def dashboard(
 
     with user_errors():
         store = make_storage(storage)
+        _check_port_free(host, port)
     artifacts.mkdir(parents=True, exist_ok=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning:[/] serving on {host}: anyone who reaches it can change or delete studies")
     out.print(f"dashboard: http://{host}:{port}/dashboard  (Ctrl-C stops it)", highlight=False)
     optuna_dashboard.run_server(store, host=host, port=port, artifact_store=FileSystemArtifactStore(str(artifacts)))
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host!r}: not an address of this machine ({exc.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ValueError(f"cannot serve on {host}:{port} ({exc.strerror}); another program (another "
+                             "dashboard?) uses it: pass --port with a free one") from None
 
 
 @cache_app.command("info")

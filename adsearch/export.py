@@ -7,7 +7,9 @@ labels is recorded on the study, so a reader of the results can tell how often t
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +35,7 @@ from adsearch.search.space import PipelineSettings, TrialConfig, fixed_params_pr
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.skops"
 # The exact types beyond skops' own safe defaults that a model adsearch exports can hold: measured with
-# `skops.io.get_untrusted_types` over every registry classifier with every preprocessing option
+# `skops.io.get_untrusted_types` over every registry classifier, every categorical option, every preprocessing
 # (tests/test_hardening.py re-measures it). Never a module prefix: `builtins.`, `numpy.` or `scipy.` would
 # admit eval, exec, numpy.load and the numpy.testing helpers, which run code when a model is loaded.
 TRUSTED_TYPES = frozenset({
@@ -41,6 +43,8 @@ TRUSTED_TYPES = frozenset({
     "adsearch.search.estimators.CovariancePCA",
     "adsearch.search.estimators.ShrinkageLDA",
     "catboost.core.CatBoostClassifier",
+    "sklearn.metrics._dist_metrics.EuclideanDistance64",  # kNN's KD tree (few dims, euclidean)
+    "sklearn.neighbors._kd_tree.KDTree",
     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
     "sklearn.tree._tree.Tree",
     "xgboost.core.Booster",
@@ -286,8 +290,8 @@ def export_trial(
     from adsearch.search.study import StudySetup, load_cache_for, trial_config
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ExportError(f"{out_dir} already exists and is not empty; choose another -o or remove it")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ExportError(f"{out_dir} already exists and is not an empty folder; choose another -o or remove it")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = make_storage(storage_url)
     try:
@@ -328,11 +332,15 @@ def export_trial(
         cache=CacheRef(path=str(cache.path), content_hash=cache.content_hash),
         versions=_versions(),
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(exported.model_dump(mode="json"), sort_keys=False))
+    # Everything is written into a hidden sibling folder that becomes OUT_DIR at the very end: an export
+    # killed midway leaves no half-written OUT_DIR (a rerun starts over).
+    work_dir = out_dir.parent / f".{out_dir.name}.partial"
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True)
+    (work_dir / CONFIG_FILE).write_text(yaml.safe_dump(exported.model_dump(mode="json"), sort_keys=False))
     train = np.flatnonzero(cache.splits == "train")
     model = fit_on(cache, config, train, spec.seed)
-    save_model(model, out_dir / MODEL_FILE)
+    save_model(model, work_dir / MODEL_FILE)
     log(f"refit on {len(train)} train recordings; wrote {out_dir / CONFIG_FILE} and {out_dir / MODEL_FILE}")
 
     test_items = np.flatnonzero((cache.splits == "test") & (cache.labels >= 0))
@@ -357,8 +365,12 @@ def export_trial(
                                  "test": {k: other_test[k]["value"]
                                           for k in ("accuracy", "balanced_accuracy", "roc_auc")},
                                  "mcnemar": mcnemar_exact(correct_best, correct_other)})
-        (out_dir / "test.json").write_text(json.dumps({**result.test, "top_k": result.top_k}, indent=1))
-    result.figures = write_report(study, setup, cache, exported, result.test, result.top_k, out_dir, artifacts)
+        (work_dir / "test.json").write_text(json.dumps({**result.test, "top_k": result.top_k}, indent=1))
+    figures = write_report(study, setup, cache, exported, result.test, result.top_k, work_dir, artifacts)
+    if out_dir.exists():
+        out_dir.rmdir()  # empty, checked above
+    os.replace(work_dir, out_dir)
+    result.figures = [out_dir / figure.relative_to(work_dir) for figure in figures]
     return result
 
 

@@ -60,8 +60,9 @@ def load_yaml(path: Path | str, what: str, max_bytes: int = MAX_BYTES, max_nodes
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise YamlError(f"{path}: not UTF-8 text (byte {exc.start}); save the {what} as UTF-8") from None
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # checks the characters: may raise already
         node = loader.get_single_node()
         if node is None:
             return None
@@ -74,4 +75,5 @@ def load_yaml(path: Path | str, what: str, max_bytes: int = MAX_BYTES, max_nodes
     except RecursionError:
         raise YamlError(f"{path}: nested too deeply to be a {what}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()

@@ -1,3 +1,4 @@
+import datetime
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from conftest import POSTGRES, postgres_available
 from optuna.trial import TrialState
 
 from adsearch.embed import open_cache
+from adsearch.embed.cache import file_digest
 from adsearch.embed.synthetic import write_synthetic_cache
 from adsearch.search import objective as objective_module
 from adsearch.search.budget import TrialBudget
@@ -67,6 +69,7 @@ def test_cv_never_reads_test_items(tmp_path):
     for item in meta["items"]:
         if item["split"] == "test":
             item["label"] = 1 - item["label"]
+    meta["files"] = {name: file_digest(poisoned_dir / name) for name in meta["files"]}  # a consistent cache
     (poisoned_dir / "cache.json").write_text(json.dumps(meta))
     poisoned = open_cache(poisoned_dir)
     for unit in ("recording", "window"):
@@ -134,6 +137,7 @@ def test_window_level_cv_keeps_all_windows_of_a_recording_on_one_side(small_cach
 SCORE_SCRIPT = """
 import json, sys
 from adsearch.embed import open_cache
+from adsearch.embed.cache import file_digest
 from adsearch.search.objective import FeatureSource, assign_folds, cross_validate
 from adsearch.search.space import TrialConfig
 source = FeatureSource(open_cache(sys.argv[1]))
@@ -270,7 +274,8 @@ def test_killed_worker_leaves_nothing_running_and_budget_is_met(small_cache, tmp
         for trial in study.get_trials(states=(TrialState.RUNNING,)):
             worker = trial.user_attrs.get("worker", "")
             pid = int(worker.rsplit(":", 1)[1]) if worker else -1
-            if pid in children:
+            just_started = (datetime.datetime.now() - trial.datetime_start).total_seconds() < 0.3
+            if pid in children and just_started:  # (a trial about to end might finish before the kill lands)
                 os.kill(pid, signal.SIGKILL)
                 victim_trial = trial.number
                 break

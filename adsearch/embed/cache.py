@@ -13,9 +13,11 @@ opens one file and touches nothing else.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -48,6 +50,15 @@ def stat_path(cache_dir: Path, stat: str, layer: int) -> Path:
     return cache_dir / "stats" / stat / f"L{layer:02d}.npy"
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(4 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _find_cache_dir(path: Path) -> Path:
     if (path / META_FILE).is_file():
         return path
@@ -66,10 +77,16 @@ def _find_cache_dir(path: Path) -> Path:
 
 @dataclass(frozen=True)
 class EmbeddingCache:
-    """Read-only view of a finished cache; arrays are memory-mapped and sliced per layer and statistic."""
+    """Read-only view of a finished cache; arrays are memory-mapped and sliced per layer and statistic.
+
+    Each array file is checked against the SHA-256 that `cache.json` records for it the first time this
+    object reads it (an edited, swapped or truncated array would otherwise give silently wrong scores), and
+    its shape and type on every read."""
 
     path: Path
     meta: dict
+    _verified: set = field(default_factory=set, compare=False, repr=False)
+    _verify_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     # -- what the cache describes -------------------------------------------------------------------------
     @property
@@ -111,13 +128,27 @@ class EmbeddingCache:
         return np.asarray(self.meta["windows"]["n_frames"], np.int64)
 
     # -- raw statistics -----------------------------------------------------------------------------------
-    def window_stat(self, layer: int, stat: str) -> np.ndarray:
-        """The (n_windows, dim) array of one statistic of one layer, memory-mapped."""
-        if stat not in STATS:
-            raise CacheError(f"unknown statistic {stat!r}; the cache holds {', '.join(STATS)}")
+    def stat_file(self, layer: int, stat: str) -> Path:
+        """The array file of one statistic of one layer, verified against cache.json before its first use."""
+        _checked(stat)
         if not 0 <= layer < self.n_layers:
             raise CacheError(f"layer {layer} is outside this cache's layers 0..{self.n_layers - 1}")
-        return np.load(stat_path(self.path, stat, layer), mmap_mode="r")
+        path = stat_path(self.path, stat, layer)
+        name = path.relative_to(self.path).as_posix()
+        with self._verify_lock:
+            if name not in self._verified:
+                expected = self.meta.get("files", {}).get(name)
+                if not path.is_file():
+                    raise CacheError(f"{path}: missing from the cache; extract it again")
+                if expected is None or file_digest(path) != expected:
+                    raise CacheError(f"{path}: its content differs from what {META_FILE} records (edited, replaced "
+                                     "or damaged); extract the cache again")
+                self._verified.add(name)
+        return path
+
+    def window_stat(self, layer: int, stat: str) -> np.ndarray:
+        """The (n_windows, dim) array of one statistic of one layer, memory-mapped."""
+        return np.load(self.stat_file(layer, stat), mmap_mode="r")
 
     # -- pooled features ----------------------------------------------------------------------------------
     def windows_of(self, items: np.ndarray | None) -> np.ndarray:
@@ -150,7 +181,7 @@ class EmbeddingCache:
         (pages of a memory map would count towards the worker's resident memory until it is dropped)."""
         if not 0 <= layer < self.n_layers:
             raise CacheError(f"layer {layer} is outside this cache's layers 0..{self.n_layers - 1}")
-        return lambda stat: _read_rows(stat_path(self.path, _checked(stat), layer), rows)
+        return lambda stat: _read_rows(self.stat_file(layer, stat), rows, (len(self.window_item), self.dim))
 
     def window_features(self, layer: int, pooling: str, items: np.ndarray | None = None) -> np.ndarray:
         """(n_windows, k * dim) float32: each window of `items` (default: all) pooled on its own."""
@@ -188,10 +219,12 @@ def _checked(stat: str) -> str:
     return stat
 
 
-def _read_rows(path: Path, rows: np.ndarray) -> np.ndarray:
-    """Rows of a 2-D .npy file, read with pread-style file reads (sorted `rows`)."""
+def _read_rows(path: Path, rows: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Rows of a 2-D float32 .npy file of `shape`, read with pread-style file reads (sorted `rows`)."""
     header = np.load(path, mmap_mode="r")  # parses the header only; no data page is touched
-    offset, shape, dtype = header.offset, header.shape, header.dtype
+    offset, dtype = header.offset, header.dtype
+    if header.shape != shape or dtype != np.float32:
+        raise CacheError(f"{path}: holds {dtype} {header.shape}, {META_FILE} says float32 {shape}; extract again")
     del header
     row_bytes = shape[1] * dtype.itemsize
     out = np.empty((len(rows), shape[1]), dtype)

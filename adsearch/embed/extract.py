@@ -30,7 +30,7 @@ import numpy as np
 from adsearch import __version__
 from adsearch.audio import SAMPLE_RATE, AudioError, audio_duration, load_audio
 from adsearch.corpus import Recording, manifest_digest, read_manifest
-from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, stat_path
+from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, file_digest, stat_path
 from adsearch.embed.model import ModelSource, load_model, resolve_model, uses_attention_mask
 
 MIN_WINDOW_SAMPLES = 400  # the CNN front end needs 400 samples for its first frame
@@ -476,7 +476,10 @@ def _consolidate(cache_dir: Path, done: list[Recording], n_layers: int, dim: int
         digest.update(f"{stat}/{layer}".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     del arrays
-    return {"items": items, "windows": windows, "n_windows": n_windows, "content_hash": digest.hexdigest()}
+    files = {stat_path(cache_dir, stat, layer).relative_to(cache_dir).as_posix():
+             file_digest(stat_path(cache_dir, stat, layer)) for stat in STATS for layer in range(n_layers)}
+    return {"items": items, "windows": windows, "n_windows": n_windows, "content_hash": digest.hexdigest(),
+            "files": files}
 
 
 def _model_meta(source: ModelSource, encoder: WindowEncoder | None) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, stat_path
+from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, file_digest, stat_path
 
 
 def write_synthetic_cache(
@@ -76,6 +76,8 @@ def write_synthetic_cache(
         "windows": {"item": window_item.tolist(), "n_frames": frames.tolist(),
                     "start_sample": [0] * n_windows, "end_sample": (frames * 320).tolist()},
         "content_hash": digest.hexdigest(), "dim": dim, "stats": list(STATS),
+        "files": {stat_path(path, stat, layer).relative_to(path).as_posix(): file_digest(stat_path(path, stat, layer))
+                  for stat in STATS for layer in range(n_layers)},
         "layers": {"count": n_layers, "meaning": {"all": "synthetic"}},
         "model": {"name": "synthetic", "revision": "none"},
         "settings": {"window_s": 20.0, "min_window_s": 0.5, "dtype": "float32", "sample_rate": 16000},

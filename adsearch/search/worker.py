@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -21,9 +22,9 @@ from optuna.trial import TrialState
 
 from adsearch.search.budget import TrialBudget
 from adsearch.search.errors import StudyError
-from adsearch.search.objective import Objective, ProtocolError
+from adsearch.search.objective import WORKER_ID, Objective, ProtocolError
 from adsearch.search.samplers import make_pruner, make_sampler
-from adsearch.search.storage import DEFAULT_STORAGE, make_storage
+from adsearch.search.storage import DEFAULT_STORAGE, make_storage, mask_url
 from adsearch.search.study import StudySetup, load_cache_for, trial_counts
 
 
@@ -81,13 +82,16 @@ def run_worker(
     coalesce_seconds: float = 1.0,
 ) -> WorkerReport:
     """Run trials of `study_name` until the study's global budget of finished trials is met."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna logs each failed trial with its traceback; the worker says it in one line instead (below), and the
+    # reason stays on the trial as its `error` attribute.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     _return_freed_memory_to_the_system()
     storage = make_storage(storage_url, heartbeat_interval, grace_period, coalesce_seconds=coalesce_seconds)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
-        raise StudyError(f"no study {study_name!r} in {storage_url}; create it with `adsearch search`") from None
+        raise StudyError(f"no study {study_name!r} in {mask_url(storage_url)}; create it with `adsearch search`"
+                         ) from None
     setup = StudySetup.from_study(study)
     cache = load_cache_for(setup, study_name, cache_path)
     objective = Objective(setup, cache, on_sampled=storage.flush)  # who runs it, visible at once
@@ -103,7 +107,8 @@ def run_worker(
         if trial.state == TrialState.FAIL:
             budget.release()
             report.failed += 1
-            streak.append(trial.user_attrs.get("error", "unknown error (see the worker's log)"))
+            streak.append(trial.user_attrs.get("error", "unknown error"))
+            print(f"worker {WORKER_ID}: trial {trial.number} failed: {streak[-1][:300]}", file=sys.stderr, flush=True)
         else:
             streak.clear()
 

@@ -1,0 +1,465 @@
+"""Bad, hostile and broken input: every case a clear error (exit 2, file/line/key and what to do, no
+traceback), nothing silently wrong. Most cases are rows of tables run through the `adsearch` command as a
+user types it; the parsers are also fuzzed with hypothesis."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from conftest import speechlike, write_rows, write_wav
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from adsearch.cli import app
+from adsearch.corpus import CorpusError, check_id, parse_segments, read_manifest
+from adsearch.embed import open_cache
+from adsearch.embed.cache import CacheError
+from adsearch.embed.synthetic import write_synthetic_cache
+from adsearch.safeyaml import YamlError, load_yaml
+from adsearch.search.space import SpaceError, parse_spec
+
+runner = CliRunner()
+TINY_CACHE = dict(n_train=24, n_test=8, n_layers=2, dim=8, windows_per_item=2, signal_layer=1, signal_dims=2)
+HEADER = ["id", "path", "label", "group", "split"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_clear_error(result, *expected: str) -> None:
+    """Exit 2 with a one-line-per-problem message naming what is wrong; never a Python traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    for text in expected:
+        assert text in result.output, (text, result.output)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Manifests
+
+
+def _manifest(tmp_path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    write_wav(tmp_path / "a.wav", speechlike(1.0))
+    return write_rows(tmp_path / "m.csv", header, rows)
+
+
+GOOD_ROW = ["a", "a.wav", "1", "s1", "train"]
+MANIFEST_CASES = {
+    "repeated column": (HEADER + ["label"], [GOOD_ROW + ["0"]], ["column(s) label appear more than once"]),
+    "extra field": (HEADER, [GOOD_ROW + ["surprise"]], ["line 2: 6 fields, the header has 5"]),
+    "path traversal id": (HEADER, [["../../x", "a.wav", "1", "s1", "train"]], ["line 2: id '../../x' may only"]),
+    "absolute id": (HEADER, [["/tmp/x", "a.wav", "1", "s1", "train"]], ["id '/tmp/x' may only hold"]),
+    "hidden id": (HEADER, [[".x", "a.wav", "1", "s1", "train"]], ["must not start with '.'"]),
+    "long id": (HEADER, [["x" * 300, "a.wav", "1", "s1", "train"]], ["is 300 characters long; at most 128"]),
+    "infinite segment": (HEADER + ["segments"], [GOOD_ROW + ["1-inf"]], ["segment '1-inf' needs finite seconds"]),
+    "nan segment": (HEADER + ["segments"], [GOOD_ROW + ["nan-3"]], ["needs finite seconds"]),
+    "mmse out of range": (HEADER + ["mmse"], [GOOD_ROW + ["99"]], ["mmse '99' is outside 0..30"]),
+    "mmse not a number": (HEADER + ["mmse"], [GOOD_ROW + ["high"]], ["mmse 'high' is not a number"]),
+    "empty path": (HEADER, [["a", "", "1", "s1", "train"]], ["line 2: empty path"]),
+    "speaker in both splits": (HEADER, [GOOD_ROW, ["b", "a.wav", "0", "s1", "test"]],
+                               ["speaker(s) 's1' have recordings in both train and test"]),
+}
+
+
+@pytest.mark.parametrize("case", MANIFEST_CASES)
+def test_bad_manifest_is_refused_with_its_line(tmp_path, case):
+    header, rows, expected = MANIFEST_CASES[case]
+    result = run("corpus", "csv", _manifest(tmp_path, header, rows), "-o", tmp_path / "out.csv")
+    assert_clear_error(result, *expected)
+    assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize("encoding, expected", [("utf-16", "is UTF-16; save it as UTF-8"),
+                                                ("latin-1", "line 2: not UTF-8 text")])
+def test_manifest_in_another_encoding_is_refused(tmp_path, encoding, expected):
+    text = "id,path,label,group,split\nä,a.wav,1,s1,train\n"
+    (tmp_path / "m.csv").write_bytes(text.encode(encoding))
+    assert_clear_error(run("corpus", "csv", tmp_path / "m.csv"), expected)
+
+
+def test_a_folder_given_as_manifest_is_refused(tmp_path):
+    assert_clear_error(run("corpus", "csv", tmp_path), "manifest not found (it is a folder)")
+
+
+def test_adresso_file_names_that_cannot_be_ids_are_refused(synth_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(synth_root, root)
+    wav = next((root / "ADReSSo21" / "diagnosis" / "train" / "audio" / "ad").glob("*.wav"))
+    wav.rename(wav.with_name(".hidden.wav"))
+    assert_clear_error(run("corpus", "adresso", root, "-o", tmp_path / "c.csv"), ".hidden.wav", "rename the file")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Audio
+
+
+def test_truncated_and_silent_recordings_are_refused_not_scored(tmp_path):
+    from adsearch.audio import AudioError, load_audio
+
+    whole = write_wav(tmp_path / "whole.wav", speechlike(2.0))
+    data = whole.read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AudioError, match=r"truncated: the header announces 2.00 s, the file holds 1.00 s"):
+        load_audio(tmp_path / "cut.wav")
+    with pytest.raises(AudioError, match="silent"):
+        load_audio(write_wav(tmp_path / "zero.wav", np.zeros(16000, np.float32)))
+    assert len(load_audio(whole)) == 32000
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Search spaces
+
+
+def _space(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+BOMB = "\n".join([f'{chr(97)}: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+                 + [f"{chr(97 + i)}: &{chr(97 + i)} [" + ", ".join([f"*{chr(96 + i)}"] * 9) + "]" for i in range(1, 9)]
+                 + ["space: {pooling: *i}"])
+SPACE_CASES = {
+    "C zero": ("space: {classifiers: {logreg: {C: 0}}}", "space.classifiers.logreg.C: C must be above 0"),
+    "C range below zero": ("space: {classifiers: {logreg: {C: {low: -1, high: 1}}}}", "C must be above 0"),
+    "no neighbours": ("space: {classifiers: {knn: {n_neighbors: 0}}}", "n_neighbors must be at least 1"),
+    "subsample above one": ("space: {classifiers: {xgboost: {subsample: 2}}}", "subsample must be at most 1"),
+    "nan value": ("space: {classifiers: {logreg: {C: .nan}}}", "nan is not a finite number"),
+    "nan range": ("space: {pca_variance: {low: .nan, high: 0.9}}", "space.pca_variance.low"),
+    "infinite range": ("space: {classifiers: {lda: {shrinkage: {low: 0.1, high: .inf}}}}",
+                       "shrinkage: high: Input should be a finite number"),
+    "list at top": ("- cv\n- seed\n", "the top level must be a mapping"),
+    "layer-grid reference out of range": ("layer_grid: {classifier: logreg, params: {C: -1}}",
+                                          "layer_grid.params.C: C must be above 0"),
+    "alias bomb": (BOMB, "once its aliases (*name) are expanded"),
+    "deep nesting": ("space: " + "[" * 5000 + "]" * 5000, "space.yaml: "),
+}
+
+
+@pytest.mark.parametrize("case", SPACE_CASES)
+def test_bad_space_is_refused_by_key(tmp_path, case):
+    text, expected = SPACE_CASES[case]
+    started = time.perf_counter()
+    assert_clear_error(run("space", "check", _space(tmp_path, text)), expected)
+    assert time.perf_counter() - started < 5
+
+
+def test_alias_bomb_is_refused_in_well_under_a_second_and_a_few_megabytes(tmp_path):
+    script = (f"import resource, time; from adsearch.safeyaml import load_yaml, YamlError\n"
+              f"t = time.perf_counter()\n"
+              f"before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              f"try:\n    load_yaml({str(_space(tmp_path, BOMB))!r}, 'space')\n"
+              f"except YamlError:\n    pass\n"
+              f"print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
+    seconds, grown_kb = map(float, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                                  check=True).stdout.split())
+    assert seconds < 0.5 and grown_kb < 8 * 1024, (seconds, grown_kb)
+
+
+def test_oversized_space_file_is_refused_before_parsing(tmp_path):
+    path = tmp_path / "huge.yaml"
+    path.write_text("seed: 0\n" + "#" * (2 << 20))
+    assert_clear_error(run("space", "check", path), "bytes; a search-space file of over")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Options
+
+
+@pytest.fixture(scope="module")
+def tiny_manifest(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("opts")
+    write_wav(folder / "a.wav", speechlike(1.0))
+    write_wav(folder / "b.wav", speechlike(1.0, seed=1))
+    return write_rows(folder / "m.csv", HEADER, [["a", "a.wav", "1", "s1", "train"],
+                                                 ["b", "b.wav", "0", "s2", "train"]])
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--window-s", "nan"], "must be finite"),
+    (["--window-s", "0.001"], "--window-s (0.001) must be at least"),
+    (["--min-window-s", "30"], "--min-window-s (30.0) between 0 and --window-s"),
+    (["--device", "cuda"], "torch sees no CUDA device"),
+    (["--device", "gpu"], "choose auto, cpu, cuda or cuda:N"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+])
+def test_bad_extract_options_are_refused(tiny_manifest, tiny_model, tmp_path, options, expected):
+    import torch
+
+    if options[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert_clear_error(run("extract", tiny_manifest, "--model", tiny_model, "-o", tmp_path / "c", *options), expected)
+
+
+def test_bad_storage_urls_are_refused_before_anything_is_created(tmp_path):
+    (tmp_path / "plain-file").write_text("")
+    cases = {f"sqlite:///{tmp_path}": "is a folder; name a database file in it",
+             f"sqlite:///{tmp_path / 'plain-file' / 'x.db'}": "is a file, not a folder",
+             "no url at all": "is not a database URL"}
+    for url, expected in cases.items():
+        assert_clear_error(run("dashboard", "--storage", url), expected)
+
+
+def test_a_port_in_use_is_reported(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run("dashboard", "--storage", f"sqlite:///{tmp_path / 'd.db'}", "--port", port,
+                     "--artifacts", tmp_path / "a")
+    assert_clear_error(result, f"cannot serve on 127.0.0.1:{port}", "pass --port with a free one")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Caches, exported configs and models
+
+
+def test_an_edited_cache_array_is_refused(tmp_path):
+    cache_dir = write_synthetic_cache(tmp_path / "c", **TINY_CACHE)
+    target = cache_dir / "stats" / "mean" / "L01.npy"
+    values = np.load(target)
+    values[0, 0] += 1.0
+    np.save(target, values)
+    cache = open_cache(cache_dir)
+    cache.recording_features(0, "mean")  # an untouched file reads fine
+    with pytest.raises(CacheError, match="L01.npy: its content differs from what cache.json records"):
+        cache.recording_features(1, "mean")
+
+
+@pytest.fixture(scope="module")
+def exported_dir(tmp_path_factory):
+    """A real export of a tiny study (logistic regression)."""
+    from adsearch.export import export_trial
+    from adsearch.search.storage import make_storage
+    from adsearch.search.study import create_or_resume
+    from adsearch.search.worker import run_worker
+
+    folder = tmp_path_factory.mktemp("export")
+    cache = open_cache(write_synthetic_cache(folder / "c", **TINY_CACHE))
+    url = f"sqlite:///{folder / 's.db'}"
+    spec = parse_spec({"cv": {"folds": 3}, "pruner": "none", "space": {"classifiers": {"logreg": {}}}})
+    create_or_resume(make_storage(url), "s", cache, spec, "space.yaml", 3)
+    run_worker("s", url, worker_index=0)
+    export_trial("s", url, folder / "best", artifacts=folder / "artifacts", log=lambda _: None)
+    return folder / "best"
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda c: c["features"].update(layer=-1), "features.layer: Input should be greater than or equal to 0"),
+    (lambda c: c["features"].update(window_s=float("nan")), "features.window_s"),
+    (lambda c: c["pipeline"]["params"].update(C=0), "pipeline.params.C: C must be above 0"),
+    (lambda c: c["pipeline"]["params"].update(C=[1, 2]), "pipeline.params.C: one fixed value"),
+])
+def test_hand_edited_config_values_are_refused(exported_dir, tmp_path, edit, expected):
+    import shutil
+
+    copy = tmp_path / "best"
+    shutil.copytree(exported_dir, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    edit(config)
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    assert_clear_error(run("predict", copy, tmp_path / "x.wav"), expected)
+
+
+def _crafted_model(path: Path, function) -> Path:
+    import skops.io as sio
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    model = make_pipeline(FunctionTransformer(func=function), LogisticRegression())
+    sio.dump(model, path)
+    return path
+
+
+@pytest.mark.parametrize("function", [eval, exec, np.load, np.testing.assert_equal, print])
+def test_a_crafted_model_file_is_refused(exported_dir, tmp_path, function):
+    import shutil
+
+    from adsearch.export import ExportError, load_model
+
+    with pytest.raises(ExportError, match="refused: the file holds types adsearch never exports"):
+        load_model(_crafted_model(tmp_path / "evil.skops", function))
+    copy = tmp_path / "best"
+    shutil.copytree(exported_dir, copy)
+    _crafted_model(copy / "model.skops", function)
+    assert_clear_error(run("predict", copy, tmp_path / "x.wav"), "refused")
+    (copy / "model.skops").write_bytes(b"not a zip")
+    assert_clear_error(run("predict", copy, tmp_path / "x.wav"), "not a model file adsearch can read")
+
+
+def test_every_model_adsearch_exports_loads_with_the_exact_allow_list(tmp_path):
+    """TRUSTED_TYPES is what every registry classifier, with every preprocessing, needs: no more, no less."""
+    import skops.io as sio
+
+    from adsearch.export import TRUSTED_TYPES, load_model, save_model
+    from adsearch.search.classifiers import REGISTRY, Choice, IntRange
+    from adsearch.search.objective import fit_pipeline
+    from adsearch.search.space import TrialConfig
+
+    rng = np.random.default_rng(0)
+    needed = set()
+    for name, spec in REGISTRY.items():
+        base = {k: (v.options[0] if isinstance(v, Choice) else v.low if isinstance(v, IntRange)
+                    else float(np.sqrt(v.low * v.high))) for k, v in spec.params.items()}
+        variants = [base] + [{**base, k: option} for k, v in spec.params.items() if isinstance(v, Choice)
+                             for option in v.options]
+        for params, (pca, rows) in itertools.product(variants, [("none", 40), ("components", 40), ("variance", 120)]):
+            X, y = rng.normal(size=(rows, 80)).astype(np.float32), np.arange(rows) % 2  # 120 > 80: covariance PCA
+            config = TrialConfig(layer=0, pooling="mean", unit="recording", scale="standard", pca=pca,
+                                 pca_components=4 if pca == "components" else None,
+                                 pca_variance=0.9 if pca == "variance" else None, l2_normalize=pca == "none",
+                                 classifier=name, params=params)
+            save_model(fit_pipeline(config, X, y, 0), tmp_path / "m.skops")
+            needed |= set(sio.get_untrusted_types(file=tmp_path / "m.skops"))
+            load_model(tmp_path / "m.skops")
+    assert needed == TRUSTED_TYPES
+
+
+def test_predict_output_folder_is_checked_before_any_prediction(exported_dir, tmp_path):
+    assert_clear_error(run("predict", exported_dir, tmp_path / "x.wav", "-o", tmp_path), "is a folder; name a CSV")
+
+
+def test_an_export_killed_midway_leaves_no_half_written_folder(exported_dir, tmp_path, monkeypatch):
+    from adsearch import export
+
+    study_dir = exported_dir.parent
+    url = f"sqlite:///{study_dir / 's.db'}"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "_evaluate_test", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_trial("s", url, tmp_path / "out", artifacts=tmp_path / "a", log=lambda _: None)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    result = export.export_trial("s", url, tmp_path / "out", artifacts=tmp_path / "a", log=lambda _: None)
+    assert (result.out_dir / "config.yaml").is_file() and (result.out_dir / "report.html").is_file()
+    assert not list(tmp_path.glob(".out.partial*"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Studies
+
+
+CREATE = """
+import sys
+from adsearch.embed import open_cache
+from adsearch.search.space import parse_spec
+from adsearch.search.storage import make_storage
+from adsearch.search.study import create_or_resume
+spec = parse_spec({"cv": {"folds": 3}, "space": {"classifiers": {"logreg": {}}}})
+create_or_resume(make_storage(sys.argv[1]), "race", open_cache(sys.argv[2]), spec, "s.yaml", 5)
+print("ok")
+"""
+
+
+def test_two_searches_creating_one_study_at_once_both_succeed(tmp_path):
+    cache_dir = write_synthetic_cache(tmp_path / "c", **TINY_CACHE)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    processes = [subprocess.Popen([sys.executable, "-c", CREATE, url, str(cache_dir)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [p.communicate(timeout=120) for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs
+    assert len(optuna.get_all_study_summaries(url)) == 1
+
+
+@pytest.mark.slow
+def test_search_fails_loudly_when_its_workers_cannot_meet_the_budget(tmp_path):
+    """Every trial fails (the cache was edited after the study began): workers stop, `search` says why,
+    exits 1, and does not suggest exporting."""
+    cache_dir = write_synthetic_cache(tmp_path / "c", **TINY_CACHE)
+    space = _space(tmp_path, "cv: {folds: 3}\npruner: none\nspace: {layers: [1], classifiers: {logreg: {}}}\n")
+    for target in (cache_dir / "stats").glob("*/L01.npy"):
+        np.save(target, np.load(target) + 1)
+    result = subprocess.run([sys.executable, "-m", "adsearch.cli", "search", "--cache", str(cache_dir), "--study",
+                             "doomed", "--space", str(space), "--storage", f"sqlite:///{tmp_path / 's.db'}",
+                             "--trials", "10", "--workers", "2"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "5 trials failed in a row" in result.stdout + result.stderr
+    assert "failed: CacheError: " in result.stderr and "Traceback" not in result.stderr
+    assert "stopped with exit code 2" in result.stderr
+    assert "the budget is not met: 0 of 10 trials finished" in result.stderr
+    assert "export it with" not in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parsers under hypothesis: they return a valid value or raise their own error, nothing else
+
+
+@given(st.text(max_size=60))
+def test_segment_parser_returns_sorted_finite_disjoint_segments_or_a_value_error(text):
+    try:
+        segments = parse_segments(text)
+    except ValueError:
+        return
+    assert all(np.isfinite([b, e]).all() and 0 <= b < e for b, e in segments)
+    assert all(segments[i][1] < segments[i + 1][0] for i in range(len(segments) - 1))
+
+
+@given(st.text(max_size=200))
+def test_an_accepted_id_is_a_safe_file_name(rec_id):
+    if check_id(rec_id) is None:
+        assert "/" not in rec_id and "\\" not in rec_id and not rec_id.startswith(".") and len(rec_id) <= 128
+        assert rec_id not in ("", ".", "..") and "\x00" not in rec_id
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=400))
+def test_any_manifest_bytes_give_recordings_or_a_corpus_error(tmp_path, data):
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"id,path,label,group,split,segments\n" + data)
+    try:
+        recordings = read_manifest(path, check_files=False)
+    except CorpusError:
+        return
+    assert all(check_id(r.id) is None for r in recordings)
+
+
+YAML_VALUES = st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=10),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                      max_size=4), max_leaves=20)
+SPACE_KEYS = st.sampled_from(["cv", "seed", "sampler", "pruner", "space", "layer_grid", "folds", "classifiers",
+                              "logreg", "knn", "C", "low", "high", "log", "pooling", "layers"])
+
+
+@settings(max_examples=150)
+@given(st.dictionaries(SPACE_KEYS, YAML_VALUES, max_size=4))
+def test_any_space_mapping_gives_a_spec_or_a_space_error(data):
+    try:
+        parse_spec(data, "fuzz.yaml")
+    except SpaceError as exc:
+        assert len(str(exc)) < 20_000
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(max_size=300))
+def test_any_yaml_text_gives_data_or_a_yaml_error(tmp_path, text):
+    path = tmp_path / "any.yaml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        load_yaml(path, "space")
+    except YamlError as exc:
+        assert str(path) in str(exc)
+
+
+def test_json_roundtrip_of_the_default_space_still_validates():
+    data = load_yaml(Path(__file__).parents[1] / "studies" / "default.yaml", "space")
+    assert parse_spec(json.loads(json.dumps(data))).digest()
