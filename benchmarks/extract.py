@@ -133,6 +133,12 @@ def flops_per_audio_second(model_dir: str, window_s: float, device: str, dtype_n
     from adsearch.embed.model import load_model, resolve_model
 
     extractor, model = load_model(resolve_model(model_dir), device, getattr(torch, dtype_name))
+    # The positional convolution's weight norm is a parametrization that FlopCounterMode cannot trace on
+    # some torch builds ("ParametrizedConv1d has no attribute weight"): fold it into a plain weight first.
+    for module in model.modules():
+        if torch.nn.utils.parametrize.is_parametrized(module):
+            for name in list(module.parametrizations):
+                torch.nn.utils.parametrize.remove_parametrizations(module, name)
     audio = np.random.default_rng(0).standard_normal(int(window_s * 16_000)).astype(np.float32)
     values = extractor(audio, sampling_rate=16_000, return_tensors="pt")["input_values"].to(device, model.dtype)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:

@@ -93,7 +93,7 @@ def test_evaluate_reproduces_the_study_score_exactly(exported, study_env):
 
 def test_export_bad_inputs(study_env, exported, tmp_path):
     out, _ = exported
-    with pytest.raises(ExportError, match="already exists and is not empty"):
+    with pytest.raises(ExportError, match="already exists and is not an empty folder"):
         export_trial("s", study_env["url"], out)
     with pytest.raises(ExportError, match="no study 'nope'"):
         export_trial("nope", study_env["url"], tmp_path / "x")

@@ -8,7 +8,7 @@ small table beside Optuna's. A trial that ends FAIL gives its slot back, so exac
 from __future__ import annotations
 
 from adsearch.search.errors import StudyError
-from adsearch.search.sqlite import configure_sqlite, engine_kwargs
+from adsearch.search.sqlite import configure_sqlite, created_concurrently, engine_kwargs
 
 
 class TrialBudget:
@@ -27,7 +27,11 @@ class TrialBudget:
             sa.Column("budget", sa.Integer, nullable=False),
             sa.Column("reserved", sa.Integer, nullable=False),
         )
-        self.table.create(self.engine, checkfirst=True)
+        try:
+            self.table.create(self.engine, checkfirst=True)
+        except sa.exc.SQLAlchemyError as exc:  # another process created it between the check and the create
+            if not created_concurrently(exc):
+                raise
 
     def set(self, budget: int, reserved: int) -> None:
         import sqlalchemy as sa

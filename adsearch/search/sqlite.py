@@ -15,6 +15,12 @@ def engine_kwargs(url: str) -> dict:
     return {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}} if url.startswith("sqlite") else {}
 
 
+def created_concurrently(exc: Exception) -> bool:
+    """True for the errors a process gets when another one created the same tables a moment before."""
+    text = str(exc).lower()
+    return "already exists" in text or "unique constraint" in text or "duplicate" in text
+
+
 @contextmanager
 def state_change(engine) -> Iterator[None]:
     """Transactions begun inside take SQLite's write lock before their first read (BEGIN IMMEDIATE)."""

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,13 @@ from optuna.trial import TrialState
 
 from adsearch.search.budget import TrialBudget
 from adsearch.search.errors import StudyError
-from adsearch.search.sqlite import SQLITE_LOCK_TIMEOUT_S, configure_sqlite, engine_kwargs, state_change
+from adsearch.search.sqlite import (
+    SQLITE_LOCK_TIMEOUT_S,
+    configure_sqlite,
+    created_concurrently,
+    engine_kwargs,
+    state_change,
+)
 
 DEFAULT_STORAGE = "sqlite:///adsearch.db"
 _log = logging.getLogger(__name__)
@@ -88,15 +95,23 @@ def make_storage(
                                "folder exists and is writable") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            return AdsearchStorage(
-                url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period, heartbeat_stale_trial_callback=StaleTrialHandler(url, max_retry),
-                coalesce_seconds=coalesce_seconds,
-            )
-        except Exception as exc:
-            raise StorageError(f"cannot open storage {mask_url(url)!r}: {type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0][:300]}") from None
+        for attempt in range(3):
+            try:
+                return AdsearchStorage(
+                    url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period, heartbeat_stale_trial_callback=StaleTrialHandler(url, max_retry),
+                    coalesce_seconds=coalesce_seconds,
+                )
+            except (sa.exc.IntegrityError, sa.exc.OperationalError) as exc:
+                # Two processes created Optuna's tables in a new database at once; the loser finds them there.
+                if not created_concurrently(exc) or attempt == 2:
+                    raise StorageError(f"cannot open storage {mask_url(url)!r}: {type(exc).__name__}: "
+                                       f"{str(exc).splitlines()[0][:300]}") from None
+                time.sleep(0.2)
+            except Exception as exc:
+                raise StorageError(f"cannot open storage {mask_url(url)!r}: {type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0][:300]}") from None
+    raise AssertionError("unreachable")
 
 
 def _enable_wal(path: Path) -> None:
