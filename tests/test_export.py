@@ -214,3 +214,19 @@ def test_wilson_and_mcnemar_known_values():
     b = np.array([False] * 5 + [True] * 10)
     result = mcnemar_exact(a, b)
     assert result["only_best_right"] == 5 and result["p_value"] == pytest.approx(0.0625)
+
+
+def test_a_margin_classifier_writes_a_decision_not_a_probability(tmp_path, monkeypatch):
+    from sklearn.svm import LinearSVC
+
+    from adsearch.predict import Predictor, write_predictions
+
+    predictor = object.__new__(Predictor)  # the speech model is not needed to score given features
+    predictor.classifier = LinearSVC().fit(np.array([[0.0], [1.0], [2.0], [3.0]]), [0, 0, 1, 1])
+    monkeypatch.setattr(predictor, "features", lambda audio, segments: (np.array([[2.9]]), 1, 1.0), raising=False)
+    monkeypatch.setattr("adsearch.predict.load_audio", lambda path: np.zeros(16000, np.float32))
+    prediction = predictor.predict(tmp_path / "x.wav")
+    assert prediction.prob_ad is None and prediction.decision > 0 and prediction.label == "AD"
+    write_predictions([prediction], tmp_path / "p.csv")
+    header, row = (tmp_path / "p.csv").read_text().splitlines()
+    assert header.startswith("file,prob_ad,decision") and row.split(",")[1] == ""

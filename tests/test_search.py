@@ -563,3 +563,28 @@ def test_a_worker_coalesces_its_writes_into_few_transactions(small_cache, tmp_pa
     one_by_one = _write_transactions_of_a_worker(small_cache, f"sqlite:///{tmp_path / 'a.db'}", 0)
     coalesced = _write_transactions_of_a_worker(small_cache, f"sqlite:///{tmp_path / 'b.db'}", 60)
     assert coalesced < one_by_one * 0.6, (coalesced, one_by_one)  # measured 73 vs 137 for 8 trials
+
+
+def test_a_stale_trial_is_requeued_before_its_budget_slot_is_given_back(tmp_path, monkeypatch):
+    """Released first, the slot could go to a worker that starts a fresh trial and leaves the retry WAITING
+    once the budget is full; requeued first, whoever takes the slot runs the retry."""
+    from adsearch.search.storage import StaleTrialHandler
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(study_name="stale", storage=make_storage(url))
+    budget = TrialBudget(url, "stale")
+    budget.set(1, 1)
+    stale = study.ask()
+    stale.suggest_float("x", 0, 1)
+    waiting_when_released = []
+    real_release = TrialBudget.release
+
+    def release(self):
+        waiting_when_released.append(len(study.get_trials(states=(TrialState.WAITING,))))
+        real_release(self)
+
+    monkeypatch.setattr(TrialBudget, "release", release)
+    study._storage.set_trial_state_values(stale._trial_id, TrialState.FAIL)
+    StaleTrialHandler(url, max_retry=3)(study, study.trials[0])
+    assert waiting_when_released == [1] and budget.get() == (1, 0)
+    assert study.get_trials(states=(TrialState.WAITING,))[0].params == study.trials[0].params
