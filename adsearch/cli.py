@@ -220,6 +220,10 @@ def extract(
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16/fp16 on CUDA, fp32 on CPU), float32, bfloat16, "
                                             "float16.")] = "auto",
+    shard: Annotated[str | None, typer.Option(help="K/N: extract only the K-th of N shards (0 <= K < N) into the "
+                                                   "same -o (shared file system), e.g. --shard "
+                                                   "$SLURM_ARRAY_TASK_ID/8 or $JOB_COMPLETION_INDEX/8. The last "
+                                                   "shard to finish consolidates the cache.")] = None,
 ) -> None:
     """Run every recording through the speech model once and cache every layer's pooled statistics.
 
@@ -227,13 +231,17 @@ def extract(
     cache keeps frame count, mean, M2, max and min, from which every pooling is derived exactly.
     Interrupted runs resume where they stopped; unreadable or too-short files are reported and skipped.
     """
-    from adsearch.embed.extract import ExtractSettings
+    from adsearch.embed.extract import ExtractSettings, parse_shard
     from adsearch.embed.extract import extract as run_extract
 
     with user_errors(), _bar(_AudioSpeedColumn()) as progress:
         result = run_extract(manifest, output, model, ExtractSettings(window_s, min_window_s, dtype),
                              batch_size=batch_size, device=device, revision=revision,
-                             progress=_RichExtractProgress(progress))
+                             progress=_RichExtractProgress(progress), shard=parse_shard(shard) if shard else None)
+    if result.remaining:
+        out.print(f"shard {shard} done: {result.n_computed} recording(s) extracted here; {result.remaining} of other "
+                  f"shards still to go. The last shard to finish consolidates {result.cache_dir}.", highlight=False)
+        return
     if result.n_computed == 0 and not result.failures:
         out.print("cache already complete, nothing to do")
     if result.failures:
@@ -254,7 +262,9 @@ space_app = typer.Typer(help="Search-space files.", no_args_is_help=True)
 app.add_typer(space_app, name="space")
 
 _STORAGE_HELP = ("SQLAlchemy URL of the study database: the default is an embedded SQLite file in the working "
-                 "directory; use postgresql://host/db for workers on several machines.")
+                 "directory; use postgresql+psycopg://user@host/db for workers on several machines. A password may "
+                 "sit in the URL, in PGPASSWORD or ~/.pgpass (PostgreSQL's own), or in the file named by "
+                 "ADSEARCH_STORAGE_PASSWORD_FILE (e.g. a Docker secret); it is never printed.")
 
 
 @space_app.command("check")
@@ -296,12 +306,14 @@ def _study_summary(study, budget: int) -> None:
 
 @app.command()
 def search(
-    cache: Annotated[Path, typer.Option(help="Embedding cache from `adsearch extract`.")],
+    cache: Annotated[Path, typer.Option(help="Embedding cache from `adsearch extract`.", envvar="ADSEARCH_CACHE")],
     study: Annotated[str, typer.Option(help="Study name; an existing study is resumed.")],
     space: Annotated[Path, typer.Option(help="Search-space YAML.")] = Path("studies/default.yaml"),
-    storage: Annotated[str, typer.Option(help=_STORAGE_HELP)] = "sqlite:///adsearch.db",
+    storage: Annotated[str, typer.Option(help=_STORAGE_HELP, envvar="ADSEARCH_STORAGE")] = "sqlite:///adsearch.db",
     trials: Annotated[int, typer.Option(help="Total finished trials for the study, across all workers.")] = 100,
-    workers: Annotated[int, typer.Option(help="Worker processes on this machine (one core each).")] = 1,
+    workers: Annotated[int, typer.Option(help="Worker processes on this machine (one core each); 0 creates or "
+                                              "resumes the study and sets its budget without running a trial "
+                                              "(workers join with `adsearch worker`).")] = 1,
     sampler: Annotated[str | None, typer.Option(help="Override the space's sampler: tpe, random, layer-grid.")] = None,
     pruner: Annotated[str | None, typer.Option(help="Override the space's pruner: wilcoxon, median, none.")] = None,
     heartbeat: Annotated[int, typer.Option(help="Seconds between worker heartbeats.")] = 10,
@@ -321,8 +333,8 @@ def search(
     from adsearch.search.study import StudySetup, best_summary, create_or_resume, describe_config, trial_counts
     from adsearch.search.worker import spawn_workers
 
-    if trials < 1 or workers < 1:
-        err.print("[bold red]error:[/] --trials and --workers must be at least 1")
+    if trials < 1 or workers < 0:
+        err.print("[bold red]error:[/] --trials must be at least 1 and --workers at least 0")
         raise typer.Exit(2)
     import optuna
 
@@ -332,6 +344,10 @@ def search(
         opened = open_cache(cache)
         the_study = create_or_resume(make_storage(storage, heartbeat, grace), study, opened, spec, str(space), trials)
     counts = trial_counts(the_study)
+    if workers == 0:
+        out.print(f"study {study} is ready: {counts['finished']} of {trials} trials finished; start workers with "
+                  f"`adsearch worker --study {study}` and the same storage", highlight=False)
+        return
     if counts["finished"] >= trials:
         out.print(f"study {study} already has {counts['finished']} finished trials (budget {trials})")
     else:
@@ -380,8 +396,9 @@ def _report_worker_exits(processes) -> None:
 @app.command()
 def worker(
     study: Annotated[str, typer.Option(help="Name of an existing study.")],
-    storage: Annotated[str, typer.Option(help=_STORAGE_HELP)] = "sqlite:///adsearch.db",
-    cache: Annotated[Path | None, typer.Option(help="The study's cache, if it lives elsewhere on this machine "
+    storage: Annotated[str, typer.Option(help=_STORAGE_HELP, envvar="ADSEARCH_STORAGE")] = "sqlite:///adsearch.db",
+    cache: Annotated[Path | None, typer.Option(envvar="ADSEARCH_CACHE",
+                                               help="The study's cache, if it lives elsewhere on this machine "
                                                     "(its content must match).")] = None,
     sampler: Annotated[str | None, typer.Option(help="Override the study's sampler.")] = None,
     pruner: Annotated[str | None, typer.Option(help="Override the study's pruner.")] = None,
@@ -409,11 +426,12 @@ def worker(
 def export(
     study: Annotated[str, typer.Option(help="Study name.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="New folder for config, model and report.")],
-    storage: Annotated[str, typer.Option(help=_STORAGE_HELP)] = "sqlite:///adsearch.db",
+    storage: Annotated[str, typer.Option(help=_STORAGE_HELP, envvar="ADSEARCH_STORAGE")] = "sqlite:///adsearch.db",
     trial: Annotated[int | None, typer.Option(help="Trial number to export (default: the best).")] = None,
     top_k: Annotated[int, typer.Option(help="Also test the next K configurations; exact McNemar vs the "
                                             "exported one.")] = 0,
-    cache: Annotated[Path | None, typer.Option(help="The study's cache, if it moved (content must match).")] = None,
+    cache: Annotated[Path | None, typer.Option(help="The study's cache, if it moved (content must match).",
+                                               envvar="ADSEARCH_CACHE")] = None,
     artifacts: Annotated[Path, typer.Option(help="Artifact store the dashboard reads figures from.")] = Path(
         "adsearch-artifacts"),
 ) -> None:
@@ -448,7 +466,7 @@ def export(
 @app.command()
 def evaluate(
     config: Annotated[Path, typer.Argument(help="config.yaml written by `adsearch export` (or its folder).")],
-    cache: Annotated[Path, typer.Option(help="The cache the study used.")],
+    cache: Annotated[Path, typer.Option(help="The cache the study used.", envvar="ADSEARCH_CACHE")],
 ) -> None:
     """Re-run the cross-validation of an exported config and check it reproduces the study's score."""
     from adsearch.embed import open_cache
@@ -511,7 +529,7 @@ def predict(
 
 @app.command()
 def dashboard(
-    storage: Annotated[str, typer.Option(help=_STORAGE_HELP)] = "sqlite:///adsearch.db",
+    storage: Annotated[str, typer.Option(help=_STORAGE_HELP, envvar="ADSEARCH_STORAGE")] = "sqlite:///adsearch.db",
     host: Annotated[str, typer.Option(help="Address to bind. The dashboard has NO authentication and can delete "
                                            "studies: keep 127.0.0.1, or put an authenticating proxy in front.")] = (
         "127.0.0.1"),

@@ -286,7 +286,7 @@ def export_trial(
     from optuna.trial import TrialState
 
     from adsearch.report import write_report
-    from adsearch.search.storage import make_storage
+    from adsearch.search.storage import make_storage, mask_url
     from adsearch.search.study import StudySetup, load_cache_for, trial_config
 
     out_dir = Path(out_dir)
@@ -297,7 +297,7 @@ def export_trial(
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
-        raise ExportError(f"no study {study_name!r} in {storage_url}") from None
+        raise ExportError(f"no study {study_name!r} in {mask_url(storage_url)}") from None
     setup = StudySetup.from_study(study)
     complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
                       key=lambda t: t.value, reverse=True)
@@ -319,7 +319,7 @@ def export_trial(
     scores = [chosen.intermediate_values[k] for k in sorted(chosen.intermediate_values)]
     exported = ExportedConfig(
         adsearch_version=__version__,
-        study=StudyRef(name=study_name, trial=chosen.number, storage=storage_url),
+        study=StudyRef(name=study_name, trial=chosen.number, storage=mask_url(storage_url)),
         model=ModelRef(name=cache.meta["model"]["name"], revision=cache.meta["model"]["revision"]),
         features=Features(layer=config.layer, pooling=config.pooling, unit=config.unit,
                           window_s=cache.meta["settings"]["window_s"],

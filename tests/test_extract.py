@@ -1,8 +1,10 @@
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -333,3 +335,73 @@ def test_hub_id_loads_from_the_local_hugging_face_cache(tiny_model, tmp_path, mo
     assert encoder.n_layers == 5
     with pytest.raises(ModelError, match="neither a local directory nor in the Hugging Face cache"):
         resolve_model("someone/not-there")
+
+
+def _same_cache(a: Path, b: Path) -> None:
+    """Bit for bit: every array file, and cache.json but for its creation time."""
+    meta_a, meta_b = (json.loads((d / "cache.json").read_text()) for d in (a, b))
+    assert meta_a.pop("created") and meta_b.pop("created")
+    assert meta_a == meta_b
+    for name in meta_a["files"]:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def _extract_command(manifest, model, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "adsearch.cli", "extract", str(manifest), "--model", str(model), "-o", str(out),
+            "--window-s", "1", "--min-window-s", "0.1", *extra]
+
+
+@pytest.mark.slow
+def test_shards_extracted_concurrently_equal_one_run_bit_for_bit(synth_manifest, tiny_model, tmp_path):
+    shards = [subprocess.Popen(_extract_command(synth_manifest, tiny_model, tmp_path / "sharded", "--shard", f"{k}/2"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+    outputs = [p.communicate(timeout=300) for p in shards]
+    assert all(p.returncode == 0 for p in shards), outputs
+    # no final step: whichever shard finished last consolidated
+    assert sum("still to go" in out for out, _ in outputs) <= 1
+    sharded = open_cache(tmp_path / "sharded")
+    assert not (sharded.path / "parts").exists()
+    whole = subprocess.run(_extract_command(synth_manifest, tiny_model, tmp_path / "whole"), capture_output=True,
+                           text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    _same_cache(sharded.path, open_cache(tmp_path / "whole").path)
+
+
+@pytest.mark.slow
+def test_two_unsharded_extractions_into_one_folder_both_succeed(synth_manifest, tiny_model, tmp_path):
+    runs = [subprocess.Popen(_extract_command(synth_manifest, tiny_model, tmp_path / "shared"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in runs]
+    assert all(p.returncode == 0 for p in runs), outputs
+    assert all("(16 recordings)" in out for out, _ in outputs)
+    clean = subprocess.run(_extract_command(synth_manifest, tiny_model, tmp_path / "clean"), capture_output=True,
+                           text=True, timeout=300)
+    assert clean.returncode == 0, clean.stderr
+    _same_cache(open_cache(tmp_path / "shared").path, open_cache(tmp_path / "clean").path)
+
+
+def test_shards_cover_the_manifest_once(synth_manifest):
+    from adsearch.embed.extract import parse_shard, shard_of
+
+    recordings = read_manifest(synth_manifest)
+    pieces = [shard_of(recordings, (k, 3)) for k in range(3)]
+    ids = [r.id for piece in pieces for r in piece]
+    assert sorted(ids) == sorted(r.id for r in recordings) and len(set(ids)) == len(ids)
+    assert parse_shard(" 2/3") == (2, 3)
+    for bad in ("3/3", "-1/3", "1", "a/b", "1/0"):
+        with pytest.raises(ValueError, match="K/N"):
+            parse_shard(bad)
+
+
+def test_a_claim_is_exclusive_between_processes_and_dies_with_its_process(tmp_path):
+    from adsearch.embed.extract import Claim
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from adsearch.embed.extract import Claim\n"
+        f"assert Claim(Path({str(tmp_path / 'x.lock')!r})).take(); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert not Claim(tmp_path / "x.lock").take()
+    holder.kill()
+    holder.wait()
+    assert Claim(tmp_path / "x.lock").take()  # the kernel dropped the killed process's lock

@@ -19,7 +19,7 @@ import platform
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,6 +69,7 @@ class ExtractResult:
     failures: list[Failure] = field(default_factory=list)
     audio_seconds: float = 0.0
     compute_seconds: float = 0.0
+    remaining: int = 0  # recordings of other shards not extracted yet (the cache is not consolidated)
 
 
 class ExtractProgress(Protocol):
@@ -260,7 +261,7 @@ def cache_dir_for(out_root: Path, source: ModelSource, key: str) -> Path:
 
 
 def _save_atomic_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # one writer per name, whatever the race
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
 
@@ -273,6 +274,66 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 def _part_path(parts: Path, rec_id: str) -> Path:
     return parts / f"{rec_id}.npz"
+
+
+def _failure_path(parts: Path, rec_id: str) -> Path:
+    return parts / f"{rec_id}.failed.json"
+
+
+def _finished(parts: Path, rec_id: str) -> bool:
+    """Extracted, or known to be unusable: either way no process needs to touch it again."""
+    return _part_path(parts, rec_id).is_file() or _failure_path(parts, rec_id).is_file()
+
+
+class Claim:
+    """An exclusive claim on one recording (or on consolidation) shared by every process that extracts into
+    the same folder, on one machine or several over a shared file system: a POSIX record lock on
+    `parts/{id}.lock`. The kernel (or the NFS lock manager) drops it when its process ends in any way, so a
+    killed extraction never leaves a claim behind; the lock file itself stays until consolidation."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def take(self) -> bool:
+        import fcntl
+
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def wait(self) -> None:
+        import fcntl
+
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`K/N` (0 <= K < N, as SLURM array ids from 0 and Kubernetes' JOB_COMPLETION_INDEX count) -> (K, N)."""
+    match = re.fullmatch(r"\s*(\d{1,6})\s*/\s*(\d{1,6})\s*", text)
+    if not match or not 0 <= int(match[1]) < int(match[2]):
+        raise ValueError(f"--shard {text[:40]!r}: give K/N with 0 <= K < N, e.g. 0/4 ... 3/4 for four jobs")
+    return int(match[1]), int(match[2])
+
+
+def shard_of(recordings: Sequence[Recording], shard: tuple[int, int] | None) -> list[Recording]:
+    """The K-th of N deterministic shards: every N-th recording in id order, starting at the K-th."""
+    if shard is None:
+        return list(recordings)
+    index, count = shard
+    return [rec for i, rec in enumerate(sorted(recordings, key=lambda r: r.id)) if i % count == index]
 
 
 def _speech_seconds(rec: Recording) -> float:
@@ -295,8 +356,10 @@ def _recording_windows(rec: Recording, settings: ExtractSettings) -> tuple[list[
     return [_Window(0, a, b, audio[a:b]) for a, b in spans], seconds
 
 
-def _group_recordings(recordings: list[Recording], target_windows: int, settings: ExtractSettings) -> Iterator:
-    """Load audio one group ahead in a thread while the model works on the current group."""
+def _group_recordings(recordings: list[Recording], target_windows: int, settings: ExtractSettings,
+                      claim: Callable[[Recording], bool]) -> Iterator:
+    """Groups of recordings this process claimed (`claim(rec)`), audio loaded one group ahead in a thread
+    while the model works on the current group. A recording another process holds is left to it."""
 
     def load(group: list[Recording]):
         loaded = []
@@ -307,22 +370,29 @@ def _group_recordings(recordings: list[Recording], target_windows: int, settings
                 loaded.append((rec, exc, 0.0))
         return loaded
 
-    # Estimate group sizes from durations in the segment lists; exactness is not needed here.
-    groups, current, estimate = [], [], 0
-    for rec in recordings:
-        current.append(rec)
-        span = sum(e - b for b, e in rec.segments) or settings.window_s
-        estimate += max(1, math.ceil(span / settings.window_s))
-        if estimate >= target_windows:
-            groups.append(current)
-            current, estimate = [], 0
-    if current:
-        groups.append(current)
+    def groups() -> Iterator[list[Recording]]:
+        # Group sizes are estimated from the segment lists; exactness is not needed here.
+        current, estimate = [], 0
+        for rec in recordings:
+            if not claim(rec):
+                continue
+            current.append(rec)
+            span = sum(e - b for b, e in rec.segments) or settings.window_s
+            estimate += max(1, math.ceil(span / settings.window_s))
+            if estimate >= target_windows:
+                yield current
+                current, estimate = [], 0
+        if current:
+            yield current
+
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, groups[0]) if groups else None
-        for i in range(len(groups)):
+        upcoming = groups()
+        first = next(upcoming, None)
+        pending = pool.submit(load, first) if first else None
+        while pending is not None:
             loaded = pending.result()
-            pending = pool.submit(load, groups[i + 1]) if i + 1 < len(groups) else None
+            following = next(upcoming, None)
+            pending = pool.submit(load, following) if following else None
             yield loaded
 
 
@@ -336,9 +406,16 @@ def extract(
     revision: str | None = None,
     progress: ExtractProgress | None = None,
     encoder: WindowEncoder | None = None,
+    shard: tuple[int, int] | None = None,
+    poll_seconds: float = 1.0,
 ) -> ExtractResult:
     """Extract (or resume extracting) the cache for `manifest` under `out_root`; return where it is.
 
+    Any number of processes may extract into the same folder at once (a shared file system for several
+    machines): each recording is claimed by one of them (`Claim`). `shard=(K, N)` takes only the K-th of N
+    shards of the manifest (`shard_of`); whichever process finds every recording done consolidates, so a
+    job array needs no final step, and the cache is the same bit for bit as one unsharded run's (on the CPU
+    at the default batch size of 1; GPU kernels may round differently with other batch compositions).
     Pass `encoder` to reuse a model already loaded from the same `model` (the benchmarks do).
     """
     import torch
@@ -354,9 +431,7 @@ def extract(
     manifest_hash = manifest_digest(recordings)
     cache_dir = cache_dir_for(Path(out_root), source, cache_key(source, manifest_hash, settings))
     if (cache_dir / META_FILE).is_file():
-        meta = json.loads((cache_dir / META_FILE).read_text())
-        failures = [Failure(**f) for f in meta["failures"]]
-        return ExtractResult(cache_dir, len(meta["items"]), 0, failures)
+        return _finished_result(cache_dir)
 
     parts = cache_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
@@ -364,60 +439,124 @@ def extract(
         "model": source.name, "revision": source.revision, "manifest": str(Path(manifest).resolve()),
         "manifest_hash": manifest_hash, **asdict(settings),
     })
-    todo = [r for r in recordings if not _part_path(parts, r.id).is_file()]
-    if encoder is None and todo:
-        encoder = WindowEncoder(source, dev, settings.dtype)
+    mine = shard_of(recordings, shard)
+    todo = [r for r in mine if not _finished(parts, r.id)]
     if progress:
-        todo_seconds = sum(_speech_seconds(r) for r in todo)
-        progress.start(len(recordings), todo_seconds, len(recordings) - len(todo))
+        progress.start(len(mine), sum(_speech_seconds(r) for r in todo), len(mine) - len(todo))
 
-    failures: dict[str, Failure] = {}
-    audio_seconds, started = 0.0, time.perf_counter()
-    for group in _group_recordings(todo, 4 * batch_size, settings):
-        windows: list[_Window] = []
-        for index, (rec, loaded, _) in enumerate(group):
-            if isinstance(loaded, AudioError):
-                failures[rec.id] = Failure(rec.id, str(rec.path), loaded.reason)
-                continue
-            for window in loaded:
-                window.item = index
-            windows += loaded
-        results: dict[int, list] = {}
-        for batch in make_batches(windows, batch_size, equal_lengths=not encoder.masked):
-            n_frames, stats = encoder.encode([w.audio for w in batch])
-            for j, window in enumerate(batch):
-                results.setdefault(window.item, []).append(
-                    (window.start, window.end, n_frames[j], {s: stats[s][:, j] for s in STATS})
-                )
-        for index, (rec, _, seconds) in enumerate(group):
-            if rec.id in failures:
-                continue
-            rows = sorted(results[index], key=lambda row: row[0])
-            _save_atomic_npz(
-                _part_path(parts, rec.id),
-                start=np.array([r[0] for r in rows], np.int64),
-                end=np.array([r[1] for r in rows], np.int64),
-                n_frames=np.array([r[2] for r in rows], np.int64),
-                **{s: np.stack([r[3][s] for r in rows], axis=1).astype(np.float32) for s in STATS},
-            )
-            audio_seconds += seconds
-        if progress:
-            progress.advance(len(group), sum(seconds for _, _, seconds in group))
+    n_computed, n_failed, audio_seconds, started = 0, 0, 0.0, time.perf_counter()
+    # Recordings another process holds are waited for; if that process dies, its claim goes and this
+    # one takes the recording over.
+    while not (cache_dir / META_FILE).is_file() and (pending := [r for r in mine if not _finished(parts, r.id)]):
+        if encoder is None:
+            encoder = WindowEncoder(source, dev, settings.dtype)
+        done = _extract_claimed(pending, parts, encoder, settings, batch_size, progress)
+        n_computed, n_failed, audio_seconds = n_computed + done[0], n_failed + done[1], audio_seconds + done[2]
+        if done[0] + done[1] == 0:
+            time.sleep(poll_seconds)
     compute_seconds = time.perf_counter() - started
 
-    if encoder is not None:
-        n_layers, dim = encoder.n_layers, encoder.dim
-    else:  # everything was already in parts: read the shape from one of them
-        with np.load(_part_path(parts, recordings[0].id)) as part:
-            n_layers, dim = part["mean"].shape[0], part["mean"].shape[2]
+    others = [] if (cache_dir / META_FILE).is_file() else [r for r in recordings if not _finished(parts, r.id)]
+    if others:  # a shard run whose siblings are still at work: the last of them consolidates
+        return ExtractResult(cache_dir, 0, n_computed, [], audio_seconds, compute_seconds,
+                             remaining=len(others))
+    if (cache_dir / META_FILE).is_file():  # another process consolidated while this one waited
+        shutil.rmtree(parts, ignore_errors=True)  # (lock files only, if this process recreated the folder)
+        return _finished_result(cache_dir)
+    consolidation = Claim(cache_dir / "consolidate.lock")
+    consolidation.wait()
+    try:
+        if not (cache_dir / META_FILE).is_file():  # another process may have consolidated meanwhile
+            _write_cache(cache_dir, recordings, source, settings, manifest, manifest_hash, torch)
+    finally:
+        consolidation.release()
+    result = _finished_result(cache_dir)
+    result.n_computed, result.audio_seconds, result.compute_seconds = n_computed, audio_seconds, compute_seconds
+    return result
+
+
+def _extract_claimed(pending: list[Recording], parts: Path, encoder: WindowEncoder, settings: ExtractSettings,
+                     batch_size: int, progress: ExtractProgress | None) -> tuple[int, int, float]:
+    """Extract the recordings of `pending` that this process can claim; (computed, failed, audio seconds)."""
+    claims: dict[str, Claim] = {}
+
+    def claim(rec: Recording) -> bool:
+        lock = Claim(parts / f"{rec.id}.lock")
+        try:
+            if not lock.take():
+                return False
+        except FileNotFoundError:  # another process consolidated the cache and removed parts/ meanwhile
+            return False
+        if _finished(parts, rec.id):  # finished by the process that held it a moment ago
+            lock.release()
+            return False
+        claims[rec.id] = lock
+        return True
+
+    computed = failed = 0
+    audio_seconds = 0.0
+    try:
+        for group in _group_recordings(pending, 4 * batch_size, settings, claim):
+            windows: list[_Window] = []
+            for index, (rec, loaded, _) in enumerate(group):
+                if isinstance(loaded, AudioError):
+                    _write_json_atomic(_failure_path(parts, rec.id),
+                                       asdict(Failure(rec.id, str(rec.path), loaded.reason)))
+                    failed += 1
+                    continue
+                for window in loaded:
+                    window.item = index
+                windows += loaded
+            results: dict[int, list] = {}
+            for batch in make_batches(windows, batch_size, equal_lengths=not encoder.masked):
+                n_frames, stats = encoder.encode([w.audio for w in batch])
+                for j, window in enumerate(batch):
+                    results.setdefault(window.item, []).append(
+                        (window.start, window.end, n_frames[j], {s: stats[s][:, j] for s in STATS})
+                    )
+            for index, (rec, loaded, seconds) in enumerate(group):
+                if not isinstance(loaded, AudioError):
+                    rows = sorted(results[index], key=lambda row: row[0])
+                    _save_atomic_npz(
+                        _part_path(parts, rec.id),
+                        start=np.array([r[0] for r in rows], np.int64),
+                        end=np.array([r[1] for r in rows], np.int64),
+                        n_frames=np.array([r[2] for r in rows], np.int64),
+                        device=np.array(encoder.device),
+                        **{s: np.stack([r[3][s] for r in rows], axis=1).astype(np.float32) for s in STATS},
+                    )
+                    computed += 1
+                    audio_seconds += seconds
+                claims.pop(rec.id).release()
+            if progress:
+                progress.advance(len(group), sum(seconds for _, _, seconds in group))
+    finally:
+        for lock in claims.values():
+            lock.release()
+    return computed, failed, audio_seconds
+
+
+def _finished_result(cache_dir: Path) -> ExtractResult:
+    meta = json.loads((cache_dir / META_FILE).read_text())
+    return ExtractResult(cache_dir, len(meta["items"]), 0, [Failure(**f) for f in meta["failures"]])
+
+
+def _write_cache(cache_dir: Path, recordings: list[Recording], source: ModelSource, settings: ExtractSettings,
+                 manifest: Path | str, manifest_hash: str, torch) -> None:
+    """Consolidate every part into the cache; cache.json goes last, so its presence means complete."""
+    parts = cache_dir / "parts"
     done = [r for r in recordings if _part_path(parts, r.id).is_file()]
+    failures = sorted((json.loads(_failure_path(parts, r.id).read_text()) for r in recordings
+                       if not _part_path(parts, r.id).is_file()), key=lambda f: f["id"])
     if not done:
-        raise RuntimeError(f"no recording could be extracted; failures: {[asdict(f) for f in failures.values()]}")
+        raise RuntimeError(f"no recording could be extracted; failures: {failures}")
+    with np.load(_part_path(parts, done[0].id)) as part:
+        n_layers, dim = part["mean"].shape[0], part["mean"].shape[2]
     meta = _consolidate(cache_dir, done, n_layers, dim)
     meta.update({
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": _model_meta(source, encoder),
+        "model": _model_meta(source, meta.pop("devices")),
         "layers": {
             "count": n_layers,
             "meaning": {
@@ -431,13 +570,11 @@ def extract(
         "stats": list(STATS),
         "settings": {**asdict(settings), "sample_rate": SAMPLE_RATE},
         "manifest": {"path": str(Path(manifest).resolve()), "hash": manifest_hash},
-        "failures": [asdict(f) for f in failures.values()],
+        "failures": failures,
         "versions": _versions(torch),
     })
     _write_json_atomic(cache_dir / META_FILE, meta)
     shutil.rmtree(parts)
-    return ExtractResult(cache_dir, len(done), len(todo) - len(failures), list(failures.values()),
-                         audio_seconds, compute_seconds)
 
 
 def _consolidate(cache_dir: Path, done: list[Recording], n_layers: int, dim: int) -> dict:
@@ -455,7 +592,7 @@ def _consolidate(cache_dir: Path, done: list[Recording], n_layers: int, dim: int
             target.parent.mkdir(parents=True, exist_ok=True)
             arrays[stat, layer] = np.lib.format.open_memmap(target, "w+", np.float32, (n_windows, dim))
     windows: dict[str, list] = {"item": [], "start_sample": [], "end_sample": [], "n_frames": []}
-    items = []
+    items, devices = [], set()
     offset = 0
     for index, (rec, count) in enumerate(zip(done, window_counts, strict=True)):
         with np.load(_part_path(parts, rec.id)) as part:
@@ -467,6 +604,7 @@ def _consolidate(cache_dir: Path, done: list[Recording], n_layers: int, dim: int
             windows["start_sample"] += part["start"].tolist()  # at 16 kHz, after resampling
             windows["end_sample"] += part["end"].tolist()
             windows["n_frames"] += part["n_frames"].tolist()
+            devices.add(str(part["device"]) if "device" in part.files else "unknown")
         items.append({"id": rec.id, "label": rec.label, "group": rec.group, "split": rec.split,
                       "mmse": rec.mmse, "path": str(rec.path), "n_windows": count})
         offset += count
@@ -479,18 +617,17 @@ def _consolidate(cache_dir: Path, done: list[Recording], n_layers: int, dim: int
     files = {stat_path(cache_dir, stat, layer).relative_to(cache_dir).as_posix():
              file_digest(stat_path(cache_dir, stat, layer)) for stat in STATS for layer in range(n_layers)}
     return {"items": items, "windows": windows, "n_windows": n_windows, "content_hash": digest.hexdigest(),
-            "files": files}
+            "files": files, "devices": sorted(devices)}
 
 
-def _model_meta(source: ModelSource, encoder: WindowEncoder | None) -> dict:
-    meta = {"name": source.name, "revision": source.revision, "path": str(source.path)}
+def _model_meta(source: ModelSource, devices: list[str]) -> dict:
+    meta = {"name": source.name, "revision": source.revision, "path": str(source.path), "devices": devices}
     config_file = source.path / "config.json"
     if config_file.is_file():
         config = json.loads(config_file.read_text())
         meta.update({k: config.get(k) for k in (
             "model_type", "hidden_size", "num_hidden_layers", "feat_extract_norm", "do_stable_layer_norm")})
-    if encoder is not None:
-        meta.update({"device": encoder.device, "uses_attention_mask": encoder.masked})
+        meta["uses_attention_mask"] = config.get("feat_extract_norm", "layer") == "layer"  # see WindowEncoder
     return meta
 
 

@@ -78,4 +78,3 @@ class TrialBudget:
             return db.execute(sa.update(t).where(t.c.study_name == self.study_name,
                                                  t.c.reserved == expected_reserved)
                               .values(reserved=holders)).rowcount == 1
-

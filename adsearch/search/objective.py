@@ -1,4 +1,5 @@
-"""Scoring one configuration: speaker-safe cross-validation on the train split, fold by fold.
+"""Scoring one configuration: speaker-safe cross-validation on the train split, fold by fold, and the
+`Objective` each trial of a study runs (suggest a configuration, cross-validate it, report every fold).
 
 The fold assignment is computed once per study (stratified by label, grouped by speaker) and stored with
 it, so every worker scores against the same folds. Test items are never read: features are taken for the
@@ -304,4 +305,3 @@ class Objective:
         if pruned is not None:
             raise pruned
         return result.mean
-

@@ -90,4 +90,3 @@ def make_pruner(name: str):
     if name == "none":
         return optuna.pruners.NopPruner()
     raise StudyError(f"unknown pruner {name!r}; choose wilcoxon, median or none")
-

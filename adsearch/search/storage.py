@@ -51,6 +51,26 @@ def mask_url(url: str) -> str:
         return url.split("@")[-1] if "@" in url else url
 
 
+def with_password(url: str) -> str:
+    """The URL with the password from the file ADSEARCH_STORAGE_PASSWORD_FILE (a Docker or Kubernetes secret)
+    filled in, when the URL carries none. PostgreSQL's own PGPASSWORD and ~/.pgpass work without this."""
+    import os
+
+    import sqlalchemy as sa
+
+    secret = os.environ.get("ADSEARCH_STORAGE_PASSWORD_FILE")
+    if not secret:
+        return url
+    parsed = sa.engine.make_url(url)
+    if parsed.password:
+        return url
+    try:
+        password = Path(secret).read_text().strip()
+    except OSError as exc:
+        raise StorageError(f"ADSEARCH_STORAGE_PASSWORD_FILE={secret}: cannot read it ({exc.strerror})") from None
+    return parsed.set(password=password).render_as_string(hide_password=False)
+
+
 def check_url(url: str) -> str:
     """Refuse what cannot be a study database before anything is created; return the URL."""
     import sqlalchemy as sa
@@ -84,34 +104,34 @@ def make_storage(
     import sqlalchemy as sa
 
     check_url(url)
+    url = with_password(url)
     parsed = sa.engine.make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         path = Path(parsed.database)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             _enable_wal(path)
-        except (OSError, sa.exc.SQLAlchemyError, Exception) as exc:
+        except Exception as exc:
             raise StorageError(f"--storage {url}: cannot open or create the database file ({exc}); check the "
                                "folder exists and is writable") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        for attempt in range(3):
-            try:
+    attempts = 3
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return AdsearchStorage(
                     url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval,
                     grace_period=grace_period, heartbeat_stale_trial_callback=StaleTrialHandler(url, max_retry),
                     coalesce_seconds=coalesce_seconds,
                 )
-            except (sa.exc.IntegrityError, sa.exc.OperationalError) as exc:
-                # Two processes created Optuna's tables in a new database at once; the loser finds them there.
-                if not created_concurrently(exc) or attempt == 2:
-                    raise StorageError(f"cannot open storage {mask_url(url)!r}: {type(exc).__name__}: "
-                                       f"{str(exc).splitlines()[0][:300]}") from None
+        except Exception as exc:
+            # Two processes that create Optuna's tables in a new database at once: the loser finds them there.
+            if attempt + 1 < attempts and isinstance(exc, sa.exc.SQLAlchemyError) and created_concurrently(exc):
                 time.sleep(0.2)
-            except Exception as exc:
-                raise StorageError(f"cannot open storage {mask_url(url)!r}: {type(exc).__name__}: "
-                                   f"{str(exc).splitlines()[0][:300]}") from None
-    raise AssertionError("unreachable")
+                continue
+            raise StorageError(f"cannot open storage {mask_url(url)!r}: {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:300]}") from None
+    raise AssertionError("every attempt above returns or raises")
 
 
 def _enable_wal(path: Path) -> None:
@@ -122,7 +142,6 @@ def _enable_wal(path: Path) -> None:
         connection.execute("PRAGMA journal_mode=WAL")  # persists in the file
     finally:
         connection.close()
-
 
 
 class AdsearchStorage(optuna.storages.RDBStorage):
@@ -330,4 +349,3 @@ class StaleTrialHandler:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.retry(study, trial)
         TrialBudget(self.url, study.study_name).release()
-

@@ -198,4 +198,3 @@ def describe_config(config: dict) -> str:
                        for k, v in (config.get("params") or {}).items())
     parts.append(f"{config.get('classifier')}({params})")
     return ", ".join(parts)
-

@@ -99,7 +99,7 @@ def run_worker(
     seed = _worker_seed(setup.spec.seed, index, len(study.get_trials(deepcopy=False)))
     study.sampler = make_sampler(sampler or setup.spec.sampler, setup.spec, objective.layers, seed)
     study.pruner = make_pruner(pruner or setup.spec.pruner)
-    budget = TrialBudget(storage_url, study_name)
+    budget = TrialBudget(storage.url, study_name)  # the URL with any password from a secret file
     report = WorkerReport()
     streak: list[str] = []
 
