@@ -404,6 +404,8 @@ def worker(
     pruner: Annotated[str | None, typer.Option(help="Override the study's pruner.")] = None,
     heartbeat: Annotated[int, typer.Option(help="Seconds between heartbeats.")] = 10,
     grace: Annotated[int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")] = 30,
+    max_outage: Annotated[float, typer.Option(help="Seconds to keep retrying (with backoff) while the database is "
+                                                   "unreachable before this worker stops.", min=0)] = 300.0,
 ) -> None:
     """Join an existing study from any shell or machine and run trials until its budget is met.
 
@@ -414,7 +416,7 @@ def worker(
 
     with user_errors():
         report = run_worker(study, storage, str(cache) if cache else None, sampler, pruner,
-                            heartbeat_interval=heartbeat, grace_period=grace)
+                            heartbeat_interval=heartbeat, grace_period=grace, max_outage_seconds=max_outage)
     out.print(f"worker done: ran {report.ran} trial(s), {report.failed} failed")
 
 

@@ -7,8 +7,8 @@ small table beside Optuna's. A trial that ends FAIL gives its slot back, so exac
 
 from __future__ import annotations
 
+from adsearch.search.database import configure_sqlite, created_concurrently, engine_kwargs
 from adsearch.search.errors import StudyError
-from adsearch.search.sqlite import configure_sqlite, created_concurrently, engine_kwargs
 
 
 class TrialBudget:

@@ -24,14 +24,14 @@ import optuna
 from optuna.trial import TrialState
 
 from adsearch.search.budget import TrialBudget
-from adsearch.search.errors import StudyError
-from adsearch.search.sqlite import (
+from adsearch.search.database import (
     SQLITE_LOCK_TIMEOUT_S,
     configure_sqlite,
     created_concurrently,
     engine_kwargs,
     state_change,
 )
+from adsearch.search.errors import StudyError
 
 DEFAULT_STORAGE = "sqlite:///adsearch.db"
 _log = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from adsearch.search.budget import TrialBudget
+from adsearch.search.database import unreachable_errors
 from adsearch.search.errors import StudyError
 from adsearch.search.objective import WORKER_ID, Objective, ProtocolError
 from adsearch.search.samplers import make_pruner, make_sampler
@@ -80,8 +81,13 @@ def run_worker(
     poll_seconds: float = 0.5,
     max_consecutive_failures: int = 5,
     coalesce_seconds: float = 1.0,
+    max_outage_seconds: float = 300.0,
 ) -> WorkerReport:
-    """Run trials of `study_name` until the study's global budget of finished trials is met."""
+    """Run trials of `study_name` until the study's global budget of finished trials is met.
+
+    When the database cannot be reached (a restart, a network cut) the worker retries with exponential
+    backoff for up to `max_outage_seconds`, then stops with a message. A trial it could not finish meanwhile
+    stays RUNNING only until its heartbeat goes stale: then a worker fails it and re-runs its parameters."""
     # Optuna logs each failed trial with its traceback; the worker says it in one line instead (below), and the
     # reason stays on the trial as its `error` attribute.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -113,21 +119,31 @@ def run_worker(
             streak.clear()
 
     suspect: tuple[int, int, float] | None = None  # (reserved, holders, since) while they disagree
+    outage = _Outage(mask_url(storage_url), max_outage_seconds)
     with trial_conditions():
         while True:
-            if budget.reserve():
-                report.ran += 1
-                study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[after_trial])
-                if len(streak) >= max_consecutive_failures:
-                    raise StudyError(f"{len(streak)} trials failed in a row; last error: {streak[-1]}")
+            try:
+                if budget.reserve():
+                    report.ran += 1
+                    study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[after_trial])
+                    outage.over()
+                    if len(streak) >= max_consecutive_failures:
+                        raise StudyError(f"{len(streak)} trials failed in a row; last error: {streak[-1]}")
+                    continue
+                total, reserved = budget.get()
+                counts = trial_counts(study)
+                if counts["finished"] >= total:
+                    return report
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)
+                outage.over()
+            except Exception as exc:
+                lost = _database_lost(exc)
+                if lost is None:
+                    raise
+                outage.wait(lost)
                 continue
-            total, reserved = budget.get()
-            counts = trial_counts(study)
-            if counts["finished"] >= total:
-                return report
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
             holders = counts["finished"] + counts["running"]
             # A worker killed between reserving and creating its trial leaks a slot; take it back once the
             # mismatch has outlived a grace period (reserving and creating take milliseconds).
@@ -140,6 +156,45 @@ def run_worker(
             else:
                 suspect = None
             time.sleep(poll_seconds)
+
+
+def _database_lost(exc: BaseException) -> BaseException | None:
+    """The error saying the database is out of reach, if `exc` is one or was raised while handling one
+    (Optuna's optimize can mask a failed write to a lost database with an error of its own)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, unreachable_errors()):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class _Outage:
+    """Backoff while the database is out of reach: 1, 2, 4 ... 30 s between attempts, then give up."""
+
+    def __init__(self, where: str, max_seconds: float):
+        self.where, self.max_seconds = where, max_seconds
+        self.since: float | None = None
+        self.delay = 1.0
+
+    def wait(self, exc: Exception) -> None:
+        now = time.monotonic()
+        self.since = self.since or now
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if now - self.since + self.delay > self.max_seconds:
+            raise StudyError(f"lost the database {self.where} for {now - self.since:.0f} s ({reason}); this worker "
+                             "stops. Its unfinished trial is retried by any worker once its heartbeat is stale; "
+                             "start this worker again when the database is back") from None
+        print(f"worker {WORKER_ID}: database {self.where} unreachable ({reason}); retrying in {self.delay:.0f} s",
+              file=sys.stderr, flush=True)
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, 30.0)
+
+    def over(self) -> None:
+        if self.since is not None:
+            print(f"worker {WORKER_ID}: database {self.where} reachable again", file=sys.stderr, flush=True)
+        self.since, self.delay = None, 1.0
 
 
 def _worker_seed(seed: int, worker_index: int, n_existing: int) -> int:

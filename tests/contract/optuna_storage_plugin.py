@@ -31,7 +31,7 @@ RDB_MODES = ["sqlite", "cached_sqlite"]
 
 
 def make(url: str, **kwargs) -> optuna.storages.RDBStorage:
-    from adsearch.search.sqlite import engine_kwargs
+    from adsearch.search.database import engine_kwargs
     from adsearch.search.storage import AdsearchStorage
 
     if CLASS == "rdb":

@@ -1,4 +1,5 @@
-"""How adsearch talks to SQLite, the embedded study database: shared by the storage and the budget table."""
+"""How adsearch connects to a study database (engine settings per backend, SQLite's write locking), and
+which errors mean the database is out of reach: shared by the storage, the budget table and the workers."""
 
 from __future__ import annotations
 
@@ -11,8 +12,26 @@ _STATE_CHANGE = threading.local()
 
 
 def engine_kwargs(url: str) -> dict:
-    """SQLite connections wait up to SQLITE_LOCK_TIMEOUT_S for the write lock instead of failing."""
-    return {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}} if url.startswith("sqlite") else {}
+    """SQLite connections wait up to SQLITE_LOCK_TIMEOUT_S for the write lock instead of failing; pooled
+    connections to a server are tested before use, so a database restart costs one reconnect, not an error."""
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}}
+    if url.startswith("postgresql"):
+        # A cut network drops packets silently: without these a query would hang for the kernel's TCP
+        # timeout (about 15 minutes) instead of failing within seconds so the worker can back off and retry.
+        return {"pool_pre_ping": True, "connect_args": {
+            "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3,
+            "keepalives_count": 3, "tcp_user_timeout": 20_000}}
+    return {"pool_pre_ping": True}
+
+
+def unreachable_errors() -> tuple[type[Exception], ...]:
+    """Errors that say the database cannot be reached right now (restart, network cut), as opposed to a
+    mistake: Optuna wraps SQLAlchemy's in StorageInternalError."""
+    import optuna
+    import sqlalchemy as sa
+
+    return (optuna.exceptions.StorageInternalError, sa.exc.OperationalError, sa.exc.InterfaceError)
 
 
 def created_concurrently(exc: Exception) -> bool:

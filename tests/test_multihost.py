@@ -1,0 +1,249 @@
+"""Workers on several hosts against one PostgreSQL, with real network separation.
+
+Each "host" is a Linux network namespace joined to the root namespace by a veth pair, with its own address
+and its own copy of the cache at a path of its own. A PostgreSQL cluster started for these tests listens on
+the root ends of the veth links only, so a host reaches the database over its link and nothing else: cutting
+a link (`ip link set ... down`) cuts that host off. Needs root and iproute2 (CI has both); where namespaces
+cannot be created the tests are skipped with the reason printed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from adsearch.embed import open_cache
+from adsearch.embed.synthetic import write_synthetic_cache
+from adsearch.search.space import parse_spec
+from adsearch.search.storage import make_storage
+from adsearch.search.study import create_or_resume, trial_counts
+
+pytestmark = pytest.mark.slow
+PG_BIN = Path("/usr/lib/postgresql")
+CACHE_SHAPE = dict(n_train=40, n_test=8, n_layers=3, dim=16, windows_per_item=2, signal_layer=1, signal_dims=4)
+# about a second a trial: long enough to cut a link or kill a host in the middle of one
+SLOW_SPACE = {"cv": {"folds": 4}, "pruner": "none", "space": {
+    "pooling": ["mean"], "classifiers": {"random_forest": {"n_estimators": 150, "max_depth": 6,
+                                                           "max_features": "sqrt", "min_samples_leaf": 1}}}}
+FAST_SPACE = {"cv": {"folds": 3}, "pruner": "none", "space": {"classifiers": {"logreg": {}}}}
+
+
+def _run(*command: str) -> None:
+    subprocess.run(command, check=True, capture_output=True, text=True)
+
+
+@dataclass
+class Host:
+    namespace: str
+    link: str  # the root namespace's end of the veth pair
+    db_address: str  # the address of the database on this host's link
+    cache: Path  # this host's own copy of the cache
+
+    def worker(self, url_of, study: str, *extra: str) -> subprocess.Popen:
+        """`adsearch worker` inside the namespace (`ip netns exec` execs it: the pid is the worker's)."""
+        command = ["ip", "netns", "exec", self.namespace, sys.executable, "-m", "adsearch.cli", "worker",
+                   "--study", study, "--storage", url_of(self), "--cache", str(self.cache), *extra]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+class Network:
+    """Three hosts and a PostgreSQL cluster listening on their links."""
+
+    def __init__(self, root: Path, cache_dir: Path):
+        tag = os.getpid() % 10_000
+        self.subnet = f"10.{200 + tag % 50}"
+        self.port = 20_000 + tag
+        self.hosts: list[Host] = []
+        self.root = root
+        for k in (1, 2, 3):
+            namespace, link, peer = f"ads{tag}h{k}", f"av{tag}x{k}", f"ap{tag}x{k}"
+            _run("ip", "netns", "add", namespace)
+            self.hosts.append(Host(namespace, link, f"{self.subnet}.{k}.1", root / f"host{k}" / "cache"))
+            _run("ip", "link", "add", link, "type", "veth", "peer", "name", peer)
+            _run("ip", "link", "set", peer, "netns", namespace)
+            _run("ip", "addr", "add", f"{self.subnet}.{k}.1/24", "dev", link)
+            _run("ip", "link", "set", link, "up")
+            _run("ip", "netns", "exec", namespace, "ip", "addr", "add", f"{self.subnet}.{k}.2/24", "dev", peer)
+            _run("ip", "netns", "exec", namespace, "ip", "link", "set", peer, "up")
+            _run("ip", "netns", "exec", namespace, "ip", "link", "set", "lo", "up")
+            shutil.copytree(cache_dir, self.hosts[-1].cache)  # a copy of its own, at a path of its own
+        self.data = Path(tempfile.mkdtemp(prefix="adsearch-pg-"))
+        shutil.chown(self.data, "postgres")
+        self._postgres(self._bin("initdb"), "-D", str(self.data / "db"), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        with (self.data / "db" / "pg_hba.conf").open("a") as hba:
+            hba.write(f"host all all {self.subnet}.0.0/16 trust\n")
+        self.start()
+
+    @staticmethod
+    def _bin(name: str) -> str:
+        return str(sorted(PG_BIN.glob(f"*/bin/{name}"))[-1])
+
+    def _postgres(self, *command: str) -> None:
+        _run("runuser", "-u", "postgres", "--", *command)
+
+    def start(self) -> None:
+        listen = ",".join(host.db_address for host in self.hosts)
+        self._postgres(self._bin("pg_ctl"), "-D", str(self.data / "db"), "-l", str(self.data / "log"), "-w", "-o",
+                       f"-c listen_addresses='{listen}' -c port={self.port} -c unix_socket_directories='{self.data}'",
+                       "start")
+
+    def restart(self) -> None:
+        # -l: a server started without a log file would hold this test's output pipe open forever
+        self._postgres(self._bin("pg_ctl"), "-D", str(self.data / "db"), "-l", str(self.data / "log"), "-m", "fast",
+                       "-w", "restart")
+
+    def url(self, host: Host | None = None) -> str:
+        return f"postgresql+psycopg://postgres@{(host or self.hosts[0]).db_address}:{self.port}/postgres"
+
+    def cut(self, host: Host) -> None:
+        _run("ip", "link", "set", host.link, "down")
+
+    def reconnect(self, host: Host) -> None:
+        _run("ip", "link", "set", host.link, "up")
+        _run("ip", "addr", "replace", f"{host.db_address}/24", "dev", host.link)
+
+    def close(self) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", self._bin("pg_ctl"), "-D", str(self.data / "db"), "-m",
+                        "immediate", "stop"], capture_output=True)
+        for host in self.hosts:
+            subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True)  # takes its veth pair along
+            subprocess.run(["ip", "link", "del", host.link], capture_output=True)
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+def _why_no_namespaces() -> str | None:
+    if os.geteuid() != 0:
+        return "multi-host tests need root (network namespaces)"
+    if shutil.which("ip") is None or shutil.which("runuser") is None:
+        return "multi-host tests need iproute2's `ip` and `runuser`"
+    if not list(PG_BIN.glob("*/bin/initdb")):
+        return f"multi-host tests need PostgreSQL's server binaries under {PG_BIN}"
+    probe = f"adsprobe{os.getpid() % 10_000}"
+    done = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if done.returncode:
+        return f"cannot create a network namespace here: {done.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory):
+    reason = _why_no_namespaces()
+    if reason:
+        print(f"skipped: {reason}")
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("hosts")
+    cache_dir = write_synthetic_cache(root / "origin", **CACHE_SHAPE)
+    net = Network(root, cache_dir)
+    net.origin = open_cache(cache_dir)
+    try:
+        yield net
+    finally:
+        net.close()
+
+
+def _new_study(network: Network, name: str, space: dict, budget: int) -> str:
+    create_or_resume(make_storage(network.url()), name, network.origin, parse_spec(space), "space.yaml", budget)
+    return name
+
+
+def _finish(processes: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str, str]]:
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=timeout)
+        results.append((process.returncode, out, err))
+    return results
+
+
+def _states(network: Network, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=network.url()).get_trials()
+
+
+def test_three_hosts_finish_exactly_the_budget(network):
+    name = _new_study(network, "three-hosts", FAST_SPACE, 24)
+    workers = [host.worker(network.url, name) for host in network.hosts]
+    results = _finish(workers)
+    assert all(code == 0 for code, _, _ in results), results
+    trials = _states(network, name)
+    assert len(trials) == 24 and all(t.state == TrialState.COMPLETE for t in trials)
+    pids = {t.user_attrs["worker"].rsplit(":", 1)[1] for t in trials}
+    assert pids <= {str(w.pid) for w in workers} and len(pids) >= 2
+
+
+def _running_trial_of(network: Network, name: str, pid: int, timeout: float = 120) -> optuna.trial.FrozenTrial:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for trial in optuna.load_study(study_name=name, storage=network.url()).get_trials(states=(TrialState.RUNNING,)):
+            if trial.user_attrs.get("worker", "").endswith(f":{pid}"):
+                return trial
+        time.sleep(0.1)
+    raise AssertionError(f"worker {pid} never ran a trial")
+
+
+def test_a_host_cut_off_mid_trial_then_killed_is_retried_elsewhere_with_the_same_parameters(network):
+    name = _new_study(network, "cut-host", SLOW_SPACE, 8)
+    stays, leaves = network.hosts[0], network.hosts[1]
+    heartbeat = ("--heartbeat", "1", "--grace", "4")
+    survivor = stays.worker(network.url, name, *heartbeat)
+    victim = leaves.worker(network.url, name, *heartbeat)
+    trial = _running_trial_of(network, name, victim.pid)
+    network.cut(leaves)  # mid-trial: its folds, state change and heartbeats cannot reach the database
+    try:
+        time.sleep(2)
+        victim.send_signal(signal.SIGKILL)
+        victim.communicate(timeout=30)
+        assert _finish([survivor])[0][0] == 0
+    finally:
+        network.reconnect(leaves)
+    trials = _states(network, name)
+    states = [t.state for t in trials]
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    assert sum(s == TrialState.COMPLETE for s in states) == 8
+    assert trials[trial.number].state == TrialState.FAIL
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == trial.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params == trial.params and retry[0].user_attrs["worker"].endswith(f":{survivor.pid}")
+
+
+def test_a_worker_cut_off_backs_off_then_stops_with_a_clear_message(network):
+    name = _new_study(network, "lonely", SLOW_SPACE, 30)
+    host = network.hosts[2]
+    worker = host.worker(network.url, name, "--max-outage", "8")
+    _running_trial_of(network, name, worker.pid)
+    network.cut(host)
+    try:
+        code, _, err = _finish([worker], timeout=180)[0]
+    finally:
+        network.reconnect(host)
+    assert code == 2, err
+    assert "unreachable" in err and "retrying in 1 s" in err and "retrying in 2 s" in err
+    assert "lost the database" in err and "this worker stops" in err and "Traceback" not in err
+
+
+def test_a_database_restart_mid_study_loses_nothing(network):
+    name = _new_study(network, "restart", SLOW_SPACE, 10)
+    heartbeat = ("--heartbeat", "1", "--grace", "4")
+    workers = [host.worker(network.url, name, *heartbeat) for host in network.hosts[:2]]
+    deadline = time.monotonic() + 120
+    while trial_counts(optuna.load_study(study_name=name, storage=network.url()))["finished"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    network.restart()
+    results = _finish(workers)
+    assert all(code == 0 for code, _, _ in results), results
+    assert any("reachable again" in err for _, _, err in results)
+    trials = _states(network, name)
+    states = [t.state for t in trials]
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    assert sum(s == TrialState.COMPLETE for s in states) == 10
