@@ -10,20 +10,25 @@ import pytest
 import soundfile as sf
 
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+MARIADB = "mysql+pymysql://root@127.0.0.1:3306/test"
 
 
-def postgres_available() -> str | None:
-    """None if the PostgreSQL of these machines answers, else why not (tests print it when they skip)."""
+def server_available(url: str = POSTGRES) -> str | None:
+    """None if the database server at `url` answers, else why not (tests print it when they skip)."""
     import sqlalchemy as sa
 
     try:
-        engine = sa.create_engine(POSTGRES)
+        engine = sa.create_engine(url)
         with engine.connect() as connection:
             connection.execute(sa.text("select 1"))
         engine.dispose()
     except Exception as exc:
-        return f"PostgreSQL not reachable at {POSTGRES}: {type(exc).__name__}"
+        return f"{url.split('://')[0]} not reachable at {url}: {type(exc).__name__}"
     return None
+
+
+def postgres_available() -> str | None:
+    return server_available(POSTGRES)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import uuid
 import numpy as np
 import optuna
 import pytest
-from conftest import POSTGRES, postgres_available
+from conftest import MARIADB, POSTGRES, server_available
 from optuna.trial import TrialState
 
 from adsearch.embed import open_cache
@@ -381,22 +381,40 @@ def test_layer_grid_sampler_walks_layers_with_reference_settings_then_tunes(smal
 
 
 @pytest.mark.slow
-def test_two_workers_on_postgresql(small_cache, tmp_path):
-    reason = postgres_available()
+@pytest.mark.parametrize("url", [POSTGRES, MARIADB], ids=["postgresql", "mariadb"])
+def test_two_workers_on_a_database_server(small_cache, tmp_path, url):
+    reason = server_available(url)
     if reason:
         if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the PostgreSQL test: {reason}")
+            pytest.fail(f"CI must run the database server test: {reason}")
         pytest.skip(reason)
-    name = f"pg-{uuid.uuid4().hex[:8]}"
+    name = f"srv-{uuid.uuid4().hex[:8]}"
     space = write_space(tmp_path, FAST_SPACE)
     try:
-        done = subprocess.run(search_command(small_cache.path, POSTGRES, name, 12, 2, "--space", space),
+        done = subprocess.run(search_command(small_cache.path, url, name, 12, 2, "--space", space),
                               capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert done.returncode == 0, done.stdout + done.stderr
-        counts = trial_counts(optuna.load_study(study_name=name, storage=POSTGRES))
-        assert counts["finished"] == 12 and counts["failed"] == 0 and counts["running"] == 0
+        counts = trial_counts(optuna.load_study(study_name=name, storage=url))
+        assert counts["finished"] == 12 and counts["failed"] == 0 and counts["running"] == 0, done.stderr
     finally:
-        optuna.delete_study(study_name=name, storage=POSTGRES)
+        optuna.delete_study(study_name=name, storage=url)
+
+
+def test_passwords_come_from_a_secret_file_and_are_never_shown(tmp_path, monkeypatch):
+    from adsearch.search.storage import StorageError, mask_url, with_password
+
+    (tmp_path / "secret").write_text("s3cr3t\n")
+    monkeypatch.setenv("ADSEARCH_STORAGE_PASSWORD_FILE", str(tmp_path / "secret"))
+    filled = with_password("postgresql+psycopg://adsearch@db:5432/adsearch")
+    assert filled == "postgresql+psycopg://adsearch:s3cr3t@db:5432/adsearch"
+    assert with_password("postgresql+psycopg://u:given@db/x").endswith("u:given@db/x")  # the URL's own wins
+    assert "s3cr3t" not in mask_url(filled) and "***" in mask_url(filled)
+    with pytest.raises(StorageError) as info:  # nothing listens on port 1
+        make_storage("postgresql+psycopg://adsearch@127.0.0.1:1/adsearch")
+    assert "s3cr3t" not in str(info.value) and "adsearch:***@127.0.0.1:1" in str(info.value)
+    monkeypatch.setenv("ADSEARCH_STORAGE_PASSWORD_FILE", str(tmp_path / "missing"))
+    with pytest.raises(StorageError, match="ADSEARCH_STORAGE_PASSWORD_FILE=.*cannot read it"):
+        with_password("postgresql+psycopg://adsearch@db/adsearch")
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # scikit-learn on single-class draws; compared all the same

@@ -3,10 +3,10 @@
 The tests come from the Optuna sdist of the installed version (downloaded with pip into pytest's temporary
 folder; no copy of Optuna's code lives in this repository): `tests/storages_tests/` test_storages.py,
 test_heartbeat.py, test_callbacks.py and test_with_server.py. tests/contract/optuna_storage_plugin.py makes
-their RDB storage modes hand out the class under test. Each backend (SQLite; PostgreSQL where reachable,
-always in CI) runs three times at once: Optuna's RDBStorage as the baseline, then AdsearchStorage with
-coalesced writes off and on. A test that fails for the baseline too (a broken test, a missing service) does
-not count against adsearch; any other failure does.
+their RDB storage modes hand out the class under test. Each backend (SQLite; PostgreSQL and MariaDB where
+reachable, always in CI) runs three times, all runs at once: Optuna's RDBStorage as the baseline, then
+AdsearchStorage with coalesced writes off and on. A test that fails for the baseline too (a broken test, a
+missing service, MySQL's second-resolution timestamps) does not count against adsearch; any other does.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import POSTGRES, postgres_available
+from conftest import MARIADB, POSTGRES, server_available
 
 OPTUNA_TESTS = ["test_storages.py", "test_heartbeat.py", "test_callbacks.py", "test_with_server.py"]
 PLUGIN_DIR = Path(__file__).parent / "contract"
@@ -56,16 +56,18 @@ def optuna_tests(tmp_path_factory) -> Path:
     return root
 
 
-def _postgres_database(name: str) -> str:
-    """A database of its own for one run (the plugin resets its schema for every storage it hands out)."""
+def _server_database(server: str, name: str) -> str:
+    """A database of its own for one run on a server (the plugin wipes it for every storage it hands out)."""
     import sqlalchemy as sa
 
-    engine = sa.create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+    if server.startswith("mysql"):
+        return server.rsplit("/", 1)[0] + f"/{name}"  # the plugin creates it
+    engine = sa.create_engine(server, isolation_level="AUTOCOMMIT")
     with engine.connect() as db:
         if not db.exec_driver_sql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'").first():
             db.exec_driver_sql(f'CREATE DATABASE "{name}"')
     engine.dispose()
-    return POSTGRES.rsplit("/", 1)[0] + f"/{name}"
+    return server.rsplit("/", 1)[0] + f"/{name}"
 
 
 def _failures(report: Path) -> tuple[set[str], int]:
@@ -82,19 +84,21 @@ def _failures(report: Path) -> tuple[set[str], int]:
 @pytest.fixture(scope="module")
 def contract_runs(optuna_tests, tmp_path_factory) -> dict[tuple[str, str], tuple[set[str], int, str]]:
     """Every (backend, run) at once: the tests mostly wait on heartbeats, so they overlap well."""
-    backends = {"sqlite": None}
-    reason = postgres_available()
-    if reason is None:
-        backends["postgresql"] = reason
-    elif os.environ.get("CI") == "true":
-        pytest.fail(f"CI must run Optuna's storage tests on PostgreSQL: {reason}")
-    else:
-        print(f"Optuna storage tests on PostgreSQL skipped: {reason}")
+    backends = {"sqlite": "sqlite"}
+    for backend, server in (("postgresql", POSTGRES), ("mariadb", MARIADB)):
+        reason = server_available(server)
+        if reason is None:
+            backends[backend] = server
+        elif os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run Optuna's storage tests on {backend}: {reason}")
+        else:
+            print(f"Optuna storage tests on {backend} skipped: {reason}")
     out = tmp_path_factory.mktemp("contract")
     processes = {}
-    for backend in backends:
+    for backend, server in backends.items():
         for run, (cls, coalesce) in RUNS.items():
-            db = "sqlite" if backend == "sqlite" else _postgres_database(f"adsearch_contract_{run.replace('-', '_')}")
+            name = f"adsearch_contract_{run.replace('-', '_')}"
+            db = server if backend == "sqlite" else _server_database(server, name)
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGIN_DIR), os.environ.get("PYTHONPATH", "")]),
                    "ADSEARCH_CONTRACT_CLASS": cls, "ADSEARCH_CONTRACT_COALESCE": str(coalesce),
                    "ADSEARCH_CONTRACT_DB": db}
@@ -117,7 +121,7 @@ def contract_runs(optuna_tests, tmp_path_factory) -> dict[tuple[str, str], tuple
     return results
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
 @pytest.mark.parametrize("run", ["adsearch", "adsearch-coalesced"])
 def test_adsearch_storage_passes_every_optuna_storage_test_rdbstorage_passes(contract_runs, backend, run):
     if (backend, run) not in contract_runs:

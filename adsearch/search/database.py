@@ -25,6 +25,17 @@ def engine_kwargs(url: str) -> dict:
     return {"pool_pre_ping": True}
 
 
+def is_deadlock(exc: BaseException) -> bool:
+    """MySQL / MariaDB abort one of two transactions that lock each other (InnoDB's 1213 deadlock, 1205 lock
+    wait timeout) and expect it to be run again; Optuna wraps the error in StorageInternalError."""
+    while exc is not None:
+        code = getattr(getattr(exc, "orig", None), "args", (None,))[0]
+        if code in (1213, 1205):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def unreachable_errors() -> tuple[type[Exception], ...]:
     """Errors that say the database cannot be reached right now (restart, network cut), as opposed to a
     mistake: Optuna wraps SQLAlchemy's in StorageInternalError."""

@@ -11,7 +11,8 @@ get, nothing in the tests themselves:
 
 Environment: ADSEARCH_CONTRACT_CLASS = rdb (Optuna's RDBStorage, the baseline) | adsearch
 (AdsearchStorage); ADSEARCH_CONTRACT_COALESCE = seconds (adsearch only); ADSEARCH_CONTRACT_DB = sqlite | a
-PostgreSQL URL of a database the run may wipe (its public schema is reset for each storage handed out).
+PostgreSQL URL of a database the run may wipe (its public schema is reset for each storage handed out) | a
+MySQL/MariaDB URL of a database the run may drop and create again for each storage.
 """
 
 from __future__ import annotations
@@ -45,10 +46,17 @@ def fresh_url(tempfile_name: str | None) -> str:
         return f"sqlite:///{tempfile_name}"
     import sqlalchemy as sa
 
-    engine = sa.create_engine(DB)
-    with engine.begin() as db:
-        db.exec_driver_sql("DROP SCHEMA IF EXISTS public CASCADE")
-        db.exec_driver_sql("CREATE SCHEMA public")
+    url = sa.engine.make_url(DB)
+    if url.get_backend_name() == "mysql":  # a database is MySQL's schema: drop and create it
+        engine = sa.create_engine(url.set(database=""))
+        with engine.begin() as db:
+            db.exec_driver_sql(f"DROP DATABASE IF EXISTS `{url.database}`")
+            db.exec_driver_sql(f"CREATE DATABASE `{url.database}`")
+    else:
+        engine = sa.create_engine(DB)
+        with engine.begin() as db:
+            db.exec_driver_sql("DROP SCHEMA IF EXISTS public CASCADE")
+            db.exec_driver_sql("CREATE SCHEMA public")
     engine.dispose()
     return DB
 
