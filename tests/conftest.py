@@ -27,10 +27,6 @@ def server_available(url: str = POSTGRES) -> str | None:
     return None
 
 
-def postgres_available() -> str | None:
-    return server_available(POSTGRES)
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from adsearch.embed.model import save_tiny_model
