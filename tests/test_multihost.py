@@ -9,6 +9,7 @@ cannot be created the tests are skipped with the reason printed.
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import signal
@@ -32,9 +33,9 @@ from adsearch.search.study import create_or_resume, trial_counts
 pytestmark = pytest.mark.slow
 PG_BIN = Path("/usr/lib/postgresql")
 CACHE_SHAPE = dict(n_train=40, n_test=8, n_layers=3, dim=16, windows_per_item=2, signal_layer=1, signal_dims=4)
-# about a second a trial: long enough to cut a link or kill a host in the middle of one
+# a second or two a trial: long enough to cut a link or kill a host in the middle of one
 SLOW_SPACE = {"cv": {"folds": 4}, "pruner": "none", "space": {
-    "pooling": ["mean"], "classifiers": {"random_forest": {"n_estimators": 150, "max_depth": 6,
+    "pooling": ["mean"], "classifiers": {"random_forest": {"n_estimators": 250, "max_depth": 6,
                                                            "max_features": "sqrt", "min_samples_leaf": 1}}}}
 FAST_SPACE = {"cv": {"folds": 3}, "pruner": "none", "space": {"classifiers": {"logreg": {}}}}
 
@@ -182,12 +183,14 @@ def test_three_hosts_finish_exactly_the_budget(network):
 
 
 def _running_trial_of(network: Network, name: str, pid: int, timeout: float = 120) -> optuna.trial.FrozenTrial:
+    """A trial worker `pid` has just started (one about to end might finish before a cut or a kill lands)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for trial in optuna.load_study(study_name=name, storage=network.url()).get_trials(states=(TrialState.RUNNING,)):
-            if trial.user_attrs.get("worker", "").endswith(f":{pid}"):
+            just_started = (datetime.datetime.now() - trial.datetime_start).total_seconds() < 0.5
+            if trial.user_attrs.get("worker", "").endswith(f":{pid}") and just_started:
                 return trial
-        time.sleep(0.1)
+        time.sleep(0.05)
     raise AssertionError(f"worker {pid} never ran a trial")
 
 
@@ -213,7 +216,10 @@ def test_a_host_cut_off_mid_trial_then_killed_is_retried_elsewhere_with_the_same
     assert trials[trial.number].state == TrialState.FAIL
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == trial.number]
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
-    assert retry[0].params == trial.params and retry[0].user_attrs["worker"].endswith(f":{survivor.pid}")
+    # exactly what the victim had sampled (stored before it died), re-run by the surviving host
+    victim_params = trials[trial.number].params
+    assert victim_params and retry[0].params == victim_params
+    assert retry[0].user_attrs["worker"].endswith(f":{survivor.pid}")
 
 
 def test_a_worker_cut_off_backs_off_then_stops_with_a_clear_message(network):
@@ -239,10 +245,16 @@ def test_a_database_restart_mid_study_loses_nothing(network):
     while trial_counts(optuna.load_study(study_name=name, storage=network.url()))["finished"] < 2:
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    network.restart()
+    restarted_at = time.time()
+    network.restart()  # connections are cut: a worker in a storage call backs off, pooled ones reconnect
     results = _finish(workers)
     assert all(code == 0 for code, _, _ in results), results
-    assert any("reachable again" in err for _, _, err in results)
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(network.url())
+    with engine.connect() as db:
+        assert db.execute(sa.text("SELECT extract(epoch FROM pg_postmaster_start_time())")).scalar() >= restarted_at
+    engine.dispose()
     trials = _states(network, name)
     states = [t.state for t in trials]
     assert TrialState.RUNNING not in states and TrialState.WAITING not in states
