@@ -164,6 +164,20 @@ def read_csv(path: Path, what: str) -> tuple[list[str], list[tuple[int, list[str
     return header, rows
 
 
+def csv_records(path: Path, header: list[str], rows: list[tuple[int, list[str]]]
+                ) -> tuple[list[tuple[int, dict[str, str]]], list[str]]:
+    """([(line, {column: stripped value})], problems): a row whose field count is not the header's is a
+    problem, not a record (csv would pad or drop the difference silently)."""
+    records, problems = [], []
+    for line, cells in rows:
+        if len(cells) != len(header):
+            problems.append(f"{path} line {line}: {len(cells)} fields, the header has {len(header)} (a comma "
+                            "inside a value needs quotes)")
+        else:
+            records.append((line, {name: cell.strip() for name, cell in zip(header, cells, strict=True)}))
+    return records, problems
+
+
 def read_manifest(path: Path | str, check_files: bool = True) -> list[Recording]:
     """Read and validate a manifest; every problem is reported at once, with its line number."""
     path = Path(path)
@@ -174,14 +188,7 @@ def read_manifest(path: Path | str, check_files: bool = True) -> list[Recording]
             f"{path}: missing column(s) {', '.join(missing)}; a manifest needs the columns "
             f"{', '.join(MANIFEST_COLUMNS)} (mmse and segments may be left out)"
         )
-    problems: list[str] = []
-    rows = []
-    for line, cells in raw_rows:
-        if len(cells) != len(header):
-            problems.append(f"{path} line {line}: {len(cells)} fields, the header has {len(header)} (a comma inside "
-                            "a value needs quotes)")
-            continue
-        rows.append((line, {name: cell.strip() for name, cell in zip(header, cells, strict=True)}))
+    rows, problems = csv_records(path, header, raw_rows)
     recordings: list[Recording] = []
     seen: dict[str, int] = {}
     for line, row in rows:
@@ -343,7 +350,7 @@ def participant_segments(path: Path, duration: float | None) -> tuple[list[Segme
 
 def _read_mmse(path: Path) -> dict[str, tuple[float | None, str]]:
     scores: dict[str, tuple[float | None, str]] = {}
-    with path.open(newline="", encoding="utf-8-sig") as handle:
+    with io.StringIO(_read_text(path, "MMSE file"), newline="") as handle:
         for row in csv.DictReader(handle):
             row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
             name = row.get("adressfname") or row.get("id")

@@ -38,7 +38,7 @@ def read_segments(path: Path | str) -> dict[str, list[tuple[float, float]]]:
     Either a CSV with columns file, begin, end (seconds; several rows per file) or a corpus manifest
     (its segments column), so the speech of corpus recordings is cut exactly as for extraction.
     """
-    from adsearch.corpus import CorpusError, merge_segments, read_csv, read_manifest
+    from adsearch.corpus import CorpusError, csv_records, merge_segments, read_csv, read_manifest
 
     path = Path(path)
     header, rows = read_csv(path, "segments file")
@@ -51,11 +51,11 @@ def read_segments(path: Path | str) -> dict[str, list[tuple[float, float]]]:
     if not {"file", "begin", "end"} <= set(header):
         raise CorpusError(f"{path}: needs the columns file, begin, end (seconds), or a corpus manifest; "
                           f"found {header[:10]}")
+    records, problems = csv_records(path, header, rows)
+    if problems:
+        raise CorpusError(problems[0])
     found: dict[str, list] = defaultdict(list)
-    for line, cells in rows:
-        if len(cells) != len(header):
-            raise CorpusError(f"{path} line {line}: {len(cells)} fields, the header has {len(header)}")
-        row = dict(zip(header, (cell.strip() for cell in cells), strict=True))
+    for line, row in records:
         try:
             begin, end = float(row["begin"]), float(row["end"])
         except ValueError:

@@ -30,7 +30,7 @@ import numpy as np
 from adsearch import __version__
 from adsearch.audio import SAMPLE_RATE, AudioError, audio_duration, load_audio
 from adsearch.corpus import Recording, manifest_digest, read_manifest
-from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, file_digest, stat_path
+from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, stat_path
 from adsearch.embed.model import ModelSource, load_model, resolve_model, uses_attention_mask
 
 MIN_WINDOW_SAMPLES = 400  # the CNN front end needs 400 samples for its first frame
@@ -456,13 +456,13 @@ def extract(
             time.sleep(poll_seconds)
     compute_seconds = time.perf_counter() - started
 
-    others = [] if (cache_dir / META_FILE).is_file() else [r for r in recordings if not _finished(parts, r.id)]
-    if others:  # a shard run whose siblings are still at work: the last of them consolidates
-        return ExtractResult(cache_dir, 0, n_computed, [], audio_seconds, compute_seconds,
-                             remaining=len(others))
     if (cache_dir / META_FILE).is_file():  # another process consolidated while this one waited
         shutil.rmtree(parts, ignore_errors=True)  # (lock files only, if this process recreated the folder)
         return _finished_result(cache_dir)
+    others = [r for r in recordings if not _finished(parts, r.id)]
+    if others:  # a shard run whose siblings are still at work: the last of them consolidates
+        return ExtractResult(cache_dir, 0, n_computed, [], audio_seconds, compute_seconds,
+                             remaining=len(others))
     consolidation = Claim(cache_dir / "consolidate.lock")
     consolidation.wait()
     try:
@@ -608,14 +608,17 @@ def _consolidate(cache_dir: Path, done: list[Recording], n_layers: int, dim: int
         items.append({"id": rec.id, "label": rec.label, "group": rec.group, "split": rec.split,
                       "mmse": rec.mmse, "path": str(rec.path), "n_windows": count})
         offset += count
-    digest = hashlib.sha256()
+    # One read of each file serves both hashes: the content hash over the array data (the part after the .npy
+    # header) and the per-file SHA-256 that readers verify.
+    digest, files = hashlib.sha256(), {}
     for (stat, layer), array in arrays.items():
         array.flush()
+        path, offset = stat_path(cache_dir, stat, layer), array.offset
+        data = path.read_bytes()
         digest.update(f"{stat}/{layer}".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(memoryview(data)[offset:])
+        files[path.relative_to(cache_dir).as_posix()] = hashlib.sha256(data).hexdigest()
     del arrays
-    files = {stat_path(cache_dir, stat, layer).relative_to(cache_dir).as_posix():
-             file_digest(stat_path(cache_dir, stat, layer)) for stat in STATS for layer in range(n_layers)}
     return {"items": items, "windows": windows, "n_windows": n_windows, "content_hash": digest.hexdigest(),
             "files": files, "devices": sorted(devices)}
 

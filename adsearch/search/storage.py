@@ -6,7 +6,7 @@
 * Heartbeats: a killed worker's RUNNING trial goes stale; whoever notices fails it, re-enqueues the same
   parameters (Optuna's RetryHeartbeatStaleTrialCallback) and only then gives its budget slot back.
 * `AdsearchStorage` keeps Optuna's storage contract: CI runs Optuna's own storage test suite against it
-  (tests/test_storage_contract.py), on SQLite and PostgreSQL, with coalesced writes on and off.
+  (tests/test_storage_contract.py), on SQLite, PostgreSQL and MariaDB, with coalesced writes on and off.
 """
 
 from __future__ import annotations
