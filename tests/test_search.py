@@ -606,3 +606,27 @@ def test_a_stale_trial_is_requeued_before_its_budget_slot_is_given_back(tmp_path
     StaleTrialHandler(url, max_retry=3)(study, study.trials[0])
     assert waiting_when_released == [1] and budget.get() == (1, 0)
     assert study.get_trials(states=(TrialState.WAITING,))[0].params == study.trials[0].params
+
+
+def test_a_heartbeat_lost_to_an_outage_is_a_warning_not_a_dead_thread(tmp_path, monkeypatch, caplog):
+    import sqlalchemy as sa
+    from optuna.storages._heartbeat import HeartbeatThread
+
+    storage = make_storage(f"sqlite:///{tmp_path / 'h.db'}", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=storage)
+    trial_id = study.ask()._trial_id
+    calls = []
+
+    def unreachable(self, trial_id):
+        calls.append(trial_id)
+        if len(calls) == 1:
+            raise optuna.exceptions.StorageInternalError("commit failed") from sa.exc.OperationalError(
+                "SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "record_heartbeat", unreachable)
+    thread = HeartbeatThread(trial_id, storage)
+    thread.start()
+    time.sleep(1.5)  # the first beat fails, the second one (1 s later) goes through
+    thread.join()
+    assert len(calls) == 2, "the heartbeat thread died on the failed beat"
+    assert "heartbeat not recorded (" in caplog.text and "server closed the connection unexpectedly" in caplog.text

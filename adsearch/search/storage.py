@@ -32,6 +32,7 @@ from adsearch.search.database import (
     engine_kwargs,
     is_deadlock,
     state_change,
+    unreachable_errors,
 )
 from adsearch.search.errors import StudyError
 
@@ -235,6 +236,16 @@ class AdsearchStorage(optuna.storages.RDBStorage):
             with self._lock:
                 self._running.add(trial_id)
         return changed
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        """A heartbeat lost to an outage is skipped with a one-line warning: Optuna's heartbeat thread would
+        die with a traceback on the first one, and the trial would go stale even once the database is back."""
+        try:
+            super().record_heartbeat(trial_id)
+        except unreachable_errors() as exc:
+            cause = exc.__cause__ or exc
+            _log.warning("trial %s: heartbeat not recorded (%s); the next one follows in %s s", trial_id,
+                         str(cause).splitlines()[0][:200], self.heartbeat_interval)
 
     def delete_study(self, study_id: int) -> None:
         with self._lock:
