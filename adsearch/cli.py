@@ -293,12 +293,17 @@ def space_check(
 
 
 def _study_summary(study, budget: int) -> None:
-    from adsearch.search.study import StudySetup, best_summary, describe_config, trial_counts
+    from adsearch.search.study import StudySetup, best_summary, describe_config, fold_fits, trial_counts
 
     counts = trial_counts(study)
+    setup = StudySetup.from_study(study)
+    fits = fold_fits(study, setup)
+    saved = f"; pruning ({setup.pruner}) saved {fits['saved']} of {fits['run'] + fits['saved']} fold fits" if (
+        counts["pruned"]) else ""
     out.print(f"study {study.study_name}: {counts['finished']}/{budget} finished ({counts['complete']} complete, "
-              f"{counts['pruned']} pruned), {counts['failed']} failed, {counts['running']} running", highlight=False)
-    best = best_summary(study, StudySetup.from_study(study))
+              f"{counts['pruned']} pruned), {counts['failed']} failed, {counts['running']} running{saved}",
+              highlight=False)
+    best = best_summary(study, setup)
     if best:
         out.print(f"best: trial {best['number']}, CV {best['value']:.4f}: {describe_config(best['config'])}",
                   highlight=False)
@@ -314,8 +319,14 @@ def search(
     workers: Annotated[int, typer.Option(help="Worker processes on this machine (one core each); 0 creates or "
                                               "resumes the study and sets its budget without running a trial "
                                               "(workers join with `adsearch worker`).")] = 1,
-    sampler: Annotated[str | None, typer.Option(help="Override the space's sampler: tpe, random, layer-grid.")] = None,
-    pruner: Annotated[str | None, typer.Option(help="Override the space's pruner: wilcoxon, median, none.")] = None,
+    sampler: Annotated[str | None, typer.Option(help="Sampler of a new study instead of the space's: tpe, random, "
+                                                     "layer-grid, gp (needs torch), qmc. Recorded on the study; "
+                                                     "every worker that joins uses it.")] = None,
+    pruner: Annotated[str | None, typer.Option(help="Pruner of a new study instead of the space's: none, wilcoxon, "
+                                                    "median. Recorded on the study.")] = None,
+    override_optimiser: Annotated[bool, typer.Option(
+        help="Let --sampler/--pruner differ from what an existing study recorded (this command's workers only; "
+             "warns).")] = False,
     heartbeat: Annotated[int, typer.Option(help="Seconds between worker heartbeats.")] = 10,
     grace: Annotated[int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")] = 30,
 ) -> None:
@@ -342,7 +353,8 @@ def search(
     with user_errors():
         spec = load_spec(space)
         opened = open_cache(cache)
-        the_study = create_or_resume(make_storage(storage, heartbeat, grace), study, opened, spec, str(space), trials)
+        the_study = create_or_resume(make_storage(storage, heartbeat, grace), study, opened, spec, str(space), trials,
+                                     sampler, pruner, override_optimiser)
     counts = trial_counts(the_study)
     if workers == 0:
         out.print(f"study {study} is ready: {counts['finished']} of {trials} trials finished; start workers with "
@@ -352,7 +364,8 @@ def search(
         out.print(f"study {study} already has {counts['finished']} finished trials (budget {trials})")
     else:
         kwargs = {"study_name": study, "storage_url": storage, "cache_path": str(opened.path), "sampler": sampler,
-                  "pruner": pruner, "heartbeat_interval": heartbeat, "grace_period": grace}
+                  "pruner": pruner, "override_optimiser": override_optimiser, "heartbeat_interval": heartbeat,
+                  "grace_period": grace}
         processes = spawn_workers(workers, kwargs)
         setup = StudySetup.from_study(the_study)
         with _bar(TextColumn("{task.fields[best]}")) as progress:
@@ -400,8 +413,12 @@ def worker(
     cache: Annotated[Path | None, typer.Option(envvar="ADSEARCH_CACHE",
                                                help="The study's cache, if it lives elsewhere on this machine "
                                                     "(its content must match).")] = None,
-    sampler: Annotated[str | None, typer.Option(help="Override the study's sampler.")] = None,
-    pruner: Annotated[str | None, typer.Option(help="Override the study's pruner.")] = None,
+    sampler: Annotated[str | None, typer.Option(help="Use another sampler than the study recorded (needs "
+                                                     "--override-optimiser; the default is the study's own).")] = None,
+    pruner: Annotated[str | None, typer.Option(help="Use another pruner than the study recorded (needs "
+                                                    "--override-optimiser).")] = None,
+    override_optimiser: Annotated[bool, typer.Option(help="Allow --sampler/--pruner to differ from the study's; "
+                                                          "prints a warning and marks this worker's trials.")] = False,
     heartbeat: Annotated[int, typer.Option(help="Seconds between heartbeats.")] = 10,
     grace: Annotated[int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")] = 30,
     max_outage: Annotated[float, typer.Option(help="Seconds to keep retrying (with backoff) while the database is "
@@ -415,7 +432,7 @@ def worker(
     from adsearch.search.worker import run_worker
 
     with user_errors():
-        report = run_worker(study, storage, str(cache) if cache else None, sampler, pruner,
+        report = run_worker(study, storage, str(cache) if cache else None, sampler, pruner, override_optimiser,
                             heartbeat_interval=heartbeat, grace_period=grace, max_outage_seconds=max_outage)
     out.print(f"worker done: ran {report.ran} trial(s), {report.failed} failed")
 

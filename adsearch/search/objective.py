@@ -256,9 +256,11 @@ def cross_validate(
 class Objective:
     """Callable for `study.optimize`: suggest a config, cross-validate it, report each fold."""
 
-    def __init__(self, setup: StudySetup, cache: EmbeddingCache, on_sampled: Callable[[], None] | None = None):
+    def __init__(self, setup: StudySetup, cache: EmbeddingCache, on_sampled: Callable[[], None] | None = None,
+                 sampler_label: str | None = None):
         self.setup = setup
         self.on_sampled = on_sampled  # e.g. send the trial's waiting writes (its worker) once it is set up
+        self.sampler_label = sampler_label  # recorded on each trial when it differs from the study's sampler
         self.source = FeatureSource(cache)
         if self.source.ids != setup.train_ids:
             raise ProtocolError("the cache's train items differ from the study's fold assignment")
@@ -266,6 +268,8 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", WORKER_ID)
+        if self.sampler_label:
+            trial.set_user_attr("sampler", self.sampler_label)
         try:
             return self._evaluate(trial)
         except optuna.TrialPruned:
@@ -282,11 +286,13 @@ class Objective:
 
         scores: list[float] = []
         prunes = not isinstance(trial.study.pruner, optuna.pruners.NopPruner)
+        n_steps = self.setup.folds.shape[0] * (int(self.setup.folds.max()) + 1)
 
         def report(step: int, score: float) -> None:
             scores.append(score)
             trial.report(score, step)
-            if prunes and trial.should_prune():
+            # After the last fold nothing is left to save: the trial is complete, whatever a pruner says.
+            if prunes and step + 1 < n_steps and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after fold {step + 1}")
 
         pruned = None
@@ -296,7 +302,7 @@ class Objective:
             pruned, result = exc, None
         # Flat attributes read well as dashboard columns; per-fold scores are the intermediate values and
         # the trial's duration is the dashboard's own column (each attribute is one storage write).
-        attrs = {"cv_std": round(float(np.std(scores)), 6)}
+        attrs = {"cv_std": round(float(np.std(scores)), 6), "folds_run": len(scores)}
         if result is not None:
             attrs.update({f"cv_{name}": round(value, 6) for name, value in result.summary().items()})
             attrs["fit_seconds"] = round(result.fit_seconds, 4)

@@ -10,6 +10,8 @@ from optuna.trial import TrialState
 from adsearch.search.errors import StudyError
 from adsearch.search.space import StudySpec
 
+TPE_STARTUP_TRIALS = 10  # random trials before TPE models the results (see BENCHMARKS.md, search quality)
+
 
 class LayerGridSampler(optuna.samplers.BaseSampler):
     """The seed's baseline: score every layer with one reference setting, then tune on the best layer.
@@ -68,19 +70,39 @@ class LayerGridSampler(optuna.samplers.BaseSampler):
         self.tuner.after_trial(study, trial, state, values)
 
 
+SAMPLERS = ("tpe", "random", "layer-grid", "gp", "qmc")
+PRUNERS = ("none", "wilcoxon", "median")
+
+
 def make_sampler(name: str, spec: StudySpec, layers: tuple[int, ...], seed: int | None):
+    """A sampler by name. `gp` (Optuna's GPSampler) needs torch, which search workers otherwise never import;
+    it sends conditional parameters (a classifier's own) to random sampling. `qmc` is a scrambled Sobol
+    sequence: space-filling, not adaptive."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                              n_startup_trials=TPE_STARTUP_TRIALS)
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         if name == "layer-grid":
             return LayerGridSampler(spec, layers, seed)
-    raise StudyError(f"unknown sampler {name!r}; choose tpe, random or layer-grid")
+        if name == "qmc":
+            return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed,
+                                              warn_independent_sampling=False)
+        if name == "gp":
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                raise StudyError("the gp sampler needs torch: pip install torch==2.13.0 (the CPU wheel) on this "
+                                 "worker, or choose another sampler") from None
+            return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
+    raise StudyError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
 def make_pruner(name: str):
+    """A pruner by name. Pruners only ever stop a trial between folds: after its last fold a trial is
+    complete (see `Objective`)."""
     if name == "wilcoxon":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -89,4 +111,4 @@ def make_pruner(name: str):
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
     if name == "none":
         return optuna.pruners.NopPruner()
-    raise StudyError(f"unknown pruner {name!r}; choose wilcoxon, median or none")
+    raise StudyError(f"unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}")

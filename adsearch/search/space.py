@@ -110,8 +110,8 @@ class SearchSpace(_Strict):
 class StudySpec(_Strict):
     cv: CVSpec = CVSpec()
     seed: int = 0
-    sampler: Literal["tpe", "random", "layer-grid"] = "tpe"
-    pruner: Literal["wilcoxon", "median", "none"] = "wilcoxon"
+    sampler: Literal["tpe", "random", "layer-grid", "gp", "qmc"] = "tpe"
+    pruner: Literal["none", "wilcoxon", "median"] = "wilcoxon"
     space: SearchSpace = SearchSpace()
     layer_grid: Reference = Reference()
 

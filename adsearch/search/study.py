@@ -8,6 +8,7 @@ or space. The storage lives in `storage.py`, the budget in `budget.py`, the work
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +26,23 @@ from adsearch.search.space import StudySpec, TrialConfig, check_layers, parse_sp
 ATTR = "adsearch"  # study system attribute holding the study's setup
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
-__all__ = ["ATTR", "FINISHED", "StudyError", "StudySetup", "best_summary", "check_compatible", "create_or_resume",
-           "describe_config", "load_cache_for", "new_setup", "study_note", "trial_config", "trial_counts"]
+__all__ = [
+    "ATTR",
+    "FINISHED",
+    "StudyError",
+    "StudySetup",
+    "best_summary",
+    "check_compatible",
+    "chosen_optimiser",
+    "create_or_resume",
+    "describe_config",
+    "fold_fits",
+    "load_cache_for",
+    "new_setup",
+    "study_note",
+    "trial_config",
+    "trial_counts",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -44,9 +60,18 @@ class StudySetup:
     space_file: str
     train_ids: list[str]
     folds: np.ndarray  # (repeats, n_train)
+    sampler: str = ""  # the optimiser every worker uses (recorded at creation; "" = the space's own)
+    pruner: str = ""
+    sampler_seed: int | None = None  # None = the space's seed
+
+    def __post_init__(self) -> None:
+        self.sampler = self.sampler or self.spec.sampler
+        self.pruner = self.pruner or self.spec.pruner
+        self.sampler_seed = self.spec.seed if self.sampler_seed is None else self.sampler_seed
 
     def to_attr(self) -> dict:
         return {"version": __version__,
+                "optimiser": {"sampler": self.sampler, "pruner": self.pruner, "sampler_seed": self.sampler_seed},
                 "cache": {"path": self.cache_path, "content_hash": self.cache_hash, "n_layers": self.n_layers},
                 "space": {"file": self.space_file, "hash": self.spec.digest(),
                           "spec": self.spec.model_dump(mode="json")},
@@ -61,21 +86,48 @@ class StudySetup:
             raise StudyError(f"study {study.study_name!r} was not created by adsearch (no '{ATTR}' attribute), or "
                              "its creation was interrupted; choose another --study name, or delete it with "
                              f"`optuna delete-study --study-name {study.study_name} --storage URL`")
+        optimiser = attr.get("optimiser", {})
         return cls(attr["cache"]["path"], attr["cache"]["content_hash"], attr["cache"]["n_layers"],
                    parse_spec(attr["space"]["spec"]), attr["space"]["file"], attr["folds"]["train_ids"],
-                   np.asarray(attr["folds"]["assignment"]))
+                   np.asarray(attr["folds"]["assignment"]), optimiser.get("sampler", ""),
+                   optimiser.get("pruner", ""), optimiser.get("sampler_seed"))
 
     @property
     def layers(self) -> tuple[int, ...]:
         return check_layers(self.spec, self.n_layers)
 
 
-def new_setup(cache: EmbeddingCache, spec: StudySpec, space_file: str) -> StudySetup:
+def new_setup(cache: EmbeddingCache, spec: StudySpec, space_file: str, sampler: str | None = None,
+              pruner: str | None = None, sampler_seed: int | None = None) -> StudySetup:
+    from adsearch.search.samplers import PRUNERS, SAMPLERS
+
+    if sampler is not None and sampler not in SAMPLERS:
+        raise StudyError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if pruner is not None and pruner not in PRUNERS:
+        raise StudyError(f"unknown pruner {pruner!r}; choose one of {', '.join(PRUNERS)}")
     check_layers(spec, cache.n_layers, space_file)
     source = FeatureSource(cache)
     folds = assign_folds(source.labels, source.groups, spec.cv.folds, spec.cv.repeats, spec.seed)
     return StudySetup(str(cache.path.resolve()), cache.content_hash, cache.n_layers, spec, space_file, source.ids,
-                      folds)
+                      folds, sampler or "", pruner or "", sampler_seed)
+
+
+def chosen_optimiser(setup: StudySetup, study_name: str, sampler: str | None, pruner: str | None,
+                     override: bool) -> tuple[str, str, list[str]]:
+    """The sampler and pruner a worker runs: the study's own, unless an explicit override asks otherwise
+    (then with a warning, since the study's trials no longer come from one optimiser)."""
+    chosen, warnings_ = [], []
+    for kind, asked, recorded in (("sampler", sampler, setup.sampler), ("pruner", pruner, setup.pruner)):
+        if asked is None or asked == recorded:
+            chosen.append(recorded)
+            continue
+        if not override:
+            raise StudyError(f"study {study_name!r} was created with {kind} {recorded!r}; leave --{kind} out to use "
+                             f"it, or add --override-optimiser to run this worker's trials with {asked!r}")
+        warnings_.append(f"study {study_name!r} was created with {kind} {recorded!r}; this worker uses {asked!r} "
+                         "(--override-optimiser): its trials no longer all come from one optimiser")
+        chosen.append(asked)
+    return chosen[0], chosen[1], warnings_
 
 
 def check_compatible(setup: StudySetup, study_name: str, cache: EmbeddingCache | None = None,
@@ -106,13 +158,17 @@ def load_cache_for(setup: StudySetup, study_name: str, cache_path: str | Path | 
 
 
 def create_or_resume(storage, study_name: str, cache: EmbeddingCache, spec: StudySpec, space_file: str,
-                     budget: int) -> optuna.Study:
-    """Create the study (recording its setup) or resume it after checking cache and space; set the budget."""
+                     budget: int, sampler: str | None = None, pruner: str | None = None,
+                     override: bool = False, sampler_seed: int | None = None) -> optuna.Study:
+    """Create the study (recording its setup and optimiser) or resume it after checking cache, space and
+    optimiser; set the budget. `sampler`/`pruner` choose the optimiser of a new study; on an existing one
+    they must match what it recorded unless `override` (which only the workers of this command use)."""
     url = storage.url
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
-        setup = new_setup(cache, spec, space_file)  # every check runs before anything is written
+        # every check runs before anything is written
+        setup = new_setup(cache, spec, space_file, sampler, pruner, sampler_seed)
         try:
             study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize")
         except optuna.exceptions.DuplicatedStudyError:  # another `search` created it a moment ago
@@ -120,10 +176,15 @@ def create_or_resume(storage, study_name: str, cache: EmbeddingCache, spec: Stud
         else:
             # A system attribute: workers need it, the dashboard's user-attribute table does not.
             storage.set_study_system_attr(study._study_id, ATTR, setup.to_attr())
+            with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([spec.cv.metric])  # the dashboard says balanced_accuracy, not Objective 0
             import optuna_dashboard
 
             optuna_dashboard.save_note(study, study_note(cache, setup))
-    check_compatible(_wait_for_setup(study), study_name, cache, spec)
+    setup = _wait_for_setup(study)
+    check_compatible(setup, study_name, cache, spec)
+    chosen_optimiser(setup, study_name, sampler, pruner, override)
     counts = trial_counts(study)
     TrialBudget(url, study_name).set(budget, counts["finished"] + counts["running"])
     return study
@@ -154,8 +215,9 @@ def study_note(cache: EmbeddingCache, setup: StudySetup) -> str:
         f"**Cache**: `{setup.cache_path}` (content {setup.cache_hash[:12]}); model `{model.get('name')}` @ "
         f"`{model.get('revision')}`, {cache.n_layers} hidden states x {cache.dim} dims, windows of "
         f"{meta.get('settings', {}).get('window_s')} s.",
-        f"**Space**: `{setup.space_file}` (hash {spec.digest()}); sampler {spec.sampler}, pruner {spec.pruner}, "
-        f"seed {spec.seed}; classifiers {', '.join(spec.space.classifiers)}.",
+        f"**Space**: `{setup.space_file}` (hash {spec.digest()}); sampler {setup.sampler} (seed "
+        f"{setup.sampler_seed}), pruner {setup.pruner}, seed {spec.seed}; classifiers "
+        f"{', '.join(spec.space.classifiers)}. Every worker uses this sampler and pruner.",
         f"**CV**: {spec.cv.folds} folds x {spec.cv.repeats} repeat(s), stratified by label, grouped by speaker; "
         f"metric {spec.cv.metric}. Intermediate values are the per-fold scores.",
         "Trial columns: `cv_*` are fold means of each metric, `cv_std` the spread of the study metric, "
@@ -170,6 +232,15 @@ def trial_counts(study: optuna.Study) -> dict[str, int]:
             "pruned": states.count(TrialState.PRUNED), "running": states.count(TrialState.RUNNING),
             "waiting": states.count(TrialState.WAITING), "failed": states.count(TrialState.FAIL)}
 
+
+
+def fold_fits(study: optuna.Study, setup: StudySetup) -> dict[str, int]:
+    """How many fold fits the study's finished trials ran, and how many pruning saved (what the pruned
+    trials would have needed to finish): the number that says whether a pruner earns its keep."""
+    n_steps = setup.folds.shape[0] * (int(setup.folds.max()) + 1)
+    trials = study.get_trials(deepcopy=False, states=FINISHED)
+    run = sum(int(t.user_attrs.get("folds_run", n_steps)) for t in trials)
+    return {"run": run, "saved": len(trials) * n_steps - run}
 
 
 def trial_config(setup: StudySetup, params: dict) -> TrialConfig:

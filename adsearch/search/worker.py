@@ -26,7 +26,7 @@ from adsearch.search.errors import StudyError
 from adsearch.search.objective import WORKER_ID, Objective, ProtocolError
 from adsearch.search.samplers import make_pruner, make_sampler
 from adsearch.search.storage import DEFAULT_STORAGE, make_storage, mask_url
-from adsearch.search.study import StudySetup, load_cache_for, trial_counts
+from adsearch.search.study import StudySetup, chosen_optimiser, load_cache_for, trial_counts
 
 
 def _return_freed_memory_to_the_system() -> None:
@@ -75,6 +75,7 @@ def run_worker(
     cache_path: str | None = None,
     sampler: str | None = None,
     pruner: str | None = None,
+    override_optimiser: bool = False,
     worker_index: int | None = None,
     heartbeat_interval: int = 10,
     grace_period: int = 30,
@@ -100,11 +101,17 @@ def run_worker(
                          ) from None
     setup = StudySetup.from_study(study)
     cache = load_cache_for(setup, study_name, cache_path)
-    objective = Objective(setup, cache, on_sampled=storage.flush)  # who runs it, visible at once
+    sampler, pruner, notes = chosen_optimiser(setup, study_name, sampler, pruner, override_optimiser)
+    for note in notes:
+        print(f"worker {WORKER_ID}: warning: {note}", file=sys.stderr, flush=True)
+    # who runs it, visible at once; with an override each trial also says which sampler proposed it
+    objective = Objective(setup, cache, on_sampled=storage.flush, sampler_label=sampler if notes else None)
     index = worker_index if worker_index is not None else random.SystemRandom().randrange(1 << 30)
-    seed = _worker_seed(setup.spec.seed, index, len(study.get_trials(deepcopy=False)))
-    study.sampler = make_sampler(sampler or setup.spec.sampler, setup.spec, objective.layers, seed)
-    study.pruner = make_pruner(pruner or setup.spec.pruner)
+    # QMC points are numbered by the study, so every worker needs the same sequence (the same seed).
+    seed = setup.sampler_seed if sampler == "qmc" else _worker_seed(
+        setup.sampler_seed, index, len(study.get_trials(deepcopy=False)))
+    study.sampler = make_sampler(sampler, setup.spec, objective.layers, seed)
+    study.pruner = make_pruner(pruner)
     budget = TrialBudget(storage.url, study_name)  # the URL with any password from a secret file
     report = WorkerReport()
     streak: list[str] = []
