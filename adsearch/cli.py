@@ -329,6 +329,8 @@ def search(
              "warns).")] = False,
     heartbeat: Annotated[int, typer.Option(help="Seconds between worker heartbeats.")] = 10,
     grace: Annotated[int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")] = 30,
+    artifacts: Annotated[Path, typer.Option(help="Artifact store for the layer-screen heat map (start the "
+                                                 "dashboard with the same one).")] = Path("adsearch-artifacts"),
 ) -> None:
     """Create or resume a study and run worker processes until it has --trials finished trials.
 
@@ -339,6 +341,7 @@ def search(
     import time as _time
 
     from adsearch.embed import open_cache
+    from adsearch.report import upload_screen
     from adsearch.search.space import load_spec
     from adsearch.search.storage import make_storage, mask_url
     from adsearch.search.study import StudySetup, best_summary, create_or_resume, describe_config, trial_counts
@@ -354,7 +357,9 @@ def search(
         spec = load_spec(space)
         opened = open_cache(cache)
         the_study = create_or_resume(make_storage(storage, heartbeat, grace), study, opened, spec, str(space), trials,
-                                     sampler, pruner, override_optimiser)
+                                     sampler, pruner, override_optimiser,
+                                     log=lambda message: out.print(message, highlight=False),
+                                     on_screen=lambda new, screened: upload_screen(new, screened, artifacts))
     counts = trial_counts(the_study)
     if workers == 0:
         out.print(f"study {study} is ready: {counts['finished']} of {trials} trials finished; start workers with "

@@ -86,6 +86,14 @@ def _figures(study, setup, test: dict | None, out: Path) -> list[Path]:
         ax.set(xlabel="importance (Optuna's default evaluator)", title="Parameter importances")
         save(fig, "importances")
 
+    from adsearch.search.screen import heatmap
+    from adsearch.search.study import load_screen
+
+    screened = load_screen(study)
+    if screened is not None:
+        heatmap(screened, out / "layer_screen.png")
+        paths.append(out / "layer_screen.png")
+
     if test:
         matrix = np.array(test["confusion"]["matrix"])
         fig, ax = plt.subplots(figsize=(3.6, 3.2))
@@ -97,6 +105,18 @@ def _figures(study, setup, test: dict | None, out: Path) -> list[Path]:
                ylabel="true", title="Test confusion matrix")
         save(fig, "test_confusion")
     return paths
+
+
+def upload_screen(study, result, artifacts: Path | str | None = None) -> Path:
+    """The layer screen's heat map, attached to the study as soon as the screen ran (dashboard artifact)."""
+    from adsearch.search.screen import heatmap
+
+    folder = Path(artifacts or DEFAULT_ARTIFACTS)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"screen-{study.study_name}.png"
+    heatmap(result, path)
+    _upload(study, [path], artifacts)
+    return path
 
 
 def _table(rows: list[tuple]) -> str:

@@ -386,7 +386,8 @@ def test_search_fails_loudly_when_its_workers_cannot_meet_the_budget(tmp_path):
     """Every trial fails (the cache was edited after the study began): workers stop, `search` says why,
     exits 1, and does not suggest exporting."""
     cache_dir = write_synthetic_cache(tmp_path / "c", **TINY_CACHE)
-    space = _space(tmp_path, "cv: {folds: 3}\npruner: none\nspace: {layers: [1], classifiers: {logreg: {}}}\n")
+    space = _space(tmp_path, "cv: {folds: 3}\npruner: none\nscreen: {enabled: false}\n"
+                   "space: {layers: [1], classifiers: {logreg: {}}}\n")
     for target in (cache_dir / "stats").glob("*/L01.npy"):
         np.save(target, np.load(target) + 1)
     result = subprocess.run([sys.executable, "-m", "adsearch.cli", "search", "--cache", str(cache_dir), "--study",

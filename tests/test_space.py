@@ -33,7 +33,7 @@ def test_digest_ignores_formatting_but_not_content(tmp_path):
     ("cv: {metric: auc}", "cv.metric: Input should be 'balanced_accuracy', 'accuracy', 'f1' or 'roc_auc'"),
     ("cv: {folds: 1}", "cv.folds: Input should be greater than or equal to 2"),
     ("samplr: tpe", "samplr: Extra inputs are not permitted"),
-    ("sampler: cmaes", "sampler: Input should be 'tpe', 'random' or 'layer-grid'"),
+    ("sampler: cmaes", "sampler: Input should be 'tpe', 'random', 'layer-grid', 'gp' or 'qmc'"),
     ("space: {pooling: [mean, median]}", "space.pooling.1: Input should be"),
     ("space: {pooling: []}", "space.pooling: Value error, needs at least one entry"),
     ("space: {layers: {low: 10, high: 2}}", "low (10) is above high (2)"),

@@ -1,16 +1,17 @@
 """A search you can trust: pruning never discards a finished evaluation, the optimiser is the study's."""
 
+import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 from adsearch.embed import open_cache
-from adsearch.embed.synthetic import write_synthetic_cache
+from adsearch.embed.synthetic import write_realistic_cache, write_synthetic_cache
 from adsearch.search.errors import StudyError
 from adsearch.search.samplers import make_sampler
 from adsearch.search.space import parse_spec
 from adsearch.search.storage import make_storage
-from adsearch.search.study import StudySetup, create_or_resume
+from adsearch.search.study import StudySetup, create_or_resume, load_screen
 from adsearch.search.worker import run_worker
 
 SMALL = dict(n_train=40, n_test=10, n_layers=4, dim=16, windows_per_item=3, signal_layer=2, signal_dims=4)
@@ -116,3 +117,85 @@ def test_fold_fits_count_what_pruning_saved(small_cache, tmp_path, monkeypatch):
     run_worker("p", url, worker_index=0)
     study = optuna.load_study(study_name="p", storage=url)
     assert fold_fits(study, StudySetup.from_study(study)) == {"run": 3, "saved": 9}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layer screening
+
+
+def test_the_closed_form_probe_equals_a_ridge_fitted_per_fold():
+    from sklearn.linear_model import Ridge
+
+    from adsearch.search.screen import _fold_predictions
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 15))
+    y = np.where(rng.random(40) < 0.5, 1.0, -1.0)
+    train = np.arange(40) % 5 != 0
+    ridges = np.array([0.01, 1.0])
+    got = _fold_predictions(X @ X.T, y, train, ridges)
+    centred = X[train] - X[train].mean(axis=0)
+    scale = np.linalg.eigvalsh(centred @ centred.T).clip(0).mean()
+    for r, ridge in enumerate(ridges):
+        expected = Ridge(alpha=scale * ridge).fit(X[train], y[train]).predict(X[~train])
+        np.testing.assert_allclose(got[:, r], expected, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind, seen_by", [("mean", {"mean"}), ("spread", {"std", "max", "min"}),
+                                           ("nonlinear", {"mean"})])
+def test_the_screen_finds_the_planted_layer_and_statistic_on_realistic_caches(tmp_path, kind, seen_by):
+    from adsearch.embed.cache import POOLINGS
+    from adsearch.search.objective import FeatureSource, assign_folds
+    from adsearch.search.screen import screen
+
+    cache = open_cache(write_realistic_cache(tmp_path / "c", kind=kind, n_layers=9, n_test=0, seed=1))
+    planted = cache.meta["synthetic"]["signal_layer"]
+    source = FeatureSource(cache)
+    folds = assign_folds(source.labels, source.groups, 5, 1, 0)
+    result = screen(source, folds, tuple(range(9)), list(POOLINGS), "balanced_accuracy")
+    best = result.top(1)[0]
+    assert abs(best["layer"] - planted) <= 1 and set(POOLINGS[best["pooling"]]) & seen_by, result.top(3)
+    assert best["probe"] == ("kernel" if kind == "nonlinear" else best["probe"])
+    assert best["score"] > 0.7
+    far = [i for i, layer in enumerate(result.layers) if abs(layer - planted) >= 4]
+    assert result.best()[far].max() < best["score"] - 0.05
+
+
+def test_screening_trials_come_first_and_keep_the_budget_exact(tmp_path):
+    cache = open_cache(write_realistic_cache(tmp_path / "c", kind="mean", n_layers=6, dim=48, n_test=20, seed=0))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = parse_spec({"screen": {"top": 4}, "pruner": "none",
+                       "space": {"classifiers": {"logreg": {}, "rbf_svm": {}}}})
+    create_or_resume(make_storage(url), "small", cache, spec, "s.yaml", 3)  # budget below `top`
+    create_or_resume(make_storage(url), "big", cache, spec, "s.yaml", 7)
+    for name, budget in (("small", 3), ("big", 7)):
+        study = optuna.load_study(study_name=name, storage=url)
+        assert len(study.get_trials(states=(TrialState.WAITING,))) == min(4, budget)
+        run_worker(name, url, worker_index=0)
+        trials = sorted(study.get_trials(), key=lambda t: t.number)
+        assert len(trials) == budget and all(t.state == TrialState.COMPLETE for t in trials)
+        origins = [t.user_attrs.get("origin") for t in trials]
+        assert origins == ["screen"] * min(4, budget) + [None] * (budget - min(4, budget))
+    screened = load_screen(optuna.load_study(study_name="big", storage=url))
+    first = trials[0].params
+    assert (first["layer"], first["pooling"]) == (screened.top(1)[0]["layer"], screened.top(1)[0]["pooling"])
+    # resuming does not screen or enqueue again
+    create_or_resume(make_storage(url), "big", cache, spec, "s.yaml", 9)
+    assert not optuna.load_study(study_name="big", storage=url).get_trials(states=(TrialState.WAITING,))
+
+
+def test_the_screen_never_reads_test_items(tmp_path, monkeypatch):
+    from adsearch.embed.cache import EmbeddingCache
+
+    cache = open_cache(write_realistic_cache(tmp_path / "c", kind="mean", n_layers=3, dim=16, n_test=30, seed=0))
+    test_items = set(np.flatnonzero(cache.splits == "test"))
+    read = []
+    real = EmbeddingCache.recording_features
+
+    def spy(self, layer, pooling, items=None):
+        read.append(set(range(len(self.ids))) if items is None else set(np.asarray(items).tolist()))
+        return real(self, layer, pooling, items)
+
+    monkeypatch.setattr(EmbeddingCache, "recording_features", spy)
+    create_or_resume(make_storage(f"sqlite:///{tmp_path / 's.db'}"), "s", cache, parse_spec({}), "s.yaml", 5)
+    assert read and not any(items & test_items for items in read)

@@ -107,8 +107,16 @@ class SearchSpace(_Strict):
         return value
 
 
+class ScreenSpec(_Strict):
+    """Layer screening before the search (see adsearch/search/screen.py)."""
+
+    enabled: bool = Field(True, description="score every layer x pooling with closed-form probes first")
+    top: int = Field(6, ge=0, le=100, description="the best cells become the study's first trials (0: none)")
+
+
 class StudySpec(_Strict):
     cv: CVSpec = CVSpec()
+    screen: ScreenSpec = ScreenSpec()
     seed: int = 0
     sampler: Literal["tpe", "random", "layer-grid", "gp", "qmc"] = "tpe"
     pruner: Literal["none", "wilcoxon", "median"] = "wilcoxon"

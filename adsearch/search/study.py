@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
@@ -22,6 +24,9 @@ from adsearch.search.budget import TrialBudget
 from adsearch.search.errors import StudyError
 from adsearch.search.objective import FeatureSource, assign_folds
 from adsearch.search.space import StudySpec, TrialConfig, check_layers, parse_spec, suggest
+
+if TYPE_CHECKING:
+    from adsearch.search.screen import ScreenResult
 
 ATTR = "adsearch"  # study system attribute holding the study's setup
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -38,6 +43,7 @@ __all__ = [
     "describe_config",
     "fold_fits",
     "load_cache_for",
+    "load_screen",
     "new_setup",
     "study_note",
     "trial_config",
@@ -159,7 +165,9 @@ def load_cache_for(setup: StudySetup, study_name: str, cache_path: str | Path | 
 
 def create_or_resume(storage, study_name: str, cache: EmbeddingCache, spec: StudySpec, space_file: str,
                      budget: int, sampler: str | None = None, pruner: str | None = None,
-                     override: bool = False, sampler_seed: int | None = None) -> optuna.Study:
+                     override: bool = False, sampler_seed: int | None = None,
+                     log: Callable[[str], None] | None = None,
+                     on_screen: Callable[[optuna.Study, ScreenResult], None] | None = None) -> optuna.Study:
     """Create the study (recording its setup and optimiser) or resume it after checking cache, space and
     optimiser; set the budget. `sampler`/`pruner` choose the optimiser of a new study; on an existing one
     they must match what it recorded unless `override` (which only the workers of this command use)."""
@@ -179,15 +187,51 @@ def create_or_resume(storage, study_name: str, cache: EmbeddingCache, spec: Stud
             with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names([spec.cv.metric])  # the dashboard says balanced_accuracy, not Objective 0
+            screened = _screen_and_enqueue(study, cache, setup, budget, log)
+            if screened is not None and on_screen is not None:
+                on_screen(study, screened)
             import optuna_dashboard
 
-            optuna_dashboard.save_note(study, study_note(cache, setup))
+            optuna_dashboard.save_note(study, study_note(cache, setup, screened))
     setup = _wait_for_setup(study)
     check_compatible(setup, study_name, cache, spec)
     chosen_optimiser(setup, study_name, sampler, pruner, override)
     counts = trial_counts(study)
     TrialBudget(url, study_name).set(budget, counts["finished"] + counts["running"])
     return study
+
+
+SCREEN_ATTR = "adsearch:screen"  # study system attribute holding the layer screen
+
+
+def _screen_and_enqueue(study: optuna.Study, cache: EmbeddingCache, setup: StudySetup, budget: int,
+                        log: Callable[[str], None] | None) -> ScreenResult | None:
+    """Run the layer screen of a new study (if its space asks for one), record it on the study and enqueue
+    the top cells as its first trials: at most the budget, so the budget stays exact."""
+    from adsearch.search.screen import screen, starting_points
+
+    spec = setup.spec
+    if not spec.screen.enabled or setup.sampler == "layer-grid":  # layer-grid walks the layers itself
+        return None
+    if log:
+        log(f"screening {len(setup.layers)} layers x {len(spec.space.pooling)} poolings with a linear and a "
+            "kernel probe (closed form, the study's folds, train rows only)")
+    result = screen(FeatureSource(cache), setup.folds, setup.layers, list(spec.space.pooling), spec.cv.metric)
+    result.enqueued = starting_points(result, spec, min(spec.screen.top, budget))
+    for params in result.enqueued:
+        study.enqueue_trial(params, user_attrs={"origin": "screen"})
+    study._storage.set_study_system_attr(study._study_id, SCREEN_ATTR, result.to_attr())
+    if log:
+        top = ", ".join(f"layer {c['layer']} {c['pooling']} {c['score']:.3f} ({c['probe']})" for c in result.top(5))
+        log(f"screen ({result.seconds:.1f} s): best {top}; {len(result.enqueued)} enqueued as the first trials")
+    return result
+
+
+def load_screen(study: optuna.Study) -> ScreenResult | None:
+    from adsearch.search.screen import ScreenResult
+
+    attr = study._storage.get_study_system_attrs(study._study_id).get(SCREEN_ATTR)
+    return ScreenResult.from_attr(attr) if attr else None
 
 
 def _wait_for_setup(study: optuna.Study, timeout_s: float = 30.0) -> StudySetup:
@@ -202,7 +246,7 @@ def _wait_for_setup(study: optuna.Study, timeout_s: float = 30.0) -> StudySetup:
             time.sleep(0.2)
 
 
-def study_note(cache: EmbeddingCache, setup: StudySetup) -> str:
+def study_note(cache: EmbeddingCache, setup: StudySetup, screened: ScreenResult | None = None) -> str:
     """The markdown the dashboard shows on the study page: what data, which model, which protocol."""
     meta, spec = cache.meta, setup.spec
     train = cache.labels[cache.splits == "train"]
@@ -221,8 +265,13 @@ def study_note(cache: EmbeddingCache, setup: StudySetup) -> str:
         f"**CV**: {spec.cv.folds} folds x {spec.cv.repeats} repeat(s), stratified by label, grouped by speaker; "
         f"metric {spec.cv.metric}. Intermediate values are the per-fold scores.",
         "Trial columns: `cv_*` are fold means of each metric, `cv_std` the spread of the study metric, "
-        "`fit_seconds` the time in fit/predict, `worker` the host:pid that ran it.",
-    ])
+        "`fit_seconds` the time in fit/predict, `folds_run` how many folds ran before any pruning, `worker` "
+        "the host:pid that ran it.",
+    ] + ([f"**Layer screen** ({screened.seconds:.1f} s, linear and RBF ridge probes on the same folds; a screen, "
+          "optimistic like any maximum): best " + ", ".join(
+              f"layer {c['layer']} {c['pooling']} {c['score']:.3f} ({c['probe']})" for c in screened.top(5))
+          + f". The first {len(screened.enqueued)} trials (user attribute `origin: screen`) start there."]
+         if screened else []))
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:

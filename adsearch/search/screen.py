@@ -1,0 +1,200 @@
+"""Layer screening: score every layer x pooling with two probes fitted in closed form, before the search.
+
+A search over 25 layers x 6 poolings x classifiers spends many trials finding where the signal is. Two
+cheap probes answer that first, on the study's own folds and train rows only:
+
+* **linear**: ridge regression of the +-1 labels on the standardised features (kernel form, K = X X^T),
+* **kernel**: the same ridge on an RBF kernel of those features, so that signals no linear model sees
+  (a class that differs in spread, not in mean) still show.
+
+Per layer and pooling there is one Gram matrix (166 x 166 on ADReSSo); per fold one eigendecomposition of
+its training block gives the ridge solution for every regularisation strength at once. A probe's score is
+the study metric of its fold predictions, at its best regularisation (and kernel width): a screen, not an
+unbiased estimate. Features are standardised with the statistics of all train rows (no labels involved).
+
+The study can start from the top combinations (`screen:` in the space YAML): they are enqueued as its first
+trials, inside its budget, with a classifier that matches the probe that found them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from adsearch.search.objective import FeatureSource, metrics
+
+RIDGE_GRID = np.logspace(-3, 3, 7)  # times the mean diagonal of the training kernel
+GAMMA_GRID = (0.25, 1.0, 4.0)  # times 1 / median squared distance
+
+
+@dataclass
+class ScreenResult:
+    """Probe scores per layer (rows) and pooling (columns)."""
+
+    layers: list[int]
+    poolings: list[str]
+    metric: str
+    linear: np.ndarray  # (layers, poolings)
+    kernel: np.ndarray
+    linear_ridge: np.ndarray  # the winning ridge factor per cell
+    kernel_setting: np.ndarray  # (layers, poolings, 2): gamma (absolute, standardised features), ridge factor
+    seconds: float = 0.0
+    enqueued: list[dict] = field(default_factory=list)
+
+    def best(self) -> np.ndarray:
+        return np.maximum(self.linear, self.kernel)
+
+    def top(self, n: int) -> list[dict]:
+        """The n best cells by the better of the two probes, each with the probe that scored it."""
+        best = self.best()
+        order = np.argsort(-best, axis=None, kind="stable")[:n]
+        rows = []
+        for flat in order:
+            i, j = np.unravel_index(flat, best.shape)
+            probe = "linear" if self.linear[i, j] >= self.kernel[i, j] else "kernel"
+            rows.append({"layer": self.layers[i], "pooling": self.poolings[j], "probe": probe,
+                         "score": float(best[i, j]), "linear": float(self.linear[i, j]),
+                         "kernel": float(self.kernel[i, j]), "ridge": float(self.linear_ridge[i, j]),
+                         "gamma": float(self.kernel_setting[i, j, 0])})
+        return rows
+
+    def to_attr(self) -> dict:
+        return {"layers": self.layers, "poolings": self.poolings, "metric": self.metric,
+                "linear": np.round(self.linear, 4).tolist(), "kernel": np.round(self.kernel, 4).tolist(),
+                "linear_ridge": self.linear_ridge.tolist(), "kernel_setting": self.kernel_setting.tolist(),
+                "seconds": round(self.seconds, 2), "enqueued": self.enqueued}
+
+    @classmethod
+    def from_attr(cls, attr: dict) -> ScreenResult:
+        return cls(list(attr["layers"]), list(attr["poolings"]), attr["metric"], np.asarray(attr["linear"]),
+                   np.asarray(attr["kernel"]), np.asarray(attr["linear_ridge"]), np.asarray(attr["kernel_setting"]),
+                   attr.get("seconds", 0.0), list(attr.get("enqueued", [])))
+
+
+def _standardised(X: np.ndarray) -> np.ndarray:
+    X = X.astype(np.float64)
+    X -= X.mean(axis=0)
+    scale = X.std(axis=0)
+    scale[scale == 0] = 1.0
+    return X / scale
+
+
+def _fold_predictions(K: np.ndarray, y: np.ndarray, train: np.ndarray, ridges: np.ndarray) -> np.ndarray:
+    """Kernel ridge predictions for the rows outside `train`, one column per ridge factor. The kernel is
+    centred on the training rows (an intercept), and one eigendecomposition serves every ridge."""
+    valid = ~train
+    K_tt, K_vt = K[np.ix_(train, train)], K[np.ix_(valid, train)]
+    row_mean = K_tt.mean(axis=0)
+    K_tt_c = K_tt - row_mean[None, :] - row_mean[:, None] + row_mean.mean()
+    K_vt_c = K_vt - K_vt.mean(axis=1, keepdims=True) - row_mean[None, :] + row_mean.mean()
+    values, vectors = np.linalg.eigh(K_tt_c)
+    values = np.maximum(values, 0.0)
+    target = y[train] - y[train].mean()
+    projected = vectors.T @ target
+    scale = values.mean() if values.mean() > 0 else 1.0
+    coefficients = vectors @ (projected[:, None] / (values[:, None] + scale * ridges[None, :]))
+    return y[train].mean() + K_vt_c @ coefficients
+
+
+def _probe_scores(K: np.ndarray, y: np.ndarray, labels: np.ndarray, folds: np.ndarray, metric: str) -> np.ndarray:
+    """Mean fold score of the study metric for every ridge factor (threshold 0 on +-1 targets)."""
+    n_folds = int(folds.max()) + 1
+    scores = np.zeros(len(RIDGE_GRID))
+    for assignment in folds:
+        for fold in range(n_folds):
+            valid = assignment == fold
+            predictions = _fold_predictions(K, y, ~valid, RIDGE_GRID)
+            for r in range(len(RIDGE_GRID)):
+                scores[r] += metrics(labels[valid], predictions[:, r], 0.0)[metric]
+    return scores / (len(folds) * n_folds)
+
+
+def screen(source: FeatureSource, folds: np.ndarray, layers: tuple[int, ...], poolings: list[str], metric: str,
+           progress=None) -> ScreenResult:
+    """Both probes for every layer x pooling, on the train rows of `source` with the study's folds."""
+    started = time.perf_counter()
+    labels = source.labels
+    y = np.where(labels == 1, 1.0, -1.0)
+    shape = (len(layers), len(poolings))
+    linear, kernel = np.zeros(shape), np.zeros(shape)
+    linear_ridge, kernel_setting = np.zeros(shape), np.zeros(shape + (2,))
+    for i, layer in enumerate(layers):
+        for j, pooling in enumerate(poolings):
+            X = _standardised(source.get(layer, pooling, "recording"))
+            gram = X @ X.T
+            scores = _probe_scores(gram, y, labels, folds, metric)
+            linear[i, j], linear_ridge[i, j] = scores.max(), RIDGE_GRID[scores.argmax()]
+            norms = np.diag(gram)
+            distances = np.maximum(norms[:, None] + norms[None, :] - 2 * gram, 0.0)
+            median = float(np.median(distances[np.triu_indices(len(y), 1)])) or 1.0
+            for factor in GAMMA_GRID:
+                gamma = factor / median
+                scores = _probe_scores(np.exp(-gamma * distances), y, labels, folds, metric)
+                if scores.max() > kernel[i, j] or factor == GAMMA_GRID[0]:
+                    kernel[i, j] = scores.max()
+                    kernel_setting[i, j] = gamma, RIDGE_GRID[scores.argmax()]
+            if progress is not None:
+                progress()
+    return ScreenResult(list(layers), list(poolings), metric, linear, kernel, linear_ridge, kernel_setting,
+                        time.perf_counter() - started)
+
+
+def heatmap(result: ScreenResult, path) -> None:
+    """Layer x pooling heat maps of both probes, side by side, the top cells marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = result.best()
+    low, high = min(0.5, float(best.min())), max(0.5, float(best.max()))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.22 * len(result.layers) + 2), sharey=True)
+    for ax, name, values in ((axes[0], "linear probe (ridge)", result.linear),
+                             (axes[1], "kernel probe (RBF ridge)", result.kernel)):
+        image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=low, vmax=high, origin="lower")
+        ax.set(title=name, xticks=range(len(result.poolings)), xlabel="pooling")
+        ax.set_xticklabels(result.poolings, rotation=40, ha="right")
+    axes[0].set(yticks=range(len(result.layers)), yticklabels=result.layers, ylabel="layer")
+    for cell in result.top(5):
+        i, j = result.layers.index(cell["layer"]), result.poolings.index(cell["pooling"])
+        axes[0 if cell["probe"] == "linear" else 1].scatter([j], [i], marker="*", color="red", s=40)
+    fig.colorbar(image, ax=axes, label=f"probe CV {result.metric} (chance 0.5)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+LINEAR_CLASSIFIERS = ("logreg", "lda", "linear_svm")  # what an enqueued trial uses for a linear-probe cell
+KERNEL_CLASSIFIERS = ("rbf_svm", "knn")
+
+
+def starting_points(result: ScreenResult, spec, n: int) -> list[dict]:
+    """Parameters for the study's first trials: the top `n` cells, each with recording-level features, no
+    PCA, standard scaling and a classifier of the probe's kind whose main hyperparameters follow the probe's
+    regularisation (measured mapping: logistic C ~ 0.1 / ridge, RBF SVM C ~ 1 / ridge and the probe's gamma).
+    Only settings that are parameters of the space are fixed; the sampler fills in the rest."""
+    from adsearch.search.space import classifier_params
+
+    space = spec.space
+    points = []
+    for cell in result.top(n):
+        params: dict = {"layer": cell["layer"]}
+        for name, options, value in (("pooling", space.pooling, cell["pooling"]), ("unit", space.unit, "recording"),
+                                     ("scale", space.scale, "standard"), ("pca", space.pca, "none"),
+                                     ("l2_normalize", space.l2_normalize, False)):
+            if len(options) > 1 and value in options:
+                params[name] = value
+        preferred = LINEAR_CLASSIFIERS if cell["probe"] == "linear" else KERNEL_CLASSIFIERS
+        classifier = next((c for c in preferred if c in space.classifiers), None)
+        if classifier is not None:
+            if len(space.classifiers) > 1:
+                params["classifier"] = classifier
+            wanted = {("logreg", "C"): 0.1 / cell["ridge"], ("linear_svm", "C"): 0.1 / cell["ridge"],
+                      ("rbf_svm", "C"): 1.0 / cell["ridge"] if cell["probe"] == "kernel" else 1.0,
+                      ("rbf_svm", "gamma"): cell["gamma"]}
+            for param, (kind, span) in classifier_params(spec, classifier).items():
+                if kind == "range" and (classifier, param) in wanted:
+                    params[f"{classifier}.{param}"] = float(min(max(wanted[classifier, param], span.low), span.high))
+        points.append(params)
+    return points
