@@ -412,6 +412,57 @@ def _report_worker_exits(processes) -> None:
 
 
 @app.command()
+def compare(
+    cache: Annotated[Path, typer.Option(help="Embedding cache every run searches.", envvar="ADSEARCH_CACHE")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="New (or empty) folder for the table, figures "
+                                                                "and the runs' study databases.")],
+    space: Annotated[Path, typer.Option(help="Search-space YAML (the same for every run; its seed fixes the "
+                                             "folds).")] = Path("studies/default.yaml"),
+    samplers: Annotated[str, typer.Option(help="Comma-separated samplers: tpe, random, layer-grid, gp, qmc.")] = (
+        "tpe,random,layer-grid"),
+    seeds: Annotated[int, typer.Option(help="Runs per sampler (sampler seeds 0..N-1).", min=1, max=100)] = 5,
+    trials: Annotated[int, typer.Option(help="Trial budget of every run.", min=1)] = 60,
+    workers: Annotated[int, typer.Option(help="Runs at a time (one core each).", min=1)] = 1,
+    target: Annotated[float | None, typer.Option(help="Score to reach (default: 95 % of the best score any run "
+                                                      "found).")] = None,
+) -> None:
+    """Compare optimisers honestly: every sampler x seed at the same budget, folds and cache.
+
+    Writes compare.csv / compare.md (final best, trials and CPU seconds to the target, agreement on layer and
+    pooling, pruning), runs.json and the best-so-far figures (vs trials and vs CPU seconds, median and
+    quartiles across seeds). The same seeds give the same table, CPU-time columns aside.
+    """
+    import optuna
+
+    from adsearch.embed import open_cache
+    from adsearch.search.compare import run_all, summarise, write_outputs
+    from adsearch.search.samplers import SAMPLERS
+    from adsearch.search.space import check_layers, load_spec
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    names = [name.strip() for name in samplers.split(",") if name.strip()]
+    with user_errors():
+        unknown = [name for name in names if name not in SAMPLERS]
+        if unknown or not names:
+            raise ValueError(f"--samplers: {', '.join(unknown) or 'none given'}; choose from {', '.join(SAMPLERS)}")
+        if output.exists() and any(output.iterdir()):
+            raise ValueError(f"{output}: not empty; name a new folder so no earlier comparison is overwritten")
+        spec = load_spec(space)
+        opened = open_cache(cache)
+        check_layers(spec, opened.n_layers, str(space))
+        with _bar() as progress:
+            task = progress.add_task("runs", total=len(names) * seeds)
+            runs = run_all(opened.path, spec, names, list(range(seeds)), trials, output, workers,
+                           on_done=lambda run: progress.advance(task))
+        goal = target if target is not None else 0.95 * max(run.best[-1] for run in runs)
+        rows = summarise(runs, goal)
+        paths = write_outputs(runs, rows, output, f"adsearch compare: {', '.join(names)} x {seeds} seeds, "
+                                                  f"{trials} trials, cache {opened.path.name}")
+    out.print((output / "compare.md").read_text(), highlight=False)
+    out.print("written: " + ", ".join(str(p) for p in paths), highlight=False)
+
+
+@app.command()
 def worker(
     study: Annotated[str, typer.Option(help="Name of an existing study.")],
     storage: Annotated[str, typer.Option(help=_STORAGE_HELP, envvar="ADSEARCH_STORAGE")] = "sqlite:///adsearch.db",

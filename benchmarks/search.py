@@ -2,7 +2,8 @@
 
     python benchmarks/search.py overhead   # ADReSSo/large-model-shaped cache, logreg only, 300 trials, SQLite
     python benchmarks/search.py scaling    # trials per minute with 1 and 2 workers
-    python benchmarks/search.py quality    # TPE vs random vs layer-grid on planted-signal caches, 5 seeds
+    python benchmarks/search.py quality    # default vs random vs layer-grid, pruners, null floor: realistic caches
+    python benchmarks/search.py quality --seeds 2 --trials 40 --workers 2   # a quick look
     python benchmarks/search.py memory     # peak worker RSS on a 25 x 1024 x 10,000-window cache
     python benchmarks/search.py all --json benchmarks/results/search-cpu.json
 
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 from adsearch.embed import open_cache
-from adsearch.embed.synthetic import write_synthetic_cache
+from adsearch.embed.synthetic import REALISTIC_KINDS, write_synthetic_cache
 from adsearch.search.space import check_layers, parse_spec, suggest
 from adsearch.search.storage import make_storage
 from adsearch.search.study import create_or_resume
@@ -178,56 +179,128 @@ def scaling(work: Path, trials: int = 80) -> dict:
     return result
 
 
-QUALITY_CACHES = {
-    "mean, linear": dict(signal_pooling="mean", nonlinear=False, signal_layer=17, strength=1.5),
-    "std, linear": dict(signal_pooling="std", nonlinear=False, signal_layer=6, strength=0.8),
-    "max, non-linear": dict(signal_pooling="max", nonlinear=True, signal_layer=11, strength=2.0),
-}
-QUALITY_SPACE = {"cv": {"folds": 5}, "pruner": "none",
+QUALITY_KINDS = ("mean", "spread", "nonlinear")
+# Pooled statistics that see each planted kind (a spread difference also moves max and min).
+SEEN_BY = {"mean": {"mean"}, "spread": {"std", "max", "min"}, "nonlinear": {"mean"}}
+QUALITY_SPACE = {"cv": {"folds": 5},
                  "space": {"pooling": ["mean", "std", "mean+std", "max", "min+max", "mean+std+max"],
                            "pca": ["none", "components"], "pca_components": {"low": 4, "high": 64, "log": True},
+                           "l2_normalize": [False, True],
                            "classifiers": {"logreg": {}, "lda": {}, "knn": {}, "rbf_svm": {}}}}
+# name -> (sampler, changes to the space): "default" is what a user gets without choosing anything.
+QUALITY_CONFIGS = {
+    "default": ("tpe", {}),
+    "tpe, no screen": ("tpe", {"screen": {"enabled": False}}),
+    "random": ("random", {"screen": {"enabled": False}}),
+    "layer-grid": ("layer-grid", {}),
+}
+PRUNER_CONFIGS = {f"default, pruner {name}": ("tpe", {"pruner": name}) for name in ("none", "wilcoxon", "median")}
 
 
-def _quality_run(args: tuple) -> list[float]:
-    work, cache_dir, sampler, seed, trials = args
-    name = f"q-{Path(cache_dir).name}-{sampler}-{seed}"
-    url = _study(Path(work), Path(cache_dir), name, {**QUALITY_SPACE, "seed": seed}, trials)
-    run_worker(name, url, sampler=sampler, worker_index=0)
-    values = [t.value for t in sorted(_trials(url, name), key=lambda t: t.number)]
-    best, curve = float("-inf"), []
-    for value in values:
-        best = max(best, value if value is not None else float("-inf"))
-        curve.append(best)
-    return curve
+def oracle_score(cache_dir: Path, spec: dict) -> float:
+    """The planted configuration's CV score: the planted layer and pooling with the best of a small grid of
+    classifier settings, on the study's folds. What a search that knew the answer would report."""
+    from adsearch.embed.synthetic import PLANTED_POOLING
+    from adsearch.search.objective import FeatureSource, assign_folds, cross_validate
+    from adsearch.search.space import TrialConfig
+    from adsearch.search.worker import trial_conditions
+
+    cache = open_cache(cache_dir)
+    planted = cache.meta["synthetic"]
+    source = FeatureSource(cache)
+    folds = assign_folds(source.labels, source.groups, spec["cv"]["folds"], 1, spec.get("seed", 0))
+    grid = ([("logreg", {"C": c}) for c in (0.01, 0.1, 1.0, 10.0)]
+            + [("rbf_svm", {"C": c, "gamma": g}) for c in (1.0, 10.0, 100.0) for g in (5e-4, 2e-3, 8e-3)])
+    scores = []
+    with trial_conditions():
+        for classifier, params in grid:
+            config = TrialConfig(layer=planted["signal_layer"], pooling=PLANTED_POOLING[planted["kind"]],
+                                 unit="recording", scale="standard", pca="none", l2_normalize=False,
+                                 classifier=classifier, params=params)
+            scores.append(cross_validate(config, source, folds, "balanced_accuracy", 0).mean)
+    return max(scores)
 
 
-def quality(work: Path, trials: int = 100, seeds: int = 5, dim: int = 64) -> dict:
-    """Median trials to reach 98 % of the best CV score any run found on that cache."""
+def _quality_job(args: tuple) -> dict:
+    from adsearch.search.compare import run_one
+
+    kind, cache_dir, config, sampler, changes, seed, trials, folder = args
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    run = run_one(cache_dir, {**QUALITY_SPACE, **changes}, sampler, seed, trials, folder)
+    return {"kind": kind, "config": config, **run}
+
+
+def _realistic_runs(work: Path, kinds: tuple[str, ...], configs: dict, trials: int, seeds: int,
+                    workers: int | None) -> tuple[dict, dict, list[dict]]:
+    """Write one realistic cache per kind and seed, run every configuration on each (and its oracle), in
+    parallel; return (cache folders, oracle scores, runs)."""
+    import multiprocessing
+    import os
     from concurrent.futures import ProcessPoolExecutor
 
-    samplers = ("tpe", "random", "layer-grid")
-    jobs, keys = [], []
-    for label, planted in QUALITY_CACHES.items():
-        cache_dir = write_synthetic_cache(work / f"quality-{planted['signal_pooling']}", n_train=166, n_test=0,
-                                          n_layers=25, dim=dim, windows_per_item=4, signal_dims=6, **planted)
-        for sampler in samplers:
-            for seed in range(seeds):
-                jobs.append((str(work), str(cache_dir), sampler, seed, trials))
-                keys.append((label, sampler))
-    with ProcessPoolExecutor(2) as pool:
-        curves = list(pool.map(_quality_run, jobs))
-    result = {}
-    for label in QUALITY_CACHES:
-        best = max(c[-1] for c, (lab, _) in zip(curves, keys, strict=True) if lab == label)
-        result[label] = {"best_cv": best}
-        for sampler in samplers:
-            needed = [next((i + 1 for i, v in enumerate(c) if v >= 0.98 * best), trials + 1)
-                      for c, key in zip(curves, keys, strict=True) if key == (label, sampler)]
-            result[label][sampler] = {"median_trials": statistics.median(needed), "runs": needed}
-        row = ", ".join(f"{s} {result[label][s]['median_trials']:g}" for s in samplers)
-        print(f"quality [{label}] best CV {best:.3f}; median trials to 98 %: {row}  "
-              f"({trials + 1} = not reached in {trials})")
+    from adsearch.embed.synthetic import write_realistic_cache
+
+    caches, jobs = {}, []
+    for kind in kinds:
+        for seed in range(seeds):
+            cache_dir = write_realistic_cache(work / f"{kind}-{seed}", kind=kind, n_test=0,
+                                              seed=1000 * REALISTIC_KINDS.index(kind) + seed)
+            caches[kind, seed] = cache_dir
+            for config, (sampler, changes) in configs.items():
+                folder = work / f"runs-{kind}-{seed}" / config.replace(", ", "-").replace(" ", "_")
+                jobs.append((kind, str(cache_dir), config, sampler, changes, seed, trials, str(folder)))
+    with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
+        oracle_futures = {key: pool.submit(oracle_score, path, QUALITY_SPACE) for key, path in caches.items()}
+        runs = list(pool.map(_quality_job, jobs))
+        oracles = {key: future.result() for key, future in oracle_futures.items()}
+    return caches, oracles, runs
+
+
+def quality(work: Path, trials: int = 120, seeds: int = 5, workers: int | None = None) -> dict:
+    """Per planted kind and seed a realistic cache (166 train recordings, 25 layers x 256 dims, oracle about
+    0.80): median trials and CPU seconds to 95 % of the oracle, and how often the best trial sits on the
+    planted layer (+-2) with a pooling that sees the planted statistic, per search configuration; the
+    default pruner against the others; the best score the default finds on caches without any signal."""
+    from adsearch.embed.cache import POOLINGS
+
+    configs = {**QUALITY_CONFIGS, **PRUNER_CONFIGS}
+    caches, oracles, runs = _realistic_runs(work, QUALITY_KINDS, configs, trials, seeds, workers)
+    result: dict = {"trials": trials, "seeds": seeds, "space": QUALITY_SPACE,
+                    "oracle": {f"{k}-{s}": v for (k, s), v in oracles.items()}}
+    for kind in QUALITY_KINDS:
+        result[kind] = {}
+        for config in configs:
+            needed, seconds, hits, finals = [], [], 0, []
+            mine = sorted((r for r in runs if r["kind"] == kind and r["config"] == config), key=lambda r: r["seed"])
+            for run in mine:
+                oracle = oracles[kind, run["seed"]]
+                first = next((i for i, best in enumerate(run["best"]) if best >= 0.95 * oracle), None)
+                needed.append(first + 1 if first is not None else trials + 1)
+                seconds.append(round(run["cpu_seconds"][first], 1) if first is not None else float("inf"))
+                planted = json.loads((caches[kind, run["seed"]] / "cache.json").read_text())["synthetic"]
+                hits += (abs(run["best_layer"] - planted["signal_layer"]) <= 2
+                         and bool(set(POOLINGS[run["best_pooling"]]) & SEEN_BY[kind]))
+                finals.append(run["best"][-1] / oracle)
+            row = result[kind][config] = {
+                "median_trials_to_95pct_oracle": statistics.median(needed), "trials_to_target": needed,
+                "median_cpu_s_to_target": statistics.median(seconds), "cpu_s_to_target": seconds,
+                "median_cpu_s_total": statistics.median(r["cpu_seconds"][-1] for r in mine),
+                "planted_layer_and_statistic": f"{hits}/{len(mine)}",
+                "pruned_share": sum(r["pruned"] for r in mine) / (trials * len(mine)),
+                "fold_fits_saved": sum(r["fold_fits_saved"] for r in mine),
+                "fold_fits_total": trials * len(mine) * QUALITY_SPACE["cv"]["folds"],
+                "final_best_over_oracle_median": statistics.median(finals)}
+            print(f"quality [{kind}] {config:<24} trials to 95 % oracle: median {row['median_trials_to_95pct_oracle']}"
+                  f" {needed}; CPU s to target: median {row['median_cpu_s_to_target']} (total "
+                  f"{row['median_cpu_s_total']:.0f}); planted {row['planted_layer_and_statistic']}; pruned "
+                  f"{100 * row['pruned_share']:.0f} %, fold fits saved {row['fold_fits_saved']}/"
+                  f"{row['fold_fits_total']}; final/oracle {row['final_best_over_oracle_median']:.3f}", flush=True)
+    _, _, null_runs = _realistic_runs(work / "null", ("none",), {"default": QUALITY_CONFIGS["default"]}, trials,
+                                      seeds, workers)
+    finals = sorted(run["best"][-1] for run in null_runs)
+    result["null"] = {"best_cv_per_run": finals, "median": statistics.median(finals)}
+    print(f"quality [no signal] default: best CV after {trials} trials {finals} (median "
+          f"{statistics.median(finals):.3f}): the floor a real score must clear", flush=True)
     return result
 
 
@@ -291,14 +364,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=["overhead", "scaling", "quality", "memory", "all"])
     parser.add_argument("--trials", type=int, help="override the part's trial budget")
+    parser.add_argument("--seeds", type=int, help="quality: caches (and runs) per planted kind (default 5)")
+    parser.add_argument("--workers", type=int, help="quality: runs at a time (default: every core)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     parts = ["overhead", "scaling", "quality", "memory"] if args.part == "all" else [args.part]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for part in parts:
-            function = globals()[part]
-            results[part] = function(Path(tmp), args.trials) if args.trials else function(Path(tmp))
+            options = {"trials": args.trials} if args.trials else {}
+            if part == "quality":
+                options.update({k: v for k, v in (("seeds", args.seeds), ("workers", args.workers)) if v})
+            results[part] = globals()[part](Path(tmp), **options)
     results["max_rss_mb_of_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

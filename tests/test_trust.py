@@ -199,3 +199,15 @@ def test_the_screen_never_reads_test_items(tmp_path, monkeypatch):
     monkeypatch.setattr(EmbeddingCache, "recording_features", spy)
     create_or_resume(make_storage(f"sqlite:///{tmp_path / 's.db'}"), "s", cache, parse_spec({}), "s.yaml", 5)
     assert read and not any(items & test_items for items in read)
+
+
+@pytest.mark.parametrize("metric", ["balanced_accuracy", "accuracy", "f1", "roc_auc"])
+def test_the_screen_scores_columns_exactly_as_the_search_does(metric):
+    from adsearch.search.objective import metrics
+    from adsearch.search.screen import column_scores
+
+    rng = np.random.default_rng(1)
+    for labels in (rng.integers(0, 2, 30), np.ones(12, int)):
+        predictions = np.round(rng.normal(size=(len(labels), 6)), 1)  # ties included
+        expected = [metrics(labels, predictions[:, c], 0.0)[metric] for c in range(6)]
+        np.testing.assert_allclose(column_scores(labels, predictions, metric), expected, equal_nan=True)
