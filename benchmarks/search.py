@@ -194,7 +194,17 @@ QUALITY_CONFIGS = {
     "random": ("random", {"screen": {"enabled": False}}),
     "layer-grid": ("layer-grid", {}),
 }
-PRUNER_CONFIGS = {f"default, pruner {name}": ("tpe", {"pruner": name}) for name in ("none", "wilcoxon", "median")}
+PRUNER_CONFIGS = {
+    **{f"default, pruner {name}": ("tpe", {"pruner": name}) for name in ("none", "wilcoxon", "median")},
+    **{f"tpe, no screen, pruner {name}": ("tpe", {"pruner": name, "screen": {"enabled": False}})
+       for name in ("none", "median")},
+}
+# TPE settings measured against the defaults (samplers.TPE_SETTINGS), without the screen so the sampler matters.
+TPE_VARIANTS = {
+    "tpe, no screen, 5 startup": {"n_startup_trials": 5},
+    "tpe, no screen, 20 startup": {"n_startup_trials": 20},
+    "tpe, no screen, independent": {"multivariate": False, "group": False},
+}
 
 
 def oracle_score(cache_dir: Path, spec: dict) -> float:
@@ -222,9 +232,14 @@ def oracle_score(cache_dir: Path, spec: dict) -> float:
 
 
 def _quality_job(args: tuple) -> dict:
+    from adsearch.search import samplers
     from adsearch.search.compare import run_one
 
     kind, cache_dir, config, sampler, changes, seed, trials, folder = args
+    # A pool process runs one job at a time and may run several: start each from the defaults.
+    defaults = samplers.__dict__.setdefault("_benchmark_defaults", dict(samplers.TPE_SETTINGS))
+    samplers.TPE_SETTINGS.clear()
+    samplers.TPE_SETTINGS.update({**defaults, **TPE_VARIANTS.get(config, {})})
     Path(folder).mkdir(parents=True, exist_ok=True)
     run = run_one(cache_dir, {**QUALITY_SPACE, **changes}, sampler, seed, trials, folder)
     return {"kind": kind, "config": config, **run}
@@ -263,7 +278,8 @@ def quality(work: Path, trials: int = 120, seeds: int = 5, workers: int | None =
     default pruner against the others; the best score the default finds on caches without any signal."""
     from adsearch.embed.cache import POOLINGS
 
-    configs = {**QUALITY_CONFIGS, **PRUNER_CONFIGS}
+    configs = {**QUALITY_CONFIGS, **PRUNER_CONFIGS,
+               **{name: ("tpe", {"screen": {"enabled": False}}) for name in TPE_VARIANTS}}
     caches, oracles, runs = _realistic_runs(work, QUALITY_KINDS, configs, trials, seeds, workers)
     result: dict = {"trials": trials, "seeds": seeds, "space": QUALITY_SPACE,
                     "oracle": {f"{k}-{s}": v for (k, s), v in oracles.items()}}

@@ -43,14 +43,13 @@ class Run:
 def run_one(cache_path: str, spec_data: dict, sampler: str, seed: int, trials: int, folder: str) -> dict:
     """One run in its own SQLite study (called in a worker process)."""
     import optuna
+    from threadpoolctl import threadpool_limits
 
     from adsearch.embed import open_cache
     from adsearch.search.space import parse_spec
     from adsearch.search.storage import make_storage
     from adsearch.search.study import StudySetup, create_or_resume, fold_fits, load_screen
     from adsearch.search.worker import run_worker
-
-    from threadpoolctl import threadpool_limits
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = f"{sampler}-seed{seed}"

@@ -10,7 +10,8 @@ from optuna.trial import TrialState
 from adsearch.search.errors import StudyError
 from adsearch.search.space import StudySpec
 
-TPE_STARTUP_TRIALS = 10  # random trials before TPE models the results (see BENCHMARKS.md, search quality)
+# The TPE settings every `tpe` study uses; chosen from benchmarks/search.py quality (BENCHMARKS.md).
+TPE_SETTINGS = {"n_startup_trials": 10, "multivariate": True, "group": True, "constant_liar": True}
 
 
 class LayerGridSampler(optuna.samplers.BaseSampler):
@@ -81,8 +82,7 @@ def make_sampler(name: str, spec: StudySpec, layers: tuple[int, ...], seed: int 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
-                                              n_startup_trials=TPE_STARTUP_TRIALS)
+            return optuna.samplers.TPESampler(seed=seed, **TPE_SETTINGS)
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         if name == "layer-grid":
