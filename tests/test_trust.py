@@ -108,8 +108,9 @@ def test_fold_fits_count_what_pruning_saved(small_cache, tmp_path, monkeypatch):
     from adsearch.search.study import fold_fits
 
     url = f"sqlite:///{tmp_path / 's.db'}"
-    create_or_resume(make_storage(url), "s", small_cache, parse_spec({"cv": {"folds": 4}}), "s.yaml", 3)
-    run_worker("s", url, worker_index=0, pruner="wilcoxon")  # nothing pruned in 3 trials
+    create_or_resume(make_storage(url), "s", small_cache, parse_spec({"cv": {"folds": 4}}), "s.yaml", 3,
+                     pruner="wilcoxon")
+    run_worker("s", url, worker_index=0)  # nothing pruned in 3 trials
     study = optuna.load_study(study_name="s", storage=url)
     assert fold_fits(study, StudySetup.from_study(study)) == {"run": 12, "saved": 0}
     create_or_resume(make_storage(url), "p", small_cache, parse_spec({"cv": {"folds": 4}}), "s.yaml", 3)
@@ -126,19 +127,24 @@ def test_fold_fits_count_what_pruning_saved(small_cache, tmp_path, monkeypatch):
 def test_the_closed_form_probe_equals_a_ridge_fitted_per_fold():
     from sklearn.linear_model import Ridge
 
-    from adsearch.search.screen import _fold_predictions
+    from adsearch.search.screen import kfold_predictions
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(40, 15))
     y = np.where(rng.random(40) < 0.5, 1.0, -1.0)
-    train = np.arange(40) % 5 != 0
+    folds = np.array([np.arange(40) % 4, rng.permutation(np.arange(40) % 5)])  # two repeats, 4 and 5 folds
     ridges = np.array([0.01, 1.0])
-    got = _fold_predictions(X @ X.T, y, train, ridges)
-    centred = X[train] - X[train].mean(axis=0)
+    centred = X - X.mean(axis=0)
     scale = np.linalg.eigvalsh(centred @ centred.T).clip(0).mean()
-    for r, ridge in enumerate(ridges):
-        expected = Ridge(alpha=scale * ridge).fit(X[train], y[train]).predict(X[~train])
-        np.testing.assert_allclose(got[:, r], expected, rtol=1e-6, atol=1e-8)
+    got = kfold_predictions(X @ X.T, y, folds, ridges)
+    assert len(got) == 9
+    expected_rows = [np.flatnonzero(a == f) for a in folds for f in range(int(a.max()) + 1)]
+    for (rows, predictions), expected in zip(got, expected_rows, strict=True):
+        np.testing.assert_array_equal(rows, expected)
+        train = np.setdiff1d(np.arange(40), rows)
+        for r, ridge in enumerate(ridges):
+            model = Ridge(alpha=scale * ridge).fit(X[train], y[train])
+            np.testing.assert_allclose(predictions[:, r], model.predict(X[rows]), rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("kind, seen_by", [("mean", {"mean"}), ("spread", {"std", "max", "min"}),

@@ -176,10 +176,11 @@ class FeatureSource:
         statistics = POOLINGS[pooling]
         out = np.empty((int(picked.sum()), len(statistics) * self.cache.dim), np.float32)
         for i, statistic in enumerate(statistics):
-            out[:, i * self.cache.dim:(i + 1) * self.cache.dim] = self._statistic(layer, statistic, unit)[picked]
+            out[:, i * self.cache.dim:(i + 1) * self.cache.dim] = self.statistic(layer, statistic, unit)[picked]
         return out
 
-    def _statistic(self, layer: int, statistic: str, unit: str) -> np.ndarray:
+    def statistic(self, layer: int, statistic: str, unit: str) -> np.ndarray:
+        """One pooled statistic (mean, std, max, min) of all train rows, memoised (do not modify it)."""
         key = (layer, statistic, unit)
         if key in self._memo:
             self._memo.move_to_end(key)

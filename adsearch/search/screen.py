@@ -7,8 +7,8 @@ cheap probes answer that first, on the study's own folds and train rows only:
 * **kernel**: the same ridge on an RBF kernel of those features, so that signals no linear model sees
   (a class that differs in spread, not in mean) still show.
 
-Per layer and pooling there is one Gram matrix (166 x 166 on ADReSSo); per fold one eigendecomposition of
-its training block gives the ridge solution for every regularisation strength at once. A probe's score is
+Per layer and pooling there is one Gram matrix (166 x 166 on ADReSSo) and one eigendecomposition per probe;
+every fold's held-out predictions, for every regularisation strength, follow from it in closed form. A probe's score is
 the study metric of its fold predictions, at its best regularisation (and kernel width): a screen, not an
 unbiased estimate. Features are standardised with the statistics of all train rows (no labels involved).
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from adsearch.embed.cache import POOLINGS
 from adsearch.search.objective import FeatureSource
 
 RIDGE_GRID = np.logspace(-3, 3, 7)  # times the mean diagonal of the training kernel
@@ -83,21 +84,34 @@ def _standardised(X: np.ndarray) -> np.ndarray:
     return X / scale
 
 
-def _fold_predictions(K: np.ndarray, y: np.ndarray, train: np.ndarray, ridges: np.ndarray) -> np.ndarray:
-    """Kernel ridge predictions for the rows outside `train`, one column per ridge factor. The kernel is
-    centred on the training rows (an intercept), and one eigendecomposition serves every ridge."""
-    valid = ~train
-    K_tt, K_vt = K[np.ix_(train, train)], K[np.ix_(valid, train)]
-    row_mean = K_tt.mean(axis=0)
-    K_tt_c = K_tt - row_mean[None, :] - row_mean[:, None] + row_mean.mean()
-    K_vt_c = K_vt - K_vt.mean(axis=1, keepdims=True) - row_mean[None, :] + row_mean.mean()
-    values, vectors = np.linalg.eigh(K_tt_c)
+def kfold_predictions(K: np.ndarray, y: np.ndarray, folds: np.ndarray, ridges: np.ndarray
+                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Held-out kernel ridge predictions (with an unpenalised intercept) for every fold of every repeat of
+    `folds` and every ridge factor, from ONE eigendecomposition of the centred kernel.
+
+    Ridge regression is a linear smoother with hat matrix H = 11'/n + U diag(s / (s + lambda)) U'; the model
+    fitted without the rows V predicts them with residuals (I - H_VV)^-1 r_V, where r are the residuals of
+    the fit on all rows (the exact K-fold identity for penalised least squares). The ridge is lambda =
+    factor x the mean eigenvalue. Returns [(rows of the fold, predictions (rows x ridges))]."""
+    n = len(y)
+    mean_row = K.mean(axis=0)
+    centred = K - mean_row[None, :] - mean_row[:, None] + mean_row.mean()
+    values, vectors = np.linalg.eigh(centred)
     values = np.maximum(values, 0.0)
-    target = y[train] - y[train].mean()
-    projected = vectors.T @ target
     scale = values.mean() if values.mean() > 0 else 1.0
-    coefficients = vectors @ (projected[:, None] / (values[:, None] + scale * ridges[None, :]))
-    return y[train].mean() + K_vt_c @ coefficients
+    shrink = values[None, :] / (values[None, :] + scale * ridges[:, None])  # (ridges, n)
+    fitted = y.mean() + (shrink * (vectors.T @ (y - y.mean()))[None, :]) @ vectors.T  # (ridges, n)
+    residuals = y[None, :] - fitted
+    out = []
+    for assignment in folds:
+        for fold in range(int(assignment.max()) + 1):
+            rows = np.flatnonzero(assignment == fold)
+            block = vectors[rows]
+            hat = (block[None, :, :] * shrink[:, None, :]) @ block.T + 1.0 / n  # (ridges, v, v)
+            eye = np.eye(len(rows))[None]
+            held_out = np.linalg.solve(eye - hat, residuals[:, rows, None])[..., 0]  # (ridges, v)
+            out.append((rows, (y[rows][None, :] - held_out).T))
+    return out
 
 
 def column_scores(labels: np.ndarray, predictions: np.ndarray, metric: str) -> np.ndarray:
@@ -129,18 +143,17 @@ def column_scores(labels: np.ndarray, predictions: np.ndarray, metric: str) -> n
 
 def _probe_scores(K: np.ndarray, y: np.ndarray, labels: np.ndarray, folds: np.ndarray, metric: str) -> np.ndarray:
     """Mean fold score of the study metric for every ridge factor (threshold 0 on +-1 targets)."""
-    n_folds = int(folds.max()) + 1
-    scores = np.zeros(len(RIDGE_GRID))
-    for assignment in folds:
-        for fold in range(n_folds):
-            valid = assignment == fold
-            scores += column_scores(labels[valid], _fold_predictions(K, y, ~valid, RIDGE_GRID), metric)
-    return scores / (len(folds) * n_folds)
+    scores = [column_scores(labels[rows], predictions, metric)
+              for rows, predictions in kfold_predictions(K, y, folds, RIDGE_GRID)]
+    return np.mean(scores, axis=0)
 
 
 def screen(source: FeatureSource, folds: np.ndarray, layers: tuple[int, ...], poolings: list[str], metric: str,
            progress=None) -> ScreenResult:
-    """Both probes for every layer x pooling, on the train rows of `source` with the study's folds."""
+    """Both probes for every layer x pooling, on the train rows of `source` with the study's folds.
+
+    A pooling concatenates statistics, each standardised column by column, so its Gram matrix is the sum of
+    its statistics' Gram matrices: each statistic of a layer is read and multiplied once."""
     started = time.perf_counter()
     labels = source.labels
     y = np.where(labels == 1, 1.0, -1.0)
@@ -148,9 +161,13 @@ def screen(source: FeatureSource, folds: np.ndarray, layers: tuple[int, ...], po
     linear, kernel = np.zeros(shape), np.zeros(shape)
     linear_ridge, kernel_setting = np.zeros(shape), np.zeros(shape + (2,))
     for i, layer in enumerate(layers):
+        grams: dict[str, np.ndarray] = {}
         for j, pooling in enumerate(poolings):
-            X = _standardised(source.get(layer, pooling, "recording"))
-            gram = X @ X.T
+            for statistic in POOLINGS[pooling]:
+                if statistic not in grams:
+                    X = _standardised(source.statistic(layer, statistic, "recording"))
+                    grams[statistic] = X @ X.T
+            gram = sum(grams[statistic] for statistic in POOLINGS[pooling])
             scores = _probe_scores(gram, y, labels, folds, metric)
             linear[i, j], linear_ridge[i, j] = scores.max(), RIDGE_GRID[scores.argmax()]
             norms = np.diag(gram)
