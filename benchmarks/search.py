@@ -194,10 +194,11 @@ QUALITY_CONFIGS = {
     "random": ("random", {"screen": {"enabled": False}}),
     "layer-grid": ("layer-grid", {}),
 }
+# The default has no pruner (measured here): these are the pruners it was measured against.
 PRUNER_CONFIGS = {
-    **{f"default, pruner {name}": ("tpe", {"pruner": name}) for name in ("none", "wilcoxon", "median")},
+    **{f"default, pruner {name}": ("tpe", {"pruner": name}) for name in ("wilcoxon", "median")},
     **{f"tpe, no screen, pruner {name}": ("tpe", {"pruner": name, "screen": {"enabled": False}})
-       for name in ("none", "median")},
+       for name in ("wilcoxon", "median")},
 }
 # TPE settings measured against the defaults (samplers.TPE_SETTINGS), without the screen so the sampler matters.
 TPE_VARIANTS = {
