@@ -87,12 +87,17 @@ def corpus_adresso(
     output: Annotated[Path, typer.Option("-o", "--output", help="Manifest CSV to write.")] = Path("corpus.csv"),
     test_labels: Annotated[Path | None, typer.Option(help="The separately released test label file "
                                                           "(task1.csv: ID, Dx).")] = None,
+    keep: Annotated[str, typer.Option(help="participant: the participant's (PAR) speech. For a shortcut control: "
+                                           "non-participant (interviewer speech and pauses) or non-speech "
+                                           "(outside every speaker segment); recordings whose PAR time is "
+                                           "unknown are dropped, never kept whole.")] = "participant",
 ) -> None:
-    """Import the ADReSSo 2021 diagnosis layout, keeping participant (PAR) speech only."""
+    """Import the ADReSSo 2021 diagnosis layout, keeping participant (PAR) speech only (or, with --keep, the
+    parts outside it: a control that shows how much label information lies outside the speech)."""
     from adsearch.corpus import import_adresso, write_manifest
 
     with user_errors():
-        result = import_adresso(root, test_labels)
+        result = import_adresso(root, test_labels, keep)
         _print_warnings(result.warnings)
         manifest = write_manifest(result.recordings, output)
     _summarise_corpus(result.recordings, manifest)
@@ -303,6 +308,11 @@ def _study_summary(study, budget: int) -> None:
     out.print(f"study {study.study_name}: {counts['finished']}/{budget} finished ({counts['complete']} complete, "
               f"{counts['pruned']} pruned), {counts['failed']} failed, {counts['running']} running{saved}",
               highlight=False)
+    from adsearch.search.null import NULL_ATTR, describe
+
+    floor = study._storage.get_study_system_attrs(study._study_id).get(NULL_ATTR)
+    if floor:
+        out.print("noise floor: " + describe(floor), highlight=False)
     best = best_summary(study, setup)
     if best:
         out.print(f"best: trial {best['number']}, CV {best['value']:.4f}: {describe_config(best['config'])}",
@@ -463,6 +473,68 @@ def compare(
 
 
 @app.command()
+def null(
+    study: Annotated[str, typer.Option(help="The study whose noise floor to measure.")],
+    storage: Annotated[str, typer.Option(help=_STORAGE_HELP, envvar="ADSEARCH_STORAGE")] = "sqlite:///adsearch.db",
+    runs: Annotated[int, typer.Option(help="Null studies (label permutations); p can be no smaller than "
+                                           "1 / (runs + 1).", min=1, max=1000)] = 10,
+    trials: Annotated[int | None, typer.Option(help="Trials per null study (default: as many as the study has "
+                                                    "finished; fewer makes the floor too low and p optimistic).",
+                                               min=1)] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes per null study.", min=1)] = 1,
+) -> None:
+    """Measure what the search finds when speech says nothing about the label.
+
+    Runs the same search (cache, space, folds, sampler, screen) on train labels permuted across speakers,
+    --runs times, as studies STUDY~null0, STUDY~null1, ... in the same storage (workers anywhere can join
+    them), then prints the best real CV beside the best null CVs and the permutation p-value, and records
+    them on the study (study note, report).
+    """
+    import optuna
+    import optuna_dashboard
+
+    from adsearch.embed import open_cache
+    from adsearch.search.null import create_null_studies, describe, record, summarise
+    from adsearch.search.storage import make_storage
+    from adsearch.search.study import StudySetup, load_screen, study_note, trial_counts
+    from adsearch.search.worker import spawn_workers
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with user_errors():
+        store = make_storage(storage)
+        try:
+            main = optuna.load_study(study_name=study, storage=store)
+        except KeyError:
+            raise ValueError(f"no study {study!r} in this storage; run `adsearch search` first") from None
+        finished = trial_counts(main)["finished"]
+        budget = trials or finished
+        if budget < 1:
+            raise ValueError(f"study {study!r} has no finished trial yet; pass --trials")
+        if budget < finished:
+            err.print(f"[yellow]warning:[/] {budget} trials per null study, the study has {finished}: the null "
+                      "floor comes out lower than a full null search would, and p optimistic", highlight=False)
+        names = create_null_studies(store, study, runs, budget)
+        with _bar() as progress:
+            task = progress.add_task("null studies", total=len(names))
+            for name in names:
+                if trial_counts(optuna.load_study(study_name=name, storage=store))["finished"] < budget:
+                    processes = spawn_workers(workers, {"study_name": name, "storage_url": storage})
+                    for process in processes:
+                        process.join()
+                    _report_worker_exits(processes)
+                progress.advance(task)
+        summary = summarise(store, study)
+        record(store, study, summary)
+        setup = StudySetup.from_study(main)  # the study note gains the floor
+        optuna_dashboard.save_note(main, study_note(open_cache(setup.cache_path), setup, load_screen(main))
+                                   + "\n\n**Noise floor**: " + describe(summary) + ".")
+    out.print(f"study {study}: " + describe(summary), highlight=False)
+    if summary["unfinished"]:
+        err.print(f"[yellow]warning:[/] not counted (budget not met): {', '.join(summary['unfinished'])}",
+                  highlight=False)
+
+
+@app.command()
 def worker(
     study: Annotated[str, typer.Option(help="Name of an existing study.")],
     storage: Annotated[str, typer.Option(help=_STORAGE_HELP, envvar="ADSEARCH_STORAGE")] = "sqlite:///adsearch.db",
@@ -509,6 +581,10 @@ def export(
                                                envvar="ADSEARCH_CACHE")] = None,
     artifacts: Annotated[Path, typer.Option(help="Artifact store the dashboard reads figures from.")] = Path(
         "adsearch-artifacts"),
+    control_study: Annotated[str | None, typer.Option(help="A shortcut-control study in the same storage (the same "
+                                                           "search on a `--keep non-participant` or `--keep "
+                                                           "non-speech` cache): its best CV goes in the report, "
+                                                           "with a warning when it is well above chance.")] = None,
 ) -> None:
     """Freeze a trial: config.yaml, the refit pipeline (model.skops), one held-out test evaluation, report.
 
@@ -520,9 +596,13 @@ def export(
 
     with user_errors():
         result = export_trial(study, storage, output, trial, top_k, str(cache) if cache else None, artifacts,
-                              log=lambda message: out.print(message, highlight=False))
+                              log=lambda message: out.print(message, highlight=False), control_study=control_study)
     cv = result.config.cv
-    out.print(f"trial {result.config.study.trial}: CV {cv.metric} {cv.mean:.4f} +/- {cv.std:.4f}")
+    out.print(f"trial {result.config.study.trial}: CV {cv.metric} {cv.mean:.4f} +/- {cv.std:.4f}"
+              + (f"; on {cv.fresh.repeats} fresh fold assignments {cv.fresh.mean:.4f} +/- {cv.fresh.std:.4f} "
+                 f"(selection optimism {cv.fresh.optimism:+.4f})" if cv.fresh else ""))
+    for line in result.warnings:
+        err.print(f"[yellow]warning:[/] {line}", highlight=False)
     if result.test:
         test = result.test
         for name in ("accuracy", "balanced_accuracy", "f1", "roc_auc", "sensitivity", "specificity"):

@@ -348,6 +348,34 @@ def participant_segments(path: Path, duration: float | None) -> tuple[list[Segme
     return [], f"{path}: no usable PAR segments, using the whole recording"
 
 
+KEEP = ("participant", "non-participant", "non-speech")
+
+
+def control_segments(path: Path, duration: float | None, keep: str) -> tuple[list[Segment], str | None]:
+    """The parts of a recording a shortcut control keeps: `non-participant` = everything outside the
+    participant's speech (interviewer speech and pauses), `non-speech` = outside every speaker's segments.
+    A recording whose participant speech cannot be located is dropped (segments None-like: empty list with
+    a warning), never kept whole: a control must contain no participant time at all."""
+    rows = read_segmentation(path)
+    par = [(b, e) for spk, b, e in rows if spk == "PAR" and e > b]
+    inv = [(b, e) for spk, b, e in rows if spk == "INV" and e > b]
+    if duration is None:
+        return [], f"{path}: audio duration unknown; dropped from the {keep} control"
+    if not par and not inv:
+        return [], f"{path}: no PAR or INV rows; dropped from the {keep} control"
+    if keep == "non-participant":
+        participant = par or complement_segments(inv, duration)  # as participant_segments decides
+        kept = complement_segments(participant, duration)
+    elif not par:  # the participant import takes everything outside INV as PAR: no non-speech is known
+        return [], f"{path}: no PAR rows, so no non-speech time is known; dropped from the {keep} control"
+    else:
+        kept = complement_segments(par + inv, duration)
+    kept = [(b, e) for b, e in kept if e - b > 1e-3]
+    if not kept:
+        return [], f"{path}: nothing outside the {'participant' if keep == 'non-participant' else 'speech'}; dropped"
+    return kept, None
+
+
 def _read_mmse(path: Path) -> dict[str, tuple[float | None, str]]:
     scores: dict[str, tuple[float | None, str]] = {}
     with io.StringIO(_read_text(path, "MMSE file"), newline="") as handle:
@@ -382,7 +410,8 @@ def read_test_labels(path: Path) -> dict[str, int]:
 
 
 def _import_folder(
-    audio_dir: Path, seg_dir: Path, split: str, label: int | None, mmse: dict, warnings: list[str]
+    audio_dir: Path, seg_dir: Path, split: str, label: int | None, mmse: dict, warnings: list[str],
+    keep: str = "participant",
 ) -> list[Recording]:
     recordings = []
     for wav in sorted(audio_dir.glob("*.wav")):
@@ -395,6 +424,18 @@ def _import_folder(
             duration = None
             warnings.append(f"{exc} (kept; extraction will report it)")
         seg_file = seg_dir / f"{rec_id}.csv"
+        if keep != "participant":  # a shortcut control: only recordings whose PAR time is known
+            try:
+                segments, warning = control_segments(seg_file, duration, keep) if seg_file.is_file() else (
+                    [], f"{seg_file}: segmentation file missing; dropped from the {keep} control")
+            except CorpusError as exc:
+                segments, warning = [], f"{exc}; dropped from the {keep} control"
+            if warning:
+                warnings.append(warning)
+            if segments:
+                score = mmse.get(rec_id, (None, ""))[0]
+                recordings.append(Recording(rec_id, wav.resolve(), label, rec_id, split, score, tuple(segments)))
+            continue
         if seg_file.is_file():
             try:
                 segments, warning = participant_segments(seg_file, duration)
@@ -410,8 +451,12 @@ def _import_folder(
     return recordings
 
 
-def import_adresso(root: Path | str, test_labels: Path | str | None = None) -> ImportResult:
-    """Read the ADReSSo 2021 diagnosis layout into recordings (participant speech only)."""
+def import_adresso(root: Path | str, test_labels: Path | str | None = None, keep: str = "participant"
+                   ) -> ImportResult:
+    """Read the ADReSSo 2021 diagnosis layout into recordings: participant speech only, or for a shortcut
+    control (`keep`: non-participant, non-speech) only the parts outside it."""
+    if keep not in KEEP:
+        raise CorpusError(f"--keep {keep!r}: choose one of {', '.join(KEEP)}")
     base = find_diagnosis_dir(Path(root))
     warnings: list[str] = []
     mmse_file = base / "train" / "adresso-train-mmse-scores.csv"
@@ -423,7 +468,8 @@ def import_adresso(root: Path | str, test_labels: Path | str | None = None) -> I
         audio_dir = base / "train" / "audio" / folder
         if not audio_dir.is_dir():
             raise CorpusError(f"{audio_dir}: folder missing; the train split needs audio/ad and audio/cn")
-        found = _import_folder(audio_dir, base / "train" / "segmentation" / folder, "train", label, mmse, warnings)
+        found = _import_folder(audio_dir, base / "train" / "segmentation" / folder, "train", label, mmse, warnings,
+                               keep)
         for rec in found:
             dx = mmse.get(rec.id, (None, ""))[1].lower()
             if dx and _DX.get(dx, label) != label:
@@ -433,7 +479,7 @@ def import_adresso(root: Path | str, test_labels: Path | str | None = None) -> I
     test_dir = base / "test-dist"
     if test_dir.is_dir():
         labels = read_test_labels(Path(test_labels)) if test_labels else {}
-        test = _import_folder(test_dir / "audio", test_dir / "segmentation", "test", None, {}, warnings)
+        test = _import_folder(test_dir / "audio", test_dir / "segmentation", "test", None, {}, warnings, keep)
         test = [Recording(r.id, r.path, labels.get(r.id), r.group, r.split, r.mmse, r.segments) for r in test]
         if test_labels:
             unlabelled = [r.id for r in test if r.label is None]

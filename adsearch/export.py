@@ -83,6 +83,18 @@ class CVRecord(_Strict):
     mean: float
     std: float
     fold_scores: list[float]
+    fresh: FreshCV | None = None
+
+
+class FreshCV(_Strict):
+    """The exported configuration re-scored on fold assignments the search never saw: the study's best CV
+    was selected as a maximum over many trials on one assignment, this one was not."""
+
+    repeats: int
+    seed: int
+    mean: float
+    std: float  # across the repeats' means
+    optimism: float  # study CV - fresh mean: what selecting the best trial added
 
 
 class StudyRef(_Strict):
@@ -230,6 +242,7 @@ class ExportResult:
     test: dict | None
     top_k: list[dict] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the score's honesty: noise floor, shortcut control
 
 
 def _versions() -> dict[str, str]:
@@ -280,6 +293,7 @@ def export_trial(
     cache_path: str | None = None,
     artifacts: Path | str | None = None,
     log=print,
+    control_study: str | None = None,
 ) -> ExportResult:
     """Write config.yaml and model.skops; evaluate once on the held-out test split; write the report."""
     import optuna
@@ -299,6 +313,9 @@ def export_trial(
     except KeyError:
         raise ExportError(f"no study {study_name!r} in {mask_url(storage_url)}") from None
     setup = StudySetup.from_study(study)
+    if setup.null_seed is not None:
+        raise ExportError(f"{study_name!r} is a null study (permuted labels): it measures the noise floor of its "
+                          "main study and has nothing to export")
     complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
                       key=lambda t: t.value, reverse=True)
     if not complete:
@@ -314,6 +331,7 @@ def export_trial(
             raise ExportError(f"trial {trial_number} is {chosen.state.name}, not COMPLETE; "
                               "export a complete trial (leave --trial out for the best)")
     cache = load_cache_for(setup, study_name, cache_path)
+    control = control_summary(storage, control_study, setup.spec.cv.metric) if control_study else None
     config = trial_config(setup, chosen.params)
     spec = setup.spec
     scores = [chosen.intermediate_values[k] for k in sorted(chosen.intermediate_values)]
@@ -332,6 +350,11 @@ def export_trial(
         cache=CacheRef(path=str(cache.path), content_hash=cache.content_hash),
         versions=_versions(),
     )
+    exported.cv.fresh = rescore_on_fresh_folds(cache, config, spec.cv.folds, spec.cv.metric, spec.seed,
+                                               chosen.value)
+    fresh = exported.cv.fresh
+    log(f"re-scored on {fresh.repeats} fresh fold assignments: {spec.cv.metric} {fresh.mean:.4f} +/- "
+        f"{fresh.std:.4f} vs study CV {chosen.value:.4f} (selection optimism {fresh.optimism:+.4f})")
     # Everything is written into a hidden sibling folder that becomes OUT_DIR at the very end: an export
     # killed midway leaves no half-written OUT_DIR (a rerun starts over).
     work_dir = out_dir.parent / f".{out_dir.name}.partial"
@@ -366,12 +389,83 @@ def export_trial(
                                           for k in ("accuracy", "balanced_accuracy", "roc_auc")},
                                  "mcnemar": mcnemar_exact(correct_best, correct_other)})
         (work_dir / "test.json").write_text(json.dumps({**result.test, "top_k": result.top_k}, indent=1))
-    figures = write_report(study, setup, cache, exported, result.test, result.top_k, work_dir, artifacts)
+    from adsearch.search.null import NULL_ATTR
+
+    floor = study._storage.get_study_system_attrs(study._study_id).get(NULL_ATTR)
+    result.warnings += honesty_warnings(exported, floor, control)
+    figures = write_report(study, setup, cache, exported, result.test, result.top_k, work_dir, artifacts,
+                           floor=floor, control=control, warnings=result.warnings)
     if out_dir.exists():
         out_dir.rmdir()  # empty, checked above
     os.replace(work_dir, out_dir)
     result.figures = [out_dir / figure.relative_to(work_dir) for figure in figures]
     return result
+
+
+def control_summary(storage, control_study: str, metric: str) -> dict:
+    """The best CV of a shortcut-control study (same search on the parts of the recordings outside the
+    participant's speech), with its own noise floor when `adsearch null` ran on it."""
+    import optuna
+
+    from adsearch.search.null import NULL_ATTR
+    from adsearch.search.study import StudySetup, trial_counts
+
+    try:
+        control = optuna.load_study(study_name=control_study, storage=storage)
+        best = control.best_value
+    except KeyError:
+        raise ExportError(f"--control-study: no study {control_study!r} in this storage") from None
+    except ValueError:
+        raise ExportError(f"--control-study: {control_study!r} has no complete trial yet") from None
+    setup = StudySetup.from_study(control)
+    if setup.spec.cv.metric != metric:
+        raise ExportError(f"--control-study: {control_study!r} optimises {setup.spec.cv.metric}, this study {metric}; "
+                          "run the control with the same space")
+    return {"study": control_study, "best": best, "trials": trial_counts(control)["finished"],
+            "floor": control._storage.get_study_system_attrs(control._study_id).get(NULL_ATTR),
+            "cache": setup.cache_path}
+
+
+CHANCE = {"balanced_accuracy": 0.5, "roc_auc": 0.5}
+
+
+def honesty_warnings(exported: ExportedConfig, floor: dict | None, control: dict | None) -> list[str]:
+    """What a reader must not miss: a CV score inside its noise floor, a shortcut control well above chance."""
+    warnings = []
+    cv = exported.cv
+    if floor and floor.get("n") and floor["p_value"] > 0.05:
+        warnings.append(f"the best CV ({floor['real_best']:.4f}) is not above the noise floor: {floor['n']} "
+                        f"label-permuted searches reached up to {floor['null_max']:.4f} (p = {floor['p_value']:.3f})")
+    if control:
+        reference = (control["floor"] or {}).get("null_median") or (floor or {}).get("null_median")
+        chance = CHANCE.get(cv.metric)
+        above = control["best"] > reference if reference else (chance is not None and control["best"] > chance + 0.1)
+        if above:
+            warnings.append(f"the shortcut control {control['study']!r} (the same search without the participant's "
+                            f"speech) reaches CV {control['best']:.4f}"
+                            + (f", above the noise floor {reference:.4f}" if reference else "")
+                            + ": the recordings carry label information outside the speech, and part of this "
+                              "study's score may come from recording conditions")
+    return warnings
+
+
+FRESH_REPEATS = 5
+FRESH_SEED_OFFSET = 10_000  # fold seeds no study uses: the study's own are seed .. seed + repeats - 1
+
+
+def rescore_on_fresh_folds(cache: EmbeddingCache, config: TrialConfig, folds: int, metric: str, seed: int,
+                           study_cv: float, repeats: int = FRESH_REPEATS) -> FreshCV:
+    """Cross-validate `config` on `repeats` new speaker-grouped fold assignments (train split only)."""
+    from adsearch.search.objective import FeatureSource
+
+    source = FeatureSource(cache)
+    fresh_seed = seed + FRESH_SEED_OFFSET
+    assignment = assign_folds(source.labels, source.groups, folds, repeats, fresh_seed)
+    scores = np.array(cross_validate(config, source, assignment, metric, seed).fold_scores)
+    per_repeat = scores.reshape(repeats, folds).mean(axis=1)
+    mean = float(per_repeat.mean())
+    return FreshCV(repeats=repeats, seed=fresh_seed, mean=mean, std=float(per_repeat.std()),
+                   optimism=float(study_cv - mean))
 
 
 def _evaluate_test(cache: EmbeddingCache, config: TrialConfig, model, items: np.ndarray, seed: int):

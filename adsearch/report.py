@@ -107,6 +107,27 @@ def _figures(study, setup, test: dict | None, out: Path) -> list[Path]:
     return paths
 
 
+def _honesty_rows(exported, floor: dict | None, control: dict | None) -> list[tuple]:
+    """Every figure next to what it would be by chance and how it was obtained."""
+    from adsearch.search.null import describe
+
+    metric = exported.cv.metric
+    rows = [("chance", {"balanced_accuracy": "0.5", "roc_auc": "0.5"}.get(metric, "the majority-class rate")
+             + f" ({metric})")]
+    rows.append(("noise floor (`adsearch null`)", describe(floor) if floor else
+                 "not measured: run `adsearch null --study " + exported.study.name + "` (the same search on "
+                 "label-permuted train splits)"))
+    if control:
+        rows.append(("shortcut control", f"study {control['study']} (cache {control['cache']}): best CV "
+                     f"{control['best']:.4f} after {control['trials']} trials"
+                     + (f"; its noise floor median {control['floor']['null_median']:.4f}"
+                        if (control.get("floor") or {}).get("n") else "")))
+    else:
+        rows.append(("shortcut control", "none given: see the README's recipe (`adsearch corpus adresso ... --keep "
+                     "non-speech`, the same search, then `adsearch export --control-study`)"))
+    return rows
+
+
 def upload_screen(study, result, artifacts: Path | str | None = None) -> Path:
     """The layer screen's heat map, attached to the study as soon as the screen ran (dashboard artifact)."""
     from adsearch.search.screen import heatmap
@@ -125,7 +146,8 @@ def _table(rows: list[tuple]) -> str:
 
 
 def write_report(study, setup, cache, exported, test: dict | None, top_k: list[dict], out_dir: Path,
-                 artifacts: Path | str | None = None) -> list[Path]:
+                 artifacts: Path | str | None = None, floor: dict | None = None, control: dict | None = None,
+                 warnings: list[str] | None = None) -> list[Path]:
     """Write out_dir/report.html and out_dir/figures/*.png; upload the figures to the study."""
     figures_dir = out_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
@@ -139,8 +161,14 @@ def write_report(study, setup, cache, exported, test: dict | None, top_k: list[d
                    ("hyperparameters", pipeline.params),
                    (f"CV {exported.cv.metric}", f"{exported.cv.mean:.4f} +/- {exported.cv.std:.4f} "
                                                 f"({exported.cv.folds} folds x {exported.cv.repeats})")]
-    parts = ["<h1>adsearch report: study " + html.escape(exported.study.name) + "</h1>",
-             "<h2>Exported configuration</h2>", _table(config_rows)]
+    fresh = exported.cv.fresh
+    if fresh:
+        config_rows.append((f"CV on {fresh.repeats} fresh fold assignments",
+                            f"{fresh.mean:.4f} +/- {fresh.std:.4f}: selection optimism {fresh.optimism:+.4f}"))
+    parts = ["<h1>adsearch report: study " + html.escape(exported.study.name) + "</h1>"]
+    parts += [f"<p style='color:#a40'><b>Warning:</b> {html.escape(w)}</p>" for w in warnings or []]
+    parts += ["<h2>Exported configuration</h2>", _table(config_rows), "<h2>How good is this score?</h2>",
+              _table(_honesty_rows(exported, floor, control))]
     if test:
         rows = [(name, f"{test[name]['value']:.4f}", f"[{test[name]['ci95'][0]:.3f}, {test[name]['ci95'][1]:.3f}]",
                  test[name]["method"])

@@ -163,3 +163,33 @@ def test_segment_helpers():
     assert complement_segments([(1, 2), (1.5, 3)], 5) == [(0.0, 1), (3, 5)]
     with pytest.raises(ValueError, match="not 'begin-end'"):
         parse_segments("1to2")
+
+
+def _overlap(a, b) -> float:
+    return sum(max(0.0, min(e1, e2) - max(b1, b2)) for b1, e1 in a for b2, e2 in b)
+
+
+@pytest.mark.parametrize("keep", ["non-participant", "non-speech"])
+def test_control_manifests_contain_no_participant_time(tmp_path, keep):
+    base, labels = make_adresso(tmp_path)
+    write_rows(base / "train" / "segmentation" / "ad" / "adrso002.csv", ["speaker", "begin", "end"],
+               [["INV", 0, 1000], ["INV", 2500, 3000]])  # INV only: PAR is the rest (as the participant import)
+    (base / "train" / "segmentation" / "cn" / "adrso004.csv").unlink()  # PAR time unknown: must be dropped
+    participant = by_id(import_adresso(tmp_path, labels))
+    control = import_adresso(tmp_path, labels, keep=keep)
+    recs = by_id(control)
+    assert "adrso004" not in recs and any("adrso004.csv" in w and "dropped" in w for w in control.warnings)
+    assert recs["adrsdt1"].segments == ((4.0, 5.0),)  # its PAR covers 0-4 s of 5 s
+    for rec_id, rec in recs.items():
+        assert rec.segments, rec_id
+        assert _overlap(rec.segments, participant[rec_id].segments) < 1e-9, rec_id
+    assert recs["adrso001"].segments == (((0.0, 1.5), (3.0, 3.5), (5.5, 6.0)) if keep == "non-participant"
+                                         else ((1.0, 1.5), (3.0, 3.5), (5.5, 6.0)))
+    manifest = write_manifest(control.recordings, tmp_path / "control.csv")
+    assert {r.id: r.segments for r in read_manifest(manifest)} == {r.id: r.segments for r in control.recordings}
+
+
+def test_an_unknown_keep_is_refused(tmp_path):
+    make_adresso(tmp_path)
+    with pytest.raises(CorpusError, match="--keep 'silence': choose one of participant, non-participant"):
+        import_adresso(tmp_path, keep="silence")

@@ -1,5 +1,8 @@
 """A search you can trust: pruning never discards a finished evaluation, the optimiser is the study's."""
 
+import csv
+import json
+
 import numpy as np
 import optuna
 import pytest
@@ -217,3 +220,117 @@ def test_the_screen_scores_columns_exactly_as_the_search_does(metric):
         predictions = np.round(rng.normal(size=(len(labels), 6)), 1)  # ties included
         expected = [metrics(labels, predictions[:, c], 0.0)[metric] for c in range(6)]
         np.testing.assert_allclose(column_scores(labels, predictions, metric), expected, equal_nan=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Noise floor: null studies, fresh folds, shortcut controls
+
+
+def test_label_permutation_keeps_speakers_counts_and_is_reproducible():
+    from adsearch.search.null import permute_labels
+
+    groups = np.array(["a", "a", "b", "c", "c", "c", "d", "e", "f", "g"])
+    labels = np.array([1, 1, 0, 1, 1, 1, 0, 0, 1, 0])
+    permuted = permute_labels(labels, groups, seed=3)
+    for speaker in set(groups):
+        assert len(set(permuted[groups == speaker])) == 1  # a speaker keeps one label
+    per_speaker = lambda y: sorted(y[np.unique(groups, return_index=True)[1]])  # noqa: E731
+    assert per_speaker(permuted) == per_speaker(labels)  # the same labels, given to other speakers
+    assert (permuted == permute_labels(labels, groups, seed=3)).all()
+    assert any((permute_labels(labels, groups, seed=s) != labels).any() for s in range(5))
+    with pytest.raises(StudyError, match="speaker 'a' has recordings with different labels"):
+        permute_labels(np.array([1, 0, 0]), np.array(["a", "a", "b"]), seed=0)
+
+
+def test_null_studies_keep_folds_and_budget_and_score_permuted_labels(tmp_path):
+    from adsearch.search.null import create_null_studies, summarise
+    from adsearch.search.objective import Objective
+
+    cache = open_cache(write_realistic_cache(tmp_path / "c", kind="mean", n_layers=4, dim=32, n_test=20, seed=0))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = parse_spec({"screen": {"top": 2}, "space": {"classifiers": {"logreg": {}}}})
+    main = create_or_resume(make_storage(url), "main", cache, spec, "s.yaml", 4)
+    run_worker("main", url, worker_index=0)
+    names = create_null_studies(make_storage(url), "main", runs=2, budget=3)
+    assert names == ["main~null0", "main~null1"]
+    main_setup = StudySetup.from_study(main)
+    for name in names:
+        run_worker(name, url, worker_index=0)
+        study = optuna.load_study(study_name=name, storage=url)
+        setup = StudySetup.from_study(study)
+        assert (setup.folds == main_setup.folds).all() and setup.train_ids == main_setup.train_ids
+        assert setup.sampler == main_setup.sampler and setup.null_seed is not None
+        assert len(study.get_trials()) == 3 and all(t.state == TrialState.COMPLETE for t in study.get_trials())
+        objective = Objective(setup, cache)
+        assert (np.sort(objective.source.labels) == np.sort(cache.labels[cache.splits == "train"])).all()
+        assert (objective.source.labels != cache.labels[cache.splits == "train"]).any()
+    summary = summarise(make_storage(url), "main")
+    assert summary["n"] == 2 and summary["real_best"] == main.best_value
+    assert summary["p_value"] == (1 + sum(n["best"] >= main.best_value for n in summary["null"])) / 3
+    with pytest.raises(StudyError, match="is itself a null study"):
+        create_null_studies(make_storage(url), "main~null0", runs=1, budget=1)
+
+
+def test_null_command_records_the_floor_and_export_reports_it_with_fresh_folds(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from adsearch.cli import app
+    from adsearch.export import ExportError, export_trial
+
+    cache = open_cache(write_realistic_cache(tmp_path / "c", kind="mean", n_layers=3, dim=32, n_test=20, seed=1))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = parse_spec({"screen": {"top": 1}, "space": {"classifiers": {"logreg": {}}}})
+    create_or_resume(make_storage(url), "main", cache, spec, "s.yaml", 3)
+    run_worker("main", url, worker_index=0)
+    result = CliRunner().invoke(app, ["null", "--study", "main", "--storage", url, "--runs", "2"])
+    assert result.exit_code == 0, result.output
+    assert "vs the best CV of 2 label-permuted searches" in result.output and "permutation p = " in result.output
+    with pytest.raises(ExportError, match="is a null study"):
+        export_trial("main~null1", url, tmp_path / "nope", artifacts=tmp_path / "a", log=lambda m: None)
+    exported = export_trial("main", url, tmp_path / "out", artifacts=tmp_path / "a", log=lambda m: None,
+                            control_study="main~null0")
+    assert any("shortcut control 'main~null0'" in w for w in exported.warnings) == (
+        optuna.load_study(study_name="main~null0", storage=url).best_value > 0.6)
+    config = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    fresh = config["cv"]["fresh"]
+    assert fresh["repeats"] == 5 and fresh["seed"] == 10_000
+    assert fresh["optimism"] == pytest.approx(config["cv"]["mean"] - fresh["mean"])
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "label-permuted searches" in report and "fresh fold assignments" in report
+    assert "shortcut control" in report and "main~null0" in report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# adsearch compare
+
+
+def test_compare_gives_the_same_table_for_the_same_seeds(tmp_path):
+    from typer.testing import CliRunner
+
+    from adsearch.cli import app
+    from adsearch.search.compare import DETERMINISTIC
+
+    cache = write_realistic_cache(tmp_path / "c", kind="mean", n_layers=4, dim=32, n_test=0, seed=2)
+    space = tmp_path / "space.yaml"
+    space.write_text("cv: {folds: 3}\nscreen: {top: 2}\nspace: {pooling: [mean, std], classifiers: {logreg: {}, "
+                     "knn: {}}}\n")
+    tables = []
+    for attempt in ("a", "b"):
+        result = CliRunner().invoke(app, ["compare", "--cache", str(cache), "--space", str(space), "--samplers",
+                                          "tpe,random", "--seeds", "2", "--trials", "6", "--workers", "2",
+                                          "-o", str(tmp_path / attempt)])
+        assert result.exit_code == 0, result.output
+        rows = list(csv.DictReader((tmp_path / attempt / "compare.csv").open()))
+        tables.append([{key: row[key] for key in DETERMINISTIC} for row in rows])
+        runs = json.loads((tmp_path / attempt / "runs.json").read_text())
+        assert len(runs) == 4 and all(len(run["values"]) == 6 for run in runs)
+        assert (tmp_path / attempt / "best_vs_trials.png").stat().st_size > 0
+        assert (tmp_path / attempt / "best_vs_cpu.png").stat().st_size > 0
+    assert tables[0] == tables[1] and [row["sampler"] for row in tables[0]] == ["tpe", "random"]
+    again = CliRunner().invoke(app, ["compare", "--cache", str(cache), "--space", str(space), "-o",
+                                     str(tmp_path / "a")])
+    assert again.exit_code == 2 and "not empty" in again.output
+    unknown = CliRunner().invoke(app, ["compare", "--cache", str(cache), "--samplers", "tpe,cmaes", "-o",
+                                       str(tmp_path / "c2")])
+    assert unknown.exit_code == 2 and "cmaes" in unknown.output

@@ -145,7 +145,7 @@ class FeatureSource:
     25 layers of an ADReSSo-sized cache (68 MB) fit, and a search that wanders across poolings stops
     re-reading the cache."""
 
-    def __init__(self, cache: EmbeddingCache, budget_bytes: int = 96 * 2**20):
+    def __init__(self, cache: EmbeddingCache, null_seed: int | None = None, budget_bytes: int = 96 * 2**20):
         self.cache = cache
         self.train = np.flatnonzero(cache.splits == "train")
         if len(self.train) == 0:
@@ -153,8 +153,12 @@ class FeatureSource:
         labels = cache.labels[self.train]
         if (labels < 0).any():
             raise ProtocolError(f"{cache.path}: some train items have no label")
-        self.labels = labels
         self.groups = cache.groups[self.train]
+        if null_seed is not None:  # a null study (adsearch/search/null.py): labels permuted across speakers
+            from adsearch.search.null import permute_labels
+
+            labels = permute_labels(labels, self.groups, null_seed)
+        self.labels = labels
         self.ids = [cache.ids[i] for i in self.train]
         # train-row index of each train window, in the order window_features(..., self.train) returns them
         self.window_owner = cache.window_owner(self.train)
@@ -262,7 +266,7 @@ class Objective:
         self.setup = setup
         self.on_sampled = on_sampled  # e.g. send the trial's waiting writes (its worker) once it is set up
         self.sampler_label = sampler_label  # recorded on each trial when it differs from the study's sampler
-        self.source = FeatureSource(cache)
+        self.source = FeatureSource(cache, setup.null_seed)
         if self.source.ids != setup.train_ids:
             raise ProtocolError("the cache's train items differ from the study's fold assignment")
         self.layers = setup.layers

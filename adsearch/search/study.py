@@ -39,6 +39,7 @@ __all__ = [
     "best_summary",
     "check_compatible",
     "chosen_optimiser",
+    "create_null_or_resume",
     "create_or_resume",
     "describe_config",
     "fold_fits",
@@ -69,6 +70,7 @@ class StudySetup:
     sampler: str = ""  # the optimiser every worker uses (recorded at creation; "" = the space's own)
     pruner: str = ""
     sampler_seed: int | None = None  # None = the space's seed
+    null_seed: int | None = None  # a null study: train labels permuted across speakers with this seed
 
     def __post_init__(self) -> None:
         self.sampler = self.sampler or self.spec.sampler
@@ -78,6 +80,7 @@ class StudySetup:
     def to_attr(self) -> dict:
         return {"version": __version__,
                 "optimiser": {"sampler": self.sampler, "pruner": self.pruner, "sampler_seed": self.sampler_seed},
+                "null_seed": self.null_seed,
                 "cache": {"path": self.cache_path, "content_hash": self.cache_hash, "n_layers": self.n_layers},
                 "space": {"file": self.space_file, "hash": self.spec.digest(),
                           "spec": self.spec.model_dump(mode="json")},
@@ -96,7 +99,7 @@ class StudySetup:
         return cls(attr["cache"]["path"], attr["cache"]["content_hash"], attr["cache"]["n_layers"],
                    parse_spec(attr["space"]["spec"]), attr["space"]["file"], attr["folds"]["train_ids"],
                    np.asarray(attr["folds"]["assignment"]), optimiser.get("sampler", ""),
-                   optimiser.get("pruner", ""), optimiser.get("sampler_seed"))
+                   optimiser.get("pruner", ""), optimiser.get("sampler_seed"), attr.get("null_seed"))
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -177,27 +180,50 @@ def create_or_resume(storage, study_name: str, cache: EmbeddingCache, spec: Stud
     except KeyError:
         # every check runs before anything is written
         setup = new_setup(cache, spec, space_file, sampler, pruner, sampler_seed)
-        try:
-            study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize")
-        except optuna.exceptions.DuplicatedStudyError:  # another `search` created it a moment ago
-            study = optuna.load_study(study_name=study_name, storage=storage)
-        else:
-            # A system attribute: workers need it, the dashboard's user-attribute table does not.
-            storage.set_study_system_attr(study._study_id, ATTR, setup.to_attr())
-            with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names([spec.cv.metric])  # the dashboard says balanced_accuracy, not Objective 0
-            screened = _screen_and_enqueue(study, cache, setup, budget, log)
-            if screened is not None and on_screen is not None:
-                on_screen(study, screened)
-            import optuna_dashboard
-
-            optuna_dashboard.save_note(study, study_note(cache, setup, screened))
+        study = _create(storage, study_name, cache, setup, budget, log, on_screen)
     setup = _wait_for_setup(study)
     check_compatible(setup, study_name, cache, spec)
     chosen_optimiser(setup, study_name, sampler, pruner, override)
     counts = trial_counts(study)
     TrialBudget(url, study_name).set(budget, counts["finished"] + counts["running"])
+    return study
+
+
+def create_null_or_resume(storage, study_name: str, cache: EmbeddingCache, main: StudySetup, null_seed: int,
+                          budget: int) -> optuna.Study:
+    """A null study of `main`: its setup (cache, space, folds, optimiser) with permuted train labels."""
+    from dataclasses import replace
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        study = _create(storage, study_name, cache, replace(main, null_seed=null_seed), budget, None, None)
+    setup = _wait_for_setup(study)
+    if setup.null_seed != null_seed or setup.cache_hash != main.cache_hash:
+        raise StudyError(f"study {study_name!r} exists and is not this study's null study {null_seed}")
+    counts = trial_counts(study)
+    TrialBudget(storage.url, study_name).set(budget, counts["finished"] + counts["running"])
+    return study
+
+
+def _create(storage, study_name: str, cache: EmbeddingCache, setup: StudySetup, budget: int,
+            log: Callable[[str], None] | None,
+            on_screen: Callable[[optuna.Study, ScreenResult], None] | None) -> optuna.Study:
+    try:
+        study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize")
+    except optuna.exceptions.DuplicatedStudyError:  # another `search` created it a moment ago
+        return optuna.load_study(study_name=study_name, storage=storage)
+    # A system attribute: workers need it, the dashboard's user-attribute table does not.
+    storage.set_study_system_attr(study._study_id, ATTR, setup.to_attr())
+    with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([setup.spec.cv.metric])  # the dashboard says balanced_accuracy, not Objective 0
+    screened = _screen_and_enqueue(study, cache, setup, budget, log)
+    if screened is not None and on_screen is not None:
+        on_screen(study, screened)
+    import optuna_dashboard
+
+    optuna_dashboard.save_note(study, study_note(cache, setup, screened))
     return study
 
 
@@ -216,7 +242,8 @@ def _screen_and_enqueue(study: optuna.Study, cache: EmbeddingCache, setup: Study
     if log:
         log(f"screening {len(setup.layers)} layers x {len(spec.space.pooling)} poolings with a linear and a "
             "kernel probe (closed form, the study's folds, train rows only)")
-    result = screen(FeatureSource(cache), setup.folds, setup.layers, list(spec.space.pooling), spec.cv.metric)
+    result = screen(FeatureSource(cache, setup.null_seed), setup.folds, setup.layers, list(spec.space.pooling),
+                    spec.cv.metric)
     result.enqueued = starting_points(result, spec, min(spec.screen.top, budget))
     for params in result.enqueued:
         study.enqueue_trial(params, user_attrs={"origin": "screen"})
@@ -252,7 +279,10 @@ def study_note(cache: EmbeddingCache, setup: StudySetup, screened: ScreenResult 
     train = cache.labels[cache.splits == "train"]
     n_test = int((cache.splits == "test").sum())
     model = meta.get("model", {})
-    return "\n".join([
+    null = ([f"**Null study**: train labels permuted across speakers (seed {setup.null_seed}); its best score is "
+             "what this search finds when speech says nothing about the label."] if setup.null_seed is not None
+            else [])
+    return "\n".join(null + [
         "## adsearch study",
         f"**Corpus**: `{meta.get('manifest', {}).get('path', '?')}`: {len(train)} train recordings "
         f"(AD {(train == 1).sum()}, control {(train == 0).sum()}), {n_test} test recordings (never read here).",
