@@ -334,3 +334,27 @@ def test_compare_gives_the_same_table_for_the_same_seeds(tmp_path):
     unknown = CliRunner().invoke(app, ["compare", "--cache", str(cache), "--samplers", "tpe,cmaes", "-o",
                                        str(tmp_path / "c2")])
     assert unknown.exit_code == 2 and "cmaes" in unknown.output
+
+
+def test_null_studies_never_read_test_items(tmp_path, monkeypatch):
+    from adsearch.embed.cache import EmbeddingCache
+    from adsearch.search.null import create_null_studies
+
+    cache = open_cache(write_realistic_cache(tmp_path / "c", kind="mean", n_layers=3, dim=16, n_test=30, seed=0))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = parse_spec({"screen": {"top": 1}, "space": {"unit": ["recording", "window"],
+                                                       "classifiers": {"logreg": {}}}})
+    create_or_resume(make_storage(url), "main", cache, spec, "s.yaml", 2)
+    test_items = set(np.flatnonzero(cache.splits == "test"))
+    read = []
+    for method in ("recording_features", "window_features"):
+        real = getattr(EmbeddingCache, method)
+
+        def spy(self, layer, pooling, items=None, real=real):
+            read.append(set(range(len(self.ids))) if items is None else set(np.asarray(items).tolist()))
+            return real(self, layer, pooling, items)
+
+        monkeypatch.setattr(EmbeddingCache, method, spy)
+    create_null_studies(make_storage(url), "main", runs=1, budget=4)
+    run_worker("main~null0", url, worker_index=0)
+    assert read and not any(items & test_items for items in read)
