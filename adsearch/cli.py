@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -257,6 +258,110 @@ def extract(
     if result.compute_seconds > 0:
         out.print(f"{result.audio_seconds:,.0f} s of audio in {result.compute_seconds:,.1f} s "
                   f"({result.audio_seconds / result.compute_seconds:,.1f}x real time)")
+
+
+class _RichFinetuneProgress:
+    """Bars for fine-tuning: one over the models (folds + full), one over the current epoch's batches with
+    the running loss; a line per epoch with the validation loss and score."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.models = None
+        self.batches = None
+        self.losses: list[float] = []
+
+    def fold(self, name: str, index: int, total: int) -> None:
+        if self.models is None:
+            self.models = self.progress.add_task("models", total=total, info="")
+        self.progress.update(self.models, completed=index, info=name)
+
+    def epoch(self, name: str, epoch: int, epochs: int, steps: int) -> None:
+        if self.batches is not None:
+            self.progress.remove_task(self.batches)
+        self.losses = []
+        self.batches = self.progress.add_task(f"{name} epoch {epoch + 1}/{epochs}", total=None, info="")
+
+    def step(self, loss: float) -> None:
+        self.losses.append(loss)
+        self.progress.update(self.batches, advance=1, info=f"loss {np.mean(self.losses[-20:]):.3f}")
+
+    def validated(self, name: str, epoch: int, loss: float, score: float, best: float) -> None:
+        self.progress.console.print(f"{name} epoch {epoch + 1}: train loss {np.mean(self.losses):.4f}, validation "
+                                    f"loss {loss:.4f}, balanced accuracy {score:.3f} (best {best:.3f})",
+                                    highlight=False)
+
+
+@app.command()
+def finetune(
+    manifest: Annotated[Path, typer.Argument(help="Corpus manifest (train recordings are fine-tuned on).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the fine-tuned models (fold-K/, full/) "
+                                                                "and finetune.json; a rerun resumes in it.")],
+    model: Annotated[str, typer.Option(help="Hugging Face id or local directory of a wav2vec2-family model.")] = (
+        "jonatasgrosman/wav2vec2-large-xlsr-53-english"),
+    folds: Annotated[int, typer.Option(help="Speaker-grouped folds for cross-fitting.", min=2, max=20)] = 5,
+    folds_from: Annotated[str | None, typer.Option(help="Take the fold assignment of this study instead (with "
+                                                        "--storage).")] = None,
+    storage: Annotated[str, typer.Option(help=_STORAGE_HELP, envvar="ADSEARCH_STORAGE")] = "sqlite:///adsearch.db",
+    crossfit: Annotated[bool, typer.Option(help="--no-crossfit: one model on every train recording (naive; the "
+                                                "cache, study note and report say CV optimistic).")] = True,
+    cache_root: Annotated[Path | None, typer.Option(help="Where the cross-fitted cache goes (default: OUTPUT/cache)."
+                                                    )] = None,
+    epochs: Annotated[int, typer.Option(help="Most epochs per model (early stopping may end sooner).")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Windows per step.")] = 4,
+    accumulate: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 2,
+    encoder_lr: Annotated[float, typer.Option(help="AdamW learning rate of the transformer.")] = 3e-5,
+    head_lr: Annotated[float, typer.Option(help="AdamW learning rate of the linear head.")] = 1e-3,
+    freeze_layers: Annotated[int, typer.Option(help="Lower transformer layers kept frozen.")] = 0,
+    window_s: Annotated[float, typer.Option(help="Training window length in seconds.")] = 10.0,
+    patience: Annotated[int, typer.Option(help="Epochs without a better validation score before stopping.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of folds, validation split, initialisation and batches.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Fine-tune the speech model on the AD labels, cross-fitted, and extract a cache from it.
+
+    Per fold, a model fine-tuned on the other folds extracts that fold's train recordings; a model fine-tuned
+    on the whole train split extracts the test recordings (and is the one export and predict use). The cache
+    records the folds and which model produced each item; a study on it uses exactly those folds. A killed
+    run resumes from its last epoch; finished folds are never redone.
+    """
+    import optuna
+
+    from adsearch.embed.extract import ExtractSettings
+    from adsearch.finetune import FinetuneError, FinetuneSettings, extract_crossfit
+    from adsearch.finetune import finetune as run_finetune
+
+    with user_errors():
+        try:
+            settings = FinetuneSettings(epochs=epochs, batch_size=batch_size, accumulate=accumulate,
+                                        encoder_lr=encoder_lr, head_lr=head_lr, freeze_layers=freeze_layers,
+                                        window_s=window_s, patience=patience, seed=seed)
+        except FinetuneError as exc:
+            raise ValueError(str(exc)) from None
+        assignment = None
+        if folds_from:
+            from adsearch.search.storage import make_storage
+            from adsearch.search.study import StudySetup
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            try:
+                setup = StudySetup.from_study(optuna.load_study(study_name=folds_from, storage=make_storage(storage)))
+            except KeyError:
+                raise ValueError(f"--folds-from: no study {folds_from!r} in this storage") from None
+            if setup.folds.shape[0] != 1:
+                raise ValueError(f"--folds-from: study {folds_from!r} uses {setup.folds.shape[0]} repeats; "
+                                 "cross-fitting needs one fold assignment")
+            assignment = (setup.train_ids, setup.folds[0])
+        with _bar(TextColumn("{task.fields[info]}")) as progress:
+            record = run_finetune(manifest, model, output, settings, folds, assignment, crossfit, device,
+                                  _RichFinetuneProgress(progress))
+        for name, done in record["models"].items():
+            out.print(f"{name}: {done['epochs_run']} epoch(s), best validation balanced accuracy "
+                      f"{done['best_validation']:.3f}, trained on {len(done['trained_on'])} recordings -> "
+                      f"{done['path']}", highlight=False)
+        with _bar(_AudioSpeedColumn()) as progress:
+            cache_dir = extract_crossfit(manifest, output, cache_root or output / "cache", ExtractSettings(),
+                                         device=device, progress=_RichExtractProgress(progress))
+    out.print(f"cache: {cache_dir}" + ("" if crossfit else "  (CV optimistic: --no-crossfit)"), highlight=False)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -166,6 +166,10 @@ def write_report(study, setup, cache, exported, test: dict | None, top_k: list[d
         config_rows.append((f"CV on {fresh.repeats} fresh fold assignments",
                             f"{fresh.mean:.4f} +/- {fresh.std:.4f}: selection optimism {fresh.optimism:+.4f}"))
     parts = ["<h1>adsearch report: study " + html.escape(exported.study.name) + "</h1>"]
+    crossfit = cache.meta.get("crossfit")
+    if crossfit and not crossfit.get("enabled"):
+        warnings = ["CV optimistic: the features come from a model fine-tuned on every train recording "
+                    "(adsearch finetune --no-crossfit)", *(warnings or [])]
     parts += [f"<p style='color:#a40'><b>Warning:</b> {html.escape(w)}</p>" for w in warnings or []]
     parts += ["<h2>Exported configuration</h2>", _table(config_rows), "<h2>How good is this score?</h2>",
               _table(_honesty_rows(exported, floor, control))]

@@ -116,9 +116,30 @@ def new_setup(cache: EmbeddingCache, spec: StudySpec, space_file: str, sampler: 
         raise StudyError(f"unknown pruner {pruner!r}; choose one of {', '.join(PRUNERS)}")
     check_layers(spec, cache.n_layers, space_file)
     source = FeatureSource(cache)
-    folds = assign_folds(source.labels, source.groups, spec.cv.folds, spec.cv.repeats, spec.seed)
+    folds = crossfit_folds(cache, source.ids, spec, space_file)
+    if folds is None:
+        folds = assign_folds(source.labels, source.groups, spec.cv.folds, spec.cv.repeats, spec.seed)
     return StudySetup(str(cache.path.resolve()), cache.content_hash, cache.n_layers, spec, space_file, source.ids,
                       folds, sampler or "", pruner or "", sampler_seed)
+
+
+def crossfit_folds(cache: EmbeddingCache, train_ids: list[str], spec: StudySpec, space_file: str
+                   ) -> np.ndarray | None:
+    """The fold assignment a cross-fitted cache was made with (`adsearch finetune`), which its study must
+    use: every fold's features come from a model that never saw that fold, under these folds only."""
+    crossfit = cache.meta.get("crossfit")
+    if not crossfit or not crossfit.get("enabled"):
+        return None
+    fold_of = dict(zip(crossfit["folds"]["train_ids"], crossfit["folds"]["assignment"][0], strict=True))
+    missing = [i for i in train_ids if i not in fold_of]
+    if missing:
+        raise StudyError(f"{cache.path}: train items {missing[:5]} have no cross-fitting fold; extract again")
+    n_folds = max(fold_of.values()) + 1
+    if spec.cv.folds != n_folds or spec.cv.repeats != 1:
+        raise StudyError(f"{space_file}: the cache {cache.path} was fine-tuned with cross-fitting on {n_folds} folds, "
+                         f"and a study on it must use exactly those folds; set cv.folds: {n_folds} and cv.repeats: 1 "
+                         f"(the space asks for {spec.cv.folds} x {spec.cv.repeats})")
+    return np.array([[fold_of[i] for i in train_ids]])
 
 
 def chosen_optimiser(setup: StudySetup, study_name: str, sampler: str | None, pruner: str | None,
@@ -279,10 +300,18 @@ def study_note(cache: EmbeddingCache, setup: StudySetup, screened: ScreenResult 
     train = cache.labels[cache.splits == "train"]
     n_test = int((cache.splits == "test").sum())
     model = meta.get("model", {})
-    null = ([f"**Null study**: train labels permuted across speakers (seed {setup.null_seed}); its best score is "
-             "what this search finds when speech says nothing about the label."] if setup.null_seed is not None
-            else [])
-    return "\n".join(null + [
+    crossfit = meta.get("crossfit")
+    tuned = []
+    if crossfit and crossfit["enabled"]:
+        tuned = [f"**Fine-tuned features, cross-fitted**: each fold's train items come from a model fine-tuned on "
+                 f"the other folds ({crossfit['finetuned']}); the study uses those folds."]
+    elif crossfit:
+        tuned = ["**CV optimistic**: the features come from a model fine-tuned on every train recording "
+                 "(`--no-crossfit`), so cross-validation on them has seen the labels."]
+    if setup.null_seed is not None:
+        tuned.append(f"**Null study**: train labels permuted across speakers (seed {setup.null_seed}); its best "
+                     "score is what this search finds when speech says nothing about the label.")
+    return "\n".join(tuned + [
         "## adsearch study",
         f"**Corpus**: `{meta.get('manifest', {}).get('path', '?')}`: {len(train)} train recordings "
         f"(AD {(train == 1).sum()}, control {(train == 0).sum()}), {n_test} test recordings (never read here).",

@@ -1,0 +1,419 @@
+"""Fine-tuning the speech model on the AD labels, cross-fitted so that no train feature comes from a model
+that saw its label.
+
+The seed's pipeline fine-tunes XLSR before extracting layers. Done naively (one model trained on every
+train recording, then cross-validated on those recordings) the CV scores are inflated. Cross-fitting:
+
+* fix a speaker-grouped fold assignment of the train split (`--folds K`, or a study's own);
+* for each fold k, fine-tune on the other folds (early stopping on a speaker-grouped validation part of
+  them) and extract the fold-k recordings with that model;
+* fine-tune on the whole train split and extract the test recordings with it (it is also the model
+  `predict` uses);
+* merge everything into one cache in the usual format whose `cache.json` records the fold assignment and
+  which model produced each item. A study on it uses exactly those folds.
+
+Training: participant-speech windows of whole recordings (as `extract` cuts them), each labelled with its
+recording's label; pooled last hidden state -> linear head; CNN feature encoder frozen, optionally the lower
+transformer layers too; AdamW with linear warmup and decay, gradient accumulation, class-balanced loss, the
+model's own SpecAugment time masking; bf16 autocast and gradient checkpointing on CUDA. A fold's model is
+saved with `save_pretrained` (usable by `extract` and `predict`); each epoch leaves a checkpoint, so a killed
+run resumes from its last epoch and finished folds are never redone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from adsearch import __version__
+from adsearch.audio import AudioError
+from adsearch.corpus import Recording, read_manifest, write_manifest
+
+
+class FinetuneError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Everything that changes a fine-tuned model (recorded in finetune.json)."""
+
+    epochs: int = 10
+    batch_size: int = 4
+    accumulate: int = 2  # gradient accumulation steps: effective batch = batch_size x accumulate
+    encoder_lr: float = 3e-5
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.1  # share of the optimiser steps with a linear warmup
+    freeze_layers: int = 0  # lower transformer layers kept frozen (the CNN feature encoder always is)
+    window_s: float = 10.0  # training windows; shorter ones bound memory and add samples
+    min_window_s: float = 1.0
+    patience: int = 3  # epochs without a better validation score before stopping
+    validation_share: float = 0.2  # speakers of each training part held out for early stopping
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1 or self.batch_size < 1 or self.accumulate < 1 or self.patience < 1:
+            problems.append("--epochs, --batch-size, --accumulate and --patience must be at least 1")
+        if not (0 < self.encoder_lr < 1 and 0 < self.head_lr < 1):
+            problems.append("learning rates must lie in (0, 1)")
+        if not 0 <= self.warmup < 1 or not 0 < self.validation_share < 0.5:
+            problems.append("--warmup must lie in [0, 1) and --validation-share in (0, 0.5)")
+        if self.freeze_layers < 0 or self.weight_decay < 0:
+            problems.append("--freeze-layers and --weight-decay must be >= 0")
+        if not 0.5 <= self.window_s <= 60 or not 0.025 <= self.min_window_s <= self.window_s:
+            problems.append("--window-s must lie in [0.5, 60] and --min-window-s in [0.025, --window-s]")
+        if problems:
+            raise FinetuneError("; ".join(problems))
+
+
+class FinetuneProgress:
+    """What a fine-tune reports: the CLI draws bars from it, tests record it."""
+
+    def fold(self, name: str, index: int, total: int) -> None: ...
+    def epoch(self, name: str, epoch: int, epochs: int, steps: int) -> None: ...
+    def step(self, loss: float) -> None: ...
+    def validated(self, name: str, epoch: int, loss: float, score: float, best: float) -> None: ...
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: labelled windows of participant speech
+
+
+@dataclass
+class _Window:
+    recording: int  # index into the recordings list
+    audio: np.ndarray
+
+
+def _windows(recordings: list[Recording], settings: FinetuneSettings) -> list[_Window]:
+    from adsearch.audio import load_audio
+    from adsearch.embed.extract import plan_windows
+
+    windows = []
+    for index, rec in enumerate(recordings):
+        try:
+            audio = load_audio(rec.path)
+        except AudioError:
+            continue  # extraction reports unreadable files; training simply has one recording fewer
+        for begin, end in plan_windows(rec.segments, len(audio), settings.window_s, settings.min_window_s):
+            windows.append(_Window(index, audio[begin:end]))
+    return windows
+
+
+def _validation_split(labels: np.ndarray, groups: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """A speaker-grouped, stratified validation mask of about `share` of the recordings (for early
+    stopping only); all False when a class has too few speakers to hold any out."""
+    from adsearch.search.objective import assign_folds
+
+    speakers = min(len(set(groups[labels == label])) for label in (0, 1))
+    folds = min(round(1 / share), speakers)
+    if folds < 2:
+        return np.zeros(len(labels), bool)
+    return assign_folds(labels, groups, folds, 1, seed)[0] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+
+def _build(model_path: Path, settings: FinetuneSettings, device: str):
+    """(feature extractor, encoder, head) with the CNN feature encoder and the lower layers frozen."""
+    import torch
+    from transformers import AutoFeatureExtractor, AutoModel
+
+    extractor = AutoFeatureExtractor.from_pretrained(model_path)
+    encoder = AutoModel.from_pretrained(model_path, dtype=torch.float32)
+    if not hasattr(encoder, "_get_feat_extract_output_lengths"):
+        raise FinetuneError(f"{model_path}: {type(encoder).__name__} is not a wav2vec2-family speech model")
+    encoder.freeze_feature_encoder()
+    layers = encoder.encoder.layers
+    if settings.freeze_layers > len(layers):
+        raise FinetuneError(f"--freeze-layers {settings.freeze_layers}: the model has {len(layers)} layers")
+    for layer in layers[: settings.freeze_layers]:
+        layer.requires_grad_(False)
+    if device.startswith("cuda"):
+        encoder.gradient_checkpointing_enable()
+    torch.manual_seed(settings.seed)
+    head = torch.nn.Linear(encoder.config.hidden_size, 2)
+    return extractor, encoder.to(device), head.to(device)
+
+
+def _logits(extractor, encoder, head, windows: list[np.ndarray], device: str):
+    import torch
+
+    from adsearch.audio import SAMPLE_RATE
+
+    masked = getattr(encoder.config, "feat_extract_norm", "layer") == "layer"
+    inputs = extractor(windows, sampling_rate=SAMPLE_RATE, padding=True, return_tensors="pt",
+                       return_attention_mask=masked)
+    values = inputs["input_values"].to(device)
+    mask = inputs["attention_mask"].to(device) if masked else None
+    with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
+        hidden = encoder(values, attention_mask=mask).last_hidden_state
+    frames = encoder._get_feat_extract_output_lengths(torch.as_tensor([len(w) for w in windows])).to(device)
+    keep = (torch.arange(hidden.shape[1], device=device)[None, :] < frames[:, None])[:, :, None]
+    pooled = torch.where(keep, hidden.float(), 0).sum(1) / frames[:, None].float()
+    return head(pooled)
+
+
+def _batches(windows: list[_Window], size: int, equal_lengths: bool, rng: np.random.Generator):
+    """Shuffled batches; group-norm models (no attention mask) only batch windows of one length."""
+    order = rng.permutation(len(windows))
+    if not equal_lengths:
+        return [order[i:i + size] for i in range(0, len(order), size)]
+    by_length: dict[int, list[int]] = {}
+    for i in order:
+        by_length.setdefault(len(windows[i].audio), []).append(int(i))
+    batches = [group[i:i + size] for group in by_length.values() for i in range(0, len(group), size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _evaluate(extractor, encoder, head, windows: list[_Window], labels: np.ndarray, n: int, device: str,
+              batch_size: int) -> tuple[float, float]:
+    """(window loss, balanced accuracy of the recordings' mean window probability)."""
+    import torch
+
+    from adsearch.search.objective import metrics
+
+    encoder.eval()
+    losses, probabilities, owners = [], [], []
+    masked = getattr(encoder.config, "feat_extract_norm", "layer") == "layer"
+    with torch.inference_mode():
+        for batch in _batches(windows, batch_size, not masked, np.random.default_rng(0)):
+            chunk = [windows[i] for i in batch]
+            logits = _logits(extractor, encoder, head, [w.audio for w in chunk], device).float()
+            target = torch.as_tensor([labels[w.recording] for w in chunk], device=device)
+            losses.append(float(torch.nn.functional.cross_entropy(logits, target, reduction="sum")))
+            probabilities += torch.softmax(logits, 1)[:, 1].cpu().tolist()
+            owners += [w.recording for w in chunk]
+    score = np.bincount(owners, probabilities, n) / np.maximum(np.bincount(owners, minlength=n), 1)
+    seen = np.bincount(owners, minlength=n) > 0
+    return sum(losses) / max(len(owners), 1), metrics(labels[seen], score[seen], 0.5)["balanced_accuracy"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One fine-tune, resumable
+
+
+def train_one(model_path: Path, recordings: list[Recording], out_dir: Path, settings: FinetuneSettings,
+              device: str, progress: FinetuneProgress | None = None, name: str = "model",
+              on_epoch: Callable[[int], None] | None = None) -> dict:
+    """Fine-tune on `recordings` (a speaker-grouped validation part of them decides when to stop) and save the
+    best epoch's encoder to `out_dir` with save_pretrained. Resumes from `out_dir/checkpoint.pt`; a finished
+    fine-tune (`out_dir/done.json`) returns its record at once."""
+    import torch
+
+    done_file = out_dir / "done.json"
+    if done_file.is_file():
+        return json.loads(done_file.read_text())
+    progress = progress or FinetuneProgress()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = np.array([r.label for r in recordings])
+    groups = np.array([r.group for r in recordings])
+    if (labels < 0).any() or len(set(labels.tolist())) < 2:
+        raise FinetuneError(f"{name}: fine-tuning needs labelled recordings of both classes")
+    valid = _validation_split(labels, groups, settings.validation_share, settings.seed)
+    train_windows = _windows([r for r, v in zip(recordings, valid, strict=True) if not v], settings)
+    train_index = np.flatnonzero(~valid)
+    for window in train_windows:  # back to indices into `recordings`
+        window.recording = int(train_index[window.recording])
+    valid_index = np.flatnonzero(valid)
+    valid_windows = _windows([recordings[i] for i in valid_index], settings)
+    for window in valid_windows:
+        window.recording = int(valid_index[window.recording])
+    if not train_windows:
+        raise FinetuneError(f"{name}: no readable training window")
+
+    extractor, encoder, head = _build(model_path, settings, device)
+    masked = getattr(encoder.config, "feat_extract_norm", "layer") == "layer"
+    trainable = [p for p in encoder.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW([{"params": trainable, "lr": settings.encoder_lr},
+                                   {"params": head.parameters(), "lr": settings.head_lr}],
+                                  weight_decay=settings.weight_decay)
+    steps_per_epoch = math.ceil(math.ceil(len(train_windows) / settings.batch_size) / settings.accumulate)
+    total = steps_per_epoch * settings.epochs
+    warm = max(1, int(settings.warmup * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm))))
+    counts = np.bincount(labels[~valid], minlength=2)
+    weights = torch.as_tensor(len(counts) * [0.0], dtype=torch.float32)
+    weights[:] = torch.as_tensor(counts.sum() / (2 * np.maximum(counts, 1)), dtype=torch.float32)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(device))  # class-balanced
+
+    state = {"epoch": 0, "best": -1.0, "stale": 0, "history": []}
+    checkpoint = out_dir / "checkpoint.pt"
+    if checkpoint.is_file():  # weights_only: a checkpoint file cannot run code when loaded
+        saved = torch.load(checkpoint, map_location=device, weights_only=True)
+        encoder.load_state_dict(saved["encoder"])
+        head.load_state_dict(saved["head"])
+        optimiser.load_state_dict(saved["optimiser"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = json.loads(saved["state"])
+    started = time.perf_counter()
+    audio_seconds = 0.0
+    for epoch in range(state["epoch"], settings.epochs):
+        if state["stale"] >= settings.patience:
+            break
+        progress.epoch(name, epoch, settings.epochs, steps_per_epoch)
+        encoder.train()
+        rng = np.random.default_rng([settings.seed, epoch])
+        torch.manual_seed(settings.seed * 1000 + epoch)
+        optimiser.zero_grad()
+        batches = _batches(train_windows, settings.batch_size, not masked, rng)
+        for index, batch in enumerate(batches):
+            chunk = [train_windows[i] for i in batch]
+            logits = _logits(extractor, encoder, head, [w.audio for w in chunk], device)
+            target = torch.as_tensor([labels[w.recording] for w in chunk], device=device)
+            loss = loss_fn(logits.float(), target)
+            (loss / settings.accumulate).backward()
+            audio_seconds += sum(len(w.audio) for w in chunk) / 16_000
+            if (index + 1) % settings.accumulate == 0 or index + 1 == len(batches):
+                torch.nn.utils.clip_grad_norm_([*trainable, *head.parameters()], 1.0)
+                optimiser.step()
+                scheduler.step()
+                optimiser.zero_grad()
+            progress.step(loss.item())
+            state["history"].append({"epoch": epoch, "loss": loss.item()})
+        if valid_windows:
+            valid_loss, score = _evaluate(extractor, encoder, head, valid_windows, labels, len(recordings), device,
+                                          settings.batch_size)
+        else:  # too few speakers to hold any out: keep the last epoch
+            valid_loss, score = float("nan"), float(epoch)
+        improved = score > state["best"]
+        state.update({"epoch": epoch + 1, "stale": 0 if improved else state["stale"] + 1,
+                      "best": max(score, state["best"])})
+        state.setdefault("validation", []).append({"epoch": epoch, "loss": valid_loss, "score": score})
+        if improved:
+            encoder.save_pretrained(out_dir / "best")
+            extractor.save_pretrained(out_dir / "best")
+        progress.validated(name, epoch, valid_loss, score, state["best"])
+        _save_checkpoint(checkpoint, encoder, head, optimiser, scheduler, state)
+        if on_epoch is not None:
+            on_epoch(epoch)
+    record = {"name": name, "trained_on": [r.id for r in recordings],
+              "validation_ids": [recordings[i].id for i in valid_index], "epochs_run": state["epoch"],
+              "best_validation": state["best"], "validation": state.get("validation", []),
+              "losses": [h["loss"] for h in state["history"]],
+              "audio_seconds_this_run": audio_seconds, "seconds_this_run": time.perf_counter() - started}
+    (out_dir / "done.json").write_text(json.dumps(record))
+    checkpoint.unlink(missing_ok=True)
+    return record
+
+
+def _save_checkpoint(path: Path, encoder, head, optimiser, scheduler, state: dict) -> None:
+    import torch
+
+    partial = path.with_suffix(".partial")
+    torch.save({"encoder": encoder.state_dict(), "head": head.state_dict(), "optimiser": optimiser.state_dict(),
+                "scheduler": scheduler.state_dict(), "state": json.dumps(state)}, partial)
+    os.replace(partial, path)  # a kill during the save leaves the previous checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cross-fitting
+
+
+def finetune(manifest: Path | str, model: str, out_dir: Path | str, settings: FinetuneSettings | None = None,
+             folds: int = 5, assignment: tuple[list[str], np.ndarray] | None = None, crossfit: bool = True,
+             device: str = "auto", progress: FinetuneProgress | None = None) -> dict:
+    """Fine-tune per fold (cross-fitting) and on the whole train split; return finetune.json's record.
+
+    `assignment` = (train ids, fold per id), e.g. a study's; else `folds` speaker-grouped stratified folds."""
+    import torch
+
+    from adsearch.embed.extract import resolve_device
+    from adsearch.embed.model import resolve_model
+    from adsearch.search.objective import assign_folds
+
+    settings = settings or FinetuneSettings()
+    out_dir = Path(out_dir)
+    recordings = read_manifest(manifest)
+    train = [r for r in recordings if r.split == "train"]
+    if not train:
+        raise FinetuneError(f"{manifest}: no train recordings")
+    ids = [r.id for r in train]
+    if assignment is not None:
+        given_ids, fold_of = assignment
+        if sorted(given_ids) != sorted(ids):
+            raise FinetuneError("the study's fold assignment covers other train recordings than this manifest")
+        lookup = dict(zip(given_ids, fold_of, strict=True))
+        fold_of = np.array([lookup[i] for i in ids])
+    else:
+        labels = np.array([r.label for r in train])
+        fold_of = assign_folds(labels, np.array([r.group for r in train]), folds, 1, settings.seed)[0]
+    source = resolve_model(model)
+    dev = resolve_device(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record_file = out_dir / "finetune.json"
+    record = {
+        "adsearch_version": __version__, "manifest": str(Path(manifest).resolve()),
+        "base_model": {"name": source.name, "revision": source.revision, "path": str(source.path)},
+        "settings": asdict(settings), "device": dev, "crossfit": crossfit,
+        "folds": {"train_ids": ids, "assignment": [[int(f) for f in fold_of]]},
+        "versions": {"torch": torch.__version__, "numpy": np.__version__}, "models": {},
+    }
+    if record_file.is_file():
+        previous = json.loads(record_file.read_text())
+        if {k: previous.get(k) for k in ("settings", "folds", "crossfit", "base_model")} != {
+                k: record[k] for k in ("settings", "folds", "crossfit", "base_model")}:
+            raise FinetuneError(f"{out_dir} holds a fine-tune with other settings, folds or model; choose a new -o")
+        record["models"] = previous.get("models", {})
+    record_file.write_text(json.dumps(record, indent=1))
+    names = ([f"fold-{k}" for k in range(int(fold_of.max()) + 1)] if crossfit else []) + ["full"]
+    for index, name in enumerate(names):
+        if progress:
+            progress.fold(name, index, len(names))
+        chosen = train if name == "full" else [r for r, f in zip(train, fold_of, strict=True)
+                                                 if f != int(name.split("-")[1])]
+        done = train_one(source.path, chosen, out_dir / name, settings, dev, progress, name)
+        record["models"][name] = {"path": str((out_dir / name / "best").resolve()), **done}
+        record_file.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def extract_crossfit(manifest: Path | str, finetuned: Path | str, out_root: Path | str, extract_settings=None,
+                     device: str = "auto", batch_size: int | None = None, progress=None) -> Path:
+    """Extract each fold's train recordings with the model that never saw them and the test recordings with
+    the full model; merge into one cache that records the folds and each item's producer."""
+    from adsearch.embed.cache import open_cache
+    from adsearch.embed.extract import extract
+
+    finetuned = Path(finetuned)
+    record = json.loads((finetuned / "finetune.json").read_text())
+    if "full" not in record["models"]:
+        raise FinetuneError(f"{finetuned}: the fine-tune has not finished (no full model); run finetune again")
+    recordings = read_manifest(manifest)
+    fold_of = dict(zip(record["folds"]["train_ids"], record["folds"]["assignment"][0], strict=True))
+    producer = {}
+    for rec in recordings:
+        if rec.split == "train" and record["crossfit"]:
+            if rec.id not in fold_of:
+                raise FinetuneError(f"{rec.id}: not in the fine-tune's folds; use the manifest it was trained on")
+            producer[rec.id] = f"fold-{fold_of[rec.id]}"
+        else:
+            producer[rec.id] = "full"
+    parts_root = Path(out_root) / ".crossfit-parts"
+    caches = {}
+    for name in sorted(set(producer.values())):
+        subset = [r for r in recordings if producer[r.id] == name]
+        sub_manifest = write_manifest(subset, parts_root / f"{name}.csv")
+        result = extract(sub_manifest, parts_root, record["models"][name]["path"], extract_settings,
+                         batch_size=batch_size, device=device, progress=progress)
+        caches[name] = open_cache(result.cache_dir)
+    for name, model in record["models"].items():  # the proof: no producer trained on what it extracted
+        seen = set(model["trained_on"])
+        leaked = [i for i, p in producer.items() if p == name and i in seen]
+        if leaked:
+            raise FinetuneError(f"{name} trained on {leaked[:5]} and would extract them: refusing")
+    from adsearch.embed.merge import merge_caches
+
+    return merge_caches(recordings, caches, producer, Path(out_root), record, finetuned)

@@ -1,0 +1,127 @@
+"""Fine-tuning with cross-fitting, on the CPU with the tiny random wav2vec2 and the synthetic corpus."""
+
+import json
+
+import numpy as np
+import pytest
+
+from adsearch.corpus import read_manifest, write_manifest
+from adsearch.embed import open_cache
+from adsearch.finetune import FinetuneError, FinetuneSettings, extract_crossfit, finetune, train_one
+
+FAST = dict(epochs=1, batch_size=4, accumulate=1, window_s=4.0, patience=5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def crossfitted(synth_manifest, tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft")
+    record = finetune(synth_manifest, str(tiny_model), out / "models", FinetuneSettings(**FAST), folds=3,
+                      device="cpu")
+    cache_dir = extract_crossfit(synth_manifest, out / "models", out / "cache", device="cpu")
+    return {"record": record, "cache": open_cache(cache_dir), "out": out}
+
+
+@pytest.mark.slow
+def test_a_few_steps_lower_the_training_loss(synth_manifest, tiny_model, tmp_path):
+    train = [r for r in read_manifest(synth_manifest) if r.split == "train"]
+    settings = FinetuneSettings(epochs=4, batch_size=4, accumulate=1, window_s=4.0, encoder_lr=1e-4, head_lr=1e-2,
+                                patience=10, warmup=0.0)
+    record = train_one(tiny_model, train, tmp_path / "m", settings, "cpu")
+    per_epoch = [float(np.mean(part)) for part in np.array_split(record["losses"], 4)]
+    assert per_epoch[-1] < 0.85 * per_epoch[0] and per_epoch == sorted(per_epoch, reverse=True), per_epoch
+    assert (tmp_path / "m" / "best" / "config.json").is_file()  # save_pretrained: extract and predict load it
+
+
+@pytest.mark.slow
+def test_no_fold_is_extracted_by_a_model_that_trained_on_it(crossfitted, tiny_model):
+    from adsearch.embed.model import resolve_model
+
+    cache, record = crossfitted["cache"], crossfitted["record"]
+    crossfit = cache.meta["crossfit"]
+    assert crossfit["enabled"] and set(crossfit["models"]) == {"fold-0", "fold-1", "fold-2", "full"}
+    fold_of = dict(zip(crossfit["folds"]["train_ids"], crossfit["folds"]["assignment"][0], strict=True))
+    for item in cache.meta["items"]:
+        producer = item["producer"]
+        trained_on = set(json.loads((crossfitted["out"] / "models" / producer / "done.json").read_text())
+                         ["trained_on"])
+        assert item["id"] not in trained_on, (item["id"], producer)
+        if item["split"] == "train":
+            assert producer == f"fold-{fold_of[item['id']]}"
+            # the model that trained on the other folds saw every other train recording, not this fold's
+            assert trained_on == {i for i, f in fold_of.items() if f != fold_of[item["id"]]}
+        else:
+            assert producer == "full" and trained_on == set(fold_of)
+    for name, model in crossfit["models"].items():  # the recorded revision is the checkpoint's own content hash
+        assert model["revision"] == resolve_model(model["path"]).revision
+        assert model["revision"] != resolve_model(str(tiny_model)).revision  # fine-tuning changed the weights
+    assert cache.meta["model"]["revision"] == crossfit["models"]["full"]["revision"]
+    assert record["models"]["full"]["trained_on"] == crossfit["folds"]["train_ids"]
+
+
+def test_merged_features_are_each_producers_own(crossfitted, synth_manifest, tmp_path):
+    from adsearch.embed.extract import extract
+
+    cache = crossfitted["cache"]
+    item = next(i for i, it in enumerate(cache.meta["items"]) if it["producer"] == "fold-1")
+    rec = next(r for r in read_manifest(synth_manifest) if r.id == cache.ids[item])
+    alone = open_cache(extract(write_manifest([rec], tmp_path / "one.csv"), tmp_path / "c",
+                               cache.meta["crossfit"]["models"]["fold-1"]["path"], device="cpu").cache_dir)
+    for layer in (0, cache.n_layers - 1):
+        np.testing.assert_array_equal(cache.recording_features(layer, "mean+std", np.array([item])),
+                                      alone.recording_features(layer, "mean+std", np.array([0])))
+
+
+def test_a_study_on_a_crossfitted_cache_uses_its_folds_and_refuses_others(crossfitted, tmp_path):
+    from adsearch.search.errors import StudyError
+    from adsearch.search.space import parse_spec
+    from adsearch.search.storage import make_storage
+    from adsearch.search.study import StudySetup, create_or_resume
+
+    cache = crossfitted["cache"]
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    for cv in ({"folds": 5}, {"folds": 3, "repeats": 2}):
+        with pytest.raises(StudyError, match="fine-tuned with cross-fitting on 3 folds.*set cv.folds: 3"):
+            create_or_resume(make_storage(url), "s", cache, parse_spec({"cv": cv}), "s.yaml", 2)
+    study = create_or_resume(make_storage(url), "s", cache, parse_spec({"cv": {"folds": 3}}), "s.yaml", 2)
+    setup = StudySetup.from_study(study)
+    fold_of = dict(zip(*[cache.meta["crossfit"]["folds"][k] for k in ("train_ids",)],
+                       cache.meta["crossfit"]["folds"]["assignment"][0], strict=True))
+    assert setup.folds.tolist() == [[fold_of[i] for i in setup.train_ids]]
+
+
+def test_a_killed_finetune_resumes_from_its_last_epoch_and_skips_finished_folds(synth_manifest, tiny_model,
+                                                                                tmp_path, monkeypatch):
+    import adsearch.finetune as ft
+
+    train = [r for r in read_manifest(synth_manifest) if r.split == "train"]
+    settings = FinetuneSettings(**{**FAST, "epochs": 3})
+
+    def killed(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        train_one(tiny_model, train, tmp_path / "m", settings, "cpu", on_epoch=killed)
+    assert (tmp_path / "m" / "checkpoint.pt").is_file() and not (tmp_path / "m" / "done.json").exists()
+    started = []
+    real = ft.FinetuneProgress.epoch
+    monkeypatch.setattr(ft.FinetuneProgress, "epoch", lambda self, name, epoch, *a: started.append(epoch))
+    record = train_one(tiny_model, train, tmp_path / "m", settings, "cpu")
+    assert started == [2] and record["epochs_run"] == 3  # epochs 0 and 1 were not run again
+    assert not (tmp_path / "m" / "checkpoint.pt").exists()
+    monkeypatch.setattr(ft.FinetuneProgress, "epoch", real)
+    built = []
+    monkeypatch.setattr(ft, "_build", lambda *a: built.append(a))
+    assert train_one(tiny_model, train, tmp_path / "m", settings, "cpu") == record and not built
+
+
+def test_bad_settings_and_a_changed_rerun_are_refused(synth_manifest, tiny_model, tmp_path):
+    with pytest.raises(FinetuneError, match="--epochs"):
+        FinetuneSettings(epochs=0)
+    with pytest.raises(FinetuneError, match="learning rates"):
+        FinetuneSettings(encoder_lr=2.0)
+    finetune(synth_manifest, str(tiny_model), tmp_path, FinetuneSettings(**FAST), folds=2, crossfit=False,
+             device="cpu")
+    with pytest.raises(FinetuneError, match="other settings, folds or model"):
+        finetune(synth_manifest, str(tiny_model), tmp_path, FinetuneSettings(**{**FAST, "epochs": 2}), folds=2,
+                 crossfit=False, device="cpu")
