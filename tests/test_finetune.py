@@ -51,7 +51,7 @@ def test_no_fold_is_extracted_by_a_model_that_trained_on_it(crossfitted, tiny_mo
             assert trained_on == {i for i, f in fold_of.items() if f != fold_of[item["id"]]}
         else:
             assert producer == "full" and trained_on == set(fold_of)
-    for name, model in crossfit["models"].items():  # the recorded revision is the checkpoint's own content hash
+    for model in crossfit["models"].values():  # the recorded revision is the checkpoint's own content hash
         assert model["revision"] == resolve_model(model["path"]).revision
         assert model["revision"] != resolve_model(str(tiny_model)).revision  # fine-tuning changed the weights
     assert cache.meta["model"]["revision"] == crossfit["models"]["full"]["revision"]
