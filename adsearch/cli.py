@@ -226,6 +226,10 @@ def extract(
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16/fp16 on CUDA, fp32 on CPU), float32, bfloat16, "
                                             "float16.")] = "auto",
+    features: Annotated[str, typer.Option(help="model: the speech model's hidden states; egemaps: openSMILE's 25 "
+                                               "eGeMAPSv02 low-level descriptors per 10 ms, pooled like a layer; "
+                                               "egemaps-functionals: the 88 functionals per window (with --window-s "
+                                               "600: per recording). Needs adsearch[egemaps].")] = "model",
     shard: Annotated[str | None, typer.Option(help="K/N: extract only the K-th of N shards (0 <= K < N) into the "
                                                    "same -o (shared file system), e.g. --shard "
                                                    "$SLURM_ARRAY_TASK_ID/8 or $JOB_COMPLETION_INDEX/8. The last "
@@ -243,7 +247,8 @@ def extract(
     with user_errors(), _bar(_AudioSpeedColumn()) as progress:
         result = run_extract(manifest, output, model, ExtractSettings(window_s, min_window_s, dtype),
                              batch_size=batch_size, device=device, revision=revision,
-                             progress=_RichExtractProgress(progress), shard=parse_shard(shard) if shard else None)
+                             progress=_RichExtractProgress(progress), shard=parse_shard(shard) if shard else None,
+                             features=features)
     if result.remaining:
         out.print(f"shard {shard} done: {result.n_computed} recording(s) extracted here; {result.remaining} of other "
                   f"shards still to go. The last shard to finish consolidates {result.cache_dir}.", highlight=False)

@@ -79,6 +79,15 @@ class Predictor:
         if not model_file.is_file():
             raise ExportError(f"{model_file}: fitted model missing; export again")
         self.classifier = load_model(model_file)
+        from adsearch.embed.egemaps import EgemapsEncoder, egemaps_source, is_egemaps
+
+        if is_egemaps(self.config.model.name):  # an eGeMAPS source: openSMILE, not a speech model
+            source = egemaps_source(self.config.model.name.removeprefix("opensmile/"))
+            if source.revision != self.config.model.revision:
+                raise ExportError(f"the classifier was trained on {self.config.model.revision}; this machine has "
+                                  f"{source.revision}: install that opensmile version")
+            self.encoder = EgemapsEncoder(source.name)
+            return
         source = resolve_model(self.config.model.name)
         if source.revision != self.config.model.revision:
             raise ExportError(

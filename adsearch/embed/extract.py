@@ -408,6 +408,7 @@ def extract(
     encoder: WindowEncoder | None = None,
     shard: tuple[int, int] | None = None,
     poll_seconds: float = 1.0,
+    features: str = "model",
 ) -> ExtractResult:
     """Extract (or resume extracting) the cache for `manifest` under `out_root`; return where it is.
 
@@ -417,15 +418,24 @@ def extract(
     job array needs no final step, and the cache is the same bit for bit as one unsharded run's (on the CPU
     at the default batch size of 1; GPU kernels may round differently with other batch compositions).
     Pass `encoder` to reuse a model already loaded from the same `model` (the benchmarks do).
+    `features="egemaps"` or `"egemaps-functionals"` computes openSMILE eGeMAPS features instead of a speech
+    model's layers, in the same format (`adsearch/embed/egemaps.py`; `model` is then ignored).
     """
-    import torch
-
     settings = settings or ExtractSettings()
     if batch_size is not None and batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     recordings = read_manifest(manifest)
-    source = resolve_model(model, revision)
-    dev = resolve_device(device)
+    if features != "model":
+        from adsearch.embed.egemaps import EgemapsEncoder, egemaps_source
+
+        source = egemaps_source(features)
+        encoder = encoder or EgemapsEncoder(source.name)
+        torch = None
+    else:
+        import torch
+
+        source = resolve_model(model, revision)
+    dev = "cpu" if torch is None else resolve_device(device)  # openSMILE runs on the CPU
     batch_size = batch_size or default_batch_size(dev)
     settings = ExtractSettings(settings.window_s, settings.min_window_s, resolve_dtype(settings.dtype, dev))
     manifest_hash = manifest_digest(recordings)
@@ -635,7 +645,9 @@ def _model_meta(source: ModelSource, devices: list[str]) -> dict:
 
 
 def _versions(torch) -> dict:
+    versions = {"adsearch": __version__, "numpy": np.__version__, "python": platform.python_version()}
+    if torch is None:  # eGeMAPS: openSMILE's version is part of the model revision
+        return versions
     import transformers
 
-    return {"adsearch": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
+    return {**versions, "torch": torch.__version__, "transformers": transformers.__version__}
