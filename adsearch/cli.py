@@ -431,7 +431,11 @@ def _study_summary(study, budget: int) -> None:
 
 @app.command()
 def search(
-    cache: Annotated[Path, typer.Option(help="Embedding cache from `adsearch extract`.", envvar="ADSEARCH_CACHE")],
+    cache: Annotated[list[str], typer.Option(help="Embedding cache from `adsearch extract`. Give it several "
+                                                  "times (optionally as NAME=PATH) to search feature sources side by "
+                                                  "side: pre-trained, fine-tuned, eGeMAPS, another model; `source` "
+                                                  "is then a parameter, with each source's own layers.",
+                                             envvar="ADSEARCH_CACHE")],
     study: Annotated[str, typer.Option(help="Study name; an existing study is resumed.")],
     space: Annotated[Path, typer.Option(help="Search-space YAML.")] = Path("studies/default.yaml"),
     storage: Annotated[str, typer.Option(help=_STORAGE_HELP, envvar="ADSEARCH_STORAGE")] = "sqlite:///adsearch.db",
@@ -460,11 +464,17 @@ def search(
     """
     import time as _time
 
-    from adsearch.embed import open_cache
     from adsearch.report import upload_screen
     from adsearch.search.space import load_spec
     from adsearch.search.storage import make_storage, mask_url
-    from adsearch.search.study import StudySetup, best_summary, create_or_resume, describe_config, trial_counts
+    from adsearch.search.study import (
+        StudySetup,
+        best_summary,
+        create_or_resume,
+        describe_config,
+        name_sources,
+        trial_counts,
+    )
     from adsearch.search.worker import spawn_workers
 
     if trials < 1 or workers < 0:
@@ -475,7 +485,7 @@ def search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with user_errors():
         spec = load_spec(space)
-        opened = open_cache(cache)
+        opened = name_sources([_named_cache(value) for value in cache])
         the_study = create_or_resume(make_storage(storage, heartbeat, grace), study, opened, spec, str(space), trials,
                                      sampler, pruner, override_optimiser,
                                      log=lambda message: out.print(message, highlight=False),
@@ -488,7 +498,8 @@ def search(
     if counts["finished"] >= trials:
         out.print(f"study {study} already has {counts['finished']} finished trials (budget {trials})")
     else:
-        kwargs = {"study_name": study, "storage_url": storage, "cache_path": str(opened.path), "sampler": sampler,
+        one_cache = None if isinstance(opened, dict) else str(opened.path)
+        kwargs = {"study_name": study, "storage_url": storage, "cache_path": one_cache, "sampler": sampler,
                   "pruner": pruner, "override_optimiser": override_optimiser, "heartbeat_interval": heartbeat,
                   "grace_period": grace}
         processes = spawn_workers(workers, kwargs)
@@ -515,6 +526,16 @@ def search(
         raise typer.Exit(1)
     out.print(f"export it with: adsearch export --study {study} --storage {mask_url(storage)} -o {study}-best",
               highlight=False)
+
+
+def _named_cache(value: str):
+    """`PATH` or `NAME=PATH` (a path that exists as given is never split at '=')."""
+    from adsearch.embed import open_cache
+
+    name, sep, path = value.partition("=")
+    if sep and not Path(value).exists():
+        return name, open_cache(path)
+    return None, open_cache(value)
 
 
 def _report_worker_exits(processes) -> None:

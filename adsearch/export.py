@@ -66,6 +66,7 @@ class ModelRef(_Strict):
 
 
 class Features(_Strict):
+    source: str | None = None  # the feature source a multi-source study picked (its cache and model are below)
     layer: int = Field(ge=0)  # a negative index would silently pick another layer
     pooling: str
     unit: Literal["recording", "window"]
@@ -122,6 +123,7 @@ class ExportedConfig(_Strict):
     versions: dict[str, str]
 
     def trial_config(self) -> TrialConfig:
+        # the exported cache is the chosen source's own: as a one-cache config, its source is None
         return TrialConfig(layer=self.features.layer, pooling=self.features.pooling, unit=self.features.unit,
                            **self.pipeline.model_dump())
 
@@ -301,7 +303,7 @@ def export_trial(
 
     from adsearch.report import write_report
     from adsearch.search.storage import make_storage, mask_url
-    from adsearch.search.study import StudySetup, load_cache_for, trial_config
+    from adsearch.search.study import StudySetup, load_caches_for, trial_config
 
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -330,20 +332,23 @@ def export_trial(
         if chosen.state != TrialState.COMPLETE:
             raise ExportError(f"trial {trial_number} is {chosen.state.name}, not COMPLETE; "
                               "export a complete trial (leave --trial out for the best)")
-    cache = load_cache_for(setup, study_name, cache_path)
+    caches = load_caches_for(setup, study_name, cache_path)
     control = control_summary(storage, control_study, setup.spec.cv.metric) if control_study else None
     config = trial_config(setup, chosen.params)
+    cache = caches[config.source]  # a multi-source study: the chosen source's cache and model
+    config = config.model_copy(update={"source": None})
     spec = setup.spec
     scores = [chosen.intermediate_values[k] for k in sorted(chosen.intermediate_values)]
     exported = ExportedConfig(
         adsearch_version=__version__,
         study=StudyRef(name=study_name, trial=chosen.number, storage=mask_url(storage_url)),
         model=ModelRef(name=cache.meta["model"]["name"], revision=cache.meta["model"]["revision"]),
-        features=Features(layer=config.layer, pooling=config.pooling, unit=config.unit,
+        features=Features(source=trial_config(setup, chosen.params).source, layer=config.layer,
+                          pooling=config.pooling, unit=config.unit,
                           window_s=cache.meta["settings"]["window_s"],
                           min_window_s=cache.meta["settings"]["min_window_s"],
                           dtype=cache.meta["settings"]["dtype"]),
-        pipeline=PipelineSettings(**config.model_dump(exclude={"layer", "pooling", "unit"})),
+        pipeline=PipelineSettings(**config.model_dump(exclude={"layer", "pooling", "unit", "source"})),
         cv=CVRecord(folds=spec.cv.folds, repeats=spec.cv.repeats, metric=spec.cv.metric, seed=spec.seed,
                     mean=chosen.value, std=float(np.std(scores)), fold_scores=scores),
         seed=spec.seed,
@@ -382,8 +387,15 @@ def export_trial(
             {"trial": chosen.number, "top_k": top_k, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}])
         for other in [t for t in complete if t.number != chosen.number][:top_k]:
             other_config = trial_config(setup, other.params)
-            other_model = fit_on(cache, other_config, train, spec.seed)
-            other_test, correct_other = _evaluate_test(cache, other_config, other_model, test_items, spec.seed)
+            other_cache = caches[other_config.source]
+            position = {rec_id: i for i, rec_id in enumerate(other_cache.ids)}
+            test_ids = [cache.ids[i] for i in test_items]
+            if any(rec_id not in position for rec_id in test_ids):
+                log(f"trial {other.number}: its source lacks some test recordings; not compared")
+                continue
+            other_model = fit_on(other_cache, other_config, np.flatnonzero(other_cache.splits == "train"), spec.seed)
+            other_test, correct_other = _evaluate_test(other_cache, other_config, other_model,
+                                                       np.array([position[i] for i in test_ids]), spec.seed)
             result.top_k.append({"trial": other.number, "cv_mean": other.value,
                                  "test": {k: other_test[k]["value"]
                                           for k in ("accuracy", "balanced_accuracy", "roc_auc")},

@@ -45,9 +45,16 @@ def _figures(study, setup, test: dict | None, out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
 
-    layers, scores = _best_by(complete, lambda t: t.params.get("layer"))
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(layers, scores, marker="o")
+    sources = sorted({t.params["source"] for t in complete if "source" in t.params})
+    for source in sources or [None]:  # a multi-source study: one curve per source
+        mine = [t for t in complete if t.params.get("source") == source]
+        key = "layer" if source is None else f"layer.{source}"
+        default = None if source is None else 0  # a one-layer source (eGeMAPS) has no layer parameter
+        layers, scores = _best_by(mine, lambda t, key=key, default=default: t.params.get(key, default))
+        ax.plot(layers, scores, marker="o", label=source)
+    if sources:
+        ax.legend(title="source", fontsize=8)
     ax.set(xlabel="layer (0 = transformer input)", ylabel=f"best CV {metric}", title="Layer curve")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)

@@ -125,3 +125,91 @@ def test_bad_settings_and_a_changed_rerun_are_refused(synth_manifest, tiny_model
     with pytest.raises(FinetuneError, match="other settings, folds or model"):
         finetune(synth_manifest, str(tiny_model), tmp_path, FinetuneSettings(**{**FAST, "epochs": 2}), folds=2,
                  crossfit=False, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eGeMAPS as a feature source
+
+
+@pytest.mark.parametrize("features, dim", [("egemaps", 25), ("egemaps-functionals", 88)])
+def test_egemaps_caches_have_the_cache_format_and_predict(synth_manifest, tmp_path, features, dim):
+    from adsearch.embed.extract import extract
+    from adsearch.export import export_trial
+    from adsearch.predict import Predictor
+    from adsearch.search.space import parse_spec
+    from adsearch.search.storage import make_storage
+    from adsearch.search.study import create_or_resume
+    from adsearch.search.worker import run_worker
+
+    result = extract(synth_manifest, tmp_path / "cache", "ignored", features=features)
+    cache = open_cache(result.cache_dir)
+    assert (cache.n_layers, cache.dim) == (1, dim) and cache.meta["model"]["name"] == f"opensmile/{features}"
+    assert "torch" not in cache.meta["versions"]
+    X = cache.recording_features(0, "mean+std")
+    assert X.shape == (len(cache.ids), 2 * dim) and np.isfinite(X).all() and X[:, :dim].std(axis=0).max() > 0
+    if features == "egemaps":  # LLDs: many 10 ms frames per window
+        assert cache.window_frames.min() > 50
+    else:  # functionals: one "frame" per window
+        assert (cache.window_frames == 1).all()
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    create_or_resume(make_storage(url), "e", cache, parse_spec({"cv": {"folds": 3}, "space": {
+        "classifiers": {"logreg": {}}}}), "s.yaml", 3)
+    run_worker("e", url, worker_index=0)
+    export_trial("e", url, tmp_path / "best", artifacts=tmp_path / "a", log=lambda m: None)
+    recording = next(r for r in read_manifest(synth_manifest) if r.split == "test")
+    predicted = Predictor(tmp_path / "best").predict(recording.path, recording.segments)
+    stored = json.loads((tmp_path / "best" / "test.json").read_text())["predictions"]
+    expected = next(p["score"] for p in stored if p["id"] == recording.id)
+    assert predicted.error is None and predicted.prob_ad == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Feature sources side by side
+
+
+@pytest.mark.slow
+def test_a_study_over_pretrained_finetuned_and_egemaps_sources_exports_each(crossfitted, synth_manifest, tiny_model,
+                                                                           tmp_path):
+    import optuna
+
+    from adsearch.embed.extract import extract
+    from adsearch.export import export_trial, load_config, reproduce_cv
+    from adsearch.predict import Predictor
+    from adsearch.search.space import parse_spec
+    from adsearch.search.storage import make_storage
+    from adsearch.search.study import StudySetup, create_or_resume, name_sources
+    from adsearch.search.worker import run_worker
+
+    pretrained = open_cache(extract(synth_manifest, tmp_path / "pre", str(tiny_model), device="cpu").cache_dir)
+    egemaps = open_cache(extract(synth_manifest, tmp_path / "ege", "", features="egemaps").cache_dir)
+    sources = name_sources([(None, pretrained), (None, crossfitted["cache"]), (None, egemaps)])
+    assert list(sources) == ["tiny", "finetuned", "egemaps"]
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = parse_spec({"cv": {"folds": 3}, "space": {"pooling": ["mean", "mean+std"],
+                                                     "classifiers": {"logreg": {}}}})
+    with pytest.raises(Exception, match="set cv.folds: 3"):  # the fine-tuned source imposes its folds
+        create_or_resume(make_storage(url), "x", sources, parse_spec({"cv": {"folds": 4}}), "s.yaml", 2)
+    study = create_or_resume(make_storage(url), "s", sources, spec, "s.yaml", 24)
+    setup = StudySetup.from_study(study)
+    assert set(setup.sources) == set(sources) and setup.source_layers["egemaps"] == (0,)
+    fold_of = dict(zip(crossfitted["cache"].meta["crossfit"]["folds"]["train_ids"],
+                       crossfitted["cache"].meta["crossfit"]["folds"]["assignment"][0], strict=True))
+    assert setup.folds.tolist() == [[fold_of[i] for i in setup.train_ids]]
+    run_worker("s", url, worker_index=0)
+    trials = [t for t in optuna.load_study(study_name="s", storage=url).get_trials() if t.value is not None]
+    assert {t.params["source"] for t in trials} == set(sources)
+    assert all(("layer." + t.params["source"] in t.params) == (t.params["source"] != "egemaps") for t in trials)
+    test_rec = next(r for r in read_manifest(synth_manifest) if r.split == "test")
+    for source, cache in sources.items():
+        best = max((t for t in trials if t.params["source"] == source), key=lambda t: t.value)
+        out = tmp_path / f"best-{source}"
+        export_trial("s", url, out, trial_number=best.number, artifacts=tmp_path / "a", log=lambda m: None)
+        config = load_config(out)
+        assert config.features.source == source and config.cache.content_hash == cache.content_hash
+        assert config.model.revision == cache.meta["model"]["revision"]
+        assert reproduce_cv(config, cache) == pytest.approx(config.cv.fold_scores)  # evaluate
+        stored = json.loads((out / "test.json").read_text())["predictions"]
+        predicted = Predictor(out).predict(test_rec.path, test_rec.segments)
+        expected = next(p["score"] for p in stored if p["id"] == test_rec.id)
+        assert predicted.error is None and predicted.prob_ad == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert "layer_curve.png" in {p.name for p in (tmp_path / "best-egemaps" / "figures").iterdir()}

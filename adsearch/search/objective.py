@@ -261,13 +261,16 @@ def cross_validate(
 class Objective:
     """Callable for `study.optimize`: suggest a config, cross-validate it, report each fold."""
 
-    def __init__(self, setup: StudySetup, cache: EmbeddingCache, on_sampled: Callable[[], None] | None = None,
-                 sampler_label: str | None = None):
+    def __init__(self, setup: StudySetup, cache: EmbeddingCache | dict[str | None, EmbeddingCache],
+                 on_sampled: Callable[[], None] | None = None, sampler_label: str | None = None):
         self.setup = setup
         self.on_sampled = on_sampled  # e.g. send the trial's waiting writes (its worker) once it is set up
         self.sampler_label = sampler_label  # recorded on each trial when it differs from the study's sampler
-        self.source = FeatureSource(cache, setup.null_seed)
-        if self.source.ids != setup.train_ids:
+        caches = cache if isinstance(cache, dict) else {None: cache}
+        # one FeatureSource per feature source (a study over one cache has the single key None)
+        self.sources = {name: FeatureSource(one, setup.null_seed) for name, one in caches.items()}
+        self.source = next(iter(self.sources.values()))
+        if any(source.ids != setup.train_ids for source in self.sources.values()):
             raise ProtocolError("the cache's train items differ from the study's fold assignment")
         self.layers = setup.layers
 
@@ -284,7 +287,7 @@ class Objective:
             raise
 
     def _evaluate(self, trial: optuna.Trial) -> float:
-        config = suggest(trial, self.setup.spec, self.layers)
+        config = suggest(trial, self.setup.spec, self.layers, self.setup.source_layers)
         if self.on_sampled is not None:
             self.on_sampled()
         spec = self.setup.spec
@@ -302,7 +305,8 @@ class Objective:
 
         pruned = None
         try:
-            result = cross_validate(config, self.source, self.setup.folds, spec.cv.metric, spec.seed, report)
+            result = cross_validate(config, self.sources[config.source], self.setup.folds, spec.cv.metric, spec.seed,
+                                    report)
         except optuna.TrialPruned as exc:
             pruned, result = exc, None
         # Flat attributes read well as dashboard columns; per-fold scores are the intermediate values and

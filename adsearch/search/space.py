@@ -263,6 +263,12 @@ def load_spec(path: Path | str) -> StudySpec:
     return parse_spec(data, str(path))
 
 
+def source_layers(spec: StudySpec, n_layers: int, source: str = "space") -> tuple[int, ...]:
+    """The layers of one feature source: the space's layers, or its only one for a one-layer source such as
+    eGeMAPS (a space written for 25 speech-model layers still searches it)."""
+    return (0,) if n_layers == 1 else check_layers(spec, n_layers, source)
+
+
 def check_layers(spec: StudySpec, n_layers: int, source: str = "space") -> tuple[int, ...]:
     """The layers this space may pick, checked against a cache with `n_layers` hidden states."""
     layers = spec.space.layers
@@ -295,11 +301,12 @@ class PipelineSettings(_Strict):
 
 
 class TrialConfig(PipelineSettings):
-    """One point of the space: which features (layer, pooling, unit) and which pipeline."""
+    """One point of the space: which features (source, layer, pooling, unit) and which pipeline."""
 
     layer: int
     pooling: str
     unit: Literal["recording", "window"]
+    source: str | None = None  # the feature source (cache) of a study over several; None: its only cache
 
 
 def _suggest_span(trial, name: str, span) -> Any:
@@ -308,13 +315,23 @@ def _suggest_span(trial, name: str, span) -> Any:
     return trial.suggest_float(name, span.low, span.high, log=span.log)
 
 
-def suggest(trial, spec: StudySpec, layers: tuple[int, ...]) -> TrialConfig:
-    """Ask `trial` for one configuration; conditional parameters are only asked when they apply."""
+def suggest(trial, spec: StudySpec, layers: tuple[int, ...],
+            sources: dict[str, tuple[int, ...]] | None = None) -> TrialConfig:
+    """Ask `trial` for one configuration; conditional parameters are only asked when they apply.
+
+    With several feature sources (`sources`: name -> its layers) the trial first picks `source`, then that
+    source's own layer (`layer.NAME`: sources differ in depth, and TPE models each one's layers apart)."""
     space = spec.space
-    if isinstance(space.layers, list):
-        layer = trial.suggest_categorical("layer", list(layers))
+    source, name = None, "layer"
+    if sources and len(sources) > 1:
+        source = trial.suggest_categorical("source", list(sources))
+        layers, name = sources[source], f"layer.{source}"
+    if source is not None and len(layers) == 1:
+        layer = layers[0]  # a one-layer source (eGeMAPS): a constant, not a parameter
+    elif isinstance(space.layers, list):
+        layer = trial.suggest_categorical(name, list(layers))
     else:
-        layer = trial.suggest_int("layer", layers[0], layers[-1])
+        layer = trial.suggest_int(name, layers[0], layers[-1])
     def choice(name: str, options: list) -> Any:
         # A setting with one option is a constant, not a parameter: asking for it would cost a storage
         # write per trial and add a column that never varies. The full config records it all the same.
@@ -338,4 +355,4 @@ def suggest(trial, spec: StudySpec, layers: tuple[int, ...]) -> TrialConfig:
         else:
             params[name] = _suggest_span(trial, key, value)
     return TrialConfig(layer=layer, pooling=pooling, unit=unit, scale=scale, pca=pca, pca_components=components,
-                       pca_variance=variance, l2_normalize=l2, classifier=classifier, params=params)
+                       pca_variance=variance, l2_normalize=l2, classifier=classifier, params=params, source=source)

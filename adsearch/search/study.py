@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,7 @@ from adsearch.embed.cache import EmbeddingCache, open_cache
 from adsearch.search.budget import TrialBudget
 from adsearch.search.errors import StudyError
 from adsearch.search.objective import FeatureSource, assign_folds
-from adsearch.search.space import StudySpec, TrialConfig, check_layers, parse_spec, suggest
+from adsearch.search.space import StudySpec, TrialConfig, parse_spec, source_layers, suggest
 
 if TYPE_CHECKING:
     from adsearch.search.screen import ScreenResult
@@ -44,7 +44,9 @@ __all__ = [
     "describe_config",
     "fold_fits",
     "load_cache_for",
+    "load_caches_for",
     "load_screen",
+    "name_sources",
     "new_setup",
     "study_note",
     "trial_config",
@@ -71,6 +73,9 @@ class StudySetup:
     pruner: str = ""
     sampler_seed: int | None = None  # None = the space's seed
     null_seed: int | None = None  # a null study: train labels permuted across speakers with this seed
+    # Several feature sources (caches over the same recordings): name -> {"path", "content_hash", "n_layers"};
+    # empty for a study over one cache (cache_path and cache_hash are then its only source).
+    sources: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.sampler = self.sampler or self.spec.sampler
@@ -80,7 +85,7 @@ class StudySetup:
     def to_attr(self) -> dict:
         return {"version": __version__,
                 "optimiser": {"sampler": self.sampler, "pruner": self.pruner, "sampler_seed": self.sampler_seed},
-                "null_seed": self.null_seed,
+                "null_seed": self.null_seed, "sources": self.sources,
                 "cache": {"path": self.cache_path, "content_hash": self.cache_hash, "n_layers": self.n_layers},
                 "space": {"file": self.space_file, "hash": self.spec.digest(),
                           "spec": self.spec.model_dump(mode="json")},
@@ -99,28 +104,57 @@ class StudySetup:
         return cls(attr["cache"]["path"], attr["cache"]["content_hash"], attr["cache"]["n_layers"],
                    parse_spec(attr["space"]["spec"]), attr["space"]["file"], attr["folds"]["train_ids"],
                    np.asarray(attr["folds"]["assignment"]), optimiser.get("sampler", ""),
-                   optimiser.get("pruner", ""), optimiser.get("sampler_seed"), attr.get("null_seed"))
+                   optimiser.get("pruner", ""), optimiser.get("sampler_seed"), attr.get("null_seed"),
+                   attr.get("sources") or {})
 
     @property
     def layers(self) -> tuple[int, ...]:
-        return check_layers(self.spec, self.n_layers)
+        return source_layers(self.spec, self.n_layers)
+
+    @property
+    def source_layers(self) -> dict[str, tuple[int, ...]] | None:
+        """Each feature source's layers, for a study over several caches (else None)."""
+        if not self.sources:
+            return None
+        return {name: source_layers(self.spec, source["n_layers"], name) for name, source in self.sources.items()}
 
 
-def new_setup(cache: EmbeddingCache, spec: StudySpec, space_file: str, sampler: str | None = None,
+Caches = EmbeddingCache | dict[str, EmbeddingCache]
+
+
+def new_setup(cache: Caches, spec: StudySpec, space_file: str, sampler: str | None = None,
               pruner: str | None = None, sampler_seed: int | None = None) -> StudySetup:
+    """A study's setup over one cache, or over several (name -> cache) searched jointly as `source`."""
     from adsearch.search.samplers import PRUNERS, SAMPLERS
 
     if sampler is not None and sampler not in SAMPLERS:
         raise StudyError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if pruner is not None and pruner not in PRUNERS:
         raise StudyError(f"unknown pruner {pruner!r}; choose one of {', '.join(PRUNERS)}")
-    check_layers(spec, cache.n_layers, space_file)
-    source = FeatureSource(cache)
-    folds = crossfit_folds(cache, source.ids, spec, space_file)
-    if folds is None:
-        folds = assign_folds(source.labels, source.groups, spec.cv.folds, spec.cv.repeats, spec.seed)
-    return StudySetup(str(cache.path.resolve()), cache.content_hash, cache.n_layers, spec, space_file, source.ids,
-                      folds, sampler or "", pruner or "", sampler_seed)
+    caches = cache if isinstance(cache, dict) else {"": cache}
+    primary = next(iter(caches.values()))
+    reference = FeatureSource(primary)
+    assignments = []
+    for name, one in caches.items():
+        source_layers(spec, one.n_layers, f"{space_file} (source {name or one.path})")
+        source = FeatureSource(one)
+        if (source.ids, source.labels.tolist(), source.groups.tolist()) != (
+                reference.ids, reference.labels.tolist(), reference.groups.tolist()):
+            raise StudyError(f"source {name!r} ({one.path}) holds other train recordings, labels or speakers than "
+                             f"{primary.path}; sources of one study must cover the same train split")
+        folds = crossfit_folds(one, source.ids, spec, space_file)
+        if folds is not None:
+            assignments.append((name, folds))
+    if any((folds != assignments[0][1]).any() for _, folds in assignments[1:]):
+        raise StudyError(f"sources {', '.join(n for n, _ in assignments)} were fine-tuned with cross-fitting on "
+                         "different fold assignments; one study can use only one (fine-tune with --folds-from)")
+    folds = assignments[0][1] if assignments else assign_folds(reference.labels, reference.groups, spec.cv.folds,
+                                                               spec.cv.repeats, spec.seed)
+    sources = {} if len(caches) == 1 and "" in caches else {
+        name: {"path": str(one.path.resolve()), "content_hash": one.content_hash, "n_layers": one.n_layers}
+        for name, one in caches.items()}
+    return StudySetup(str(primary.path.resolve()), primary.content_hash, primary.n_layers, spec, space_file,
+                      reference.ids, folds, sampler or "", pruner or "", sampler_seed, sources=sources)
 
 
 def crossfit_folds(cache: EmbeddingCache, train_ids: list[str], spec: StudySpec, space_file: str
@@ -160,9 +194,19 @@ def chosen_optimiser(setup: StudySetup, study_name: str, sampler: str | None, pr
     return chosen[0], chosen[1], warnings_
 
 
-def check_compatible(setup: StudySetup, study_name: str, cache: EmbeddingCache | None = None,
+def check_compatible(setup: StudySetup, study_name: str, cache: Caches | None = None,
                      spec: StudySpec | None = None) -> None:
     """Refuse to mix caches or spaces within one study."""
+    if isinstance(cache, dict) and (len(cache) > 1 or setup.sources):
+        given = {name: one.content_hash for name, one in cache.items()}
+        recorded = {name: source["content_hash"] for name, source in setup.sources.items()}
+        if given != recorded:
+            raise StudyError(f"study {study_name!r} was created with the sources {sorted(recorded)} (content hashes "
+                             f"recorded); given: {sorted(given)} with other names or content. Pass the same "
+                             "caches under the same names, or start a new study with another --study name.")
+        cache = None
+    elif isinstance(cache, dict):
+        cache = next(iter(cache.values()))
     if cache is not None and cache.content_hash != setup.cache_hash:
         raise StudyError(
             f"study {study_name!r} was created with the cache {setup.cache_path} (content hash "
@@ -187,7 +231,27 @@ def load_cache_for(setup: StudySetup, study_name: str, cache_path: str | Path | 
     return cache
 
 
-def create_or_resume(storage, study_name: str, cache: EmbeddingCache, spec: StudySpec, space_file: str,
+def load_caches_for(setup: StudySetup, study_name: str, cache_path: str | Path | None = None
+                    ) -> dict[str | None, EmbeddingCache]:
+    """The study's caches by source name (None for a one-cache study), each checked against its hash."""
+    if not setup.sources:
+        return {None: load_cache_for(setup, study_name, cache_path)}
+    if cache_path is not None:
+        raise StudyError(f"study {study_name!r} searches {len(setup.sources)} feature sources; --cache can only "
+                         "point a one-cache study elsewhere (the sources are read from their recorded paths)")
+    caches = {}
+    for name, source in setup.sources.items():
+        try:
+            caches[name] = open_cache(source["path"])
+        except Exception as exc:
+            raise StudyError(f"study {study_name!r}: cannot open source {name!r} ({exc})") from exc
+        if caches[name].content_hash != source["content_hash"]:
+            raise StudyError(f"study {study_name!r}: source {name!r} at {source['path']} has other content than when "
+                             "the study was created")
+    return caches
+
+
+def create_or_resume(storage, study_name: str, cache: Caches, spec: StudySpec, space_file: str,
                      budget: int, sampler: str | None = None, pruner: str | None = None,
                      override: bool = False, sampler_seed: int | None = None,
                      log: Callable[[str], None] | None = None,
@@ -210,7 +274,7 @@ def create_or_resume(storage, study_name: str, cache: EmbeddingCache, spec: Stud
     return study
 
 
-def create_null_or_resume(storage, study_name: str, cache: EmbeddingCache, main: StudySetup, null_seed: int,
+def create_null_or_resume(storage, study_name: str, cache: Caches, main: StudySetup, null_seed: int,
                           budget: int) -> optuna.Study:
     """A null study of `main`: its setup (cache, space, folds, optimiser) with permuted train labels."""
     from dataclasses import replace
@@ -227,7 +291,7 @@ def create_null_or_resume(storage, study_name: str, cache: EmbeddingCache, main:
     return study
 
 
-def _create(storage, study_name: str, cache: EmbeddingCache, setup: StudySetup, budget: int,
+def _create(storage, study_name: str, cache: Caches, setup: StudySetup, budget: int,
             log: Callable[[str], None] | None,
             on_screen: Callable[[optuna.Study, ScreenResult], None] | None) -> optuna.Study:
     try:
@@ -239,6 +303,7 @@ def _create(storage, study_name: str, cache: EmbeddingCache, setup: StudySetup, 
     with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([setup.spec.cv.metric])  # the dashboard says balanced_accuracy, not Objective 0
+    cache = next(iter(cache.values())) if isinstance(cache, dict) else cache  # the first source
     screened = _screen_and_enqueue(study, cache, setup, budget, log)
     if screened is not None and on_screen is not None:
         on_screen(study, screened)
@@ -259,6 +324,10 @@ def _screen_and_enqueue(study: optuna.Study, cache: EmbeddingCache, setup: Study
 
     spec = setup.spec
     if not spec.screen.enabled or setup.sampler == "layer-grid":  # layer-grid walks the layers itself
+        return None
+    if setup.sources:
+        if log:
+            log("layer screen skipped: it screens one cache, this study searches several sources")
         return None
     if log:
         log(f"screening {len(setup.layers)} layers x {len(spec.space.pooling)} poolings with a linear and a "
@@ -318,6 +387,9 @@ def study_note(cache: EmbeddingCache, setup: StudySetup, screened: ScreenResult 
         f"**Cache**: `{setup.cache_path}` (content {setup.cache_hash[:12]}); model `{model.get('name')}` @ "
         f"`{model.get('revision')}`, {cache.n_layers} hidden states x {cache.dim} dims, windows of "
         f"{meta.get('settings', {}).get('window_s')} s.",
+        *(["**Feature sources** (searched jointly as `source`, each with its own `layer.NAME`): " + "; ".join(
+            f"`{name}` = `{source['path']}` ({source['n_layers']} layers)" for name, source in setup.sources.items())]
+          if setup.sources else []),
         f"**Space**: `{setup.space_file}` (hash {spec.digest()}); sampler {setup.sampler} (seed "
         f"{setup.sampler_seed}), pruner {setup.pruner}, seed {spec.seed}; classifiers "
         f"{', '.join(spec.space.classifiers)}. Every worker uses this sampler and pruner.",
@@ -353,7 +425,7 @@ def fold_fits(study: optuna.Study, setup: StudySetup) -> dict[str, int]:
 
 def trial_config(setup: StudySetup, params: dict) -> TrialConfig:
     """Rebuild a trial's full configuration (fixed values included) by replaying the space on its params."""
-    return suggest(optuna.trial.FixedTrial(params), setup.spec, setup.layers)
+    return suggest(optuna.trial.FixedTrial(params), setup.spec, setup.layers, setup.source_layers)
 
 
 def best_summary(study: optuna.Study, setup: StudySetup) -> dict | None:
@@ -367,6 +439,8 @@ def best_summary(study: optuna.Study, setup: StudySetup) -> dict | None:
 
 def describe_config(config: dict) -> str:
     parts = [f"layer {config.get('layer')}", str(config.get("pooling")), str(config.get("unit"))]
+    if config.get("source"):
+        parts.insert(0, f"source {config['source']}")
     if config.get("pca") == "components":
         parts.append(f"pca {config.get('pca_components')}")
     elif config.get("pca") == "variance":
@@ -377,3 +451,30 @@ def describe_config(config: dict) -> str:
                        for k, v in (config.get("params") or {}).items())
     parts.append(f"{config.get('classifier')}({params})")
     return ", ".join(parts)
+
+
+SOURCE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}"
+
+
+def name_sources(caches: list[tuple[str | None, EmbeddingCache]]) -> EmbeddingCache | dict[str, EmbeddingCache]:
+    """One cache as is; several as name -> cache, named as given (NAME=PATH) or after what produced them
+    (the model's last path component, `egemaps`, `finetuned`), made unique with -2, -3 ..."""
+    import re
+
+    if len(caches) == 1 and caches[0][0] is None:
+        return caches[0][1]
+    named: dict[str, EmbeddingCache] = {}
+    for given, cache in caches:
+        if given is not None and not re.fullmatch(SOURCE_NAME, given):
+            raise StudyError(f"--cache {given}=...: a source name is 1-40 letters, digits, '_', '-' or '.', "
+                             "starting with a letter or digit")
+        model = cache.meta.get("model", {}).get("name", "cache")
+        default = "finetuned" if cache.meta.get("crossfit") else model.rstrip("/").split("/")[-1]
+        name = given or re.sub(r"[^A-Za-z0-9_.-]", "-", default)[:40] or "cache"
+        if given is not None and given in named:
+            raise StudyError(f"--cache {given}=...: the name is given twice")
+        unique, suffix = name, 2
+        while unique in named:
+            unique, suffix = f"{name}-{suffix}", suffix + 1
+        named[unique] = cache
+    return named

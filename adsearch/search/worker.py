@@ -26,7 +26,7 @@ from adsearch.search.errors import StudyError
 from adsearch.search.objective import WORKER_ID, Objective, ProtocolError
 from adsearch.search.samplers import make_pruner, make_sampler
 from adsearch.search.storage import DEFAULT_STORAGE, make_storage, mask_url
-from adsearch.search.study import StudySetup, chosen_optimiser, load_cache_for, trial_counts
+from adsearch.search.study import StudySetup, chosen_optimiser, load_caches_for, trial_counts
 
 
 def _return_freed_memory_to_the_system() -> None:
@@ -100,7 +100,7 @@ def run_worker(
         raise StudyError(f"no study {study_name!r} in {mask_url(storage_url)}; create it with `adsearch search`"
                          ) from None
     setup = StudySetup.from_study(study)
-    cache = load_cache_for(setup, study_name, cache_path)
+    cache = load_caches_for(setup, study_name, cache_path)
     sampler, pruner, notes = chosen_optimiser(setup, study_name, sampler, pruner, override_optimiser)
     for note in notes:
         print(f"worker {WORKER_ID}: warning: {note}", file=sys.stderr, flush=True)
