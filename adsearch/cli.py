@@ -280,11 +280,11 @@ class _RichFinetuneProgress:
             self.models = self.progress.add_task("models", total=total, info="")
         self.progress.update(self.models, completed=index, info=name)
 
-    def epoch(self, name: str, epoch: int, epochs: int, steps: int) -> None:
+    def epoch(self, name: str, epoch: int, epochs: int, batches: int) -> None:
         if self.batches is not None:
             self.progress.remove_task(self.batches)
         self.losses = []
-        self.batches = self.progress.add_task(f"{name} epoch {epoch + 1}/{epochs}", total=None, info="")
+        self.batches = self.progress.add_task(f"{name} epoch {epoch + 1}/{epochs}", total=batches, info="")
 
     def step(self, loss: float) -> None:
         self.losses.append(loss)

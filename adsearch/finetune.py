@@ -79,7 +79,7 @@ class FinetuneProgress:
     """What a fine-tune reports: the CLI draws bars from it, tests record it."""
 
     def fold(self, name: str, index: int, total: int) -> None: ...
-    def epoch(self, name: str, epoch: int, epochs: int, steps: int) -> None: ...
+    def epoch(self, name: str, epoch: int, epochs: int, batches: int) -> None: ...
     def step(self, loss: float) -> None: ...
     def validated(self, name: str, epoch: int, loss: float, score: float, best: float) -> None: ...
 
@@ -263,12 +263,12 @@ def train_one(model_path: Path, recordings: list[Recording], out_dir: Path, sett
     for epoch in range(state["epoch"], settings.epochs):
         if state["stale"] >= settings.patience:
             break
-        progress.epoch(name, epoch, settings.epochs, steps_per_epoch)
         encoder.train()
         rng = np.random.default_rng([settings.seed, epoch])
         torch.manual_seed(settings.seed * 1000 + epoch)
         optimiser.zero_grad()
         batches = _batches(train_windows, settings.batch_size, not masked, rng)
+        progress.epoch(name, epoch, settings.epochs, len(batches))
         for index, batch in enumerate(batches):
             chunk = [train_windows[i] for i in batch]
             logits = _logits(extractor, encoder, head, [w.audio for w in chunk], device)
@@ -377,6 +377,8 @@ def finetune(manifest: Path | str, model: str, out_dir: Path | str, settings: Fi
         done = train_one(source.path, chosen, out_dir / name, settings, dev, progress, name)
         record["models"][name] = {"path": str((out_dir / name / "best").resolve()), **done}
         record_file.write_text(json.dumps(record, indent=1))
+    if progress:
+        progress.fold("done", len(names), len(names))
     return record
 
 
@@ -409,8 +411,8 @@ def extract_crossfit(manifest: Path | str, finetuned: Path | str, out_root: Path
         result = extract(sub_manifest, parts_root, record["models"][name]["path"], extract_settings,
                          batch_size=batch_size, device=device, progress=progress)
         caches[name] = open_cache(result.cache_dir)
-    for name, model in record["models"].items():  # the proof: no producer trained on what it extracted
-        seen = set(model["trained_on"])
+    for name, model in record["models"].items() if record["crossfit"] else ():
+        seen = set(model["trained_on"])  # the proof: no producer trained on what it extracted
         leaked = [i for i, p in producer.items() if p == name and i in seen]
         if leaked:
             raise FinetuneError(f"{name} trained on {leaked[:5]} and would extract them: refusing")

@@ -213,3 +213,35 @@ def test_a_study_over_pretrained_finetuned_and_egemaps_sources_exports_each(cros
         expected = next(p["score"] for p in stored if p["id"] == test_rec.id)
         assert predicted.error is None and predicted.prob_ad == pytest.approx(expected, rel=1e-4, abs=1e-5)
     assert "layer_curve.png" in {p.name for p in (tmp_path / "best-egemaps" / "figures").iterdir()}
+
+
+@pytest.mark.slow
+def test_the_finetune_command_without_crossfit_marks_everything_cv_optimistic(synth_manifest, tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from adsearch.cli import app
+    from adsearch.export import export_trial
+    from adsearch.search.space import parse_spec
+    from adsearch.search.storage import make_storage
+    from adsearch.search.study import create_or_resume
+    from adsearch.search.worker import run_worker
+
+    result = CliRunner().invoke(app, ["finetune", str(synth_manifest), "--model", str(tiny_model), "-o",
+                                      str(tmp_path / "ft"), "--no-crossfit", "--epochs", "1", "--window-s", "4",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "full: 1 epoch(s)" in result.output and "CV optimistic" in result.output
+    cache = open_cache(tmp_path / "ft" / "cache")
+    assert cache.meta["crossfit"]["enabled"] is False and {i["producer"] for i in cache.meta["items"]} == {"full"}
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_or_resume(make_storage(url), "naive", cache, parse_spec({"cv": {"folds": 3}}), "s.yaml", 2)
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    note = get_note_from_system_attrs(study._storage.get_study_system_attrs(study._study_id), None)["body"]
+    assert "**CV optimistic**" in note
+    run_worker("naive", url, worker_index=0)
+    export_trial("naive", url, tmp_path / "best", artifacts=tmp_path / "a", log=lambda m: None)
+    assert "CV optimistic" in (tmp_path / "best" / "report.html").read_text()
+    again = CliRunner().invoke(app, ["finetune", str(synth_manifest), "--model", str(tiny_model), "-o",
+                                     str(tmp_path / "ft"), "--epochs", "0"])
+    assert again.exit_code == 2 and "--epochs" in again.output
