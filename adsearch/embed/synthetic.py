@@ -71,28 +71,40 @@ def write_synthetic_cache(
             peak[:, dims] += 2 * shift
         values = {"mean": mean, "m2": std**2 * frames[:, None], "max": peak,
                   "min": mean - std * (2.5 + rng.normal(0, 0.3, (n_windows, dim)).astype(np.float32))}
-        for stat in STATS:
-            target = stat_path(path, stat, layer)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            np.save(target, values[stat].astype(np.float32))
-    splits = ["train"] * n_train + ["test"] * n_test
-    items = [{"id": f"r{i:04d}", "label": int(labels[i]), "group": f"spk{i:04d}", "split": splits[i],
-              "mmse": None, "path": "", "n_windows": windows_per_item} for i in range(n_items)]
-    digest = hashlib.sha256(json.dumps([n_train, n_test, n_layers, dim, windows_per_item, signal_layer,
-                                        signal_pooling, strength, nonlinear, signal_dims, seed]).encode())
+        _save_layer(path, layer, values)
+    key = [n_train, n_test, n_layers, dim, windows_per_item, signal_layer, signal_pooling, strength, nonlinear,
+           signal_dims, seed]
+    return _write_meta(path, labels, n_train, np.full(n_items, windows_per_item), frames, n_layers, dim, key,
+                       "synthetic", {"signal_layer": signal_layer, "signal_pooling": signal_pooling,
+                                     "nonlinear": nonlinear, "strength": strength, "signal_dims": dims.tolist()})
+
+
+def _save_layer(path: Path, layer: int, values: dict[str, np.ndarray]) -> None:
+    for stat in STATS:
+        target = stat_path(path, stat, layer)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        np.save(target, values[stat].astype(np.float32))
+
+
+def _write_meta(path: Path, labels: np.ndarray, n_train: int, windows_per_item: np.ndarray, frames: np.ndarray,
+                n_layers: int, dim: int, key: list, model: str, synthetic: dict) -> Path:
+    """cache.json of a synthetic cache whose arrays are written: one recording per speaker, train first."""
+    n_items = len(labels)
+    window_item = np.repeat(np.arange(n_items), windows_per_item)
+    items = [{"id": f"r{i:04d}", "label": int(labels[i]), "group": f"spk{i:04d}",
+              "split": "train" if i < n_train else "test", "mmse": None, "path": "",
+              "n_windows": int(windows_per_item[i])} for i in range(n_items)]
     meta = {
-        "format_version": FORMAT_VERSION, "items": items, "n_windows": n_windows,
+        "format_version": FORMAT_VERSION, "items": items, "n_windows": len(window_item),
         "windows": {"item": window_item.tolist(), "n_frames": frames.tolist(),
-                    "start_sample": [0] * n_windows, "end_sample": (frames * 320).tolist()},
-        "content_hash": digest.hexdigest(), "dim": dim, "stats": list(STATS),
+                    "start_sample": [0] * len(window_item), "end_sample": (frames * 320).tolist()},
+        "content_hash": hashlib.sha256(json.dumps(key).encode()).hexdigest(), "dim": dim, "stats": list(STATS),
         "files": {stat_path(path, stat, layer).relative_to(path).as_posix(): file_digest(stat_path(path, stat, layer))
                   for stat in STATS for layer in range(n_layers)},
         "layers": {"count": n_layers, "meaning": {"all": "synthetic"}},
-        "model": {"name": "synthetic", "revision": "none"},
+        "model": {"name": model, "revision": "none"},
         "settings": {"window_s": 20.0, "min_window_s": 0.5, "dtype": "float32", "sample_rate": 16000},
-        "manifest": {"path": "", "hash": ""}, "failures": [], "versions": {},
-        "synthetic": {"signal_layer": signal_layer, "signal_pooling": signal_pooling, "nonlinear": nonlinear,
-                      "strength": strength, "signal_dims": dims.tolist()},
+        "manifest": {"path": "", "hash": ""}, "failures": [], "versions": {}, "synthetic": synthetic,
     }
     (path / META_FILE).write_text(json.dumps(meta))
     return path
@@ -100,9 +112,10 @@ def write_synthetic_cache(
 
 REALISTIC_KINDS = ("mean", "spread", "nonlinear", "none")
 # Signal strength per kind that puts the planted configuration's 5-fold CV near 0.80 balanced accuracy on
-# 166 train recordings (benchmarks/search.py calibrate measures it again).
+# 166 train recordings x 256 dims (chosen by scanning strengths; `benchmarks/search.py quality` reports each
+# cache's oracle: 0.77-0.93, mean 0.83, BENCHMARKS.md).
 CALIBRATED_STRENGTH = {"mean": 0.11, "spread": 0.12, "nonlinear": 1.3, "none": 0.0}
-# The pooling and classifier that see each planted kind: the "oracle" configuration.
+# The pooling that sees each planted kind: with the planted layer, the "oracle" configuration.
 PLANTED_POOLING = {"mean": "mean", "spread": "std", "nonlinear": "mean", "none": "mean"}
 
 
@@ -172,28 +185,8 @@ def write_realistic_cache(
         values = {"mean": mean, "m2": std**2 * frames[:, None],
                   "max": mean + std * (2.5 + 0.3 * rng.normal(0, 1, (n_windows, dim))),
                   "min": mean - std * (2.5 + 0.3 * rng.normal(0, 1, (n_windows, dim)))}
-        for stat in STATS:
-            target = stat_path(path, stat, layer)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            np.save(target, values[stat].astype(np.float32))
-    splits = ["train"] * n_train + ["test"] * n_test
-    items = [{"id": f"r{i:04d}", "label": int(labels[i]), "group": f"spk{i:04d}", "split": splits[i],
-              "mmse": None, "path": "", "n_windows": int(windows_per_item[i])} for i in range(n_items)]
-    digest = hashlib.sha256(json.dumps(["realistic", kind, strength, signal_layer, n_train, n_test, n_layers, dim,
-                                        rank, seed]).encode())
-    meta = {
-        "format_version": FORMAT_VERSION, "items": items, "n_windows": n_windows,
-        "windows": {"item": window_item.tolist(), "n_frames": frames.tolist(),
-                    "start_sample": [0] * n_windows, "end_sample": (frames * 320).tolist()},
-        "content_hash": digest.hexdigest(), "dim": dim, "stats": list(STATS),
-        "files": {stat_path(path, stat, layer).relative_to(path).as_posix(): file_digest(stat_path(path, stat, layer))
-                  for stat in STATS for layer in range(n_layers)},
-        "layers": {"count": n_layers, "meaning": {"all": "synthetic"}},
-        "model": {"name": "synthetic-realistic", "revision": "none"},
-        "settings": {"window_s": 20.0, "min_window_s": 0.5, "dtype": "float32", "sample_rate": 16000},
-        "manifest": {"path": "", "hash": ""}, "failures": [], "versions": {},
-        "synthetic": {"kind": kind, "signal_layer": signal_layer, "signal_pooling": PLANTED_POOLING[kind],
-                      "nonlinear": kind == "nonlinear", "strength": strength, "realistic": True},
-    }
-    (path / META_FILE).write_text(json.dumps(meta))
-    return path
+        _save_layer(path, layer, values)
+    key = ["realistic", kind, strength, signal_layer, n_train, n_test, n_layers, dim, rank, seed]
+    return _write_meta(path, labels, n_train, windows_per_item, frames, n_layers, dim, key, "synthetic-realistic",
+                       {"kind": kind, "signal_layer": signal_layer, "signal_pooling": PLANTED_POOLING[kind],
+                        "nonlinear": kind == "nonlinear", "strength": strength, "realistic": True})
