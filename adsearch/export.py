@@ -445,9 +445,16 @@ def honesty_warnings(exported: ExportedConfig, floor: dict | None, control: dict
     """What a reader must not miss: a CV score inside its noise floor, a shortcut control well above chance."""
     warnings = []
     cv = exported.cv
-    if floor and floor.get("n") and floor["p_value"] > 0.05:
-        warnings.append(f"the best CV ({floor['real_best']:.4f}) is not above the noise floor: {floor['n']} "
-                        f"label-permuted searches reached up to {floor['null_max']:.4f} (p = {floor['p_value']:.3f})")
+    if floor and floor.get("n"):
+        reached = sum(null["best"] >= floor["real_best"] for null in floor["null"])
+        if reached:
+            warnings.append(f"the best CV ({floor['real_best']:.4f}) is not above the noise floor: {reached} of "
+                            f"{floor['n']} label-permuted searches reached it (best {floor['null_max']:.4f}; p = "
+                            f"{floor['p_value']:.3f})")
+        elif floor["p_value"] > 0.05:
+            warnings.append(f"the best CV ({floor['real_best']:.4f}) is above all {floor['n']} label-permuted "
+                            f"searches (best {floor['null_max']:.4f}), but with {floor['n']} of them p cannot go "
+                            f"below {floor['p_value']:.3f}: run `adsearch null --runs 19` or more for p < 0.05")
     if control:
         reference = (control["floor"] or {}).get("null_median") or (floor or {}).get("null_median")
         chance = CHANCE.get(cv.metric)

@@ -358,3 +358,21 @@ def test_null_studies_never_read_test_items(tmp_path, monkeypatch):
     create_null_studies(make_storage(url), "main", runs=1, budget=4)
     run_worker("main~null0", url, worker_index=0)
     assert read and not any(items & test_items for items in read)
+
+
+def test_the_floor_warning_tells_too_few_null_runs_from_a_score_inside_the_floor():
+    from adsearch.export import honesty_warnings
+
+    class Exported:
+        class cv:  # noqa: N801 - stands in for the pydantic record
+            metric = "balanced_accuracy"
+
+    def floor(real, nulls):
+        return {"real_best": real, "n": len(nulls), "null": [{"best": b} for b in nulls], "null_max": max(nulls),
+                "p_value": (1 + sum(b >= real for b in nulls)) / (1 + len(nulls))}
+
+    [few] = honesty_warnings(Exported, floor(0.9, [0.6, 0.65, 0.7]), None)
+    assert "above all 3 label-permuted searches" in few and "--runs 19" in few
+    [inside] = honesty_warnings(Exported, floor(0.66, [0.6, 0.65, 0.7]), None)
+    assert "not above the noise floor: 1 of 3" in inside
+    assert honesty_warnings(Exported, floor(0.9, [0.6] * 19), None) == []
