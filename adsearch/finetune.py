@@ -245,8 +245,7 @@ def train_one(model_path: Path, recordings: list[Recording], out_dir: Path, sett
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm))))
     counts = np.bincount(labels[~valid], minlength=2)
-    weights = torch.as_tensor(len(counts) * [0.0], dtype=torch.float32)
-    weights[:] = torch.as_tensor(counts.sum() / (2 * np.maximum(counts, 1)), dtype=torch.float32)
+    weights = torch.as_tensor(counts.sum() / (2 * np.maximum(counts, 1)), dtype=torch.float32)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(device))  # class-balanced
 
     state = {"epoch": 0, "best": -1.0, "stale": 0, "history": []}

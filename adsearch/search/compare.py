@@ -11,6 +11,7 @@ Outputs: `compare.csv` / `compare.md` (one row per optimiser), `runs.json` (ever
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import warnings
@@ -86,20 +87,19 @@ def run_all(cache_path: Path, spec: StudySpec, samplers: list[str], seeds: list[
     folder.mkdir(parents=True, exist_ok=True)
     jobs = [(str(cache_path), spec.model_dump(mode="json"), sampler, seed, trials, str(folder))
             for sampler in samplers for seed in seeds]
-    runs = []
-    if workers <= 1:
-        results = (run_one(*job) for job in jobs)
-    else:
-        import multiprocessing
+    import multiprocessing
 
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        results = pool.map(run_one, *zip(*jobs, strict=True))
-    for result in results:
-        runs.append(Run(**result))
-        if on_done is not None:
-            on_done(runs[-1])
-    if workers > 1:
-        pool.shutdown()
+    runs = []
+    with contextlib.ExitStack() as stack:
+        if workers <= 1:
+            results = (run_one(*job) for job in jobs)
+        else:
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
+            results = pool.map(run_one, *zip(*jobs, strict=True))
+        for result in results:
+            runs.append(Run(**result))
+            if on_done is not None:
+                on_done(runs[-1])
     return runs
 
 
