@@ -171,13 +171,15 @@ def test_egemaps_caches_have_the_cache_format_and_predict(synth_manifest, tmp_pa
 def test_a_study_over_pretrained_finetuned_and_egemaps_sources_exports_each(crossfitted, synth_manifest, tiny_model,
                                                                            tmp_path):
     import optuna
+    from optuna.trial import TrialState
 
     from adsearch.embed.extract import extract
     from adsearch.export import export_trial, load_config, reproduce_cv
     from adsearch.predict import Predictor
+    from adsearch.search.null import create_null_studies
     from adsearch.search.space import parse_spec
     from adsearch.search.storage import make_storage
-    from adsearch.search.study import StudySetup, create_or_resume, name_sources
+    from adsearch.search.study import StudySetup, create_or_resume, load_screen, name_sources
     from adsearch.search.worker import run_worker
 
     pretrained = open_cache(extract(synth_manifest, tmp_path / "pre", str(tiny_model), device="cpu").cache_dir)
@@ -195,8 +197,14 @@ def test_a_study_over_pretrained_finetuned_and_egemaps_sources_exports_each(cros
     fold_of = dict(zip(crossfitted["cache"].meta["crossfit"]["folds"]["train_ids"],
                        crossfitted["cache"].meta["crossfit"]["folds"]["assignment"][0], strict=True))
     assert setup.folds.tolist() == [[fold_of[i] for i in setup.train_ids]]
+    screened = load_screen(study)  # every source's layers screened and ranked together
+    assert set(screened.sources) == set(sources) and len(screened.layers) == sum(map(len, setup.source_layers.values()))
     run_worker("s", url, worker_index=0)
-    trials = [t for t in optuna.load_study(study_name="s", storage=url).get_trials() if t.value is not None]
+    everything = sorted(optuna.load_study(study_name="s", storage=url).get_trials(), key=lambda t: t.number)
+    first = [t for t in everything if t.user_attrs.get("origin") == "screen"]
+    assert [t.number for t in first] == list(range(6))
+    assert [t.params["source"] for t in first] == [c["source"] for c in screened.top(6)]
+    trials = [t for t in everything if t.value is not None]
     assert {t.params["source"] for t in trials} == set(sources)
     assert all(("layer." + t.params["source"] in t.params) == (t.params["source"] != "egemaps") for t in trials)
     test_rec = next(r for r in read_manifest(synth_manifest) if r.split == "test")
@@ -213,6 +221,10 @@ def test_a_study_over_pretrained_finetuned_and_egemaps_sources_exports_each(cros
         expected = next(p["score"] for p in stored if p["id"] == test_rec.id)
         assert predicted.error is None and predicted.prob_ad == pytest.approx(expected, rel=1e-4, abs=1e-5)
     assert "layer_curve.png" in {p.name for p in (tmp_path / "best-egemaps" / "figures").iterdir()}
+    # the noise floor of a multi-source study: null studies over the same sources
+    [null] = create_null_studies(make_storage(url), "s", runs=1, budget=3)
+    run_worker(null, url, worker_index=0)
+    assert len(optuna.load_study(study_name=null, storage=url).get_trials(states=(TrialState.COMPLETE,))) == 3
 
 
 @pytest.mark.slow

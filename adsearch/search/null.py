@@ -46,14 +46,13 @@ def is_null(study_name: str) -> bool:
 def create_null_studies(storage, study_name: str, runs: int, budget: int) -> list[str]:
     """Create (or resume) `runs` null studies of `study_name`, each with `budget` trials; return their names.
     Each copies the main study's setup (cache, space, folds, sampler) and records its permutation seed."""
-    from adsearch.embed.cache import open_cache
-    from adsearch.search.study import StudySetup, create_null_or_resume
+    from adsearch.search.study import StudySetup, create_null_or_resume, load_caches_for
 
     main = optuna.load_study(study_name=study_name, storage=storage)
     setup = StudySetup.from_study(main)
     if setup.null_seed is not None:
         raise StudyError(f"{study_name!r} is itself a null study; run `adsearch null` on the main study")
-    cache = open_cache(setup.cache_path)
+    cache = load_caches_for(setup, study_name)  # every source of a multi-source study
     names = []
     for index in range(runs):
         name = null_name(study_name, index)

@@ -45,6 +45,23 @@ class ScreenResult:
     kernel_setting: np.ndarray  # (layers, poolings, 2): gamma (absolute, standardised features), ridge factor
     seconds: float = 0.0
     enqueued: list[dict] = field(default_factory=list)
+    sources: list[str | None] = field(default_factory=list)  # per row, for a multi-source study ([] = one cache)
+
+    def row_source(self, i: int) -> str | None:
+        return self.sources[i] if self.sources else None
+
+    def row_labels(self) -> list[str]:
+        return [f"{self.row_source(i)}:{layer}" if self.sources else str(layer) for i, layer in enumerate(self.layers)]
+
+    @classmethod
+    def stacked(cls, results: dict[str, ScreenResult]) -> ScreenResult:
+        """One result over several sources' rows (a multi-source study's screen)."""
+        parts = list(results.values())
+        return cls([layer for r in parts for layer in r.layers], parts[0].poolings, parts[0].metric,
+                   np.concatenate([r.linear for r in parts]), np.concatenate([r.kernel for r in parts]),
+                   np.concatenate([r.linear_ridge for r in parts]), np.concatenate([r.kernel_setting for r in parts]),
+                   sum(r.seconds for r in parts), [],
+                   [name for name, r in results.items() for _ in r.layers])
 
     def best(self) -> np.ndarray:
         return np.maximum(self.linear, self.kernel)
@@ -57,7 +74,8 @@ class ScreenResult:
         for flat in order:
             i, j = np.unravel_index(flat, best.shape)
             probe = "linear" if self.linear[i, j] >= self.kernel[i, j] else "kernel"
-            rows.append({"layer": self.layers[i], "pooling": self.poolings[j], "probe": probe,
+            rows.append({"source": self.row_source(i), "layer": self.layers[i], "pooling": self.poolings[j],
+                         "probe": probe,
                          "score": float(best[i, j]), "linear": float(self.linear[i, j]),
                          "kernel": float(self.kernel[i, j]), "ridge": float(self.linear_ridge[i, j]),
                          "gamma": float(self.kernel_setting[i, j, 0])})
@@ -67,13 +85,13 @@ class ScreenResult:
         return {"layers": self.layers, "poolings": self.poolings, "metric": self.metric,
                 "linear": np.round(self.linear, 4).tolist(), "kernel": np.round(self.kernel, 4).tolist(),
                 "linear_ridge": self.linear_ridge.tolist(), "kernel_setting": self.kernel_setting.tolist(),
-                "seconds": round(self.seconds, 2), "enqueued": self.enqueued}
+                "seconds": round(self.seconds, 2), "enqueued": self.enqueued, "sources": self.sources}
 
     @classmethod
     def from_attr(cls, attr: dict) -> ScreenResult:
         return cls(list(attr["layers"]), list(attr["poolings"]), attr["metric"], np.asarray(attr["linear"]),
                    np.asarray(attr["kernel"]), np.asarray(attr["linear_ridge"]), np.asarray(attr["kernel_setting"]),
-                   attr.get("seconds", 0.0), list(attr.get("enqueued", [])))
+                   attr.get("seconds", 0.0), list(attr.get("enqueued", [])), list(attr.get("sources") or []))
 
 
 def _standardised(X: np.ndarray) -> np.ndarray:
@@ -200,9 +218,12 @@ def heatmap(result: ScreenResult, path) -> None:
         image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=low, vmax=high, origin="lower")
         ax.set(title=name, xticks=range(len(result.poolings)), xlabel="pooling")
         ax.set_xticklabels(result.poolings, rotation=40, ha="right")
-    axes[0].set(yticks=range(len(result.layers)), yticklabels=result.layers, ylabel="layer")
+    axes[0].set(yticks=range(len(result.layers)), yticklabels=result.row_labels(),
+                ylabel="source:layer" if result.sources else "layer")
+    labels = result.row_labels()
     for cell in result.top(5):
-        i, j = result.layers.index(cell["layer"]), result.poolings.index(cell["pooling"])
+        row = f"{cell['source']}:{cell['layer']}" if result.sources else str(cell["layer"])
+        i, j = labels.index(row), result.poolings.index(cell["pooling"])
         axes[0 if cell["probe"] == "linear" else 1].scatter([j], [i], marker="*", color="red", s=40)
     fig.colorbar(image, ax=axes, label=f"probe CV {result.metric} (chance 0.5)")
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -213,7 +234,8 @@ LINEAR_CLASSIFIERS = ("logreg", "lda", "linear_svm")  # what an enqueued trial u
 KERNEL_CLASSIFIERS = ("rbf_svm", "knn")
 
 
-def starting_points(result: ScreenResult, spec, n: int) -> list[dict]:
+def starting_points(result: ScreenResult, spec, n: int, source_layers: dict[str, tuple[int, ...]] | None = None
+                    ) -> list[dict]:
     """Parameters for the study's first trials: the top `n` cells, each with recording-level features, no
     PCA, standard scaling and a classifier of the probe's kind: logistic regression with C = 1, or an RBF SVM
     with the probe's kernel width and C = 10. (Measured on realistic caches: these C values were within a
@@ -226,6 +248,10 @@ def starting_points(result: ScreenResult, spec, n: int) -> list[dict]:
     points = []
     for cell in result.top(n):
         params: dict = {"layer": cell["layer"]}
+        if cell["source"] is not None:  # a multi-source study: the source, then its own layer parameter
+            params = {"source": cell["source"]}
+            if len((source_layers or {}).get(cell["source"], ())) > 1:
+                params[f"layer.{cell['source']}"] = cell["layer"]
         for name, options, value in (("pooling", space.pooling, cell["pooling"]), ("unit", space.unit, "recording"),
                                      ("scale", space.scale, "standard"), ("pca", space.pca, "none"),
                                      ("l2_normalize", space.l2_normalize, False)):

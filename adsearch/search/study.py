@@ -303,8 +303,8 @@ def _create(storage, study_name: str, cache: Caches, setup: StudySetup, budget: 
     with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([setup.spec.cv.metric])  # the dashboard says balanced_accuracy, not Objective 0
-    cache = next(iter(cache.values())) if isinstance(cache, dict) else cache  # the first source
     screened = _screen_and_enqueue(study, cache, setup, budget, log)
+    cache = next(iter(cache.values())) if isinstance(cache, dict) else cache  # the first source, for the note
     if screened is not None and on_screen is not None:
         on_screen(study, screened)
     import optuna_dashboard
@@ -316,30 +316,32 @@ def _create(storage, study_name: str, cache: Caches, setup: StudySetup, budget: 
 SCREEN_ATTR = "adsearch:screen"  # study system attribute holding the layer screen
 
 
-def _screen_and_enqueue(study: optuna.Study, cache: EmbeddingCache, setup: StudySetup, budget: int,
+def _screen_and_enqueue(study: optuna.Study, cache: Caches, setup: StudySetup, budget: int,
                         log: Callable[[str], None] | None) -> ScreenResult | None:
     """Run the layer screen of a new study (if its space asks for one), record it on the study and enqueue
-    the top cells as its first trials: at most the budget, so the budget stays exact."""
-    from adsearch.search.screen import screen, starting_points
+    the top cells as its first trials: at most the budget, so the budget stays exact. A multi-source study
+    screens every source's layers and ranks all cells together."""
+    from adsearch.search.screen import ScreenResult, screen, starting_points
 
     spec = setup.spec
     if not spec.screen.enabled or setup.sampler == "layer-grid":  # layer-grid walks the layers itself
         return None
-    if setup.sources:
-        if log:
-            log("layer screen skipped: it screens one cache, this study searches several sources")
-        return None
+    caches = cache if isinstance(cache, dict) else {None: cache}
+    layers = setup.source_layers or {None: setup.layers}
     if log:
-        log(f"screening {len(setup.layers)} layers x {len(spec.space.pooling)} poolings with a linear and a "
-            "kernel probe (closed form, the study's folds, train rows only)")
-    result = screen(FeatureSource(cache, setup.null_seed), setup.folds, setup.layers, list(spec.space.pooling),
-                    spec.cv.metric)
-    result.enqueued = starting_points(result, spec, min(spec.screen.top, budget))
+        rows = sum(len(layers[name]) for name in caches)
+        log(f"screening {rows} {'source layers' if setup.sources else 'layers'} x {len(spec.space.pooling)} poolings "
+            "with a linear and a kernel probe (closed form, the study's folds, train rows only)")
+    results = {name: screen(FeatureSource(one, setup.null_seed), setup.folds, layers[name], list(spec.space.pooling),
+                            spec.cv.metric) for name, one in caches.items()}
+    result = ScreenResult.stacked(results) if setup.sources else results[None]
+    result.enqueued = starting_points(result, spec, min(spec.screen.top, budget), setup.source_layers)
     for params in result.enqueued:
         study.enqueue_trial(params, user_attrs={"origin": "screen"})
     study._storage.set_study_system_attr(study._study_id, SCREEN_ATTR, result.to_attr())
     if log:
-        top = ", ".join(f"layer {c['layer']} {c['pooling']} {c['score']:.3f} ({c['probe']})" for c in result.top(5))
+        top = ", ".join(f"{c['source'] + ' ' if c['source'] else ''}layer {c['layer']} {c['pooling']} {c['score']:.3f} "
+                        f"({c['probe']})" for c in result.top(5))
         log(f"screen ({result.seconds:.1f} s): best {top}; {len(result.enqueued)} enqueued as the first trials")
     return result
 
@@ -400,7 +402,8 @@ def study_note(cache: EmbeddingCache, setup: StudySetup, screened: ScreenResult 
         "the host:pid that ran it.",
     ] + ([f"**Layer screen** ({screened.seconds:.1f} s, linear and RBF ridge probes on the same folds; a screen, "
           "optimistic like any maximum): best " + ", ".join(
-              f"layer {c['layer']} {c['pooling']} {c['score']:.3f} ({c['probe']})" for c in screened.top(5))
+              f"{c['source'] + ' ' if c['source'] else ''}layer {c['layer']} {c['pooling']} {c['score']:.3f} "
+              f"({c['probe']})" for c in screened.top(5))
           + f". The first {len(screened.enqueued)} trials (user attribute `origin: screen`) start there."]
          if screened else []))
 
