@@ -376,3 +376,22 @@ def test_the_floor_warning_tells_too_few_null_runs_from_a_score_inside_the_floor
     [inside] = honesty_warnings(Exported, floor(0.66, [0.6, 0.65, 0.7]), None)
     assert "not above the noise floor: 1 of 3" in inside
     assert honesty_warnings(Exported, floor(0.9, [0.6] * 19), None) == []
+
+
+def test_sources_over_other_recordings_or_names_are_refused(tmp_path):
+    from adsearch.search.study import name_sources
+
+    a = open_cache(write_realistic_cache(tmp_path / "a", kind="mean", n_layers=2, dim=8, n_test=4, seed=0))
+    b = open_cache(write_realistic_cache(tmp_path / "b", kind="mean", n_layers=2, dim=8, n_test=4, seed=1))
+    c = open_cache(write_realistic_cache(tmp_path / "c", kind="mean", n_layers=2, dim=8, n_train=150, n_test=4))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    for other in (b, c):  # other labels (seed 1), other recordings (150 train)
+        with pytest.raises(StudyError, match="other train recordings, labels or speakers"):
+            create_or_resume(make_storage(url), "s", {"a": a, "o": other}, parse_spec({}), "s.yaml", 2)
+    with pytest.raises(StudyError, match="a source name is 1-40"):
+        name_sources([("bad name", a), (None, b)])
+    assert list(name_sources([(None, a), (None, a)])) == ["synthetic-realistic", "synthetic-realistic-2"]
+    study = create_or_resume(make_storage(url), "s", {"x": a, "y": a}, parse_spec({}), "s.yaml", 2)
+    with pytest.raises(StudyError, match="created with the sources"):
+        create_or_resume(make_storage(url), "s", {"x": a, "z": a}, parse_spec({}), "s.yaml", 2)
+    assert StudySetup.from_study(study).source_layers == {"x": (0, 1), "y": (0, 1)}

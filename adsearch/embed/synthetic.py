@@ -163,7 +163,10 @@ def write_realistic_cache(
     outlier_level = rng.normal(0, 1, (n_items, len(outliers)))
     length = (np.log(seconds) - np.log(60))[window_item][:, None]
     nuisance_a, nuisance_b = rng.normal(0, 1, (2, dim))
-    direction = rng.normal(0, 1, dim) * (rng.random(dim) < 0.25)  # spread over about a quarter of the dims
+    direction = rng.normal(0, 1, dim)
+    spread = rng.random(dim) < 0.25  # the signal spreads over about a quarter of the dims (at least one)
+    spread[0] |= not spread.any()
+    direction *= spread
     direction /= np.linalg.norm(direction) / np.sqrt(dim / 4)  # per-dim size about 1 where it is non-zero
     signs = rng.choice([-1.0, 1.0], n_items) if kind == "nonlinear" else np.ones(n_items)
     per_window = (labels * signs)[window_item][:, None]
