@@ -586,8 +586,9 @@ def compare(
         unknown = [name for name in names if name not in SAMPLERS]
         if unknown or not names:
             raise ValueError(f"--samplers: {', '.join(unknown) or 'none given'}; choose from {', '.join(SAMPLERS)}")
-        if output.exists() and any(output.iterdir()):
-            raise ValueError(f"{output}: not empty; name a new folder so no earlier comparison is overwritten")
+        if output.exists() and (not output.is_dir() or any(output.iterdir())):
+            raise ValueError(f"{output}: exists and is not an empty folder; name a new folder so no earlier "
+                             "comparison is overwritten")
         spec = load_spec(space)
         opened = open_cache(cache)
         check_layers(spec, opened.n_layers, str(space))

@@ -330,7 +330,10 @@ def test_compare_gives_the_same_table_for_the_same_seeds(tmp_path):
     assert tables[0] == tables[1] and [row["sampler"] for row in tables[0]] == ["tpe", "random"]
     again = CliRunner().invoke(app, ["compare", "--cache", str(cache), "--space", str(space), "-o",
                                      str(tmp_path / "a")])
-    assert again.exit_code == 2 and "not empty" in again.output
+    assert again.exit_code == 2 and "not an empty folder" in again.output
+    (tmp_path / "file").write_text("x")
+    onto_a_file = CliRunner().invoke(app, ["compare", "--cache", str(cache), "-o", str(tmp_path / "file")])
+    assert onto_a_file.exit_code == 2 and "not an empty folder" in onto_a_file.output
     unknown = CliRunner().invoke(app, ["compare", "--cache", str(cache), "--samplers", "tpe,cmaes", "-o",
                                        str(tmp_path / "c2")])
     assert unknown.exit_code == 2 and "cmaes" in unknown.output
