@@ -26,10 +26,9 @@ import numpy as np
 from adsearch.embed.cache import POOLINGS
 from adsearch.search.objective import FeatureSource
 
-RIDGE_GRID = np.logspace(-3, 3, 7)  # times the mean diagonal of the training kernel
-# Kernel width: the median heuristic (1 / median squared distance). A grid of widths (x0.25, x4) found no
-# cell the single width missed on the realistic caches and cost 3 eigendecompositions more per fold.
-GAMMA_GRID = (1.0,)
+RIDGE_GRID = np.logspace(-3, 3, 7)  # times the mean eigenvalue of the centred kernel
+# Kernel width: the median heuristic, gamma = 1 / median squared distance. A grid of widths (x0.25, x4) found
+# no cell this single width missed on the realistic caches and cost 3 eigendecompositions more per cell.
 
 
 @dataclass
@@ -39,10 +38,9 @@ class ScreenResult:
     layers: list[int]
     poolings: list[str]
     metric: str
-    linear: np.ndarray  # (layers, poolings)
+    linear: np.ndarray  # (layers, poolings): each probe's score at its best ridge
     kernel: np.ndarray
-    linear_ridge: np.ndarray  # the winning ridge factor per cell
-    kernel_setting: np.ndarray  # (layers, poolings, 2): gamma (absolute, standardised features), ridge factor
+    gamma: np.ndarray  # (layers, poolings): the kernel width, for standardised features
     seconds: float = 0.0
     enqueued: list[dict] = field(default_factory=list)
     sources: list[str | None] = field(default_factory=list)  # per row, for a multi-source study ([] = one cache)
@@ -59,8 +57,7 @@ class ScreenResult:
         parts = list(results.values())
         return cls([layer for r in parts for layer in r.layers], parts[0].poolings, parts[0].metric,
                    np.concatenate([r.linear for r in parts]), np.concatenate([r.kernel for r in parts]),
-                   np.concatenate([r.linear_ridge for r in parts]), np.concatenate([r.kernel_setting for r in parts]),
-                   sum(r.seconds for r in parts), [],
+                   np.concatenate([r.gamma for r in parts]), sum(r.seconds for r in parts), [],
                    [name for name, r in results.items() for _ in r.layers])
 
     def best(self) -> np.ndarray:
@@ -74,24 +71,23 @@ class ScreenResult:
         for flat in order:
             i, j = np.unravel_index(flat, best.shape)
             probe = "linear" if self.linear[i, j] >= self.kernel[i, j] else "kernel"
-            rows.append({"source": self.row_source(i), "layer": self.layers[i], "pooling": self.poolings[j],
-                         "probe": probe,
+            rows.append({"row": int(i), "source": self.row_source(i), "layer": self.layers[i],
+                         "pooling": self.poolings[j], "probe": probe,
                          "score": float(best[i, j]), "linear": float(self.linear[i, j]),
-                         "kernel": float(self.kernel[i, j]), "ridge": float(self.linear_ridge[i, j]),
-                         "gamma": float(self.kernel_setting[i, j, 0])})
+                         "kernel": float(self.kernel[i, j]), "gamma": float(self.gamma[i, j])})
         return rows
 
     def to_attr(self) -> dict:
         return {"layers": self.layers, "poolings": self.poolings, "metric": self.metric,
                 "linear": np.round(self.linear, 4).tolist(), "kernel": np.round(self.kernel, 4).tolist(),
-                "linear_ridge": self.linear_ridge.tolist(), "kernel_setting": self.kernel_setting.tolist(),
-                "seconds": round(self.seconds, 2), "enqueued": self.enqueued, "sources": self.sources}
+                "gamma": self.gamma.tolist(), "seconds": round(self.seconds, 2), "enqueued": self.enqueued,
+                "sources": self.sources}
 
     @classmethod
     def from_attr(cls, attr: dict) -> ScreenResult:
         return cls(list(attr["layers"]), list(attr["poolings"]), attr["metric"], np.asarray(attr["linear"]),
-                   np.asarray(attr["kernel"]), np.asarray(attr["linear_ridge"]), np.asarray(attr["kernel_setting"]),
-                   attr.get("seconds", 0.0), list(attr.get("enqueued", [])), list(attr.get("sources") or []))
+                   np.asarray(attr["kernel"]), np.asarray(attr["gamma"]), attr.get("seconds", 0.0),
+                   list(attr.get("enqueued", [])), list(attr.get("sources") or []))
 
 
 def _standardised(X: np.ndarray) -> np.ndarray:
@@ -166,8 +162,8 @@ def _probe_scores(K: np.ndarray, y: np.ndarray, labels: np.ndarray, folds: np.nd
     return np.mean(scores, axis=0)
 
 
-def screen(source: FeatureSource, folds: np.ndarray, layers: tuple[int, ...], poolings: list[str], metric: str,
-           progress=None) -> ScreenResult:
+def screen(source: FeatureSource, folds: np.ndarray, layers: tuple[int, ...], poolings: list[str], metric: str
+           ) -> ScreenResult:
     """Both probes for every layer x pooling, on the train rows of `source` with the study's folds.
 
     A pooling concatenates statistics, each standardised column by column, so its Gram matrix is the sum of
@@ -176,8 +172,7 @@ def screen(source: FeatureSource, folds: np.ndarray, layers: tuple[int, ...], po
     labels = source.labels
     y = np.where(labels == 1, 1.0, -1.0)
     shape = (len(layers), len(poolings))
-    linear, kernel = np.zeros(shape), np.zeros(shape)
-    linear_ridge, kernel_setting = np.zeros(shape), np.zeros(shape + (2,))
+    linear, kernel, gamma = np.zeros(shape), np.zeros(shape), np.zeros(shape)
     for i, layer in enumerate(layers):
         grams: dict[str, np.ndarray] = {}
         for j, pooling in enumerate(poolings):
@@ -186,21 +181,12 @@ def screen(source: FeatureSource, folds: np.ndarray, layers: tuple[int, ...], po
                     X = _standardised(source.statistic(layer, statistic, "recording"))
                     grams[statistic] = X @ X.T
             gram = sum(grams[statistic] for statistic in POOLINGS[pooling])
-            scores = _probe_scores(gram, y, labels, folds, metric)
-            linear[i, j], linear_ridge[i, j] = scores.max(), RIDGE_GRID[scores.argmax()]
+            linear[i, j] = _probe_scores(gram, y, labels, folds, metric).max()
             norms = np.diag(gram)
             distances = np.maximum(norms[:, None] + norms[None, :] - 2 * gram, 0.0)
-            median = float(np.median(distances[np.triu_indices(len(y), 1)])) or 1.0
-            for factor in GAMMA_GRID:
-                gamma = factor / median
-                scores = _probe_scores(np.exp(-gamma * distances), y, labels, folds, metric)
-                if scores.max() > kernel[i, j] or factor == GAMMA_GRID[0]:
-                    kernel[i, j] = scores.max()
-                    kernel_setting[i, j] = gamma, RIDGE_GRID[scores.argmax()]
-            if progress is not None:
-                progress()
-    return ScreenResult(list(layers), list(poolings), metric, linear, kernel, linear_ridge, kernel_setting,
-                        time.perf_counter() - started)
+            gamma[i, j] = 1.0 / (float(np.median(distances[np.triu_indices(len(y), 1)])) or 1.0)
+            kernel[i, j] = _probe_scores(np.exp(-gamma[i, j] * distances), y, labels, folds, metric).max()
+    return ScreenResult(list(layers), list(poolings), metric, linear, kernel, gamma, time.perf_counter() - started)
 
 
 def heatmap(result: ScreenResult, path) -> None:
@@ -220,10 +206,8 @@ def heatmap(result: ScreenResult, path) -> None:
         ax.set_xticklabels(result.poolings, rotation=40, ha="right")
     axes[0].set(yticks=range(len(result.layers)), yticklabels=result.row_labels(),
                 ylabel="source:layer" if result.sources else "layer")
-    labels = result.row_labels()
     for cell in result.top(5):
-        row = f"{cell['source']}:{cell['layer']}" if result.sources else str(cell["layer"])
-        i, j = labels.index(row), result.poolings.index(cell["pooling"])
+        i, j = cell["row"], result.poolings.index(cell["pooling"])
         axes[0 if cell["probe"] == "linear" else 1].scatter([j], [i], marker="*", color="red", s=40)
     fig.colorbar(image, ax=axes, label=f"probe CV {result.metric} (chance 0.5)")
     fig.savefig(path, dpi=110, bbox_inches="tight")
