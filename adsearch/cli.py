@@ -20,6 +20,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from adsearch.embed.model import DEFAULT_MODEL
+
 app = typer.Typer(
     help="AutoML hyperparameter search over layer-wise wav2vec2 embeddings for speech-based dementia "
     "detection. Workflow: corpus -> extract -> search -> export.",
@@ -217,7 +219,7 @@ def extract(
     output: Annotated[Path, typer.Option("-o", "--output", help="Cache root; each model/corpus/settings "
                                                                 "combination gets its own sub-folder.")],
     model: Annotated[str, typer.Option(help="Hugging Face id or local directory of a wav2vec2-family model.")] = (
-        "jonatasgrosman/wav2vec2-large-xlsr-53-english"),
+        DEFAULT_MODEL),
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
     window_s: Annotated[float, typer.Option(help="Longest window in seconds (bounds memory, attention cost).")] = 20.0,
     min_window_s: Annotated[float, typer.Option(help="Shorter speech spans are skipped.")] = 0.5,
@@ -302,7 +304,7 @@ def finetune(
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the fine-tuned models (fold-K/, full/) "
                                                                 "and finetune.json; a rerun resumes in it.")],
     model: Annotated[str, typer.Option(help="Hugging Face id or local directory of a wav2vec2-family model.")] = (
-        "jonatasgrosman/wav2vec2-large-xlsr-53-english"),
+        DEFAULT_MODEL),
     folds: Annotated[int, typer.Option(help="Speaker-grouped folds for cross-fitting.", min=2, max=20)] = 5,
     folds_from: Annotated[str | None, typer.Option(help="Take the fold assignment of this study instead (with "
                                                         "--storage).")] = None,
