@@ -35,6 +35,8 @@ import numpy as np
 from adsearch import __version__
 from adsearch.audio import AudioError
 from adsearch.corpus import Recording, read_manifest, write_manifest
+from adsearch.embed.extract import ExtractSettings, Window, extract, recording_windows, resolve_device
+from adsearch.embed.model import uses_attention_mask
 
 
 class FinetuneError(ValueError):
@@ -88,24 +90,19 @@ class FinetuneProgress:
 # Data: labelled windows of participant speech
 
 
-@dataclass
-class _Window:
-    recording: int  # index into the recordings list
-    audio: np.ndarray
-
-
-def _windows(recordings: list[Recording], settings: FinetuneSettings) -> list[_Window]:
-    from adsearch.audio import load_audio
-    from adsearch.embed.extract import plan_windows
-
+def _windows(recordings: list[Recording], indices: np.ndarray, settings: FinetuneSettings) -> list[Window]:
+    """The windows of `recordings[i]` for i in `indices`, cut as `extract` cuts them, each knowing its recording
+    (`item`, an index into `recordings`)."""
+    cut = ExtractSettings(settings.window_s, settings.min_window_s)
     windows = []
-    for index, rec in enumerate(recordings):
+    for index in indices:
         try:
-            audio = load_audio(rec.path)
+            found, _ = recording_windows(recordings[index], cut)
         except AudioError:
-            continue  # extraction reports unreadable files; training simply has one recording fewer
-        for begin, end in plan_windows(rec.segments, len(audio), settings.window_s, settings.min_window_s):
-            windows.append(_Window(index, audio[begin:end]))
+            continue  # unreadable or no speech span (extraction reports it): one training recording fewer
+        for window in found:
+            window.item = int(index)
+        windows += found
     return windows
 
 
@@ -128,12 +125,11 @@ def _validation_split(labels: np.ndarray, groups: np.ndarray, share: float, seed
 def _build(model_path: Path, settings: FinetuneSettings, device: str):
     """(feature extractor, encoder, head) with the CNN feature encoder and the lower layers frozen."""
     import torch
-    from transformers import AutoFeatureExtractor, AutoModel
 
-    extractor = AutoFeatureExtractor.from_pretrained(model_path)
-    encoder = AutoModel.from_pretrained(model_path, dtype=torch.float32)
-    if not hasattr(encoder, "_get_feat_extract_output_lengths"):
-        raise FinetuneError(f"{model_path}: {type(encoder).__name__} is not a wav2vec2-family speech model")
+    from adsearch.embed.model import ModelSource, load_model
+
+    # extract's loader (and its checks); the revision is not needed here, so the weights are not hashed
+    extractor, encoder = load_model(ModelSource(str(model_path), Path(model_path), ""), device, torch.float32)
     encoder.freeze_feature_encoder()
     layers = encoder.encoder.layers
     if settings.freeze_layers > len(layers):
@@ -144,7 +140,7 @@ def _build(model_path: Path, settings: FinetuneSettings, device: str):
         encoder.gradient_checkpointing_enable()
     torch.manual_seed(settings.seed)
     head = torch.nn.Linear(encoder.config.hidden_size, 2)
-    return extractor, encoder.to(device), head.to(device)
+    return extractor, encoder, head.to(device)
 
 
 def _logits(extractor, encoder, head, windows: list[np.ndarray], device: str):
@@ -152,7 +148,7 @@ def _logits(extractor, encoder, head, windows: list[np.ndarray], device: str):
 
     from adsearch.audio import SAMPLE_RATE
 
-    masked = getattr(encoder.config, "feat_extract_norm", "layer") == "layer"
+    masked = uses_attention_mask(encoder)
     inputs = extractor(windows, sampling_rate=SAMPLE_RATE, padding=True, return_tensors="pt",
                        return_attention_mask=masked)
     values = inputs["input_values"].to(device)
@@ -165,7 +161,7 @@ def _logits(extractor, encoder, head, windows: list[np.ndarray], device: str):
     return head(pooled)
 
 
-def _batches(windows: list[_Window], size: int, equal_lengths: bool, rng: np.random.Generator):
+def _batches(windows: list[Window], size: int, equal_lengths: bool, rng: np.random.Generator):
     """Shuffled batches; group-norm models (no attention mask) only batch windows of one length."""
     order = rng.permutation(len(windows))
     if not equal_lengths:
@@ -177,7 +173,7 @@ def _batches(windows: list[_Window], size: int, equal_lengths: bool, rng: np.ran
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def _evaluate(extractor, encoder, head, windows: list[_Window], labels: np.ndarray, n: int, device: str,
+def _evaluate(extractor, encoder, head, windows: list[Window], labels: np.ndarray, n: int, device: str,
               batch_size: int) -> tuple[float, float]:
     """(window loss, balanced accuracy of the recordings' mean window probability)."""
     import torch
@@ -186,15 +182,15 @@ def _evaluate(extractor, encoder, head, windows: list[_Window], labels: np.ndarr
 
     encoder.eval()
     losses, probabilities, owners = [], [], []
-    masked = getattr(encoder.config, "feat_extract_norm", "layer") == "layer"
+    masked = uses_attention_mask(encoder)
     with torch.inference_mode():
         for batch in _batches(windows, batch_size, not masked, np.random.default_rng(0)):
             chunk = [windows[i] for i in batch]
             logits = _logits(extractor, encoder, head, [w.audio for w in chunk], device).float()
-            target = torch.as_tensor([labels[w.recording] for w in chunk], device=device)
+            target = torch.as_tensor([labels[w.item] for w in chunk], device=device)
             losses.append(float(torch.nn.functional.cross_entropy(logits, target, reduction="sum")))
             probabilities += torch.softmax(logits, 1)[:, 1].cpu().tolist()
-            owners += [w.recording for w in chunk]
+            owners += [w.item for w in chunk]
     score = np.bincount(owners, probabilities, n) / np.maximum(np.bincount(owners, minlength=n), 1)
     seen = np.bincount(owners, minlength=n) > 0
     return sum(losses) / max(len(owners), 1), metrics(labels[seen], score[seen], 0.5)["balanced_accuracy"]
@@ -222,19 +218,14 @@ def train_one(model_path: Path, recordings: list[Recording], out_dir: Path, sett
     if (labels < 0).any() or len(set(labels.tolist())) < 2:
         raise FinetuneError(f"{name}: fine-tuning needs labelled recordings of both classes")
     valid = _validation_split(labels, groups, settings.validation_share, settings.seed)
-    train_windows = _windows([r for r, v in zip(recordings, valid, strict=True) if not v], settings)
-    train_index = np.flatnonzero(~valid)
-    for window in train_windows:  # back to indices into `recordings`
-        window.recording = int(train_index[window.recording])
     valid_index = np.flatnonzero(valid)
-    valid_windows = _windows([recordings[i] for i in valid_index], settings)
-    for window in valid_windows:
-        window.recording = int(valid_index[window.recording])
+    train_windows = _windows(recordings, np.flatnonzero(~valid), settings)
+    valid_windows = _windows(recordings, valid_index, settings)
     if not train_windows:
         raise FinetuneError(f"{name}: no readable training window")
 
     extractor, encoder, head = _build(model_path, settings, device)
-    masked = getattr(encoder.config, "feat_extract_norm", "layer") == "layer"
+    masked = uses_attention_mask(encoder)
     trainable = [p for p in encoder.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW([{"params": trainable, "lr": settings.encoder_lr},
                                    {"params": head.parameters(), "lr": settings.head_lr}],
@@ -271,7 +262,7 @@ def train_one(model_path: Path, recordings: list[Recording], out_dir: Path, sett
         for index, batch in enumerate(batches):
             chunk = [train_windows[i] for i in batch]
             logits = _logits(extractor, encoder, head, [w.audio for w in chunk], device)
-            target = torch.as_tensor([labels[w.recording] for w in chunk], device=device)
+            target = torch.as_tensor([labels[w.item] for w in chunk], device=device)
             loss = loss_fn(logits.float(), target)
             (loss / settings.accumulate).backward()
             audio_seconds += sum(len(w.audio) for w in chunk) / 16_000
@@ -329,7 +320,6 @@ def finetune(manifest: Path | str, model: str, out_dir: Path | str, settings: Fi
     `assignment` = (train ids, fold per id), e.g. a study's; else `folds` speaker-grouped stratified folds."""
     import torch
 
-    from adsearch.embed.extract import resolve_device
     from adsearch.embed.model import resolve_model
     from adsearch.search.objective import assign_folds
 
@@ -386,7 +376,6 @@ def extract_crossfit(manifest: Path | str, finetuned: Path | str, out_root: Path
     """Extract each fold's train recordings with the model that never saw them and the test recordings with
     the full model; merge into one cache that records the folds and each item's producer."""
     from adsearch.embed.cache import open_cache
-    from adsearch.embed.extract import extract
 
     finetuned = Path(finetuned)
     record = json.loads((finetuned / "finetune.json").read_text())

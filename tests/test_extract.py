@@ -17,8 +17,8 @@ from adsearch.embed import open_cache
 from adsearch.embed.cache import CacheError, stat_path
 from adsearch.embed.extract import (
     ExtractSettings,
+    Window,
     WindowEncoder,
-    _Window,
     extract,
     make_batches,
     plan_windows,
@@ -130,7 +130,7 @@ def test_group_norm_model_only_batches_equal_lengths(group_norm_model, tmp_path)
     assert not encoder.masked
     with pytest.raises(ValueError, match="equal-length"):
         encoder.encode([speechlike(1.0), speechlike(1.5)])
-    windows = [_Window(i, 0, n, np.zeros(n, np.float32)) for i, n in enumerate([800, 1600, 800, 1600, 1200])]
+    windows = [Window(i, 0, n, np.zeros(n, np.float32)) for i, n in enumerate([800, 1600, 800, 1600, 1200])]
     batches = list(make_batches(windows, batch_size=8, equal_lengths=True))
     assert sorted(len(b) for b in batches) == [1, 2, 2]
     assert all(len({len(w.audio) for w in b}) == 1 for b in batches)

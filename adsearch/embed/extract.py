@@ -222,17 +222,17 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 @dataclass
-class _Window:
+class Window:
     item: int  # index into the group's recordings
     start: int
     end: int
     audio: np.ndarray
 
 
-def make_batches(windows: list[_Window], batch_size: int, equal_lengths: bool) -> Iterator[list[_Window]]:
+def make_batches(windows: list[Window], batch_size: int, equal_lengths: bool) -> Iterator[list[Window]]:
     """Longest first, so padding inside a batch stays small; optionally only equal lengths together."""
     ordered = sorted(windows, key=lambda w: w.end - w.start, reverse=True)
-    batch: list[_Window] = []
+    batch: list[Window] = []
     for window in ordered:
         if batch and (len(batch) == batch_size or (equal_lengths and len(window.audio) != len(batch[0].audio))):
             yield batch
@@ -343,7 +343,7 @@ def _speech_seconds(rec: Recording) -> float:
         return 0.0
 
 
-def _recording_windows(rec: Recording, settings: ExtractSettings) -> tuple[list[_Window], float]:
+def recording_windows(rec: Recording, settings: ExtractSettings) -> tuple[list[Window], float]:
     audio = load_audio(rec.path)
     spans = plan_windows(rec.segments, len(audio), settings.window_s, settings.min_window_s)
     if not spans:
@@ -353,7 +353,7 @@ def _recording_windows(rec: Recording, settings: ExtractSettings) -> tuple[list[
             f"({len(audio) / SAMPLE_RATE:.2f} s of audio)",
         )
     seconds = sum(b - a for a, b in spans) / SAMPLE_RATE
-    return [_Window(0, a, b, audio[a:b]) for a, b in spans], seconds
+    return [Window(0, a, b, audio[a:b]) for a, b in spans], seconds
 
 
 def _group_recordings(recordings: list[Recording], target_windows: int, settings: ExtractSettings,
@@ -365,7 +365,7 @@ def _group_recordings(recordings: list[Recording], target_windows: int, settings
         loaded = []
         for rec in group:
             try:
-                loaded.append((rec, *_recording_windows(rec, settings)))
+                loaded.append((rec, *recording_windows(rec, settings)))
             except AudioError as exc:
                 loaded.append((rec, exc, 0.0))
         return loaded
@@ -507,7 +507,7 @@ def _extract_claimed(pending: list[Recording], parts: Path, encoder: WindowEncod
     audio_seconds = 0.0
     try:
         for group in _group_recordings(pending, 4 * batch_size, settings, claim):
-            windows: list[_Window] = []
+            windows: list[Window] = []
             for index, (rec, loaded, _) in enumerate(group):
                 if isinstance(loaded, AudioError):
                     _write_json_atomic(_failure_path(parts, rec.id),
