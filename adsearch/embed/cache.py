@@ -59,6 +59,20 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def array_hashes(cache_dir: Path, n_layers: int) -> tuple[str, dict[str, str]]:
+    """(content hash, per-file SHA-256) of a cache's arrays, from one read of each file: the content hash
+    covers the array data (the part after the .npy header), the per-file hashes are what readers verify."""
+    digest, files = hashlib.sha256(), {}
+    for stat in STATS:
+        for layer in range(n_layers):
+            path = stat_path(cache_dir, stat, layer)
+            data = path.read_bytes()
+            digest.update(f"{stat}/{layer}".encode())
+            digest.update(memoryview(data)[np.load(path, mmap_mode="r").offset:])
+            files[path.relative_to(cache_dir).as_posix()] = hashlib.sha256(data).hexdigest()
+    return digest.hexdigest(), files
+
+
 def _find_cache_dir(path: Path) -> Path:
     if (path / META_FILE).is_file():
         return path

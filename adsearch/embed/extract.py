@@ -30,7 +30,7 @@ import numpy as np
 from adsearch import __version__
 from adsearch.audio import SAMPLE_RATE, AudioError, audio_duration, load_audio
 from adsearch.corpus import Recording, manifest_digest, read_manifest
-from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, stat_path
+from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, array_hashes, stat_path
 from adsearch.embed.model import ModelSource, load_model, resolve_model, uses_attention_mask
 
 MIN_WINDOW_SAMPLES = 400  # the CNN front end needs 400 samples for its first frame
@@ -618,18 +618,11 @@ def _consolidate(cache_dir: Path, done: list[Recording], n_layers: int, dim: int
         items.append({"id": rec.id, "label": rec.label, "group": rec.group, "split": rec.split,
                       "mmse": rec.mmse, "path": str(rec.path), "n_windows": count})
         offset += count
-    # One read of each file serves both hashes: the content hash over the array data (the part after the .npy
-    # header) and the per-file SHA-256 that readers verify.
-    digest, files = hashlib.sha256(), {}
-    for (stat, layer), array in arrays.items():
+    for array in arrays.values():
         array.flush()
-        path, offset = stat_path(cache_dir, stat, layer), array.offset
-        data = path.read_bytes()
-        digest.update(f"{stat}/{layer}".encode())
-        digest.update(memoryview(data)[offset:])
-        files[path.relative_to(cache_dir).as_posix()] = hashlib.sha256(data).hexdigest()
     del arrays
-    return {"items": items, "windows": windows, "n_windows": n_windows, "content_hash": digest.hexdigest(),
+    content_hash, files = array_hashes(cache_dir, n_layers)
+    return {"items": items, "windows": windows, "n_windows": n_windows, "content_hash": content_hash,
             "files": files, "devices": sorted(devices)}
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from adsearch.corpus import Recording
-from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, EmbeddingCache, file_digest, stat_path
+from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, EmbeddingCache, array_hashes, stat_path
 
 
 def merge_caches(recordings: list[Recording], caches: dict[str, EmbeddingCache], producer: dict[str, str],
@@ -38,18 +38,14 @@ def merge_caches(recordings: list[Recording], caches: dict[str, EmbeddingCache],
     rows = [caches[producer[rec.id]].windows_of(np.array([position[producer[rec.id]][rec.id]])) for rec in order]
     partial = cache_dir.with_name(f".{cache_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    digest, files = hashlib.sha256(), {}
     for stat in STATS:
         for layer in range(first.n_layers):
             blocks = [caches[producer[rec.id]].window_stat(layer, stat)[index] for rec, index in zip(order, rows,
                                                                                                     strict=True)]
-            array = np.ascontiguousarray(np.concatenate(blocks), dtype=np.float32)
             target = stat_path(partial, stat, layer)
             target.parent.mkdir(parents=True, exist_ok=True)
-            np.save(target, array)
-            digest.update(f"{stat}/{layer}".encode())
-            digest.update(array.tobytes())
-            files[stat_path(cache_dir, stat, layer).relative_to(cache_dir).as_posix()] = file_digest(target)
+            np.save(target, np.concatenate(blocks).astype(np.float32, copy=False))
+    content_hash, files = array_hashes(partial, first.n_layers)
     windows: dict[str, list] = {"item": [], "start_sample": [], "end_sample": [], "n_frames": []}
     items = []
     for index, (rec, picked) in enumerate(zip(order, rows, strict=True)):
@@ -63,7 +59,7 @@ def merge_caches(recordings: list[Recording], caches: dict[str, EmbeddingCache],
     failures = [f for cache in caches.values() for f in cache.meta.get("failures", [])]
     meta = {
         "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "items": items, "windows": windows, "n_windows": len(windows["item"]), "content_hash": digest.hexdigest(),
+        "items": items, "windows": windows, "n_windows": len(windows["item"]), "content_hash": content_hash,
         "files": files, "dim": first.dim, "stats": list(STATS), "layers": first.meta["layers"],
         # export and predict use the model trained on the whole train split (it produced the test items)
         "model": {**full.meta["model"], "finetuned_from": record["base_model"]},
