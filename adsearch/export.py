@@ -336,14 +336,13 @@ def export_trial(
     control = control_summary(storage, control_study, setup.spec.cv.metric) if control_study else None
     config = trial_config(setup, chosen.params)
     cache = caches[config.source]  # a multi-source study: the chosen source's cache and model
-    config = config.model_copy(update={"source": None})
     spec = setup.spec
     scores = [chosen.intermediate_values[k] for k in sorted(chosen.intermediate_values)]
     exported = ExportedConfig(
         adsearch_version=__version__,
         study=StudyRef(name=study_name, trial=chosen.number, storage=mask_url(storage_url)),
         model=ModelRef(name=cache.meta["model"]["name"], revision=cache.meta["model"]["revision"]),
-        features=Features(source=trial_config(setup, chosen.params).source, layer=config.layer,
+        features=Features(source=config.source, layer=config.layer,
                           pooling=config.pooling, unit=config.unit,
                           window_s=cache.meta["settings"]["window_s"],
                           min_window_s=cache.meta["settings"]["min_window_s"],
