@@ -133,11 +133,12 @@ def new_setup(cache: Caches, spec: StudySpec, space_file: str, sampler: str | No
         raise StudyError(f"unknown pruner {pruner!r}; choose one of {', '.join(PRUNERS)}")
     caches = cache if isinstance(cache, dict) else {"": cache}
     primary = next(iter(caches.values()))
-    reference = FeatureSource(primary)
+    train = {name: FeatureSource(one) for name, one in caches.items()}  # each source's train split
+    reference = next(iter(train.values()))
     assignments = []
     for name, one in caches.items():
         source_layers(spec, one.n_layers, f"{space_file} (source {name or one.path})")
-        source = FeatureSource(one)
+        source = train[name]
         if (source.ids, source.labels.tolist(), source.groups.tolist()) != (
                 reference.ids, reference.labels.tolist(), reference.groups.tolist()):
             raise StudyError(f"source {name!r} ({one.path}) holds other train recordings, labels or speakers than "
