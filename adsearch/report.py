@@ -116,11 +116,12 @@ def _figures(study, setup, test: dict | None, out: Path) -> list[Path]:
 
 def _honesty_rows(exported, floor: dict | None, control: dict | None) -> list[tuple]:
     """Every figure next to what it would be by chance and how it was obtained."""
+    from adsearch.export import CHANCE
     from adsearch.search.null import describe
 
     metric = exported.cv.metric
-    rows = [("chance", {"balanced_accuracy": "0.5", "roc_auc": "0.5"}.get(metric, "the majority-class rate")
-             + f" ({metric})")]
+    chance = CHANCE.get(metric)
+    rows = [("chance", (f"{chance:g}" if chance is not None else "the majority-class rate") + f" ({metric})")]
     rows.append(("noise floor (`adsearch null`)", describe(floor) if floor else
                  "not measured: run `adsearch null --study " + exported.study.name + "` (the same search on "
                  "label-permuted train splits)"))
