@@ -207,6 +207,7 @@ def train_one(model_path: Path, recordings: list[Recording], out_dir: Path, sett
     best epoch's encoder to `out_dir` with save_pretrained. Resumes from `out_dir/checkpoint.pt`; a finished
     fine-tune (`out_dir/done.json`) returns its record at once."""
     import torch
+    from transformers import set_seed
 
     done_file = out_dir / "done.json"
     if done_file.is_file():
@@ -255,7 +256,9 @@ def train_one(model_path: Path, recordings: list[Recording], out_dir: Path, sett
             break
         encoder.train()
         rng = np.random.default_rng([settings.seed, epoch])
-        torch.manual_seed(settings.seed * 1000 + epoch)
+        # transformers draws the SpecAugment masks from numpy's global generator: seeding torch alone left an
+        # epoch's masks (and so its losses) depending on whatever ran before in the process
+        set_seed(settings.seed * 1000 + epoch)
         optimiser.zero_grad()
         batches = _batches(train_windows, settings.batch_size, not masked, rng)
         progress.epoch(name, epoch, settings.epochs, len(batches))
