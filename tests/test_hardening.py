@@ -209,7 +209,9 @@ def test_bad_storage_urls_are_refused_before_anything_is_created(tmp_path):
     (tmp_path / "plain-file").write_text("")
     cases = {f"sqlite:///{tmp_path}": "is a folder; name a database file in it",
              f"sqlite:///{tmp_path / 'plain-file' / 'x.db'}": "is a file, not a folder",
-             "no url at all": "is not a database URL"}
+             "no url at all": "is not a database URL",
+             "redis://127.0.0.1:6379/0": "'redis' is not a database SQLAlchemy knows",
+             "grpc://127.0.0.1:13000": "do not go through Optuna's gRPC storage proxy"}
     for url, expected in cases.items():
         assert_clear_error(run("dashboard", "--storage", url), expected)
 

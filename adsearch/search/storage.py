@@ -83,6 +83,18 @@ def check_url(url: str) -> str:
     except Exception:
         raise StorageError(f"--storage {mask_url(url)!r} is not a database URL; give e.g. sqlite:///adsearch.db "
                            "or postgresql+psycopg://user@host/db") from None
+    if parsed.get_backend_name() == "grpc":
+        # Optuna's proxy client keeps no heartbeats: a killed worker's trial would stay RUNNING for ever.
+        raise StorageError(f"--storage {mask_url(url)!r}: adsearch workers do not go through Optuna's gRPC storage "
+                           "proxy (it has no heartbeats, so a killed worker's trial would never be retried, and "
+                           "it did not raise throughput, see BENCHMARKS.md); give the database URL itself, e.g. "
+                           "postgresql+psycopg://user@host/db")
+    try:
+        parsed.get_dialect()
+    except Exception:
+        raise StorageError(f"--storage {mask_url(url)!r}: {parsed.get_backend_name()!r} is not a database "
+                           "SQLAlchemy knows; use sqlite:///FILE, postgresql+psycopg://... or "
+                           "mysql+pymysql://...") from None
     if parsed.get_backend_name() != "sqlite":
         return url
     database = parsed.database or ""
