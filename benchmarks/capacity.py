@@ -44,19 +44,9 @@ SHAPE = dict(n_train=166, n_test=71, n_layers=25, dim=64, windows_per_item=4, si
 LOGREG = {"cv": {"folds": 5}, "pruner": "none",
           "space": {"pooling": ["mean", "std", "mean+std"], "classifiers": {"logreg": {}}}}
 
-# One worker process: the real loop, fits replaced by a constant model, time inside storage calls counted.
-WORKER = """
-import json, sys, threading, time, types
-import numpy as np
-import optuna
-import adsearch.search.objective as objective
-from adsearch.search.worker import run_worker
-
-class Constant:
-    def predict_proba(self, X):
-        return np.full((len(X), 2), 0.5)
-
-objective.fit_pipeline = lambda *args, **kwargs: Constant()
+# Both worker scripts start with this: `timed(method)` adds the main thread's time in outermost calls to spent[0].
+TIMER = """
+import threading, time
 spent, depth = [0.0], threading.local()
 main = threading.main_thread()
 
@@ -71,6 +61,21 @@ def timed(method):
             spent[0] += time.perf_counter() - started
             depth.n = 0
     return wrapper
+"""
+
+# One worker process: the real loop, fits replaced by a constant model, time inside storage calls counted.
+WORKER = TIMER + """
+import json, sys, types
+import numpy as np
+import optuna
+import adsearch.search.objective as objective
+from adsearch.search.worker import run_worker
+
+class Constant:
+    def predict_proba(self, X):
+        return np.full((len(X), 2), 0.5)
+
+objective.fit_pipeline = lambda *args, **kwargs: Constant()
 
 from adsearch.search.storage import AdsearchStorage
 for cls in (optuna.storages.RDBStorage, AdsearchStorage):  # every storage call; nested ones count once
@@ -87,8 +92,8 @@ print(json.dumps({"ran": report.ran, "storage_s": spent[0]}))
 
 
 # One plain Optuna worker: direct (argv[3] == "direct") or through the gRPC proxy on port argv[3].
-PLAIN_WORKER = """
-import json, sys, threading, time, types, warnings
+PLAIN_WORKER = TIMER + """
+import json, sys, types, warnings
 import optuna
 from optuna.storages import GrpcStorageProxy, get_storage
 
@@ -96,19 +101,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
 name, url, via, trials = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 storage = get_storage(url) if via == "direct" else GrpcStorageProxy(host="127.0.0.1", port=int(via))
-spent, depth = [0.0], threading.local()
-
-def timed(method):
-    def wrapper(*args, **kwargs):
-        if getattr(depth, "n", 0):
-            return method(*args, **kwargs)
-        depth.n, started = 1, time.perf_counter()
-        try:
-            return method(*args, **kwargs)
-        finally:
-            spent[0] += time.perf_counter() - started
-            depth.n = 0
-    return wrapper
 
 for name_, member in list(vars(type(storage)).items()):
     if isinstance(member, types.FunctionType) and not name_.startswith("_"):
