@@ -439,7 +439,8 @@ def search(
                                                   "is then a parameter, with each source's own layers.",
                                              envvar="ADSEARCH_CACHE")],
     study: Annotated[str, typer.Option(help="Study name; an existing study is resumed.")],
-    space: Annotated[Path, typer.Option(help="Search-space YAML.")] = Path("studies/default.yaml"),
+    space: Annotated[Path, typer.Option(help="Search-space YAML (the default is found from any working folder: "
+                                             "here, else adsearch's own).")] = Path("studies/default.yaml"),
     storage: Annotated[str, typer.Option(help=_STORAGE_HELP, envvar="ADSEARCH_STORAGE")] = "sqlite:///adsearch.db",
     trials: Annotated[int, typer.Option(help="Total finished trials for the study, across all workers.")] = 100,
     workers: Annotated[int, typer.Option(help="Worker processes on this machine (one core each); 0 creates or "

@@ -57,9 +57,11 @@ def test_validation_errors_name_file_key_and_what_is_allowed(tmp_path, text, exp
     assert expected in str(info.value)
 
 
-def test_missing_file_and_layers_outside_the_cache(tmp_path):
-    with pytest.raises(SpaceError, match="space file not found"):
+def test_missing_file_and_layers_outside_the_cache(tmp_path, monkeypatch):
+    with pytest.raises(SpaceError, match="space file not found; pass --space FILE"):
         load_spec(tmp_path / "nope.yaml")
+    monkeypatch.chdir(tmp_path)  # the default space is found from any working folder
+    assert load_spec("studies/default.yaml").digest() == load_spec(DEFAULT).digest()
     spec = parse_spec({"space": {"layers": {"low": 2, "high": 30}}})
     with pytest.raises(SpaceError, match="2..30 is outside the cache's layers 0..24"):
         check_layers(spec, 25)

@@ -252,10 +252,19 @@ def parse_spec(data: Any, source: str = "<space>") -> StudySpec:
     return spec
 
 
+DEFAULT_SPACE = Path("studies/default.yaml")
+
+
 def load_spec(path: Path | str) -> StudySpec:
+    """Read and validate a space file. The default `studies/default.yaml` is also found outside the working
+    folder: if there is none here, adsearch's own copy (beside the package in a checkout) is used."""
     path = Path(path)
+    if path == DEFAULT_SPACE and not path.exists():
+        own = Path(__file__).resolve().parents[2] / DEFAULT_SPACE
+        path = own if own.is_file() else path
     if not path.exists():
-        raise SpaceError(f"{path}: space file not found (see studies/default.yaml for an example)")
+        raise SpaceError(f"{path}: space file not found; pass --space FILE (adsearch's default space is "
+                         "studies/default.yaml in its repository)")
     try:
         data = load_yaml(path, "search-space file")
     except YamlError as exc:
