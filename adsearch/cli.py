@@ -10,6 +10,7 @@ from typing import Annotated
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -39,14 +40,26 @@ out = Console(soft_wrap=True)  # never break paths or commands across lines
 err = Console(stderr=True, soft_wrap=True)
 
 
+@app.callback()
+def _main() -> None:
+    """Output never breaks on a file name that is not UTF-8 (shown with \\x escapes instead)."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn expected input errors into one red message and exit code 2, without a traceback."""
+    """Turn expected input errors into one red message and exit code 2, without a traceback. Errors of the
+    operating system (a full disk, a read-only folder, a name too long) say which path and what to do."""
     from adsearch.audio import AudioError
     from adsearch.corpus import CorpusError
     from adsearch.embed.cache import CacheError
+    from adsearch.outputs import describe_os_error
 
-    expected: tuple[type[Exception], ...] = (AudioError, CorpusError, CacheError, ValueError, FileNotFoundError)
+    expected: tuple[type[Exception], ...] = (AudioError, CorpusError, CacheError, ValueError)
     with contextlib.suppress(ImportError):
         from adsearch.embed.model import ModelError
         from adsearch.synth import SynthError
@@ -55,7 +68,10 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except expected as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        err.print(f"[bold red]error:[/] {escape(describe_os_error(exc))}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -351,7 +367,8 @@ def finetune(
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             try:
-                setup = StudySetup.from_study(optuna.load_study(study_name=folds_from, storage=make_storage(storage)))
+                store = make_storage(storage, create=False)
+                setup = StudySetup.from_study(optuna.load_study(study_name=folds_from, storage=store))
             except KeyError:
                 raise ValueError(f"--folds-from: no study {folds_from!r} in this storage") from None
             if setup.folds.shape[0] != 1:
@@ -636,7 +653,7 @@ def null(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with user_errors():
-        store = make_storage(storage)
+        store = make_storage(storage, create=False)
         try:
             main = optuna.load_study(study_name=study, storage=store)
         except KeyError:

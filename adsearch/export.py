@@ -7,9 +7,7 @@ labels is recorded on the study, so a reader of the results can tell how often t
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adsearch import __version__
 from adsearch.embed.cache import POOLINGS, EmbeddingCache
+from adsearch.outputs import check_new_folder, folder_written_whole
 from adsearch.safeyaml import YamlError, load_yaml
 from adsearch.search.objective import (
     assign_folds,
@@ -301,15 +300,15 @@ def export_trial(
     import optuna
     from optuna.trial import TrialState
 
-    from adsearch.report import write_report
     from adsearch.search.storage import make_storage, mask_url
     from adsearch.search.study import StudySetup, load_caches_for, trial_config
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ExportError(f"{out_dir} already exists and is not an empty folder; choose another -o or remove it")
+    out_dir = check_new_folder(out_dir)
+    if not 0 <= top_k <= 1000:
+        raise ExportError(f"--top-k {top_k}: give 0 (the exported trial alone) up to 1000 other configurations to "
+                          "test beside it")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = make_storage(storage_url)
+    storage = make_storage(storage_url, create=False)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
@@ -359,11 +358,25 @@ def export_trial(
     fresh = exported.cv.fresh
     log(f"re-scored on {fresh.repeats} fresh fold assignments: {spec.cv.metric} {fresh.mean:.4f} +/- "
         f"{fresh.std:.4f} vs study CV {chosen.value:.4f} (selection optimism {fresh.optimism:+.4f})")
-    # Everything is written into a hidden sibling folder that becomes OUT_DIR at the very end: an export
-    # killed midway leaves no half-written OUT_DIR (a rerun starts over).
-    work_dir = out_dir.parent / f".{out_dir.name}.partial"
-    shutil.rmtree(work_dir, ignore_errors=True)
-    work_dir.mkdir(parents=True)
+    # Everything is written into a private hidden folder that becomes OUT_DIR at the very end: an export
+    # killed midway, or beaten by a concurrent one, leaves no half-written or mixed OUT_DIR.
+    result = ExportResult(out_dir, exported, None)
+    with folder_written_whole(out_dir) as work_dir:
+        figures = _write_export(study, setup, caches, cache, config, chosen, complete, exported, work_dir, out_dir,
+                                top_k, artifacts, control, log, result)
+    result.figures = [out_dir / figure.relative_to(work_dir) for figure in figures]
+    return result
+
+
+def _write_export(study, setup, caches, cache, config: TrialConfig, chosen, complete, exported: ExportedConfig,
+                  work_dir: Path, out_dir: Path, top_k: int, artifacts, control, log, result: ExportResult) -> list:
+    """Config, refit model, one held-out test evaluation (with the top-k comparison) and the report, into
+    `work_dir`; returns the report's figures."""
+    from adsearch.report import write_report
+    from adsearch.search.null import NULL_ATTR
+    from adsearch.search.study import trial_config
+
+    spec = setup.spec
     (work_dir / CONFIG_FILE).write_text(yaml.safe_dump(exported.model_dump(mode="json"), sort_keys=False))
     train = np.flatnonzero(cache.splits == "train")
     model = fit_on(cache, config, train, spec.seed)
@@ -371,7 +384,6 @@ def export_trial(
     log(f"refit on {len(train)} train recordings; wrote {out_dir / CONFIG_FILE} and {out_dir / MODEL_FILE}")
 
     test_items = np.flatnonzero((cache.splits == "test") & (cache.labels >= 0))
-    result = ExportResult(out_dir, exported, None)
     if len(test_items) == 0 or len(set(cache.labels[test_items])) < 2:
         log("no test labels in the cache: stopped after the refit (no held-out evaluation)")
     else:
@@ -400,17 +412,10 @@ def export_trial(
                                           for k in ("accuracy", "balanced_accuracy", "roc_auc")},
                                  "mcnemar": mcnemar_exact(correct_best, correct_other)})
         (work_dir / "test.json").write_text(json.dumps({**result.test, "top_k": result.top_k}, indent=1))
-    from adsearch.search.null import NULL_ATTR
-
     floor = study._storage.get_study_system_attrs(study._study_id).get(NULL_ATTR)
     result.warnings += honesty_warnings(exported, floor, control)
-    figures = write_report(study, setup, cache, exported, result.test, result.top_k, work_dir, artifacts,
-                           floor=floor, control=control, warnings=result.warnings)
-    if out_dir.exists():
-        out_dir.rmdir()  # empty, checked above
-    os.replace(work_dir, out_dir)
-    result.figures = [out_dir / figure.relative_to(work_dir) for figure in figures]
-    return result
+    return write_report(study, setup, cache, exported, result.test, result.top_k, work_dir, artifacts,
+                        floor=floor, control=control, warnings=result.warnings)
 
 
 def control_summary(storage, control_study: str, metric: str) -> dict:

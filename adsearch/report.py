@@ -8,6 +8,7 @@ the test confusion matrix.
 from __future__ import annotations
 
 import html
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -136,13 +137,20 @@ def _honesty_rows(exported, floor: dict | None, control: dict | None) -> list[tu
     return rows
 
 
+def slug(name: str) -> str:
+    """A study name as part of a file name: letters, digits, '.', '_' and '-' only, at most 60 characters,
+    never '.' or '..' (the study id beside it keeps names that slug alike apart)."""
+    text = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")[:60]
+    return text or "study"
+
+
 def upload_screen(study, result, artifacts: Path | str | None = None) -> Path:
     """The layer screen's heat map, attached to the study as soon as the screen ran (dashboard artifact)."""
     from adsearch.search.screen import heatmap
 
     folder = Path(artifacts or DEFAULT_ARTIFACTS)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"screen-{study.study_name}.png"
+    path = folder / f"screen-{study._study_id}-{slug(study.study_name)}.png"
     heatmap(result, path)
     _upload(study, [path], artifacts)
     return path

@@ -88,6 +88,7 @@ def test_space_check_validates_and_summarises(tmp_path):
 def test_worker_and_search_report_unknown_study_and_bad_cache(tmp_path):
     storage = f"sqlite:///{tmp_path / 'x.db'}"
     result = run("worker", "--study", "ghost", "--storage", storage)
-    assert result.exit_code == 2 and "no study 'ghost'" in result.output and "adsearch search" in result.output
+    assert result.exit_code == 2 and "no study database at" in result.output and "adsearch search" in result.output
+    assert not (tmp_path / "x.db").exists()  # a mistyped --storage leaves no empty database behind
     result = run("search", "--cache", tmp_path / "missing", "--study", "s", "--storage", storage)
     assert result.exit_code == 2 and "cache directory not found" in result.output

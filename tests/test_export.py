@@ -10,8 +10,10 @@ from typer.testing import CliRunner
 
 from adsearch.cli import app
 from adsearch.embed import open_cache
+from adsearch.embed.cache import seal
 from adsearch.embed.extract import ExtractSettings, extract
 from adsearch.export import ExportError, export_trial, load_config, load_model, mcnemar_exact, wilson
+from adsearch.outputs import OutputError
 from adsearch.search.space import parse_spec
 from adsearch.search.storage import make_storage
 from adsearch.search.study import create_or_resume
@@ -93,7 +95,7 @@ def test_evaluate_reproduces_the_study_score_exactly(exported, study_env):
 
 def test_export_bad_inputs(study_env, exported, tmp_path):
     out, _ = exported
-    with pytest.raises(ExportError, match="already exists and is not an empty folder"):
+    with pytest.raises(OutputError, match="already exists and is not an empty folder"):
         export_trial("s", study_env["url"], out)
     with pytest.raises(ExportError, match="no study 'nope'"):
         export_trial("nope", study_env["url"], tmp_path / "x")
@@ -137,10 +139,13 @@ def test_export_without_test_labels_stops_after_refit(study_env, tmp_path):
     for item in meta["items"]:
         if item["split"] == "test":
             item["label"] = None
-    (copy / "cache.json").write_text(json.dumps(meta))
+    (copy / "cache.json").write_text(json.dumps(seal(meta)))  # a cache made without test labels
+    url = f"sqlite:///{tmp_path / 'nolabels.db'}"
+    spec = parse_spec({**SPACE, "space": {**SPACE["space"], "classifiers": {"logreg": {}}}})
+    create_or_resume(make_storage(url), "s", open_cache(copy), spec, "space.yaml", 2)
+    run_worker("s", url, worker_index=0)
     messages = []
-    result = export_trial("s", study_env["url"], tmp_path / "out", cache_path=str(copy),
-                          artifacts=tmp_path / "art", log=messages.append)
+    result = export_trial("s", url, tmp_path / "out", artifacts=tmp_path / "art", log=messages.append)
     assert result.test is None and not (tmp_path / "out" / "test.json").exists()
     assert (tmp_path / "out" / "model.skops").exists()
     assert any("no test labels" in m for m in messages)

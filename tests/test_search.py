@@ -14,7 +14,7 @@ from conftest import MARIADB, POSTGRES, server_available
 from optuna.trial import TrialState
 
 from adsearch.embed import open_cache
-from adsearch.embed.cache import file_digest
+from adsearch.embed.cache import file_digest, seal
 from adsearch.embed.synthetic import write_synthetic_cache
 from adsearch.search import objective as objective_module
 from adsearch.search.budget import TrialBudget
@@ -70,7 +70,7 @@ def test_cv_never_reads_test_items(tmp_path):
         if item["split"] == "test":
             item["label"] = 1 - item["label"]
     meta["files"] = {name: file_digest(poisoned_dir / name) for name in meta["files"]}  # a consistent cache
-    (poisoned_dir / "cache.json").write_text(json.dumps(meta))
+    (poisoned_dir / "cache.json").write_text(json.dumps(seal(meta)))
     poisoned = open_cache(poisoned_dir)
     for unit in ("recording", "window"):
         source_a, source_b = FeatureSource(clean), FeatureSource(poisoned)

@@ -59,18 +59,29 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def array_hashes(cache_dir: Path, n_layers: int) -> tuple[str, dict[str, str]]:
-    """(content hash, per-file SHA-256) of a cache's arrays, from one read of each file: the content hash
-    covers the array data (the part after the .npy header), the per-file hashes are what readers verify."""
-    digest, files = hashlib.sha256(), {}
-    for stat in STATS:
-        for layer in range(n_layers):
-            path = stat_path(cache_dir, stat, layer)
-            data = path.read_bytes()
-            digest.update(f"{stat}/{layer}".encode())
-            digest.update(memoryview(data)[np.load(path, mmap_mode="r").offset:])
-            files[path.relative_to(cache_dir).as_posix()] = hashlib.sha256(data).hexdigest()
-    return digest.hexdigest(), files
+def file_hashes(cache_dir: Path, n_layers: int) -> dict[str, str]:
+    """SHA-256 of every array file, by path relative to the cache: what readers verify before a first read."""
+    return {stat_path(cache_dir, stat, layer).relative_to(cache_dir).as_posix():
+            file_digest(stat_path(cache_dir, stat, layer)) for stat in STATS for layer in range(n_layers)}
+
+
+# What defines a cache's data: its recordings (ids, labels, speakers, splits, MMSE), windows and frame
+# counts, shape, model, settings, fold assignment of a cross-fitted cache, and (through their SHA-256) the
+# arrays. The content hash covers all of it, so an edit of cache.json is as visible as an edit of an array.
+DEFINING_KEYS = ("format_version", "items", "windows", "n_windows", "dim", "layers", "stats", "files", "model",
+                 "settings", "crossfit")
+
+
+def content_hash_of(meta: dict) -> str:
+    """The content hash of a cache from its metadata's defining fields (`DEFINING_KEYS`)."""
+    defining = {key: meta.get(key) for key in DEFINING_KEYS}
+    return hashlib.sha256(json.dumps(defining, sort_keys=True, allow_nan=True).encode()).hexdigest()
+
+
+def seal(meta: dict) -> dict:
+    """Set `meta`'s content hash (the last step before cache.json is written)."""
+    meta["content_hash"] = content_hash_of(meta)
+    return meta
 
 
 def _find_cache_dir(path: Path) -> Path:
@@ -324,12 +335,55 @@ def _pooling_parts(pooling: str) -> tuple[str, ...]:
 
 
 def open_cache(path: Path | str) -> EmbeddingCache:
-    """Open a finished cache by its directory (or the `-o` root of `adsearch extract` if it holds one)."""
+    """Open a finished cache by its directory (or the `-o` root of `adsearch extract` if it holds one).
+
+    cache.json must still match its content hash and be consistent (windows, frame counts, labels): an
+    edited label or frame count would otherwise give silently wrong scores."""
     cache_dir = _find_cache_dir(Path(path))
-    meta = json.loads((cache_dir / META_FILE).read_text())
+    meta_file = cache_dir / META_FILE
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CacheError(f"{meta_file}: not valid JSON ({exc}); extract the cache again") from None
+    if not isinstance(meta, dict):
+        raise CacheError(f"{meta_file}: not a cache description; extract the cache again")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CacheError(
             f"{cache_dir}: cache format {meta.get('format_version')} is not the supported {FORMAT_VERSION}; "
             "re-run `adsearch extract` with this version"
         )
+    if meta.get("content_hash") != content_hash_of(meta):
+        raise CacheError(f"{meta_file}: edited after extraction: its recordings, labels, speakers, splits, windows "
+                         "or frame counts no longer match its content hash; extract the cache again (or restore "
+                         "the original file)")
+    _check_consistent(meta, meta_file)
     return EmbeddingCache(cache_dir, meta)
+
+
+def _check_consistent(meta: dict, meta_file: Path) -> None:
+    """Shapes and values a correct extraction always writes (a hand-made cache.json may not)."""
+    try:
+        items, windows = meta["items"], meta["windows"]
+        item, frames = np.asarray(windows["item"], np.int64), np.asarray(windows["n_frames"], np.int64)
+        counts = [int(i["n_windows"]) for i in items]
+        labels = {i["label"] for i in items}
+        splits = {i["split"] for i in items}
+        n_layers, dim = int(meta["layers"]["count"]), int(meta["dim"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CacheError(f"{meta_file}: malformed ({type(exc).__name__}: {exc}); extract the cache again") from None
+    problems = []
+    if len(item) != len(frames) or len(item) != meta.get("n_windows") or len(item) != sum(counts):
+        problems.append("window lists and counts disagree")
+    elif len(item) and (np.any(np.diff(item) < 0) or item[0] < 0 or item[-1] >= len(items)
+                        or np.bincount(item, minlength=len(items)).tolist() != counts):
+        problems.append("windows do not follow their recordings")
+    if len(frames) and frames.min() < 1:
+        problems.append("a window has no frames")
+    if not labels <= {0, 1, None}:
+        problems.append(f"labels {sorted(map(str, labels - {0, 1, None}))} are not 0, 1 or empty")
+    if not splits <= {"train", "test"}:
+        problems.append(f"splits {sorted(map(str, splits - {'train', 'test'}))} are not train or test")
+    if n_layers < 1 or dim < 1:
+        problems.append("no layers or no dimensions")
+    if problems:
+        raise CacheError(f"{meta_file}: {'; '.join(problems)}; extract the cache again")

@@ -30,7 +30,7 @@ import numpy as np
 from adsearch import __version__
 from adsearch.audio import SAMPLE_RATE, AudioError, audio_duration, load_audio
 from adsearch.corpus import Recording, manifest_digest, read_manifest
-from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, array_hashes, stat_path
+from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, file_hashes, seal, stat_path
 from adsearch.embed.model import ModelSource, load_model, resolve_model, uses_attention_mask
 
 MIN_WINDOW_SAMPLES = 400  # the CNN front end needs 400 samples for its first frame
@@ -583,7 +583,7 @@ def _write_cache(cache_dir: Path, recordings: list[Recording], source: ModelSour
         "failures": failures,
         "versions": _versions(torch),
     })
-    _write_json_atomic(cache_dir / META_FILE, meta)
+    _write_json_atomic(cache_dir / META_FILE, seal(meta))
     shutil.rmtree(parts)
 
 
@@ -621,9 +621,8 @@ def _consolidate(cache_dir: Path, done: list[Recording], n_layers: int, dim: int
     for array in arrays.values():
         array.flush()
     del arrays
-    content_hash, files = array_hashes(cache_dir, n_layers)
-    return {"items": items, "windows": windows, "n_windows": n_windows, "content_hash": content_hash,
-            "files": files, "devices": sorted(devices)}
+    return {"items": items, "windows": windows, "n_windows": n_windows, "files": file_hashes(cache_dir, n_layers),
+            "devices": sorted(devices)}
 
 
 def _model_meta(source: ModelSource, devices: list[str]) -> dict:

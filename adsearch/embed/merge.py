@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from adsearch.corpus import Recording
-from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, EmbeddingCache, array_hashes, stat_path
+from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, EmbeddingCache, file_hashes, seal, stat_path
 
 
 def merge_caches(recordings: list[Recording], caches: dict[str, EmbeddingCache], producer: dict[str, str],
@@ -45,7 +45,6 @@ def merge_caches(recordings: list[Recording], caches: dict[str, EmbeddingCache],
             target = stat_path(partial, stat, layer)
             target.parent.mkdir(parents=True, exist_ok=True)
             np.save(target, np.concatenate(blocks).astype(np.float32, copy=False))
-    content_hash, files = array_hashes(partial, first.n_layers)
     windows: dict[str, list] = {"item": [], "start_sample": [], "end_sample": [], "n_frames": []}
     items = []
     for index, (rec, picked) in enumerate(zip(order, rows, strict=True)):
@@ -59,8 +58,9 @@ def merge_caches(recordings: list[Recording], caches: dict[str, EmbeddingCache],
     failures = [f for cache in caches.values() for f in cache.meta.get("failures", [])]
     meta = {
         "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "items": items, "windows": windows, "n_windows": len(windows["item"]), "content_hash": content_hash,
-        "files": files, "dim": first.dim, "stats": list(STATS), "layers": first.meta["layers"],
+        "items": items, "windows": windows, "n_windows": len(windows["item"]),
+        "files": file_hashes(partial, first.n_layers), "dim": first.dim, "stats": list(STATS),
+        "layers": first.meta["layers"],
         # export and predict use the model trained on the whole train split (it produced the test items)
         "model": {**full.meta["model"], "finetuned_from": record["base_model"]},
         "settings": first.meta["settings"], "failures": failures, "versions": first.meta.get("versions", {}),
@@ -75,6 +75,6 @@ def merge_caches(recordings: list[Recording], caches: dict[str, EmbeddingCache],
                        for name, model in record["models"].items() if name in caches},
         },
     }
-    (partial / META_FILE).write_text(json.dumps(meta))
+    (partial / META_FILE).write_text(json.dumps(seal(meta)))
     os.replace(partial, cache_dir)
     return cache_dir

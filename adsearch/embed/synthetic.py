@@ -21,13 +21,12 @@ and one pooled statistic:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
-from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, file_digest, stat_path
+from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, file_hashes, seal, stat_path
 
 
 def write_synthetic_cache(
@@ -72,9 +71,7 @@ def write_synthetic_cache(
         values = {"mean": mean, "m2": std**2 * frames[:, None], "max": peak,
                   "min": mean - std * (2.5 + rng.normal(0, 0.3, (n_windows, dim)).astype(np.float32))}
         _save_layer(path, layer, values)
-    key = [n_train, n_test, n_layers, dim, windows_per_item, signal_layer, signal_pooling, strength, nonlinear,
-           signal_dims, seed]
-    return _write_meta(path, labels, n_train, np.full(n_items, windows_per_item), frames, n_layers, dim, key,
+    return _write_meta(path, labels, n_train, np.full(n_items, windows_per_item), frames, n_layers, dim,
                        "synthetic", {"signal_layer": signal_layer, "signal_pooling": signal_pooling,
                                      "nonlinear": nonlinear, "strength": strength, "signal_dims": dims.tolist()})
 
@@ -87,7 +84,7 @@ def _save_layer(path: Path, layer: int, values: dict[str, np.ndarray]) -> None:
 
 
 def _write_meta(path: Path, labels: np.ndarray, n_train: int, windows_per_item: np.ndarray, frames: np.ndarray,
-                n_layers: int, dim: int, key: list, model: str, synthetic: dict) -> Path:
+                n_layers: int, dim: int, model: str, synthetic: dict) -> Path:
     """cache.json of a synthetic cache whose arrays are written: one recording per speaker, train first."""
     n_items = len(labels)
     window_item = np.repeat(np.arange(n_items), windows_per_item)
@@ -98,15 +95,13 @@ def _write_meta(path: Path, labels: np.ndarray, n_train: int, windows_per_item: 
         "format_version": FORMAT_VERSION, "items": items, "n_windows": len(window_item),
         "windows": {"item": window_item.tolist(), "n_frames": frames.tolist(),
                     "start_sample": [0] * len(window_item), "end_sample": (frames * 320).tolist()},
-        "content_hash": hashlib.sha256(json.dumps(key).encode()).hexdigest(), "dim": dim, "stats": list(STATS),
-        "files": {stat_path(path, stat, layer).relative_to(path).as_posix(): file_digest(stat_path(path, stat, layer))
-                  for stat in STATS for layer in range(n_layers)},
+        "dim": dim, "stats": list(STATS), "files": file_hashes(path, n_layers),
         "layers": {"count": n_layers, "meaning": {"all": "synthetic"}},
         "model": {"name": model, "revision": "none"},
         "settings": {"window_s": 20.0, "min_window_s": 0.5, "dtype": "float32", "sample_rate": 16000},
         "manifest": {"path": "", "hash": ""}, "failures": [], "versions": {}, "synthetic": synthetic,
     }
-    (path / META_FILE).write_text(json.dumps(meta))
+    (path / META_FILE).write_text(json.dumps(seal(meta)))
     return path
 
 
@@ -189,7 +184,6 @@ def write_realistic_cache(
                   "max": mean + std * (2.5 + 0.3 * rng.normal(0, 1, (n_windows, dim))),
                   "min": mean - std * (2.5 + 0.3 * rng.normal(0, 1, (n_windows, dim)))}
         _save_layer(path, layer, values)
-    key = ["realistic", kind, strength, signal_layer, n_train, n_test, n_layers, dim, rank, seed]
-    return _write_meta(path, labels, n_train, windows_per_item, frames, n_layers, dim, key, "synthetic-realistic",
+    return _write_meta(path, labels, n_train, windows_per_item, frames, n_layers, dim, "synthetic-realistic",
                        {"kind": kind, "signal_layer": signal_layer, "signal_pooling": PLANTED_POOLING[kind],
                         "nonlinear": kind == "nonlinear", "strength": strength, "realistic": True})

@@ -37,6 +37,7 @@ from adsearch.search.database import (
 from adsearch.search.errors import StudyError
 
 DEFAULT_STORAGE = "sqlite:///adsearch.db"
+MAX_PASSWORD_BYTES = 4096
 _log = logging.getLogger(__name__)
 
 
@@ -67,10 +68,23 @@ def with_password(url: str) -> str:
     parsed = sa.engine.make_url(url)
     if parsed.password:
         return url
+    import stat
+
     try:
-        password = Path(secret).read_text().strip()
+        if not stat.S_ISREG(os.stat(secret).st_mode):  # /dev/zero would never end
+            raise StorageError(f"ADSEARCH_STORAGE_PASSWORD_FILE={secret}: not a regular file; name the file that "
+                               "holds the password")
+        with open(secret, "rb") as handle:
+            data = handle.read(MAX_PASSWORD_BYTES + 1)
     except OSError as exc:
         raise StorageError(f"ADSEARCH_STORAGE_PASSWORD_FILE={secret}: cannot read it ({exc.strerror})") from None
+    if len(data) > MAX_PASSWORD_BYTES:
+        raise StorageError(f"ADSEARCH_STORAGE_PASSWORD_FILE={secret}: over {MAX_PASSWORD_BYTES} bytes; it must hold "
+                           "the password alone")
+    try:
+        password = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise StorageError(f"ADSEARCH_STORAGE_PASSWORD_FILE={secret}: not UTF-8 text") from None
     return parsed.set(password=password).render_as_string(hide_password=False)
 
 
@@ -110,19 +124,34 @@ def check_url(url: str) -> str:
     return url
 
 
+def check_heartbeat(heartbeat_interval: int, grace_period: int) -> None:
+    """A trial counts as dead after `grace_period` seconds without a heartbeat; with a grace shorter than
+    two heartbeats, one late heartbeat (a slow commit, a busy core) fails a trial that is still running."""
+    if heartbeat_interval < 1 or grace_period < 2 * heartbeat_interval:
+        raise StorageError(f"--heartbeat {heartbeat_interval} / --grace {grace_period}: the heartbeat must be at least "
+                           "1 s and the grace at least twice the heartbeat (defaults: 10 and 30)")
+
+
 def make_storage(
     url: str = DEFAULT_STORAGE, heartbeat_interval: int = 10, grace_period: int = 30, max_retry: int = 3,
-    coalesce_seconds: float = 0.0,
+    coalesce_seconds: float = 0.0, create: bool = True,
 ) -> AdsearchStorage:
     """The storage of a study: heartbeats, stale-trial retry, SQLite set up for many local workers.
-    `coalesce_seconds > 0` (workers) groups a running trial's reports and attributes, see `AdsearchStorage`."""
+    `coalesce_seconds > 0` (workers) groups a running trial's reports and attributes, see `AdsearchStorage`.
+    `create=False` (commands that only use existing studies) refuses an SQLite file that does not exist
+    instead of leaving an empty database behind. An SQLite file of another application is never touched."""
     import sqlalchemy as sa
 
     check_url(url)
+    check_heartbeat(heartbeat_interval, grace_period)
     url = with_password(url)
     parsed = sa.engine.make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         path = Path(parsed.database)
+        if not create and not path.exists():
+            raise StorageError(f"--storage {url}: no study database at {path}; pass the --storage that "
+                               "`adsearch search` used")
+        _check_not_foreign(path, url)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             _enable_wal(path)
@@ -147,6 +176,28 @@ def make_storage(
             raise StorageError(f"cannot open storage {mask_url(url)!r}: {type(exc).__name__}: "
                                f"{str(exc).splitlines()[0][:300]}") from None
     raise AssertionError("every attempt above returns or raises")
+
+
+def _check_not_foreign(path: Path, url: str) -> None:
+    """Refuse an existing SQLite file that holds tables but not Optuna's (another application's database),
+    reading it without a write: Optuna would add its tables and adsearch would switch it to WAL mode."""
+    import sqlite3
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=SQLITE_LOCK_TIMEOUT_S)
+        try:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as exc:
+        raise StorageError(f"--storage {url}: {path} is not an SQLite database ({exc}); name a study database "
+                           "or a new file") from None
+    if tables and "studies" not in tables:
+        raise StorageError(f"--storage {url}: {path} is another application's database (tables "
+                           f"{', '.join(sorted(tables)[:5])}{', ...' if len(tables) > 5 else ''}); it was not "
+                           "changed. Name a study database or a new file")
 
 
 def _enable_wal(path: Path) -> None:
@@ -258,6 +309,17 @@ class AdsearchStorage(optuna.storages.RDBStorage):
             cause = exc.__cause__ or exc
             _log.warning("trial %s: heartbeat not recorded (%s); the next one follows in %s s", trial_id,
                          str(cause).splitlines()[0][:200], self.heartbeat_interval)
+
+    def get_study_id_from_name(self, study_name: str) -> int:
+        """Names compare exactly, whatever the database's collation: MySQL's and MariaDB's default ignores
+        case and trailing spaces, so `CASETEST` would silently find the study `casetest`."""
+        study_id = super().get_study_id_from_name(study_name)
+        stored = self.get_study_name_from_id(study_id)
+        if stored != study_name:
+            raise StudyError(f"study {study_name!r}: this database cannot tell it from the existing study "
+                             f"{stored!r} (its collation ignores case and trailing spaces); use --study {stored} "
+                             "for that study, or a name that differs in more than case and spaces")
+        return study_id
 
     def delete_study(self, study_id: int) -> None:
         with self._lock:

@@ -7,6 +7,7 @@ or space. The storage lives in `storage.py`, the budget in `budget.py`, the work
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -252,6 +253,20 @@ def load_caches_for(setup: StudySetup, study_name: str, cache_path: str | Path |
     return caches
 
 
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_study_name(study_name: str) -> str:
+    """A new study's name: 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit. It
+    names files (figures), appears in commands and URLs, and must fit every database's name column;
+    null studies add `~nullK` to it."""
+    if not STUDY_NAME.fullmatch(study_name):
+        shown = study_name if len(study_name) <= 60 else study_name[:60] + "..."
+        raise StudyError(f"--study {shown!r}: a study name has 1 to 100 characters (here {len(study_name)}): "
+                         "letters, digits, '.', '_' and '-', starting with a letter or digit, e.g. adresso-xlsr-1")
+    return study_name
+
+
 def create_or_resume(storage, study_name: str, cache: Caches, spec: StudySpec, space_file: str,
                      budget: int, sampler: str | None = None, pruner: str | None = None,
                      override: bool = False, sampler_seed: int | None = None,
@@ -265,6 +280,7 @@ def create_or_resume(storage, study_name: str, cache: Caches, spec: StudySpec, s
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         # every check runs before anything is written
+        check_study_name(study_name)
         setup = new_setup(cache, spec, space_file, sampler, pruner, sampler_seed)
         study = _create(storage, study_name, cache, setup, budget, log, on_screen)
     setup = _wait_for_setup(study)

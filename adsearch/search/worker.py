@@ -93,7 +93,8 @@ def run_worker(
     # reason stays on the trial as its `error` attribute.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     _return_freed_memory_to_the_system()
-    storage = make_storage(storage_url, heartbeat_interval, grace_period, coalesce_seconds=coalesce_seconds)
+    storage = make_storage(storage_url, heartbeat_interval, grace_period, coalesce_seconds=coalesce_seconds,
+                           create=False)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
