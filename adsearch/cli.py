@@ -837,31 +837,42 @@ def predict(
 @app.command()
 def dashboard(
     storage: Annotated[str, typer.Option(help=_STORAGE_HELP, envvar="ADSEARCH_STORAGE")] = "sqlite:///adsearch.db",
-    host: Annotated[str, typer.Option(help="Address to bind. The dashboard has NO authentication and can delete "
-                                           "studies: keep 127.0.0.1, or put an authenticating proxy in front.")] = (
-        "127.0.0.1"),
+    host: Annotated[str, typer.Option(help="Address to bind. The dashboard has NO authentication: keep 127.0.0.1, "
+                                           "or put an authenticating proxy in front.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.", min=1, max=65535)] = 8080,
     artifacts: Annotated[Path, typer.Option(help="Artifact store written by `adsearch export` (figures).")] = Path(
         "adsearch-artifacts"),
+    allowed_host: Annotated[list[str] | None, typer.Option(
+        help="Another host name the dashboard may be reached by (e.g. behind a proxy); repeatable. Loopback names "
+             "and the bound address are always allowed; requests naming any other host are refused.")] = None,
+    writable: Annotated[bool | None, typer.Option(
+        "--writable/--read-only", help="Allow changes (delete studies, notes, uploads) from the dashboard's own "
+                                       "page. Default: writable on loopback, read-only when bound beyond it.",
+        show_default=False)] = None,
 ) -> None:
     """Serve optuna-dashboard for the study storage (history, importances, notes, report figures).
 
-    WARNING: optuna-dashboard has no authentication and exposes write routes (delete study, tell trial).
-    It binds to 127.0.0.1 unless told otherwise.
+    Only requests naming a loopback host, the bound address or an --allowed-host are answered (other web pages
+    in your browser cannot read or change studies), and writes must come from the dashboard's own page.
     """
-    import optuna_dashboard
-    from optuna.artifacts import FileSystemArtifactStore
-
+    from adsearch.dashboard import guarded_app, is_loopback, serve
     from adsearch.search.storage import make_storage
 
     with user_errors():
         store = make_storage(storage)
         _check_port_free(host, port)
     artifacts.mkdir(parents=True, exist_ok=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        err.print(f"[yellow]warning:[/] serving on {host}: anyone who reaches it can change or delete studies")
-    out.print(f"dashboard: http://{host}:{port}/dashboard  (Ctrl-C stops it)", highlight=False)
-    optuna_dashboard.run_server(store, host=host, port=port, artifact_store=FileSystemArtifactStore(str(artifacts)))
+    loopback = is_loopback(host)
+    read_only = not loopback if writable is None else not writable
+    allowed = list(allowed_host or []) + ([host] if host not in ("0.0.0.0", "::") else [])
+    if not loopback:
+        err.print(f"[yellow]warning:[/] serving on {escape(host)} without authentication: anyone who reaches it can "
+                  + ("read every study" if read_only else "change or delete studies"), highlight=False)
+    url_host = f"[{host}]" if ":" in host else host
+    out.print(f"dashboard: http://{url_host}:{port}/dashboard ({'read-only' if read_only else 'writable'}; "
+              "Ctrl-C stops it)", highlight=False)
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(guarded_app(store, str(artifacts), allowed, read_only), host, port)
 
 
 def _check_port_free(host: str, port: int) -> None:
