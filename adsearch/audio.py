@@ -14,6 +14,12 @@ import soxr
 
 SAMPLE_RATE = 16_000
 SILENCE_PEAK = 1e-5  # -100 dBFS: below any microphone's noise floor, i.e. digital silence
+# Bounds checked from the header before anything is decoded: a few KB declaring 1 Hz would ask soxr for
+# gigabytes, 1,024 channels or hours of 384 kHz audio would fill memory. Telephone speech (8 kHz) and studio
+# rates (up to 384 kHz) pass; 4 kHz is already below any speech recording's rate.
+MIN_RATE, MAX_RATE = 4_000, 384_000
+MAX_CHANNELS = 32
+MAX_DECODED_BYTES = 2 << 30  # float32 samples of all channels: 2 GiB, e.g. 9 hours of 16 kHz stereo
 
 
 class AudioError(Exception):
@@ -31,6 +37,7 @@ def audio_duration(path: Path | str) -> float:
         info = sf.info(str(path))
     except Exception as exc:  # soundfile raises several types for unreadable files
         raise AudioError(path, f"cannot read audio header ({exc})") from exc
+    _check_header(Path(path), info.samplerate, info.channels, info.frames)
     return info.frames / info.samplerate
 
 
@@ -58,6 +65,18 @@ def _wav_declared_frames(path: Path) -> int | None:
     return None
 
 
+def _check_header(path: Path, rate: int, channels: int, frames: int) -> None:
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError(path, f"declares a sample rate of {rate} Hz; speech recordings have {MIN_RATE:,} to "
+                               f"{MAX_RATE:,} Hz (a damaged or mislabelled file?)")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioError(path, f"declares {channels} channels; at most {MAX_CHANNELS} are read")
+    if frames * channels * 4 > MAX_DECODED_BYTES:
+        raise AudioError(path, f"would decode to {frames * channels * 4 / 2**30:.1f} GiB ({frames / rate / 3600:.1f} "
+                               f"h x {channels} channels); cut it into recordings under "
+                               f"{MAX_DECODED_BYTES / 2**30:.0f} GiB")
+
+
 def load_audio(path: Path | str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Decode, downmix to mono and resample with soxr's anti-aliasing filter (VHQ)."""
     path = Path(path)
@@ -66,7 +85,10 @@ def load_audio(path: Path | str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     try:
         with sf.SoundFile(str(path)) as handle:
             declared, rate = handle.frames, handle.samplerate
+            _check_header(path, rate, handle.channels, declared)
             data = handle.read(dtype="float32", always_2d=True)
+    except AudioError:
+        raise
     except Exception as exc:
         raise AudioError(path, f"cannot decode audio ({exc})") from exc
     if data.shape[0] == 0:

@@ -22,6 +22,7 @@ from rich.progress import (
 from rich.text import Text
 
 from adsearch.embed.model import DEFAULT_MODEL
+from adsearch.search.budget import MAX_TRIALS
 
 app = typer.Typer(
     help="AutoML hyperparameter search over layer-wise wav2vec2 embeddings for speech-based dementia "
@@ -151,7 +152,7 @@ def synth(
     n_train: Annotated[int, typer.Option(help="Training recordings (ADReSSo: 166).")] = 166,
     n_test: Annotated[int, typer.Option(help="Test recordings (ADReSSo: 71).")] = 71,
     effect: Annotated[float, typer.Option(help="Strength of the AD speech markers; 0 = no group difference.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.", min=0, max=2**32 - 1)] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing synthetic corpus in OUTPUT.")] = False,
 ) -> None:
     """Write a synthetic corpus in the exact ADReSSo layout, spoken by eSpeak NG.
@@ -175,9 +176,10 @@ def synth(
 @model_app.command("tiny")
 def model_tiny(
     output: Annotated[Path, typer.Argument(help="Folder to save the model into (save_pretrained format).")],
-    seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
-    hidden_size: Annotated[int, typer.Option(help="Hidden size.")] = 32,
-    layers: Annotated[int, typer.Option(help="Transformer layers.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed for the random weights.", min=0, max=2**32 - 1)] = 0,
+    hidden_size: Annotated[int, typer.Option(help="Hidden size (an even number: two attention heads).", min=4,
+                                             max=4096)] = 32,
+    layers: Annotated[int, typer.Option(help="Transformer layers.", min=1, max=64)] = 4,
 ) -> None:
     """Save a tiny randomly initialised wav2vec2 (stable layer norm, masked preprocessor) for tests and demos.
 
@@ -459,7 +461,8 @@ def search(
     space: Annotated[Path, typer.Option(help="Search-space YAML (the default is found from any working folder: "
                                              "here, else adsearch's own).")] = Path("studies/default.yaml"),
     storage: Annotated[str, typer.Option(help=_STORAGE_HELP, envvar="ADSEARCH_STORAGE")] = "sqlite:///adsearch.db",
-    trials: Annotated[int, typer.Option(help="Total finished trials for the study, across all workers.")] = 100,
+    trials: Annotated[int, typer.Option(help="Total finished trials for the study, across all workers.", min=1,
+                                        max=MAX_TRIALS)] = 100,
     workers: Annotated[int, typer.Option(help="Worker processes on this machine (one core each); 0 creates or "
                                               "resumes the study and sets its budget without running a trial "
                                               "(workers join with `adsearch worker`).")] = 1,
@@ -497,8 +500,8 @@ def search(
     )
     from adsearch.search.worker import spawn_workers
 
-    if trials < 1 or workers < 0:
-        err.print("[bold red]error:[/] --trials must be at least 1 and --workers at least 0")
+    if workers < 0:
+        err.print("[bold red]error:[/] --workers must be at least 0")
         raise typer.Exit(2)
     import optuna
 
@@ -582,7 +585,7 @@ def compare(
     samplers: Annotated[str, typer.Option(help="Comma-separated samplers: tpe, random, layer-grid, gp, qmc.")] = (
         "tpe,random,layer-grid"),
     seeds: Annotated[int, typer.Option(help="Runs per sampler (sampler seeds 0..N-1).", min=1, max=100)] = 5,
-    trials: Annotated[int, typer.Option(help="Trial budget of every run.", min=1)] = 60,
+    trials: Annotated[int, typer.Option(help="Trial budget of every run.", min=1, max=MAX_TRIALS)] = 60,
     workers: Annotated[int, typer.Option(help="Runs at a time (one core each).", min=1)] = 1,
     target: Annotated[float | None, typer.Option(help="Score to reach (default: 95 % of the best score any run "
                                                       "found).")] = None,
@@ -632,7 +635,7 @@ def null(
                                            "1 / (runs + 1).", min=1, max=1000)] = 10,
     trials: Annotated[int | None, typer.Option(help="Trials per null study (default: as many as the study has "
                                                     "finished; fewer makes the floor too low and p optimistic).",
-                                               min=1)] = None,
+                                               min=1, max=MAX_TRIALS)] = None,
     workers: Annotated[int, typer.Option(help="Worker processes per null study.", min=1)] = 1,
 ) -> None:
     """Measure what the search finds when speech says nothing about the label.
@@ -727,8 +730,8 @@ def export(
     output: Annotated[Path, typer.Option("-o", "--output", help="New folder for config, model and report.")],
     storage: Annotated[str, typer.Option(help=_STORAGE_HELP, envvar="ADSEARCH_STORAGE")] = "sqlite:///adsearch.db",
     trial: Annotated[int | None, typer.Option(help="Trial number to export (default: the best).")] = None,
-    top_k: Annotated[int, typer.Option(help="Also test the next K configurations; exact McNemar vs the "
-                                            "exported one.")] = 0,
+    top_k: Annotated[int, typer.Option(help="Also test the next K configurations; exact McNemar vs the exported "
+                                            "one.", min=0, max=1000)] = 0,
     cache: Annotated[Path | None, typer.Option(help="The study's cache, if it moved (content must match).",
                                                envvar="ADSEARCH_CACHE")] = None,
     artifacts: Annotated[Path, typer.Option(help="Artifact store the dashboard reads figures from.")] = Path(
@@ -821,12 +824,13 @@ def predict(
         prediction = predictor.predict(path, found)
         predictions.append(prediction)
         if prediction.error:
-            err.print(f"[red]{path}: {prediction.error}[/]", highlight=False)
+            err.print(f"[red]{escape(prediction.file)}: {escape(prediction.error)}[/]", highlight=False)
         else:
             score = (f"P(AD) = {prediction.prob_ad:.3f}" if prediction.prob_ad is not None
                      else f"decision {prediction.decision:+.3f}")
-            out.print(f"{path}: {score} -> {prediction.label} "
-                      f"({prediction.n_windows} windows, {prediction.speech_seconds:.1f} s of speech)", highlight=False)
+            out.print(f"{prediction.file}: {score} -> {prediction.label} "
+                      f"({prediction.n_windows} windows, {prediction.speech_seconds:.1f} s of speech)", highlight=False,
+                      markup=False)
     if output:
         write_predictions(predictions, output)
         out.print(f"wrote {output}", highlight=False)

@@ -15,13 +15,13 @@ import csv
 import hashlib
 import io
 import math
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from adsearch.audio import AudioError, audio_duration
+from adsearch.outputs import file_written_whole, printable
 
 MANIFEST_COLUMNS = ("id", "path", "label", "group", "split", "mmse", "segments")
 SPLITS = ("train", "test")
@@ -262,11 +262,11 @@ def speakers_in_both_splits(recordings: Sequence[Recording], source: Path | str)
 
 
 def write_manifest(recordings: Sequence[Recording], path: Path | str) -> Path:
-    """Write atomically; paths inside the manifest's folder are stored relative to it."""
+    """Write atomically (a full disk leaves no half manifest); paths inside the manifest's folder are stored
+    relative to it."""
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
+    with file_written_whole(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(MANIFEST_COLUMNS)
         for rec in recordings:
@@ -275,11 +275,15 @@ def write_manifest(recordings: Sequence[Recording], path: Path | str) -> Path:
                 shown = audio.relative_to(path.parent).as_posix()
             except ValueError:
                 shown = str(audio)
+            try:
+                shown.encode("utf-8")
+            except UnicodeEncodeError:
+                raise CorpusError(f"{printable(audio)}: the file name is not UTF-8 text, which a manifest (UTF-8) "
+                                  "cannot hold; rename the file") from None
             writer.writerow([
                 rec.id, shown, "" if rec.label is None else rec.label, rec.group, rec.split,
                 "" if rec.mmse is None else f"{rec.mmse:g}", format_segments(rec.segments),
             ])
-    os.replace(tmp, path)
     return path
 
 

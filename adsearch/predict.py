@@ -19,6 +19,7 @@ import numpy as np
 from adsearch.audio import SAMPLE_RATE, AudioError, load_audio
 from adsearch.embed.cache import pool_recordings, pool_windows
 from adsearch.export import CONFIG_FILE, MODEL_FILE, ExportedConfig, ExportError, load_config, load_model
+from adsearch.outputs import file_written_whole, printable
 
 
 @dataclass
@@ -87,16 +88,19 @@ class Predictor:
                 raise ExportError(f"the classifier was trained on {self.config.model.revision}; this machine has "
                                   f"{source.revision}: install that opensmile version")
             self.encoder = EgemapsEncoder(source.name)
-            return
-        source = resolve_model(self.config.model.name)
-        if source.revision != self.config.model.revision:
-            raise ExportError(
-                f"speech model {self.config.model.name!r} is revision {source.revision}, but the classifier was "
-                f"trained on features of revision {self.config.model.revision}; point the config's model.name at "
-                "that exact model"
-            )
-        self.encoder = WindowEncoder(source, device, self.config.features.dtype)
-        self.encoder.keep_layers(self.config.features.layer)
+        else:
+            source = resolve_model(self.config.model.name)
+            if source.revision != self.config.model.revision:
+                raise ExportError(
+                    f"speech model {self.config.model.name!r} is revision {source.revision}, but the classifier was "
+                    f"trained on features of revision {self.config.model.revision}; point the config's model.name "
+                    "at that exact model")
+            self.encoder = WindowEncoder(source, device, self.config.features.dtype)
+        if self.config.features.layer >= self.encoder.n_layers:
+            raise ExportError(f"{export_dir / CONFIG_FILE}: features.layer {self.config.features.layer} does not "
+                              f"exist: {self.config.model.name} has layers 0..{self.encoder.n_layers - 1}")
+        if isinstance(self.encoder, WindowEncoder):
+            self.encoder.keep_layers(self.config.features.layer)
 
     def features(self, audio: np.ndarray, segments) -> tuple[np.ndarray, int, float]:
         """(X, n_windows, speech seconds): one pooled row, or one row per window for window-level configs."""
@@ -123,11 +127,14 @@ class Predictor:
     def predict(self, path: Path | str, segments=()) -> Prediction:
         from adsearch.search.objective import recording_scores
 
-        prediction = Prediction(str(path))
+        prediction = Prediction(printable(path))
         try:
             X, prediction.n_windows, prediction.speech_seconds = self.features(load_audio(path), segments)
         except AudioError as exc:
             prediction.error = exc.reason
+            return prediction
+        except Exception as exc:  # one file the model cannot take must not cost the other predictions
+            prediction.error = f"{type(exc).__name__}: {str(exc)[:300]}"
             return prediction
         score, threshold = recording_scores(self.classifier, X, np.zeros(len(X), np.int64), 1)
         if hasattr(self.classifier, "predict_proba"):
@@ -154,13 +161,20 @@ def check_output(path: Path | str) -> Path:
 
 
 def write_predictions(predictions: list[Prediction], path: Path | str) -> None:
-    """Write the CSV atomically (a crash never leaves half a file)."""
+    """Write the CSV atomically (a crash or a full disk never leaves half a file). Text cells that a
+    spreadsheet would run as a formula (starting with =, +, -, @, tab or CR) get a leading apostrophe."""
     fields = ["file", "prob_ad", "decision", "label", "n_windows", "speech_seconds", "error"]
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as handle:
+    with file_written_whole(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for p in predictions:
-            writer.writerow({f: ("" if getattr(p, f) is None else getattr(p, f)) for f in fields})
-    os.replace(tmp, path)
+            writer.writerow({f: _cell(getattr(p, f)) for f in fields})
+
+
+def _cell(value) -> str | float | int:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        value = printable(value)
+        return "'" + value if value.startswith(("=", "+", "-", "@", "\t", "\r")) else value
+    return value

@@ -249,6 +249,10 @@ def _write_segmentation(path: Path, rows: list, index_column: bool) -> None:
             writer.writerow(([i] if index_column else []) + list(row))
 
 
+MAX_EFFECT = 10.0  # beyond this the markers leave the range speech can have (rates, pause lengths)
+MAX_RECORDINGS = 100_000
+
+
 def synthesize_corpus(
     out: Path | str,
     n_train: int = 166,
@@ -261,9 +265,14 @@ def synthesize_corpus(
     """Write `out/ADReSSo21/diagnosis/{train,test-dist}`, `out/task1.csv` and `out/markers.csv`."""
     if n_train < 4 or n_test < 0:
         raise SynthError("need at least 4 training recordings (2 per class) and a non-negative test count")
-    if effect < 0:
-        raise SynthError("--effect must be >= 0 (0 = no group difference)")
+    if not 0 <= effect <= MAX_EFFECT:
+        raise SynthError(f"--effect {effect:g}: give 0 (no group difference) to {MAX_EFFECT:g}; 1 is the default, "
+                         "3 already makes the groups far easier to tell apart than on real data")
+    if n_train + n_test > MAX_RECORDINGS:
+        raise SynthError(f"--n-train + --n-test: at most {MAX_RECORDINGS:,} recordings")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SynthError(f"{out}: is a file; name a folder for the corpus")
     base = out / "ADReSSo21" / "diagnosis"
     if base.exists():
         if not overwrite:

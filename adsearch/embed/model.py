@@ -62,7 +62,7 @@ def resolve_model(name: str, revision: str | None = None) -> ModelSource:
             raise ModelError(
                 f"model {name!r} is neither a local directory nor in the Hugging Face cache, and downloading "
                 f"it failed ({type(exc).__name__}). Pass a directory written by save_pretrained, or download "
-                f"the model on a machine with hub access (huggingface-cli download {name})."
+                f"the model on a machine with hub access (`hf download {name}`, then copy the folder)."
             ) from exc
     commit = path.name if re.fullmatch(r"[0-9a-f]{40}", path.name) else _directory_revision(path)
     return ModelSource(name, path, commit)
@@ -76,12 +76,37 @@ def load_model(source: ModelSource, device: str, dtype):
     hf_logging.disable_progress_bar()
     try:
         extractor = AutoFeatureExtractor.from_pretrained(source.path)
-        model = AutoModel.from_pretrained(source.path, dtype=dtype)
+        model, report = AutoModel.from_pretrained(source.path, dtype=dtype, output_loading_info=True)
     except Exception as exc:
         raise ModelError(f"{source.name}: cannot load model from {source.path} ({exc})") from exc
+    check_loading_report(source, report)
     if not hasattr(model, "_get_feat_extract_output_lengths"):
         raise ModelError(f"{source.name}: {type(model).__name__} is not a wav2vec2-family speech model")
     return extractor, model.to(device).eval()
+
+
+# Weights a speech encoder's checkpoint may carry beyond the encoder itself: task heads (CTC, classification)
+# and pre-training heads (quantizer, projections). Their absence or presence changes no hidden state.
+HEAD_PREFIXES = ("lm_head.", "classifier.", "projector.", "quantizer.", "project_q.", "project_hid.",
+                 "final_proj.", "label_embs_concat", "dropout_features.")
+# Used only to mask frames while training; never in a forward pass without mask_time_indices.
+UNUSED_AT_INFERENCE = ("masked_spec_embed",)
+
+
+def check_loading_report(source: ModelSource, report: dict) -> None:
+    """Refuse a checkpoint that does not hold every weight of the encoder: transformers would fill the gaps
+    with random values and say so only in a log line, and every layer's statistics would be noise."""
+    missing = [k for k in report.get("missing_keys", ()) if not k.startswith(HEAD_PREFIXES + UNUSED_AT_INFERENCE)]
+    unexpected = [k for k in report.get("unexpected_keys", ()) if not k.startswith(HEAD_PREFIXES)]
+    mismatched = [str(k[0]) if isinstance(k, tuple) else str(k) for k in report.get("mismatched_keys", ())]
+    problems = [f"{len(keys)} {what} ({', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''})"
+                for what, keys in (("weights missing from the checkpoint", missing),
+                                   ("weights in the checkpoint that the model has no place for", unexpected),
+                                   ("weights of another shape", mismatched)) if keys]
+    if problems:
+        raise ModelError(f"{source.name}: the checkpoint in {source.path} does not match its config.json: "
+                         f"{'; '.join(problems)}. Loading it would run randomly initialised layers; use the "
+                         "checkpoint's own config.json, or a complete checkpoint")
 
 
 def uses_attention_mask(model) -> bool:

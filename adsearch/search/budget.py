@@ -10,6 +10,15 @@ from __future__ import annotations
 from adsearch.search.database import configure_sqlite, created_concurrently, engine_kwargs
 from adsearch.search.errors import StudyError
 
+# Far beyond any study (a trial takes a second or more), and inside every database's 32-bit integer.
+MAX_TRIALS = 1_000_000
+
+
+def check_budget(budget: int) -> int:
+    if not 1 <= budget <= MAX_TRIALS:
+        raise StudyError(f"--trials {budget}: give 1 to {MAX_TRIALS:,} finished trials")
+    return budget
+
 
 class TrialBudget:
     """The global budget: `reserved` slots out of `budget`, kept in one row per study."""

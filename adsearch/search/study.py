@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from adsearch import __version__
 from adsearch.embed.cache import EmbeddingCache, open_cache
-from adsearch.search.budget import TrialBudget
+from adsearch.search.budget import TrialBudget, check_budget
 from adsearch.search.errors import StudyError
 from adsearch.search.objective import FeatureSource, assign_folds
 from adsearch.search.space import StudySpec, TrialConfig, parse_spec, source_layers, suggest
@@ -276,6 +276,7 @@ def create_or_resume(storage, study_name: str, cache: Caches, spec: StudySpec, s
     optimiser; set the budget. `sampler`/`pruner` choose the optimiser of a new study; on an existing one
     they must match what it recorded unless `override` (which only the workers of this command use)."""
     url = storage.url
+    check_budget(budget)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
