@@ -78,7 +78,7 @@ def user_errors() -> Iterator[None]:
 
 def _print_warnings(warnings: list[str], limit: int = 20) -> None:
     for warning in warnings[:limit]:
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if len(warnings) > limit:
         err.print(f"[yellow]... and {len(warnings) - limit} more warnings[/]")
 
@@ -269,6 +269,7 @@ def extract(
                              batch_size=batch_size, device=device, revision=revision,
                              progress=_RichExtractProgress(progress), shard=parse_shard(shard) if shard else None,
                              features=features)
+    _print_warnings(result.redone)
     if result.remaining:
         out.print(f"shard {shard} done: {result.n_computed} recording(s) extracted here; {result.remaining} of other "
                   f"shards still to go. The last shard to finish consolidates {result.cache_dir}.", highlight=False)
@@ -527,7 +528,8 @@ def search(
                   "grace_period": grace}
         processes = spawn_workers(workers, kwargs)
         setup = StudySetup.from_study(the_study)
-        with _bar(TextColumn("{task.fields[best]}")) as progress:
+        with _stopping_workers(processes, lambda: trial_counts(the_study)["finished"], trials), \
+                _bar(TextColumn("{task.fields[best]}")) as progress:
             task = progress.add_task(f"{study}: trials", total=trials, completed=counts["finished"], best="")
             while any(p.is_alive() for p in processes):
                 _time.sleep(1.0)
@@ -559,6 +561,38 @@ def _named_cache(value: str):
     if sep and not Path(value).exists():
         return name, open_cache(path)
     return None, open_cache(value)
+
+
+@contextlib.contextmanager
+def _stopping_workers(processes, finished, budget: int) -> Iterator[None]:
+    """Ctrl-C or SIGTERM (a service manager's stop) ends this command and its workers together, with one
+    line instead of every worker's traceback. A trial cut short stays RUNNING until its heartbeat is stale;
+    then a resumed search fails it and runs its parameters again."""
+    import signal
+
+    def terminated(signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    except KeyboardInterrupt:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+        try:
+            done = f": {finished()}/{budget} trials finished"
+        except Exception:  # the database may be what failed
+            done = ""
+        err.print(f"interrupted{done}; run the same command again to resume (trials cut short are failed and "
+                  "retried once their heartbeat is stale)", highlight=False)
+        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _report_worker_exits(processes) -> None:
@@ -674,8 +708,10 @@ def null(
             for name in names:
                 if trial_counts(optuna.load_study(study_name=name, storage=store))["finished"] < budget:
                     processes = spawn_workers(workers, {"study_name": name, "storage_url": storage})
-                    for process in processes:
-                        process.join()
+                    null_study = optuna.load_study(study_name=name, storage=store)
+                    with _stopping_workers(processes, lambda s=null_study: trial_counts(s)["finished"], budget):
+                        for process in processes:
+                            process.join()
                     _report_worker_exits(processes)
                 progress.advance(task)
         summary = summarise(store, study)

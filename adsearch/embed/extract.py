@@ -30,7 +30,7 @@ import numpy as np
 from adsearch import __version__
 from adsearch.audio import SAMPLE_RATE, AudioError, audio_duration, load_audio
 from adsearch.corpus import Recording, manifest_digest, read_manifest
-from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, file_hashes, seal, stat_path
+from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, CacheError, file_hashes, seal, stat_path
 from adsearch.embed.model import ModelSource, load_model, resolve_model, uses_attention_mask
 
 MIN_WINDOW_SAMPLES = 400  # the CNN front end needs 400 samples for its first frame
@@ -70,6 +70,7 @@ class ExtractResult:
     audio_seconds: float = 0.0
     compute_seconds: float = 0.0
     remaining: int = 0  # recordings of other shards not extracted yet (the cache is not consolidated)
+    redone: list[str] = field(default_factory=list)  # damaged parts found on resume, extracted again
 
 
 class ExtractProgress(Protocol):
@@ -285,6 +286,30 @@ def _finished(parts: Path, rec_id: str) -> bool:
     return _part_path(parts, rec_id).is_file() or _failure_path(parts, rec_id).is_file()
 
 
+def _drop_damaged_parts(parts: Path, recordings: Sequence[Recording]) -> list[str]:
+    """Remove the parts of `recordings` that cannot be read back (emptied, truncated, edited), so this run
+    extracts them again; return one line per part removed. Parts are written atomically, so only something
+    outside adsearch (a full disk earlier, a copy cut short, a hand) damages one."""
+    import zipfile
+
+    redone = []
+    for rec in recordings:
+        part = _part_path(parts, rec.id)
+        if not part.is_file():
+            continue
+        try:
+            with np.load(part) as loaded:
+                missing = {"start", "end", "n_frames", *STATS} - set(loaded.files)
+                if missing:
+                    raise ValueError(f"lacks {', '.join(sorted(missing))}")
+                loaded["n_frames"]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            part.unlink(missing_ok=True)
+            redone.append(f"{rec.id} ({rec.path}): its part {part.name} was damaged ({str(exc)[:120]}); extracting "
+                          "it again")
+    return redone
+
+
 class Claim:
     """An exclusive claim on one recording (or on consolidation) shared by every process that extracts into
     the same folder, on one machine or several over a shared file system: a POSIX record lock on
@@ -450,6 +475,7 @@ def extract(
         "manifest_hash": manifest_hash, **asdict(settings),
     })
     mine = shard_of(recordings, shard)
+    redone = _drop_damaged_parts(parts, mine)
     todo = [r for r in mine if not _finished(parts, r.id)]
     if progress:
         progress.start(len(mine), sum(_speech_seconds(r) for r in todo), len(mine) - len(todo))
@@ -472,7 +498,7 @@ def extract(
     others = [r for r in recordings if not _finished(parts, r.id)]
     if others:  # a shard run whose siblings are still at work: the last of them consolidates
         return ExtractResult(cache_dir, 0, n_computed, [], audio_seconds, compute_seconds,
-                             remaining=len(others))
+                             remaining=len(others), redone=redone)
     consolidation = Claim(cache_dir / "consolidate.lock")
     consolidation.wait()
     try:
@@ -482,6 +508,7 @@ def extract(
         consolidation.release()
     result = _finished_result(cache_dir)
     result.n_computed, result.audio_seconds, result.compute_seconds = n_computed, audio_seconds, compute_seconds
+    result.redone = redone
     return result
 
 
@@ -559,7 +586,9 @@ def _write_cache(cache_dir: Path, recordings: list[Recording], source: ModelSour
     failures = sorted((json.loads(_failure_path(parts, r.id).read_text()) for r in recordings
                        if not _part_path(parts, r.id).is_file()), key=lambda f: f["id"])
     if not done:
-        raise RuntimeError(f"no recording could be extracted; failures: {failures}")
+        listed = "; ".join(f"{f['id']} ({f['path']}): {f['reason']}" for f in failures[:5])
+        raise CacheError(f"no recording could be extracted: all {len(failures)} failed, e.g. {listed}. Fix the "
+                         "recordings or the manifest, then run the same command again")
     with np.load(_part_path(parts, done[0].id)) as part:
         n_layers, dim = part["mean"].shape[0], part["mean"].shape[2]
     meta = _consolidate(cache_dir, done, n_layers, dim)

@@ -133,7 +133,15 @@ def run_worker(
             try:
                 if budget.reserve():
                     report.ran += 1
-                    study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[after_trial])
+                    try:
+                        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[after_trial])
+                    except Exception as exc:
+                        if not _finished_under_us(exc):
+                            raise
+                        report.failed += 1
+                        print(f"worker {WORKER_ID}: a trial was failed by another worker while it ran (its heartbeat "
+                              "came later than --grace allows); its parameters are retried, this worker goes on",
+                              file=sys.stderr, flush=True)
                     outage.over()
                     if len(streak) >= max_consecutive_failures:
                         raise StudyError(f"{len(streak)} trials failed in a row; last error: {streak[-1]}")
@@ -164,6 +172,15 @@ def run_worker(
             else:
                 suspect = None
             time.sleep(poll_seconds)
+
+
+def _finished_under_us(exc: BaseException) -> bool:
+    """True when this worker's trial was finished by someone else while it ran: another worker found its
+    heartbeat stale and failed it (Optuna then refuses the result: 'Cannot tell a FAIL trial')."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    return isinstance(exc, UpdateFinishedTrialError) or (
+        isinstance(exc, ValueError) and str(exc).startswith("Cannot tell a "))
 
 
 def _database_lost(exc: BaseException) -> BaseException | None:
@@ -214,12 +231,33 @@ def _worker_seed(seed: int, worker_index: int, n_existing: int) -> int:
 
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when the process that started it dies, however it dies (a
+    SIGKILLed `search` would otherwise leave its workers running until the budget is met)."""
+    import ctypes
+    import ctypes.util
+    import os
+    import signal
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request was made
+        raise SystemExit(1)
+
+
 def _worker_main(**kwargs) -> None:
+    _die_with_parent()
     try:
         run_worker(**kwargs)
     except (StudyError, ProtocolError) as exc:
         print(f"worker {kwargs.get('worker_index')}: error: {exc}", flush=True)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal; the parent says it once
+        raise SystemExit(130) from None
 
 
 def spawn_workers(n: int, kwargs: dict) -> list:
