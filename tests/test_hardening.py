@@ -466,3 +466,429 @@ def test_any_yaml_text_gives_data_or_a_yaml_error(tmp_path, text):
 def test_json_roundtrip_of_the_default_space_still_validates():
     data = load_yaml(Path(__file__).parents[1] / "studies" / "default.yaml", "space")
     assert parse_spec(json.loads(json.dumps(data))).digest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Second round (issue 19): each row a command as typed, each a one-line error and exit 2, nothing half-written
+
+
+def _wav_header_only(path: Path, rate: int, channels: int, frames: int) -> Path:
+    """A PCM WAV declaring any rate and channel count (libsndfile writes only sensible ones)."""
+    import struct
+
+    data = b"\x01\x00" * channels * frames
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * channels * 2, channels * 2, 16)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    return path
+
+
+@pytest.mark.parametrize("rate, channels, expected", [(1, 1, "declares a sample rate of 1 Hz"),
+                                                      (100, 1, "declares a sample rate of 100 Hz"),
+                                                      (16000, 1024, "declares 1024 channels")])
+def test_absurd_audio_headers_are_refused_before_decoding(tmp_path, tiny_model, rate, channels, expected):
+    from adsearch.audio import AudioError, load_audio
+
+    bad = _wav_header_only(tmp_path / "bad.wav", rate, channels, 4000 if channels == 1 else 10)
+    started = time.perf_counter()
+    with pytest.raises(AudioError, match=expected):
+        load_audio(bad)
+    assert time.perf_counter() - started < 1
+    manifest = write_rows(tmp_path / "m.csv", HEADER, [["a", "bad.wav", "1", "s1", "train"]])
+    assert_clear_error(run("extract", manifest, "--model", tiny_model, "-o", tmp_path / "c"),
+                       "no recording could be extracted: all 1 failed", expected)
+    assert not list((tmp_path / "c").glob("*/cache.json"))
+
+
+def test_option_values_beyond_their_range_are_refused(tmp_path, exported_dir):
+    url = f"sqlite:///{exported_dir.parent / 's.db'}"
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (["search", "--cache", tmp_path, "--study", "t", "--trials", str(10**12)], "--trials"),
+        (["synth", tmp_path / "s", "--effect", "1e308"], "--effect 1e+308: give 0"),
+        (["synth", tmp_path / "file"], "is a file; name a folder"),
+        (["model", "tiny", tmp_path / "m", "--layers", "-1"], "--layers"),
+        (["export", "--study", "s", "--storage", url, "-o", tmp_path / "x", "--top-k", "-3"], "--top-k"),
+        (["search", "--cache", exported_dir.parent / "c", "--study", "t", "--storage", f"sqlite:///{tmp_path / 't.db'}",
+          "--heartbeat", "10", "--grace", "5"],
+         "the grace at least twice the heartbeat"),
+    ]
+    for args, expected in cases:
+        assert_clear_error(run(*args), expected)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "m").exists()
+
+
+def test_export_top_k_below_zero_never_looks_at_the_test_split(exported_dir, tmp_path):
+    from adsearch.export import ExportError, export_trial
+
+    url = f"sqlite:///{exported_dir.parent / 's.db'}"
+    looks = optuna.load_study(study_name="s", storage=url).user_attrs.get("adsearch_test_looks")
+    with pytest.raises(ExportError, match="--top-k -3"):
+        export_trial("s", url, tmp_path / "x", top_k=-3, log=lambda _: None)
+    assert optuna.load_study(study_name="s", storage=url).user_attrs.get("adsearch_test_looks") == looks
+
+
+def test_a_password_file_that_never_ends_is_refused(monkeypatch):
+    monkeypatch.setenv("ADSEARCH_STORAGE_PASSWORD_FILE", "/dev/zero")
+    assert_clear_error(run("worker", "--study", "s", "--storage", "postgresql+psycopg://u@127.0.0.1:1/x"),
+                       "/dev/zero: not a regular file")
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("link", "is a symbolic link"), ("dangling", "is a symbolic link"), (".", "names an existing folder itself"),
+    ("x" * 300, "longer than the file system allows"),
+])
+def test_export_targets_that_are_links_dots_or_too_long_are_refused(exported_dir, tmp_path, target, expected):
+    url = f"sqlite:///{exported_dir.parent / 's.db'}"
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    path = target if target == "." else tmp_path / target
+    assert_clear_error(run("export", "--study", "s", "--storage", url, "-o", path), expected)
+    assert not any((tmp_path / "real").iterdir()) and not (tmp_path / "nowhere").exists()
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """A 1 MiB tmpfs (root only): filled to the brim, or remounted read-only, it gives the real errors."""
+    folder = tmp_path / "mnt"
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        reason = f"cannot mount a tmpfs here ({done.stderr.strip()})"
+        if __import__("os").environ.get("CI") == "true":
+            pytest.fail(f"CI must run the full-disk tests: {reason}")
+        pytest.skip(reason)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _fill(folder: Path) -> None:
+    import os
+
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("command", ["corpus", "export", "extract"])
+def test_a_full_disk_is_one_line_and_leaves_nothing_that_looks_complete(small_mount, exported_dir, tiny_manifest,
+                                                                        tiny_model, command):
+    _fill(small_mount)
+    url = f"sqlite:///{exported_dir.parent / 's.db'}"
+    args = {"corpus": ["corpus", "csv", tiny_manifest, "-o", small_mount / "out.csv"],
+            "export": ["export", "--study", "s", "--storage", url, "-o", small_mount / "best",
+                       "--artifacts", small_mount / "art"],
+            "extract": ["extract", tiny_manifest, "--model", tiny_model, "-o", small_mount / "cache"]}[command]
+    assert_clear_error(run(*args), "no space left on that device")
+    assert not (small_mount / "out.csv").exists() and not (small_mount / "best").exists()
+    assert not list(small_mount.glob("cache/*/cache.json")) and not list(small_mount.glob(".*partial*"))
+
+
+def test_a_read_only_folder_is_one_line(small_mount, tiny_manifest):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
+    assert_clear_error(run("corpus", "csv", tiny_manifest, "-o", small_mount / "out.csv"), "read-only")
+
+
+def test_file_names_that_are_not_utf8_are_named_not_crashed_on(synth_root, tmp_path):
+    import os
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(synth_root, root)
+    wav = next((root / "ADReSSo21" / "diagnosis" / "train" / "audio" / "ad").glob("*.wav"))
+    os.rename(bytes(wav), bytes(wav.parent) + b"/\xff\xfe.wav")
+    assert_clear_error(run("corpus", "adresso", root, "-o", tmp_path / "c.csv"), "\\udcff", "rename the file")
+
+
+def test_an_emptied_part_is_reported_with_its_recording_and_redone(tmp_path, tiny_model):
+    for name, seed in (("a", 0), ("b", 1), ("c", 2), ("d", 3)):
+        write_wav(tmp_path / f"{name}.wav", speechlike(1.0, seed=seed))
+    manifest = write_rows(tmp_path / "m.csv", HEADER, [[n, f"{n}.wav", str(i % 2), f"s{n}", "train"]
+                                                       for i, n in enumerate("abcd")])
+    result = run("extract", manifest, "--model", tiny_model, "-o", tmp_path / "c", "--shard", "0/2")
+    assert result.exit_code == 0, result.output
+    part = next((tmp_path / "c").glob("*/parts/*.npz"))
+    part.write_bytes(b"")
+    result = run("extract", manifest, "--model", tiny_model, "-o", tmp_path / "c")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert f"{part.stem} (" in result.output and "was damaged" in result.output
+    clean = run("extract", manifest, "--model", tiny_model, "-o", tmp_path / "clean")
+    assert clean.exit_code == 0
+    assert open_cache(tmp_path / "c").content_hash == open_cache(tmp_path / "clean").content_hash
+
+
+@pytest.mark.parametrize("name, expected", [("a/b", "letters, digits"), ("<x>", "letters, digits"),
+                                            ('"q"', "letters, digits"), ("..", "letters, digits"),
+                                            ("x" * 300, "(here 300)"), ("", "1 to 100 characters")])
+def test_bad_study_names_are_refused_at_creation(tmp_path, name, expected):
+    cache_dir = write_synthetic_cache(tmp_path / "c", **TINY_CACHE)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert_clear_error(run("search", "--cache", cache_dir, "--study", name, "--storage", url, "--workers", "0",
+                           "--artifacts", tmp_path / "art"), expected)
+    assert optuna.get_all_study_summaries(url) == []
+    assert not (tmp_path / "art").exists() or not any((tmp_path / "art").rglob("*.png"))
+
+
+def test_screen_figures_are_named_by_slug_and_study_id(tmp_path):
+    cache_dir = write_synthetic_cache(tmp_path / "c", **TINY_CACHE)
+    result = run("search", "--cache", cache_dir, "--study", "My.Study-1", "--storage",
+                 f"sqlite:///{tmp_path / 's.db'}", "--workers", "0", "--artifacts", tmp_path / "art")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "art").glob("*.png")] == ["screen-1-My.Study-1.png"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "mariadb"])
+def test_study_names_compare_exactly_on_every_backend(tmp_path, backend):
+    import os
+
+    from conftest import MARIADB, server_available
+
+    if backend == "mariadb":
+        reason = server_available(MARIADB)
+        if reason:
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"CI must run the MariaDB test: {reason}")
+            pytest.skip(reason)
+    url = MARIADB if backend == "mariadb" else f"sqlite:///{tmp_path / 's.db'}"
+    cache_dir = write_synthetic_cache(tmp_path / "c", **TINY_CACHE)
+    base = f"casetest{os.getpid()}"
+    try:
+        result = run("search", "--cache", cache_dir, "--study", base, "--storage", url, "--workers", "0",
+                     "--trials", "5", "--artifacts", tmp_path / "art")
+        assert result.exit_code == 0, result.output
+        upper = run("search", "--cache", cache_dir, "--study", base.upper(), "--storage", url, "--workers", "0",
+                    "--trials", "9", "--artifacts", tmp_path / "art")
+        if backend == "mariadb":  # the default collation cannot tell the two apart: refused, not merged
+            assert_clear_error(upper, "cannot tell it from the existing study")
+            from adsearch.search.budget import TrialBudget
+
+            assert TrialBudget(url, base).get()[0] == 5  # its budget untouched
+        else:
+            assert upper.exit_code == 0, upper.output
+        names = {s.study_name for s in optuna.get_all_study_summaries(url)}
+        assert base in names and (base.upper() in names) == (backend == "sqlite")
+    finally:
+        for name in (base, base.upper()):
+            with __import__("contextlib").suppress(KeyError):
+                optuna.delete_study(study_name=name, storage=url)
+
+
+def test_a_foreign_sqlite_file_is_refused_and_left_unchanged(tmp_path):
+    import hashlib
+    import sqlite3
+
+    other = tmp_path / "app.db"
+    with sqlite3.connect(other) as connection:
+        connection.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+        connection.execute("INSERT INTO customers VALUES (1, 'x')")
+    connection.close()
+    before = hashlib.sha256(other.read_bytes()).hexdigest()
+    for args in (["export", "--study", "s", "-o", tmp_path / "out"], ["worker", "--study", "s"],
+                 ["null", "--study", "s"], ["dashboard"]):
+        assert_clear_error(run(*args, "--storage", f"sqlite:///{other}"), "another application's database",
+                           "was not changed")
+    assert hashlib.sha256(other.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+
+
+def _broken_checkpoint(tiny_model: Path, tmp_path: Path, how: str) -> Path:
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    broken = tmp_path / how
+    shutil.copytree(tiny_model, broken)
+    if how == "most-weights-missing":
+        weights = load_file(broken / "model.safetensors")
+        save_file({k: v for k, v in list(weights.items())[:5]}, broken / "model.safetensors", metadata={"format": "pt"})
+    else:  # config.json with one layer more than the weights
+        config = json.loads((broken / "config.json").read_text())
+        config["num_hidden_layers"] += 1
+        (broken / "config.json").write_text(json.dumps(config))
+    return broken
+
+
+@pytest.mark.parametrize("how", ["most-weights-missing", "one-layer-more-in-config"])
+def test_a_checkpoint_missing_weights_is_refused(tiny_model, tiny_manifest, tmp_path, how):
+    broken = _broken_checkpoint(tiny_model, tmp_path, how)
+    assert_clear_error(run("extract", tiny_manifest, "--model", broken, "-o", tmp_path / "c"),
+                       "weights missing from the checkpoint", "randomly initialised")
+    assert not list((tmp_path / "c").glob("*/cache.json"))
+
+
+def test_a_task_head_checkpoint_loads_as_its_encoder(tmp_path):
+    """A CTC checkpoint (the seed's model is one) carries lm_head.*: the head may be there, nothing else."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+    from adsearch.embed.model import load_model, resolve_model
+
+    config = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                            conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+                            vocab_size=32, feat_extract_norm="layer", do_stable_layer_norm=True)
+    Wav2Vec2ForCTC(config).save_pretrained(tmp_path / "ctc")
+    Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(tmp_path / "ctc")
+    _, model = load_model(resolve_model(str(tmp_path / "ctc")), "cpu", __import__("torch").float32)
+    assert type(model).__name__ == "Wav2Vec2Model"
+
+
+CACHE_EDITS = {
+    "label flipped": lambda meta: meta["items"][0].update(label=1 - meta["items"][0]["label"]),
+    "speaker renamed": lambda meta: meta["items"][0].update(group=meta["items"][1]["group"]),
+    "split moved": lambda meta: meta["items"][0].update(split="test"),
+    "recording removed": lambda meta: meta["items"].pop(),
+    "frame count edited": lambda meta: meta["windows"]["n_frames"].__setitem__(0, 7),
+    "frame count negative": lambda meta: meta["windows"]["n_frames"].__setitem__(0, -3),
+    "window moved": lambda meta: meta["windows"]["item"].__setitem__(0, 1),
+    "array hash swapped": lambda meta: meta["files"].update({"stats/mean/L00.npy":
+                                                             meta["files"]["stats/mean/L01.npy"]}),
+}
+
+
+@pytest.mark.parametrize("edit", CACHE_EDITS)
+def test_every_defining_field_of_cache_json_is_covered(tmp_path, edit):
+    cache_dir = write_synthetic_cache(tmp_path / "c", **TINY_CACHE)
+    meta = json.loads((cache_dir / "cache.json").read_text())
+    CACHE_EDITS[edit](meta)
+    (cache_dir / "cache.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match="cache.json: "):
+        open_cache(cache_dir)
+
+
+def test_search_worker_export_and_evaluate_refuse_an_edited_cache(exported_dir, tmp_path):
+    """The study's cache (and a copy re-sealed by hand, so its own hash matches again) are refused."""
+    import shutil
+
+    from adsearch.embed.cache import seal
+
+    study_dir = exported_dir.parent
+    url = f"sqlite:///{study_dir / 's.db'}"
+    for resealed in (False, True):
+        copy = tmp_path / f"cache-{resealed}"
+        shutil.copytree(study_dir / "c", copy)
+        meta = json.loads((copy / "cache.json").read_text())
+        meta["items"][0]["label"] = 1 - meta["items"][0]["label"]
+        (copy / "cache.json").write_text(json.dumps(seal(meta) if resealed else meta))
+        expected = "was created with the cache" if resealed else "edited after extraction"
+        space = _space(tmp_path, "cv: {folds: 3}\npruner: none\nspace: {classifiers: {logreg: {}}}\n")
+        for args in (["search", "--cache", copy, "--study", "s", "--space", space, "--storage", url, "--trials", "6"],
+                     ["worker", "--study", "s", "--storage", url, "--cache", copy],
+                     ["export", "--study", "s", "--storage", url, "--cache", copy, "-o", tmp_path / "out"],
+                     ["evaluate", exported_dir, "--cache", copy]):
+            result = run(*args)
+            if args[0] == "evaluate" and resealed:
+                assert_clear_error(result, "differs from the exported config's cache")
+            else:
+                assert_clear_error(result, expected)
+        assert not (tmp_path / "out").exists()
+    study = optuna.load_study(study_name="s", storage=url)
+    assert len(study.trials) == 3  # no trial ran on the edited labels
+
+
+EXPORT_AT_ONCE = """
+import sys
+from adsearch.export import export_trial
+from adsearch.outputs import OutputError
+try:
+    export_trial("s", sys.argv[1], sys.argv[2], trial_number=int(sys.argv[3]), artifacts=sys.argv[4],
+                 log=lambda _: None)
+except OutputError as exc:
+    print(exc)
+    raise SystemExit(2)
+"""
+
+
+def test_two_exports_into_one_folder_one_wins_whole(exported_dir, tmp_path):
+    url = f"sqlite:///{exported_dir.parent / 's.db'}"
+    target = tmp_path / "best"
+    processes = [subprocess.Popen([sys.executable, "-c", EXPORT_AT_ONCE, url, str(target), str(trial),
+                                   str(tmp_path / "art")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for trial in (0, 2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    codes = sorted(p.returncode for p in processes)
+    assert codes == [0, 2], outputs
+    loser = outputs[[p.returncode for p in processes].index(2)][0]
+    assert "another process is writing this folder" in loser or "already exists" in loser or "meanwhile" in loser
+    config = yaml.safe_load((target / "config.yaml").read_text())
+    test = json.loads((target / "test.json").read_text())
+    assert config["study"]["trial"] == test["trial"]
+    assert f"<td>trial</td><td>{test['trial']}</td>" in (target / "report.html").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "best"]  # no partial folder, no lock left
+
+
+def test_a_worker_whose_trial_was_failed_under_it_goes_on(tmp_path, monkeypatch, capsys):
+    from adsearch.search import worker
+    from adsearch.search.storage import make_storage
+    from adsearch.search.study import create_or_resume
+
+    cache = open_cache(write_synthetic_cache(tmp_path / "c", **TINY_CACHE))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = parse_spec({"cv": {"folds": 3}, "pruner": "none", "screen": {"enabled": False},
+                       "space": {"classifiers": {"logreg": {}}}})
+    create_or_resume(make_storage(url), "s", cache, spec, "space.yaml", 3)
+    real_call = worker.Objective.__call__
+    other = make_storage(url)
+    victims = []
+
+    def stale_meanwhile(self, trial):
+        value = real_call(self, trial)
+        if not victims:  # what another worker's fail_stale_trials does to a trial whose heartbeat came late
+            victims.append(trial.number)
+            other.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            from adsearch.search.budget import TrialBudget
+
+            TrialBudget(url, "s").release()
+        return value
+
+    monkeypatch.setattr(worker.Objective, "__call__", stale_meanwhile)
+    report = worker.run_worker("s", url, worker_index=0)
+    assert report.failed == 1 and "was failed by another worker while it ran" in capsys.readouterr().err
+    states = [t.state for t in optuna.load_study(study_name="s", storage=url).trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and states[victims[0]] == optuna.trial.TrialState.FAIL
+
+
+@pytest.mark.slow
+def test_sigterm_to_search_stops_its_workers(tmp_path):
+    import os
+    import signal
+
+    cache_dir = write_realistic_cache_dir(tmp_path)
+    space = _space(tmp_path, "cv: {folds: 4}\npruner: none\nscreen: {enabled: false}\nspace: {pooling: [mean], "
+                   "classifiers: {random_forest: {n_estimators: 150, max_depth: 6, max_features: sqrt, "
+                   "min_samples_leaf: 1}}}\n")
+    search = subprocess.Popen([sys.executable, "-m", "adsearch.cli", "search", "--cache", str(cache_dir), "--study",
+                               "term", "--space", str(space), "--storage", f"sqlite:///{tmp_path / 's.db'}",
+                               "--trials", "500", "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    children: set[int] = set()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(children) < 2:
+        time.sleep(0.5)
+        for task in Path(f"/proc/{search.pid}/task").glob("*/children"):
+            children |= {int(pid) for pid in task.read_text().split()}
+    assert len(children) >= 2, search.stderr.read() if search.poll() is not None else "no workers started"
+    time.sleep(3)  # trials under way
+    search.send_signal(signal.SIGTERM)
+    out, err = search.communicate(timeout=60)
+    assert search.returncode == 130, out + err
+    assert "interrupted" in err and "run the same command again to resume" in err and "Traceback" not in err
+    time.sleep(1)
+    alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
+             and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "workers outlived the search they belonged to"
+
+
+def write_realistic_cache_dir(tmp_path: Path) -> Path:
+    from adsearch.embed.synthetic import write_realistic_cache
+
+    return write_realistic_cache(tmp_path / "rc", n_train=80, n_test=10, n_layers=4, dim=32)

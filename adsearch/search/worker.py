@@ -174,25 +174,31 @@ def run_worker(
             time.sleep(poll_seconds)
 
 
-def _finished_under_us(exc: BaseException) -> bool:
-    """True when this worker's trial was finished by someone else while it ran: another worker found its
-    heartbeat stale and failed it (Optuna then refuses the result: 'Cannot tell a FAIL trial')."""
-    from optuna.exceptions import UpdateFinishedTrialError
-
-    return isinstance(exc, UpdateFinishedTrialError) or (
-        isinstance(exc, ValueError) and str(exc).startswith("Cannot tell a "))
-
-
-def _database_lost(exc: BaseException) -> BaseException | None:
-    """The error saying the database is out of reach, if `exc` is one or was raised while handling one
-    (Optuna's optimize can mask a failed write to a lost database with an error of its own)."""
+def _in_chain(exc: BaseException | None, matches) -> BaseException | None:
+    """The first error in `exc`'s chain (its cause or the error it was raised while handling) that `matches`:
+    Optuna's optimize can cover an error with one of its own."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, unreachable_errors()):
+        if matches(exc):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _finished_under_us(exc: BaseException) -> bool:
+    """True when this worker's trial was finished by someone else while it ran: another worker found its
+    heartbeat stale and failed it (Optuna then refuses the result: 'Cannot tell a FAIL trial', which its
+    clean-up code covers with an AssertionError)."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    return _in_chain(exc, lambda e: isinstance(e, UpdateFinishedTrialError) or (
+        isinstance(e, ValueError) and str(e).startswith("Cannot tell a "))) is not None
+
+
+def _database_lost(exc: BaseException) -> BaseException | None:
+    """The error saying the database is out of reach, if `exc` is one or was raised while handling one."""
+    return _in_chain(exc, lambda e: isinstance(e, unreachable_errors()))
 
 
 class _Outage:
