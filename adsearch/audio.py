@@ -34,7 +34,8 @@ class AudioError(Exception):
 def audio_duration(path: Path | str) -> float:
     """Duration in seconds from the file header alone (no decoding)."""
     try:
-        info = sf.info(str(path))
+        with Path(path).open("rb") as raw:  # a file object: libsndfile cannot open names that are not UTF-8
+            info = sf.info(raw)
     except Exception as exc:  # soundfile raises several types for unreadable files
         raise AudioError(path, f"cannot read audio header ({exc})") from exc
     _check_header(Path(path), info.samplerate, info.channels, info.frames)
@@ -83,7 +84,7 @@ def load_audio(path: Path | str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     if not path.exists():
         raise AudioError(path, "file does not exist")
     try:
-        with sf.SoundFile(str(path)) as handle:
+        with path.open("rb") as raw, sf.SoundFile(raw) as handle:  # (names need not be UTF-8)
             declared, rate = handle.frames, handle.samplerate
             _check_header(path, rate, handle.channels, declared)
             data = handle.read(dtype="float32", always_2d=True)

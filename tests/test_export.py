@@ -235,3 +235,50 @@ def test_a_margin_classifier_writes_a_decision_not_a_probability(tmp_path, monke
     write_predictions([prediction], tmp_path / "p.csv")
     header, row = (tmp_path / "p.csv").read_text().splitlines()
     assert header.startswith("file,prob_ad,decision") and row.split(",")[1] == ""
+
+
+def test_predict_keeps_every_other_prediction_whatever_one_file_does(exported, study_env, tmp_path):
+    """A 1 Hz WAV, a name that is not UTF-8 and a name a spreadsheet would run as a formula, beside a good
+    recording: every file gets its row, the CSV is written, nothing is lost to one file."""
+    import csv
+    import os
+    import shutil
+    import struct
+
+    out, _ = exported
+    cache = study_env["cache"]
+    good = cache.meta["items"][int(np.flatnonzero(cache.splits == "test")[0])]["path"]
+    data = b"\x01\x00" * 4000
+    fmt = struct.pack("<HHIIHH", 1, 1, 1, 2, 2, 16)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    (tmp_path / "one-hz.wav").write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    odd = os.fsdecode(bytes(tmp_path) + b"/\xff.wav")
+    shutil.copy(good, odd)
+    formula = tmp_path / "=HYPERLINK(x).wav"
+    shutil.copy(good, formula)
+    csv_out = tmp_path / "p.csv"
+    result = run("predict", out, tmp_path / "one-hz.wav", odd, good, formula, "-o", csv_out)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    rows = list(csv.DictReader(csv_out.open(encoding="utf-8")))
+    assert len(rows) == 4
+    assert "declares a sample rate of 1 Hz" in rows[0]["error"] and rows[0]["prob_ad"] == ""
+    assert rows[1]["file"].endswith("\\xff.wav") and rows[1]["error"] == "" and rows[1]["label"]
+    assert rows[2]["error"] == "" and 0 <= float(rows[2]["prob_ad"]) <= 1
+    assert rows[3]["file"].startswith(str(tmp_path))  # a full path cannot start with '=' ...
+    bare = run("predict", out, formula.name, "-o", tmp_path / "q.csv")  # ... a bare name can
+    assert bare.exit_code in (0, 1), bare.output
+    assert next(csv.DictReader((tmp_path / "q.csv").open()))["file"] == "'=HYPERLINK(x).wav"
+
+
+def test_an_exported_layer_the_model_lacks_is_refused(exported, tmp_path):
+    import shutil
+
+    out, _ = exported
+    copy = tmp_path / "best"
+    shutil.copytree(out, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["features"]["layer"] = 1000
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    result = run("predict", copy, tmp_path / "x.wav")
+    assert result.exit_code == 2 and "features.layer 1000 does not exist" in result.output, result.output
+    assert "Traceback" not in result.output
