@@ -868,7 +868,8 @@ def predict(
                       f"({prediction.n_windows} windows, {prediction.speech_seconds:.1f} s of speech)", highlight=False,
                       markup=False)
     if output:
-        write_predictions(predictions, output)
+        with user_errors():
+            write_predictions(predictions, output)
         out.print(f"wrote {output}", highlight=False)
     if all(p.error for p in predictions):
         raise typer.Exit(1)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +76,33 @@ def write_rows(path: Path, header: list, rows: list) -> Path:
         writer.writerow(header)
         writer.writerows(rows)
     return path
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """A 1 MiB tmpfs (root only): filled to the brim, or remounted read-only, it gives the real errors."""
+    folder = tmp_path / "mnt"
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        reason = f"cannot mount a tmpfs here ({done.stderr.strip()})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the full-disk tests: {reason}")
+        pytest.skip(reason)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> None:
+    """Write into `folder` until its file system is full."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

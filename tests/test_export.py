@@ -282,3 +282,16 @@ def test_an_exported_layer_the_model_lacks_is_refused(exported, tmp_path):
     result = run("predict", copy, tmp_path / "x.wav")
     assert result.exit_code == 2 and "features.layer 1000 does not exist" in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def test_predictions_onto_a_full_disk_are_one_line(exported, study_env, small_mount):
+    from conftest import fill
+
+    out, _ = exported
+    cache = study_env["cache"]
+    good = cache.meta["items"][int(np.flatnonzero(cache.splits == "test")[0])]["path"]
+    fill(small_mount)
+    result = run("predict", out, good, "-o", small_mount / "p.csv")
+    assert result.exit_code == 2 and "no space left on that device" in result.output, result.output
+    assert "Traceback" not in result.output and not (small_mount / "p.csv").exists()
+    assert [p.name for p in small_mount.iterdir()] == ["filler"]  # no temporary file left

@@ -16,7 +16,7 @@ import numpy as np
 import optuna
 import pytest
 import yaml
-from conftest import speechlike, write_rows, write_wav
+from conftest import fill, speechlike, write_rows, write_wav
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -548,41 +548,10 @@ def test_export_targets_that_are_links_dots_or_too_long_are_refused(exported_dir
     assert not any((tmp_path / "real").iterdir()) and not (tmp_path / "nowhere").exists()
 
 
-@pytest.fixture
-def small_mount(tmp_path):
-    """A 1 MiB tmpfs (root only): filled to the brim, or remounted read-only, it gives the real errors."""
-    folder = tmp_path / "mnt"
-    folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        reason = f"cannot mount a tmpfs here ({done.stderr.strip()})"
-        if __import__("os").environ.get("CI") == "true":
-            pytest.fail(f"CI must run the full-disk tests: {reason}")
-        pytest.skip(reason)
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def _fill(folder: Path) -> None:
-    import os
-
-    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.parametrize("command", ["corpus", "export", "extract"])
 def test_a_full_disk_is_one_line_and_leaves_nothing_that_looks_complete(small_mount, exported_dir, tiny_manifest,
                                                                         tiny_model, command):
-    _fill(small_mount)
+    fill(small_mount)
     url = f"sqlite:///{exported_dir.parent / 's.db'}"
     args = {"corpus": ["corpus", "csv", tiny_manifest, "-o", small_mount / "out.csv"],
             "export": ["export", "--study", "s", "--storage", url, "-o", small_mount / "best",
