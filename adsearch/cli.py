@@ -41,8 +41,17 @@ out = Console(soft_wrap=True)  # never break paths or commands across lines
 err = Console(stderr=True, soft_wrap=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from adsearch import __version__
+
+        out.print(f"adsearch {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main() -> None:
+def _main(version: Annotated[bool, typer.Option("--version", help="Print adsearch's version and exit.",
+                                                callback=_print_version, is_eager=True)] = False) -> None:
     """Output never breaks on a file name that is not UTF-8 (shown with \\x escapes instead)."""
     import sys
 

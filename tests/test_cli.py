@@ -92,3 +92,10 @@ def test_worker_and_search_report_unknown_study_and_bad_cache(tmp_path):
     assert not (tmp_path / "x.db").exists()  # a mistyped --storage leaves no empty database behind
     result = run("search", "--cache", tmp_path / "missing", "--study", "s", "--storage", storage)
     assert result.exit_code == 2 and "cache directory not found" in result.output
+
+
+def test_version_is_printed():
+    from adsearch import __version__
+
+    result = run("--version")
+    assert result.exit_code == 0 and result.output.strip() == f"adsearch {__version__}"
