@@ -268,7 +268,7 @@ def _save_atomic_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two extractions of one folder write settings.json
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
 
