@@ -22,13 +22,13 @@ from adsearch.embed.cache import POOLINGS, EmbeddingCache
 from adsearch.outputs import check_new_folder, folder_written_whole
 from adsearch.safeyaml import YamlError, load_yaml
 from adsearch.search.objective import (
-    assign_folds,
     cross_validate,
     fit_pipeline,
     metrics,
     read_features,
     recording_scores,
 )
+from adsearch.search.protocol import CHANCE, assign_folds
 from adsearch.search.space import PipelineSettings, TrialConfig, fixed_params_problems
 
 CONFIG_FILE = "config.yaml"
@@ -440,9 +440,6 @@ def control_summary(storage, control_study: str, metric: str) -> dict:
     return {"study": control_study, "best": best, "trials": trial_counts(control)["finished"],
             "floor": control._storage.get_study_system_attrs(control._study_id).get(NULL_ATTR),
             "cache": setup.cache_path}
-
-
-CHANCE = {"balanced_accuracy": 0.5, "roc_auc": 0.5}
 
 
 def honesty_warnings(exported: ExportedConfig, floor: dict | None, control: dict | None) -> list[str]:

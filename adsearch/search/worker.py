@@ -23,7 +23,8 @@ from optuna.trial import TrialState
 from adsearch.search.budget import TrialBudget
 from adsearch.search.database import unreachable_errors
 from adsearch.search.errors import StudyError
-from adsearch.search.objective import WORKER_ID, Objective, ProtocolError
+from adsearch.search.objective import WORKER_ID, Objective
+from adsearch.search.protocol import ProtocolError
 from adsearch.search.samplers import make_pruner, make_sampler
 from adsearch.search.storage import DEFAULT_STORAGE, make_storage, mask_url
 from adsearch.search.study import StudySetup, chosen_optimiser, load_caches_for, trial_counts
