@@ -301,7 +301,7 @@ def export_trial(
     from optuna.trial import TrialState
 
     from adsearch.search.storage import make_storage, mask_url
-    from adsearch.search.study import StudySetup, load_caches_for, trial_config
+    from adsearch.search.study import StudySetup, load_caches_for, missing_study, trial_config
 
     out_dir = check_new_folder(out_dir)
     if not 0 <= top_k <= 1000:
@@ -312,7 +312,7 @@ def export_trial(
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
-        raise ExportError(f"no study {study_name!r} in {mask_url(storage_url)}") from None
+        raise missing_study(storage, study_name, mask_url(storage_url)) from None
     setup = StudySetup.from_study(study)
     if setup.null_seed is not None:
         raise ExportError(f"{study_name!r} is a null study (permuted labels): it measures the noise floor of its "

@@ -46,7 +46,9 @@ __all__ = [
     "fold_fits",
     "load_cache_for",
     "load_caches_for",
+    "list_studies",
     "load_screen",
+    "missing_study",
     "name_sources",
     "new_setup",
     "study_note",
@@ -190,6 +192,29 @@ def load_caches_for(setup: StudySetup, study_name: str, cache_path: str | Path |
             raise StudyError(f"study {study_name!r}: source {name!r} at {source['path']} has other content than when "
                              "the study was created")
     return caches
+
+
+def list_studies(storage) -> list[dict]:
+    """Every study in a storage (null studies too): name, finished trials, budget, best value."""
+    rows = []
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=True):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        try:
+            budget = TrialBudget(storage.url, summary.study_name).get()[0]
+        except StudyError:
+            budget = None  # not created by adsearch
+        rows.append({"name": summary.study_name, "finished": trial_counts(study)["finished"], "budget": budget,
+                     "best": summary.best_trial.value if summary.best_trial else None})
+    return rows
+
+
+def missing_study(storage, study_name: str, where: str) -> StudyError:
+    """The error for a study name this storage lacks, listing the names it holds (a forgotten --storage
+    or a typo is then plain to see)."""
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    held = f"it holds {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}" if names else "it holds no study"
+    return StudyError(f"no study {study_name!r} in {where}; {held} (`adsearch studies --storage URL` lists them). "
+                      "Create one with `adsearch search`, or pass the --storage it uses")
 
 
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
