@@ -29,10 +29,12 @@ app = typer.Typer(
     "detection. Workflow: corpus -> extract -> search -> export.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: `adsearch[egemaps]` must print as typed
 )
-corpus_app = typer.Typer(help="Build a corpus manifest (recordings, labels, speakers, splits).", no_args_is_help=True)
-model_app = typer.Typer(help="Speech model helpers.", no_args_is_help=True)
-cache_app = typer.Typer(help="Inspect embedding caches.", no_args_is_help=True)
+corpus_app = typer.Typer(help="Build a corpus manifest (recordings, labels, speakers, splits).", no_args_is_help=True,
+                         rich_markup_mode=None)
+model_app = typer.Typer(help="Speech model helpers.", no_args_is_help=True, rich_markup_mode=None)
+cache_app = typer.Typer(help="Inspect embedding caches.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(model_app, name="model")
 app.add_typer(cache_app, name="cache")
@@ -61,9 +63,11 @@ def _main(version: Annotated[bool, typer.Option("--version", help="Print adsearc
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
+def user_errors(interrupted: str = "run the same command again to resume; finished work is kept"
+                ) -> Iterator[None]:
     """Turn expected input errors into one red message and exit code 2, without a traceback. Errors of the
-    operating system (a full disk, a read-only folder, a name too long) say which path and what to do."""
+    operating system (a full disk, a read-only folder, a name too long) say which path and what to do.
+    Ctrl-C is one line saying what happens next (`interrupted`), exit code 130."""
     from adsearch.audio import AudioError
     from adsearch.corpus import CorpusError
     from adsearch.embed.cache import CacheError
@@ -83,6 +87,9 @@ def user_errors() -> Iterator[None]:
     except OSError as exc:
         err.print(f"[bold red]error:[/] {escape(describe_os_error(exc))}", highlight=False)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print(f"interrupted: {escape(interrupted)}", highlight=False)
+        raise typer.Exit(130) from None
 
 
 def _print_warnings(warnings: list[str], limit: int = 20) -> None:
@@ -404,7 +411,7 @@ def finetune(
 # search
 
 
-space_app = typer.Typer(help="Search-space files.", no_args_is_help=True)
+space_app = typer.Typer(help="Search-space files.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(space_app, name="space")
 
 _STORAGE_HELP = ("SQLAlchemy URL of the study database: the default is an embedded SQLite file in the working "
@@ -431,11 +438,30 @@ def space_check(
     out.print(f"{space}: valid (hash {spec.digest()})", highlight=False)
     out.print(f"cv {spec.cv.folds} folds x {spec.cv.repeats}, metric {spec.cv.metric}, sampler {spec.sampler}, "
               f"pruner {spec.pruner}, seed {spec.seed}")
-    out.print(f"layers {list(layers) if layers else spec.space.layers}; pooling {spec.space.pooling}; "
-              f"unit {spec.space.unit}; pca {spec.space.pca}")
+    out.print(f"layers {_describe_layers(layers, spec.space.layers)}; pooling {', '.join(spec.space.pooling)}; "
+              f"unit {', '.join(spec.space.unit)}; pca {', '.join(spec.space.pca)}", highlight=False)
     for name in spec.space.classifiers:
-        params = ", ".join(f"{k}: {kind} {value}" for k, (kind, value) in classifier_params(spec, name).items())
+        params = "; ".join(f"{k} {_describe_param(kind, value)}" for k, (kind, value) in
+                           classifier_params(spec, name).items())
         out.print(f"  {name}: {params}", highlight=False)
+
+
+def _describe_layers(checked, layers) -> str:
+    if checked:
+        return f"{checked[0]}..{checked[-1]}" if list(checked) == list(range(checked[0], checked[-1] + 1)) else (
+            ", ".join(map(str, checked)))
+    if isinstance(layers, list):
+        return ", ".join(map(str, layers))
+    return f"{layers.low}..{'last' if layers.high is None else layers.high}"
+
+
+def _describe_param(kind: str, value) -> str:
+    """`range 0.0001..100 (log)`, `one of uniform, distance`, `= 0.5`: what a person writes in the YAML."""
+    if kind == "range":
+        return f"range {value.low:g}..{value.high:g}" + (" (log)" if value.log else "")
+    if kind == "choice":
+        return "one of " + ", ".join(str(option) for option in value)
+    return f"= {value}"
 
 
 def _study_summary(study, budget: int) -> None:
@@ -648,7 +674,7 @@ def compare(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     names = [name.strip() for name in samplers.split(",") if name.strip()]
-    with user_errors():
+    with user_errors(interrupted=f"the runs finished so far are in {output}; run again with a new -o"):
         unknown = [name for name in names if name not in SAMPLERS]
         if unknown or not names:
             raise ValueError(f"--samplers: {', '.join(unknown) or 'none given'}; choose from {', '.join(SAMPLERS)}")
@@ -693,8 +719,8 @@ def null(
 
     from adsearch.embed import open_cache
     from adsearch.search.null import create_null_studies, describe, record, summarise
-    from adsearch.search.storage import make_storage
-    from adsearch.search.study import StudySetup, load_screen, study_note, trial_counts
+    from adsearch.search.storage import make_storage, mask_url
+    from adsearch.search.study import StudySetup, load_screen, missing_study, study_note, trial_counts
     from adsearch.search.worker import spawn_workers
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -703,7 +729,7 @@ def null(
         try:
             main = optuna.load_study(study_name=study, storage=store)
         except KeyError:
-            raise ValueError(f"no study {study!r} in this storage; run `adsearch search` first") from None
+            raise missing_study(store, study, mask_url(storage)) from None
         finished = trial_counts(main)["finished"]
         budget = trials or finished
         if budget < 1:
@@ -882,6 +908,30 @@ def predict(
         out.print(f"wrote {output}", highlight=False)
     if all(p.error for p in predictions):
         raise typer.Exit(1)
+
+
+@app.command()
+def studies(
+    storage: Annotated[str, typer.Option(help=_STORAGE_HELP, envvar="ADSEARCH_STORAGE")] = "sqlite:///adsearch.db",
+) -> None:
+    """List the studies in a storage: finished trials of the budget, best CV, and their null studies."""
+    import optuna
+
+    from adsearch.search.storage import make_storage, mask_url
+    from adsearch.search.study import list_studies
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with user_errors():
+        rows = list_studies(make_storage(storage, create=False))
+    if not rows:
+        out.print(f"no study in {mask_url(storage)}; create one with `adsearch search`", highlight=False)
+        return
+    width = max(len(row["name"]) for row in rows)
+    out.print(f"{'study':<{width}}  {'finished':>13}  {'best CV':>8}", highlight=False)
+    for row in rows:
+        done = f"{row['finished']}/{row['budget'] if row['budget'] is not None else '?'}"
+        best = f"{row['best']:.4f}" if row["best"] is not None else "-"
+        out.print(f"{row['name']:<{width}}  {done:>13}  {best:>8}", highlight=False, markup=False)
 
 
 @app.command()

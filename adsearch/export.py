@@ -22,13 +22,13 @@ from adsearch.embed.cache import POOLINGS, EmbeddingCache
 from adsearch.outputs import check_new_folder, folder_written_whole
 from adsearch.safeyaml import YamlError, load_yaml
 from adsearch.search.objective import (
-    assign_folds,
     cross_validate,
     fit_pipeline,
     metrics,
     read_features,
     recording_scores,
 )
+from adsearch.search.protocol import CHANCE, assign_folds
 from adsearch.search.space import PipelineSettings, TrialConfig, fixed_params_problems
 
 CONFIG_FILE = "config.yaml"
@@ -301,7 +301,7 @@ def export_trial(
     from optuna.trial import TrialState
 
     from adsearch.search.storage import make_storage, mask_url
-    from adsearch.search.study import StudySetup, load_caches_for, trial_config
+    from adsearch.search.study import StudySetup, load_caches_for, missing_study, trial_config
 
     out_dir = check_new_folder(out_dir)
     if not 0 <= top_k <= 1000:
@@ -312,7 +312,7 @@ def export_trial(
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
-        raise ExportError(f"no study {study_name!r} in {mask_url(storage_url)}") from None
+        raise missing_study(storage, study_name, mask_url(storage_url)) from None
     setup = StudySetup.from_study(study)
     if setup.null_seed is not None:
         raise ExportError(f"{study_name!r} is a null study (permuted labels): it measures the noise floor of its "
@@ -440,9 +440,6 @@ def control_summary(storage, control_study: str, metric: str) -> dict:
     return {"study": control_study, "best": best, "trials": trial_counts(control)["finished"],
             "floor": control._storage.get_study_system_attrs(control._study_id).get(NULL_ATTR),
             "cache": setup.cache_path}
-
-
-CHANCE = {"balanced_accuracy": 0.5, "roc_auc": 0.5}
 
 
 def honesty_warnings(exported: ExportedConfig, floor: dict | None, control: dict | None) -> list[str]:

@@ -109,7 +109,7 @@ def _windows(recordings: list[Recording], indices: np.ndarray, settings: Finetun
 def _validation_split(labels: np.ndarray, groups: np.ndarray, share: float, seed: int) -> np.ndarray:
     """A speaker-grouped, stratified validation mask of about `share` of the recordings (for early
     stopping only); all False when a class has too few speakers to hold any out."""
-    from adsearch.search.objective import assign_folds
+    from adsearch.search.protocol import assign_folds
 
     speakers = min(len(set(groups[labels == label])) for label in (0, 1))
     folds = min(round(1 / share), speakers)
@@ -324,7 +324,7 @@ def finetune(manifest: Path | str, model: str, out_dir: Path | str, settings: Fi
     import torch
 
     from adsearch.embed.model import resolve_model
-    from adsearch.search.objective import assign_folds
+    from adsearch.search.protocol import assign_folds
 
     settings = settings or FinetuneSettings()
     out_dir = Path(out_dir)

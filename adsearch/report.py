@@ -117,8 +117,8 @@ def _figures(study, setup, test: dict | None, out: Path) -> list[Path]:
 
 def _honesty_rows(exported, floor: dict | None, control: dict | None) -> list[tuple]:
     """Every figure next to what it would be by chance and how it was obtained."""
-    from adsearch.export import CHANCE
     from adsearch.search.null import describe
+    from adsearch.search.protocol import CHANCE
 
     metric = exported.cv.metric
     chance = CHANCE.get(metric)

@@ -212,7 +212,8 @@ def oracle_score(cache_dir: Path, spec: dict) -> float:
     """The planted configuration's CV score: the planted layer and pooling with the best of a small grid of
     classifier settings, on the study's folds. What a search that knew the answer would report."""
     from adsearch.embed.synthetic import PLANTED_POOLING
-    from adsearch.search.objective import FeatureSource, assign_folds, cross_validate
+    from adsearch.search.objective import FeatureSource, cross_validate
+    from adsearch.search.protocol import assign_folds
     from adsearch.search.space import TrialConfig
     from adsearch.search.worker import trial_conditions
 

@@ -74,11 +74,16 @@ def test_help_explains_every_command():
                     ["extract", "--help"], ["model", "tiny", "--help"], ["cache", "info", "--help"]):
         result = run(*command)
         assert result.exit_code == 0 and "Usage" in result.output
+        assert "<bool>" not in result.output  # flags read --flag / --no-flag
+    assert "adsearch[egemaps]" in run("extract", "--help").output  # help is plain text, not markup
 
 
 def test_space_check_validates_and_summarises(tmp_path):
     result = run("space", "check", "studies/default.yaml")
     assert result.exit_code == 0 and "valid (hash" in result.output and "catboost:" in result.output
+    assert "logreg: C range 0.0001..100 (log)" in result.output and "knn: n_neighbors range 1..31; weights one of " \
+        "uniform, distance" in result.output
+    assert "Range(" not in result.output and "['" not in result.output  # no Python reprs
     bad = tmp_path / "bad.yaml"
     bad.write_text("cv: {metric: auc}\n")
     result = run("space", "check", bad)
@@ -99,3 +104,45 @@ def test_version_is_printed():
 
     result = run("--version")
     assert result.exit_code == 0 and result.output.strip() == f"adsearch {__version__}"
+
+
+def test_studies_lists_what_a_storage_holds_and_a_typo_shows_it(tmp_path):
+    from adsearch.embed.synthetic import write_synthetic_cache
+    from adsearch.search.space import parse_spec
+    from adsearch.search.storage import make_storage
+    from adsearch.search.study import create_or_resume
+
+    cache = open_cache(write_synthetic_cache(tmp_path / "c", n_train=20, n_test=4, n_layers=2, dim=8,
+                                             signal_layer=1))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    create_or_resume(make_storage(url), "adresso-1", cache, parse_spec({"cv": {"folds": 3}}), "s.yaml", 7)
+    result = run("studies", "--storage", url)
+    assert result.exit_code == 0 and "adresso-1" in result.output and "0/7" in result.output, result.output
+    result = run("worker", "--study", "adreso-1", "--storage", url)
+    assert result.exit_code == 2 and "no study 'adreso-1'" in result.output and "it holds adresso-1" in result.output
+
+
+def test_ctrl_c_during_extract_is_one_line_and_the_rerun_resumes(tmp_path, tiny_model):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = []
+    for i in range(40):
+        write_wav(tmp_path / f"r{i}.wav", speechlike(3.0, seed=i))
+        rows.append([f"r{i}", f"r{i}.wav", str(i % 2), f"s{i}", "train"])
+    manifest = write_rows(tmp_path / "m.csv", ["id", "path", "label", "group", "split"], rows)
+    command = [sys.executable, "-m", "adsearch.cli", "extract", str(manifest), "--model", str(tiny_model), "-o",
+               str(tmp_path / "c"), "--window-s", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((tmp_path / "c").glob("*/parts/*.npz")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, out + err
+    assert "interrupted: run the same command again to resume" in err and "Traceback" not in err
+    assert err.count("\n") < 10  # the progress bar and one line, no worker tracebacks
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "resuming:" in done.stderr, done.stderr

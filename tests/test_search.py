@@ -19,7 +19,8 @@ from adsearch.embed.synthetic import write_synthetic_cache
 from adsearch.search import objective as objective_module
 from adsearch.search.budget import TrialBudget
 from adsearch.search.errors import StudyError
-from adsearch.search.objective import FeatureSource, ProtocolError, assign_folds, cross_validate
+from adsearch.search.objective import FeatureSource, cross_validate
+from adsearch.search.protocol import ProtocolError, assign_folds
 from adsearch.search.samplers import make_sampler
 from adsearch.search.space import TrialConfig, parse_spec
 from adsearch.search.storage import make_storage
@@ -138,7 +139,8 @@ SCORE_SCRIPT = """
 import json, sys
 from adsearch.embed import open_cache
 from adsearch.embed.cache import file_digest
-from adsearch.search.objective import FeatureSource, assign_folds, cross_validate
+from adsearch.search.objective import FeatureSource, cross_validate
+from adsearch.search.protocol import assign_folds
 from adsearch.search.space import TrialConfig
 source = FeatureSource(open_cache(sys.argv[1]))
 folds = assign_folds(source.labels, source.groups, 5, 2, 7)

@@ -154,7 +154,8 @@ def test_the_closed_form_probe_equals_a_ridge_fitted_per_fold():
                                            ("nonlinear", {"mean"})])
 def test_the_screen_finds_the_planted_layer_and_statistic_on_realistic_caches(tmp_path, kind, seen_by):
     from adsearch.embed.cache import POOLINGS
-    from adsearch.search.objective import FeatureSource, assign_folds
+    from adsearch.search.objective import FeatureSource
+    from adsearch.search.protocol import assign_folds
     from adsearch.search.screen import screen
 
     cache = open_cache(write_realistic_cache(tmp_path / "c", kind=kind, n_layers=9, n_test=0, seed=1))
@@ -227,7 +228,7 @@ def test_the_screen_scores_columns_exactly_as_the_search_does(metric):
 
 
 def test_label_permutation_keeps_speakers_counts_and_is_reproducible():
-    from adsearch.search.null import permute_labels
+    from adsearch.search.protocol import permute_labels
 
     groups = np.array(["a", "a", "b", "c", "c", "c", "d", "e", "f", "g"])
     labels = np.array([1, 1, 0, 1, 1, 1, 0, 0, 1, 0])

@@ -23,18 +23,6 @@ NULL_ATTR = "adsearch:null"
 SEPARATOR = "~null"
 
 
-def permute_labels(labels: np.ndarray, groups: np.ndarray, seed: int) -> np.ndarray:
-    """Labels permuted across speakers: each speaker's recordings share the label of another speaker."""
-    speakers, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
-    per_speaker = labels[first]
-    for speaker, label in zip(inverse, labels, strict=True):
-        if per_speaker[speaker] != label:
-            raise StudyError(f"speaker {str(speakers[speaker])!r} has recordings with different labels; a label "
-                             "permutation across speakers needs one label per speaker")
-    shuffled = np.random.default_rng(seed).permutation(per_speaker)
-    return shuffled[inverse]
-
-
 def null_name(study_name: str, index: int) -> str:
     return f"{study_name}{SEPARATOR}{index}"
 

@@ -22,33 +22,13 @@ import optuna
 
 from adsearch.embed.cache import POOLINGS, EmbeddingCache
 from adsearch.search.classifiers import REGISTRY
+from adsearch.search.protocol import ProtocolError, permute_labels
 from adsearch.search.space import TrialConfig, suggest
 
 if TYPE_CHECKING:
-    from adsearch.search.study import StudySetup
+    from adsearch.search.setup import StudySetup
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial: who ran it
-
-
-class ProtocolError(ValueError):
-    pass
-
-
-def assign_folds(labels: np.ndarray, groups: np.ndarray, folds: int, repeats: int, seed: int) -> np.ndarray:
-    """(repeats, n) fold index per item; a speaker's recordings always share a fold."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    for label in (0, 1):
-        speakers = len(set(groups[labels == label]))
-        if speakers < folds:
-            raise ProtocolError(f"only {speakers} speaker(s) with label {label} in the train split: "
-                                f"lower cv.folds to at most {speakers}")
-    assignment = np.empty((repeats, len(labels)), np.int64)
-    for repeat in range(repeats):
-        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + repeat)
-        for fold, (_, valid) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
-            assignment[repeat, valid] = fold
-    return assignment
 
 
 def build_pipeline(config: TrialConfig, seed: int, in_place: bool = False, pca_by_covariance: bool = False):
@@ -155,8 +135,6 @@ class FeatureSource:
             raise ProtocolError(f"{cache.path}: some train items have no label")
         self.groups = cache.groups[self.train]
         if null_seed is not None:  # a null study (adsearch/search/null.py): labels permuted across speakers
-            from adsearch.search.null import permute_labels
-
             labels = permute_labels(labels, self.groups, null_seed)
         self.labels = labels
         self.ids = [cache.ids[i] for i in self.train]

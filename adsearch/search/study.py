@@ -1,8 +1,9 @@
-"""A study: what it records about itself (cache, space, CV protocol, folds) so that any worker can join it.
+"""A study: creating or resuming it, checking what joins it (cache, space, optimiser), its screen and note.
 
 The study records its cache (path and content hash), its space (validated content and hash), the CV
-protocol and the fold assignment. A worker loads all of it from the study and refuses a different cache
-or space. The storage lives in `storage.py`, the budget in `budget.py`, the worker loop in `worker.py`.
+protocol and the fold assignment (`setup.py`). A worker loads all of it from the study and refuses a
+different cache or space. The storage lives in `storage.py`, the budget in `budget.py`, the worker loop in
+`worker.py`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import re
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,17 +19,17 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from adsearch import __version__
 from adsearch.embed.cache import EmbeddingCache, open_cache
 from adsearch.search.budget import TrialBudget, check_budget
 from adsearch.search.errors import StudyError
-from adsearch.search.objective import FeatureSource, assign_folds
-from adsearch.search.space import StudySpec, TrialConfig, parse_spec, source_layers, suggest
+from adsearch.search.objective import FeatureSource
+from adsearch.search.protocol import assign_folds
+from adsearch.search.setup import ATTR, StudySetup
+from adsearch.search.space import StudySpec, TrialConfig, source_layers, suggest
 
 if TYPE_CHECKING:
     from adsearch.search.screen import ScreenResult
 
-ATTR = "adsearch"  # study system attribute holding the study's setup
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 __all__ = [
@@ -46,7 +46,9 @@ __all__ = [
     "fold_fits",
     "load_cache_for",
     "load_caches_for",
+    "list_studies",
     "load_screen",
+    "missing_study",
     "name_sources",
     "new_setup",
     "study_note",
@@ -57,67 +59,6 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------------------
 # Study setup
-
-
-@dataclass
-class StudySetup:
-    """What a study records about itself so that any worker can join it."""
-
-    cache_path: str
-    cache_hash: str
-    n_layers: int
-    spec: StudySpec
-    space_file: str
-    train_ids: list[str]
-    folds: np.ndarray  # (repeats, n_train)
-    sampler: str = ""  # the optimiser every worker uses (recorded at creation; "" = the space's own)
-    pruner: str = ""
-    sampler_seed: int | None = None  # None = the space's seed
-    null_seed: int | None = None  # a null study: train labels permuted across speakers with this seed
-    # Several feature sources (caches over the same recordings): name -> {"path", "content_hash", "n_layers"};
-    # empty for a study over one cache (cache_path and cache_hash are then its only source).
-    sources: dict[str, dict] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.sampler = self.sampler or self.spec.sampler
-        self.pruner = self.pruner or self.spec.pruner
-        self.sampler_seed = self.spec.seed if self.sampler_seed is None else self.sampler_seed
-
-    def to_attr(self) -> dict:
-        return {"version": __version__,
-                "optimiser": {"sampler": self.sampler, "pruner": self.pruner, "sampler_seed": self.sampler_seed},
-                "null_seed": self.null_seed, "sources": self.sources,
-                "cache": {"path": self.cache_path, "content_hash": self.cache_hash, "n_layers": self.n_layers},
-                "space": {"file": self.space_file, "hash": self.spec.digest(),
-                          "spec": self.spec.model_dump(mode="json")},
-                "protocol": {**self.spec.cv.model_dump(), "seed": self.spec.seed},
-                "folds": {"train_ids": self.train_ids, "assignment": self.folds.tolist()}}
-
-    @classmethod
-    def from_study(cls, study: optuna.Study) -> StudySetup:
-        storage = study._storage  # Study exposes no system attributes; the storage API does
-        attr = storage.get_study_system_attrs(storage.get_study_id_from_name(study.study_name)).get(ATTR)
-        if attr is None:
-            raise StudyError(f"study {study.study_name!r} was not created by adsearch (no '{ATTR}' attribute), or "
-                             "its creation was interrupted; choose another --study name, or delete it with "
-                             f"`optuna delete-study --study-name {study.study_name} --storage URL`")
-        optimiser = attr.get("optimiser", {})
-        return cls(attr["cache"]["path"], attr["cache"]["content_hash"], attr["cache"]["n_layers"],
-                   parse_spec(attr["space"]["spec"]), attr["space"]["file"], attr["folds"]["train_ids"],
-                   np.asarray(attr["folds"]["assignment"]), optimiser.get("sampler", ""),
-                   optimiser.get("pruner", ""), optimiser.get("sampler_seed"), attr.get("null_seed"),
-                   attr.get("sources") or {})
-
-    @property
-    def layers(self) -> tuple[int, ...]:
-        return source_layers(self.spec, self.n_layers)
-
-    @property
-    def source_layers(self) -> dict[str, tuple[int, ...]] | None:
-        """Each feature source's layers, for a study over several caches (else None)."""
-        if not self.sources:
-            return None
-        return {name: source_layers(self.spec, source["n_layers"], name) for name, source in self.sources.items()}
 
 
 Caches = EmbeddingCache | dict[str, EmbeddingCache]
@@ -251,6 +192,29 @@ def load_caches_for(setup: StudySetup, study_name: str, cache_path: str | Path |
             raise StudyError(f"study {study_name!r}: source {name!r} at {source['path']} has other content than when "
                              "the study was created")
     return caches
+
+
+def list_studies(storage) -> list[dict]:
+    """Every study in a storage (null studies too): name, finished trials, budget, best value."""
+    rows = []
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=True):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        try:
+            budget = TrialBudget(storage.url, summary.study_name).get()[0]
+        except StudyError:
+            budget = None  # not created by adsearch
+        rows.append({"name": summary.study_name, "finished": trial_counts(study)["finished"], "budget": budget,
+                     "best": summary.best_trial.value if summary.best_trial else None})
+    return rows
+
+
+def missing_study(storage, study_name: str, where: str) -> StudyError:
+    """The error for a study name this storage lacks, listing the names it holds (a forgotten --storage
+    or a typo is then plain to see)."""
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    held = f"it holds {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}" if names else "it holds no study"
+    return StudyError(f"no study {study_name!r} in {where}; {held} (`adsearch studies --storage URL` lists them). "
+                      "Create one with `adsearch search`, or pass the --storage it uses")
 
 
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")

@@ -23,10 +23,11 @@ from optuna.trial import TrialState
 from adsearch.search.budget import TrialBudget
 from adsearch.search.database import unreachable_errors
 from adsearch.search.errors import StudyError
-from adsearch.search.objective import WORKER_ID, Objective, ProtocolError
+from adsearch.search.objective import WORKER_ID, Objective
+from adsearch.search.protocol import ProtocolError
 from adsearch.search.samplers import make_pruner, make_sampler
 from adsearch.search.storage import DEFAULT_STORAGE, make_storage, mask_url
-from adsearch.search.study import StudySetup, chosen_optimiser, load_caches_for, trial_counts
+from adsearch.search.study import StudySetup, chosen_optimiser, load_caches_for, missing_study, trial_counts
 
 
 def _return_freed_memory_to_the_system() -> None:
@@ -98,8 +99,7 @@ def run_worker(
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
-        raise StudyError(f"no study {study_name!r} in {mask_url(storage_url)}; create it with `adsearch search`"
-                         ) from None
+        raise missing_study(storage, study_name, mask_url(storage_url)) from None
     setup = StudySetup.from_study(study)
     cache = load_caches_for(setup, study_name, cache_path)
     sampler, pruner, notes = chosen_optimiser(setup, study_name, sampler, pruner, override_optimiser)
