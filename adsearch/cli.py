@@ -475,12 +475,15 @@ def _study_summary(study, budget: int) -> None:
     out.print(f"study {study.study_name}: {counts['finished']}/{budget} finished ({counts['complete']} complete, "
               f"{counts['pruned']} pruned), {counts['failed']} failed, {counts['running']} running{saved}",
               highlight=False)
-    from adsearch.search.null import NULL_ATTR, describe
+    from adsearch.search.null import NULL_ATTR, describe, stale_floor
 
     floor = study._storage.get_study_system_attrs(study._study_id).get(NULL_ATTR)
+    best = best_summary(study, setup)
     if floor:
         out.print("noise floor: " + describe(floor), highlight=False)
-    best = best_summary(study, setup)
+        stale = stale_floor(floor, best["value"], counts["finished"], study.study_name) if best else None
+        if stale:
+            err.print(f"[yellow]warning:[/] {escape(stale)}", highlight=False)
     if best:
         out.print(f"best: trial {best['number']}, CV {best['value']:.4f}: {describe_config(best['config'])}",
                   highlight=False)
@@ -815,7 +818,7 @@ def export(
     """Freeze a trial: config.yaml, the refit pipeline (model.skops), one held-out test evaluation, report.
 
     The test split is read only here. Accuracy, sensitivity and specificity get Wilson intervals; balanced
-    accuracy, F1 and ROC AUC bootstrap intervals; the CV-to-test gap is printed beside them. Without test
+    accuracy, F1 and ROC AUC bootstrap intervals; CV - test is printed beside them. Without test
     labels the export stops after the refit.
     """
     from adsearch.export import export_trial
@@ -826,7 +829,7 @@ def export(
     cv = result.config.cv
     out.print(f"trial {result.config.study.trial}: CV {cv.metric} {cv.mean:.4f} +/- {cv.std:.4f}"
               + (f"; on {cv.fresh.repeats} fresh fold assignments {cv.fresh.mean:.4f} +/- {cv.fresh.std:.4f} "
-                 f"(selection optimism {cv.fresh.optimism:+.4f})" if cv.fresh else ""))
+                 f"(selection optimism, CV - fresh: {cv.fresh.optimism:+.4f})" if cv.fresh else ""))
     for line in result.warnings:
         err.print(f"[yellow]warning:[/] {line}", highlight=False)
     if result.test:
@@ -836,8 +839,10 @@ def export(
             out.print(f"  test {name:<18} {test[name]['value']:.4f}  95 % [{low:.3f}, {high:.3f}] "
                       f"({test[name]['method']})")
         (tn, fp), (fn, tp) = test["confusion"]["matrix"]
-        out.print(f"  confusion (rows true control/AD): [[{tn}, {fp}], [{fn}, {tp}]] on {test['n']} recordings")
-        out.print(f"  CV-to-test gap ({cv.metric}): {test['gap']:+.4f}")
+        out.print(f"  confusion (rows true control/AD): [[{tn}, {fp}], [{fn}, {tp}]] on {test['n']} of "
+                  f"{test['labelled']} labelled test recordings")
+        out.print(f"  CV - test ({cv.metric}): {test['cv_minus_test']:+.4f} (positive: the CV was optimistic, as "
+                  "is the selection optimism above)")
         for row in result.top_k:
             out.print(f"  trial {row['trial']}: CV {row['cv_mean']:.4f}, test accuracy {row['test']['accuracy']:.4f}, "
                       f"McNemar p = {row['mcnemar']['p_value']:.3f}")

@@ -94,7 +94,7 @@ class FreshCV(_Strict):
     seed: int
     mean: float
     std: float  # across the repeats' means
-    optimism: float  # study CV - fresh mean: what selecting the best trial added
+    optimism: float  # study CV - fresh mean: what selecting the best trial added (read like CV - test)
 
 
 class StudyRef(_Strict):
@@ -373,8 +373,8 @@ def _write_export(study, setup, caches, cache, config: TrialConfig, chosen, comp
     """Config, refit model, one held-out test evaluation (with the top-k comparison) and the report, into
     `work_dir`; returns the report's figures."""
     from adsearch.report import write_report
-    from adsearch.search.null import NULL_ATTR
-    from adsearch.search.study import trial_config
+    from adsearch.search.null import NULL_ATTR, stale_floor
+    from adsearch.search.study import trial_config, trial_counts
 
     spec = setup.spec
     (work_dir / CONFIG_FILE).write_text(yaml.safe_dump(exported.model_dump(mode="json"), sort_keys=False))
@@ -388,8 +388,17 @@ def _write_export(study, setup, caches, cache, config: TrialConfig, chosen, comp
         log("no test labels in the cache: stopped after the refit (no held-out evaluation)")
     else:
         result.test, correct_best = _evaluate_test(cache, config, model, test_items, spec.seed)
-        result.test.update({"trial": chosen.number, "cv_mean": chosen.value,
-                            "cv_metric": spec.cv.metric, "gap": result.test[spec.cv.metric]["value"] - chosen.value})
+        unreadable = unreadable_test_recordings(cache)
+        result.test.update({"trial": chosen.number, "cv_mean": chosen.value, "cv_metric": spec.cv.metric,
+                            "cv_minus_test": chosen.value - result.test[spec.cv.metric]["value"],
+                            "labelled": len(test_items) + len(unreadable), "unreadable": unreadable})
+        if unreadable:
+            result.warnings.append(
+                f"held-out test: {len(test_items)} of {len(test_items) + len(unreadable)} labelled test recordings "
+                f"evaluated; {len(unreadable)} could not be read ("
+                + "; ".join(f"{u['id']}: {u['reason'][:80]}" for u in unreadable[:3])
+                + (", ..." if len(unreadable) > 3 else "") + "). Published results on the full test split are "
+                "not comparable with this one")
         looks = study.user_attrs.get("adsearch_test_looks", [])
         if looks:
             log(f"note: the test set of this study was already evaluated {len(looks)} time(s) "
@@ -414,8 +423,17 @@ def _write_export(study, setup, caches, cache, config: TrialConfig, chosen, comp
         (work_dir / "test.json").write_text(json.dumps({**result.test, "top_k": result.top_k}, indent=1))
     floor = study._storage.get_study_system_attrs(study._study_id).get(NULL_ATTR)
     result.warnings += honesty_warnings(exported, floor, control)
+    if floor and (stale := stale_floor(floor, study.best_value, trial_counts(study)["finished"], study.study_name)):
+        result.warnings.append(stale)
     return write_report(study, setup, cache, exported, result.test, result.top_k, work_dir, artifacts,
                         floor=floor, control=control, warnings=result.warnings)
+
+
+def unreadable_test_recordings(cache: EmbeddingCache) -> list[dict]:
+    """Labelled test recordings that extraction could not read: they are missing from the held-out test, and
+    a reader comparing with published numbers on the whole test split must know it (ADReSSo: '70 of 71')."""
+    return [{"id": f["id"], "reason": f["reason"]} for f in cache.meta.get("failures", [])
+            if f.get("split") == "test" and f.get("label") is not None]
 
 
 def control_summary(storage, control_study: str, metric: str) -> dict:

@@ -193,11 +193,15 @@ def write_report(study, setup, cache, exported, test: dict | None, top_k: list[d
         rows = [(name, f"{test[name]['value']:.4f}", f"[{test[name]['ci95'][0]:.3f}, {test[name]['ci95'][1]:.3f}]",
                  test[name]["method"])
                 for name in ("accuracy", "balanced_accuracy", "f1", "roc_auc", "sensitivity", "specificity")]
-        parts += [f"<h2>Held-out test ({test['n']} recordings, evaluated once)</h2>",
+        missing = (f", {len(test['unreadable'])} unreadable: "
+                   + ", ".join(u["id"] for u in test["unreadable"])) if test.get("unreadable") else ""
+        parts += [f"<h2>Held-out test ({test['n']} of {test.get('labelled', test['n'])} labelled recordings"
+                  f"{html.escape(missing)}; evaluated once)</h2>",
                   _table([("metric", "value", "95 % interval", "interval")] + rows),
                   f"<p>CV {html.escape(test['cv_metric'])} {test['cv_mean']:.4f} vs test "
-                  f"{test[test['cv_metric']]['value']:.4f}: gap {test['gap']:+.4f}. A CV score after a large "
-                  "search is optimistic; the test figure is the honest one.</p>"]
+                  f"{test[test['cv_metric']]['value']:.4f}: CV - test {test['cv_minus_test']:+.4f} (read like the "
+                  "selection optimism, CV - fresh folds: positive means the CV was optimistic). A CV score after "
+                  "a large search is optimistic; the test figure is the honest one.</p>"]
         if top_k:
             parts += ["<h2>Next configurations on the test split (exact McNemar test vs the exported one)</h2>",
                       _table([("trial", "CV", "test accuracy", "test AUC", "p (McNemar)")] +

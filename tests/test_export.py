@@ -62,7 +62,9 @@ def test_export_writes_config_model_test_evaluation_and_report(exported, study_e
         low, high = test[name]["ci95"]
         assert low <= test[name]["value"] <= high
     assert sum(map(sum, test["confusion"]["matrix"])) == 4
-    assert test["gap"] == pytest.approx(test["balanced_accuracy"]["value"] - config.cv.mean)
+    assert test["cv_minus_test"] == pytest.approx(config.cv.mean - test["balanced_accuracy"]["value"])
+    assert config.cv.fresh.optimism == pytest.approx(config.cv.mean - config.cv.fresh.mean)  # read the same way
+    assert test["labelled"] == test["n"] and test["unreadable"] == []
     assert len(result.top_k) == 2 and all(0 <= r["mcnemar"]["p_value"] <= 1 for r in result.top_k)
     html = (out / "report.html").read_text()
     for figure in ("layer_curve", "best_per_pooling", "best_per_classifier", "history", "test_confusion"):
@@ -295,3 +297,28 @@ def test_predictions_onto_a_full_disk_are_one_line(exported, study_env, small_mo
     assert result.exit_code == 2 and "no space left on that device" in result.output, result.output
     assert "Traceback" not in result.output and not (small_mount / "p.csv").exists()
     assert [p.name for p in small_mount.iterdir()] == ["filler"]  # no temporary file left
+
+
+def test_an_unreadable_labelled_test_recording_is_counted_and_named(tiny_model, tmp_path):
+    """'9 of 10 evaluated' must be said: published results use the whole test split."""
+    from conftest import speechlike, write_rows, write_wav
+
+    rows = []
+    for i in range(12):
+        split = "train" if i < 8 else "test"
+        write_wav(tmp_path / f"r{i}.wav", speechlike(1.5, seed=i))
+        rows.append([f"r{i}", f"r{i}.wav", str(i % 2), f"s{i}", split])
+    (tmp_path / "r11.wav").write_bytes(b"RIFF broken")
+    manifest = write_rows(tmp_path / "m.csv", ["id", "path", "label", "group", "split"], rows)
+    cache = open_cache(extract(manifest, tmp_path / "cache", str(tiny_model)).cache_dir)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = parse_spec({"cv": {"folds": 2}, "screen": {"enabled": False}, "space": {"classifiers": {"logreg": {}}}})
+    create_or_resume(make_storage(url), "s", cache, spec, "space.yaml", 2)
+    run_worker("s", url, worker_index=0)
+    result = run("export", "--study", "s", "--storage", url, "-o", tmp_path / "best", "--artifacts", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    test = json.loads((tmp_path / "best" / "test.json").read_text())
+    assert (test["n"], test["labelled"], [u["id"] for u in test["unreadable"]]) == (3, 4, ["r11"])
+    assert "3 of 4 labelled test recordings evaluated; 1 could not be read (r11: " in result.output
+    assert "on 3 of 4 labelled test recordings" in result.output
+    assert "3 of 4 labelled recordings, 1 unreadable: r11" in (tmp_path / "best" / "report.html").read_text()

@@ -300,6 +300,19 @@ def test_null_command_records_the_floor_and_export_reports_it_with_fresh_folds(t
     report = (tmp_path / "out" / "report.html").read_text()
     assert "label-permuted searches" in report and "fresh fold assignments" in report
     assert "shortcut control" in report and "main~null0" in report
+    # the study grows after the null searches: search and export say the floor is out of date, and how to fix it
+    from adsearch.search.null import NULL_ATTR, stale_floor
+
+    create_or_resume(make_storage(url), "main", cache, spec, "s.yaml", 6)
+    run_worker("main", url, worker_index=0)
+    grown = export_trial("main", url, tmp_path / "out2", artifacts=tmp_path / "a", log=lambda m: None)
+    assert any("noise floor is out of date" in w and "adsearch null --study main --trials 6" in w
+               for w in grown.warnings), grown.warnings
+    result = CliRunner().invoke(app, ["null", "--study", "main", "--storage", url, "--runs", "2", "--trials", "6"])
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="main", storage=url)
+    floor = study._storage.get_study_system_attrs(study._study_id)[NULL_ATTR]
+    assert stale_floor(floor, study.best_value, 6, "main") is None and floor["real_trials"] == 6
 
 
 # ----------------------------------------------------------------------------------------------------------

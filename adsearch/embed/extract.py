@@ -59,6 +59,8 @@ class Failure:
     id: str
     path: str
     reason: str
+    split: str | None = None  # with the label: a labelled test recording lost here is missing from the test
+    label: int | None = None
 
 
 @dataclass
@@ -538,7 +540,7 @@ def _extract_claimed(pending: list[Recording], parts: Path, encoder: WindowEncod
             for index, (rec, loaded, _) in enumerate(group):
                 if isinstance(loaded, AudioError):
                     _write_json_atomic(_failure_path(parts, rec.id),
-                                       asdict(Failure(rec.id, str(rec.path), loaded.reason)))
+                                       asdict(Failure(rec.id, str(rec.path), loaded.reason, rec.split, rec.label)))
                     failed += 1
                     continue
                 for window in loaded:

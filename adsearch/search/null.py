@@ -93,3 +93,17 @@ def describe(summary: dict) -> str:
             f"{summary['n']} label-permuted searches: median {summary['null_median']:.4f}, range "
             f"{summary['null_min']:.4f}-{summary['null_max']:.4f}; permutation p = {summary['p_value']:.3f} "
             f"(the smallest possible with {summary['n']} null studies is {1 / (1 + summary['n']):.3f})")
+
+
+def stale_floor(summary: dict, best: float, finished: int, study_name: str) -> str | None:
+    """Why a recorded noise floor no longer matches its study (more trials since, a better best, null searches
+    of a smaller budget), with the command that brings it up to date; None while it matches."""
+    if not summary.get("n"):
+        return None
+    null_trials = min(n["trials"] for n in summary["null"])
+    if finished <= summary["real_trials"] and null_trials >= finished and best <= summary["real_best"]:
+        return None
+    return (f"the noise floor is out of date: it was measured when the study had {summary['real_trials']} finished "
+            f"trials (best {summary['real_best']:.4f}), with null searches of {null_trials} trials; the study now "
+            f"has {finished} (best {best:.4f}). Bring it up to date with `adsearch null --study {study_name} "
+            f"--trials {finished}` (the null studies resume)")
