@@ -4,14 +4,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ADSEARCH := $(VENV)/bin/adsearch
 DEMO ?= demo
+TORCH_INDEX ?=
 
 .PHONY: setup test lint demo bench-extract bench-search bench-estimators
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	# torch first: an unpinned torch would pull a multi-GB CUDA build. TORCH_INDEX="--index-url
+	# https://download.pytorch.org/whl/cpu" gets the CPU build anywhere (README, "Install by hand").
+	$(PY) -m pip install -q torch==2.13.0 $(TORCH_INDEX)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
