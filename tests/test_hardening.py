@@ -732,6 +732,14 @@ def test_every_defining_field_of_cache_json_is_covered(tmp_path, edit):
         open_cache(cache_dir)
 
 
+def test_a_cache_of_the_previous_format_is_refused_with_what_to_do(tmp_path):
+    cache_dir = write_synthetic_cache(tmp_path / "c", **TINY_CACHE)
+    meta = json.loads((cache_dir / "cache.json").read_text())
+    (cache_dir / "cache.json").write_text(json.dumps({**meta, "format_version": 1}))
+    with pytest.raises(CacheError, match="cache format 1 is not the supported 2; re-run `adsearch extract`"):
+        open_cache(cache_dir)
+
+
 def test_search_worker_export_and_evaluate_refuse_an_edited_cache(exported_dir, tmp_path):
     """The study's cache (and a copy re-sealed by hand, so its own hash matches again) are refused."""
     import shutil

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the content hash covers cache.json's defining fields (1 covered the arrays alone)
 META_FILE = "cache.json"
 STATS = ("mean", "m2", "max", "min")
 POOLINGS: dict[str, tuple[str, ...]] = {
