@@ -312,7 +312,7 @@ def export_trial(
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
-        raise missing_study(storage, study_name, mask_url(storage_url)) from None
+        raise ExportError(str(missing_study(storage, study_name, mask_url(storage_url)))) from None
     setup = StudySetup.from_study(study)
     if setup.null_seed is not None:
         raise ExportError(f"{study_name!r} is a null study (permuted labels): it measures the noise floor of its "
