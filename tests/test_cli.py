@@ -129,8 +129,8 @@ def test_ctrl_c_during_extract_is_one_line_and_the_rerun_resumes(tmp_path, tiny_
     import time
 
     rows = []
-    for i in range(40):
-        write_wav(tmp_path / f"r{i}.wav", speechlike(3.0, seed=i))
+    for i in range(160):  # about 10 s of extraction at 100x real time: SIGINT lands well before the end
+        write_wav(tmp_path / f"r{i}.wav", speechlike(6.0, seed=i))
         rows.append([f"r{i}", f"r{i}.wav", str(i % 2), f"s{i}", "train"])
     manifest = write_rows(tmp_path / "m.csv", ["id", "path", "label", "group", "split"], rows)
     command = [sys.executable, "-m", "adsearch.cli", "extract", str(manifest), "--model", str(tiny_model), "-o",
