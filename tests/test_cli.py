@@ -135,7 +135,10 @@ def test_ctrl_c_during_extract_is_one_line_and_the_rerun_resumes(tmp_path, tiny_
     manifest = write_rows(tmp_path / "m.csv", ["id", "path", "label", "group", "split"], rows)
     command = [sys.executable, "-m", "adsearch.cli", "extract", str(manifest), "--model", str(tiny_model), "-o",
                str(tmp_path / "c"), "--window-s", "1"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As from a terminal: a shell that starts jobs in the background (CI) passes SIGINT on as ignored, and
+    # Python then never raises KeyboardInterrupt.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list((tmp_path / "c").glob("*/parts/*.npz")):
         time.sleep(0.05)
