@@ -78,6 +78,17 @@ def write_rows(path: Path, header: list, rows: list) -> Path:
     return path
 
 
+def write_raw_wav(path: Path, rate: int, channels: int, frames: int) -> Path:
+    """A PCM WAV declaring any rate and channel count (libsndfile writes only sensible ones)."""
+    import struct
+
+    data = b"\x01\x00" * channels * frames
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * channels * 2, channels * 2, 16)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    return path
+
+
 @pytest.fixture
 def small_mount(tmp_path):
     """A 1 MiB tmpfs (root only): filled to the brim, or remounted read-only, it gives the real errors."""

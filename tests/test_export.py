@@ -245,15 +245,13 @@ def test_predict_keeps_every_other_prediction_whatever_one_file_does(exported, s
     import csv
     import os
     import shutil
-    import struct
+
+    from conftest import write_raw_wav
 
     out, _ = exported
     cache = study_env["cache"]
     good = cache.meta["items"][int(np.flatnonzero(cache.splits == "test")[0])]["path"]
-    data = b"\x01\x00" * 4000
-    fmt = struct.pack("<HHIIHH", 1, 1, 1, 2, 2, 16)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", len(data)) + data
-    (tmp_path / "one-hz.wav").write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    write_raw_wav(tmp_path / "one-hz.wav", rate=1, channels=1, frames=4000)
     odd = os.fsdecode(bytes(tmp_path) + b"/\xff.wav")
     shutil.copy(good, odd)
     formula = tmp_path / "=HYPERLINK(x).wav"

@@ -16,7 +16,7 @@ import numpy as np
 import optuna
 import pytest
 import yaml
-from conftest import fill, speechlike, write_rows, write_wav
+from conftest import fill, speechlike, write_raw_wav, write_rows, write_wav
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -472,24 +472,13 @@ def test_json_roundtrip_of_the_default_space_still_validates():
 # Second round (issue 19): each row a command as typed, each a one-line error and exit 2, nothing half-written
 
 
-def _wav_header_only(path: Path, rate: int, channels: int, frames: int) -> Path:
-    """A PCM WAV declaring any rate and channel count (libsndfile writes only sensible ones)."""
-    import struct
-
-    data = b"\x01\x00" * channels * frames
-    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * channels * 2, channels * 2, 16)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", len(data)) + data
-    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
-    return path
-
-
 @pytest.mark.parametrize("rate, channels, expected", [(1, 1, "declares a sample rate of 1 Hz"),
                                                       (100, 1, "declares a sample rate of 100 Hz"),
                                                       (16000, 1024, "declares 1024 channels")])
 def test_absurd_audio_headers_are_refused_before_decoding(tmp_path, tiny_model, rate, channels, expected):
     from adsearch.audio import AudioError, load_audio
 
-    bad = _wav_header_only(tmp_path / "bad.wav", rate, channels, 4000 if channels == 1 else 10)
+    bad = write_raw_wav(tmp_path / "bad.wav", rate, channels, 4000 if channels == 1 else 10)
     started = time.perf_counter()
     with pytest.raises(AudioError, match=expected):
         load_audio(bad)
