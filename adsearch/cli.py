@@ -79,6 +79,9 @@ def user_errors(interrupted: str = "run the same command again to resume; finish
         from adsearch.synth import SynthError
 
         expected += (ModelError, SynthError)
+    from adsearch.transcripts.asr import AsrError
+
+    expected += (AsrError,)
     try:
         yield
     except expected as exc:
@@ -170,6 +173,9 @@ def synth(
     effect: Annotated[float, typer.Option(help="Strength of the AD speech markers; 0 = no group difference.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Random seed.", min=0, max=2**32 - 1)] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing synthetic corpus in OUTPUT.")] = False,
+    markers: Annotated[str, typer.Option(help="Which markers differ between the groups: all; acoustic (rate, "
+                                              "hesitation pauses); linguistic (filled pauses, repetitions, empty "
+                                              "phrases). The others are drawn alike for both groups.")] = "all",
 ) -> None:
     """Write a synthetic corpus in the exact ADReSSo layout, spoken by eSpeak NG.
 
@@ -182,7 +188,7 @@ def synth(
     with user_errors(), _bar() as progress:
         task = progress.add_task("synthesising", total=n_train + n_test)
         synthesize_corpus(output, n_train, n_test, effect, seed, overwrite,
-                          on_recording=lambda _: progress.advance(task))
+                          on_recording=lambda _: progress.advance(task), markers=markers)
     out.print(f"wrote {n_train} train and {n_test} test recordings under {output}/ADReSSo21/diagnosis; "
               f"test labels in {output}/task1.csv", highlight=False)
     out.print(f"next: adsearch corpus adresso {output} --test-labels {output}/task1.csv -o corpus.csv",
@@ -196,6 +202,8 @@ def model_tiny(
     hidden_size: Annotated[int, typer.Option(help="Hidden size (an even number: two attention heads).", min=4,
                                              max=4096)] = 32,
     layers: Annotated[int, typer.Option(help="Transformer layers.", min=1, max=64)] = 4,
+    ctc: Annotated[bool, typer.Option(help="With a CTC head over letters and a processor, for `adsearch "
+                                           "transcribe --asr ctc` (its words are random).")] = False,
 ) -> None:
     """Save a tiny randomly initialised wav2vec2 (stable layer norm, masked preprocessor) for tests and demos.
 
@@ -204,12 +212,27 @@ def model_tiny(
     from adsearch.embed.model import save_tiny_model
 
     with user_errors():
-        save_tiny_model(output, seed, hidden_size, layers)
+        save_tiny_model(output, seed, hidden_size, layers, ctc)
     out.print(f"saved a tiny random wav2vec2 ({layers} layers, hidden size {hidden_size}) to {output}")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # extract
+
+
+class _CountProgress:
+    """A bar over recordings, for work whose cost is not audio seconds (features from transcripts)."""
+
+    def __init__(self, progress: Progress, what: str):
+        self.progress, self.what, self.task = progress, what, None
+
+    def start(self, n_recordings: int, audio_seconds: float, n_done: int) -> None:
+        if n_done:
+            err.print(f"resuming: {n_done} of {n_recordings} recordings already done")
+        self.task = self.progress.add_task(f"{self.what}: recordings", total=n_recordings, completed=n_done)
+
+    def advance(self, n_recordings: int, audio_seconds: float) -> None:
+        self.progress.advance(self.task, n_recordings)
 
 
 class _AudioSpeedColumn(ProgressColumn):
@@ -228,15 +251,15 @@ def _bar(*columns: ProgressColumn) -> Progress:
 class _RichExtractProgress:
     """Bar over audio seconds (so speed is audio-s/s and the ETA is honest), with recordings counted."""
 
-    def __init__(self, progress: Progress):
-        self.progress = progress
+    def __init__(self, progress: Progress, doing: str = "extracting"):
+        self.progress, self.doing = progress, doing
         self.task = None
         self.done = self.total = 0
 
     def start(self, n_recordings: int, audio_seconds: float, n_done: int) -> None:
         self.done, self.total = n_done, n_recordings
         if n_done:
-            err.print(f"resuming: {n_done} of {n_recordings} recordings already extracted")
+            err.print(f"resuming: {n_done} of {n_recordings} recordings already done")
         self.task = self.progress.add_task(self._label(), total=max(audio_seconds, 1e-9))
 
     def advance(self, n_recordings: int, audio_seconds: float) -> None:
@@ -244,7 +267,7 @@ class _RichExtractProgress:
         self.progress.update(self.task, advance=audio_seconds, description=self._label())
 
     def _label(self) -> str:
-        return f"extracting {self.done}/{self.total} recordings; audio s"
+        return f"{self.doing} {self.done}/{self.total} recordings; audio s"
 
 
 @app.command()
@@ -265,7 +288,14 @@ def extract(
     features: Annotated[str, typer.Option(help="model: the speech model's hidden states; egemaps: openSMILE's 25 "
                                                "eGeMAPSv02 low-level descriptors per 10 ms, pooled like a layer; "
                                                "egemaps-functionals: the 88 functionals per window (with --window-s "
-                                               "600: per recording). Needs adsearch[egemaps].")] = "model",
+                                               "600: per recording), needs adsearch[egemaps]; linguistic: "
+                                               "interpretable features of the --transcripts (rates, pauses, "
+                                               "fillers, lexical diversity, information units); text: every layer "
+                                               "of --text-model over the --transcripts.")] = "model",
+    transcripts: Annotated[Path | None, typer.Option(help="Transcript folder from `adsearch transcribe` (for "
+                                                          "--features linguistic or text).")] = None,
+    text_model: Annotated[str | None, typer.Option(help="Hugging Face text encoder (id or save_pretrained "
+                                                        "folder, BERT family) for --features text.")] = None,
     shard: Annotated[str | None, typer.Option(help="K/N: extract only the K-th of N shards (0 <= K < N) into the "
                                                    "same -o (shared file system), e.g. --shard "
                                                    "$SLURM_ARRAY_TASK_ID/8 or $JOB_COMPLETION_INDEX/8. The last "
@@ -277,14 +307,27 @@ def extract(
     cache keeps frame count, mean, M2, max and min, from which every pooling is derived exactly.
     Interrupted runs resume where they stopped; unreadable or too-short files are reported and skipped.
     """
-    from adsearch.embed.extract import ExtractSettings, parse_shard
+    from adsearch.embed.extract import ExtractSettings
     from adsearch.embed.extract import extract as run_extract
+    from adsearch.work import parse_shard
 
+    if features in ("linguistic", "text") or transcripts is not None or text_model is not None:
+        from adsearch.embed.from_transcripts import extract_from_transcripts
+
+        with user_errors(), _bar() as progress:
+            result = extract_from_transcripts(manifest, output, features, transcripts, text_model, device,
+                                              _CountProgress(progress, "features"))
+        _print_extract_result(result, shard)
+        return
     with user_errors(), _bar(_AudioSpeedColumn()) as progress:
         result = run_extract(manifest, output, model, ExtractSettings(window_s, min_window_s, dtype),
                              batch_size=batch_size, device=device, revision=revision,
                              progress=_RichExtractProgress(progress), shard=parse_shard(shard) if shard else None,
                              features=features)
+    _print_extract_result(result, shard)
+
+
+def _print_extract_result(result, shard: str | None) -> None:
     _print_warnings(result.redone)
     if result.remaining:
         out.print(f"shard {shard} done: {result.n_computed} recording(s) extracted here; {result.remaining} of other "
@@ -297,7 +340,7 @@ def extract(
         for failure in result.failures:
             err.print(f"  {failure.id}  {failure.path}: {failure.reason}", highlight=False)
     out.print(f"cache: {result.cache_dir} ({result.n_items} recordings)", highlight=False)
-    if result.compute_seconds > 0:
+    if result.compute_seconds > 0 and result.audio_seconds > 0:
         out.print(f"{result.audio_seconds:,.0f} s of audio in {result.compute_seconds:,.1f} s "
                   f"({result.audio_seconds / result.compute_seconds:,.1f}x real time)")
 
@@ -331,6 +374,60 @@ class _RichFinetuneProgress:
         self.progress.console.print(f"{name} epoch {epoch + 1}: train loss {np.mean(self.losses):.4f}, validation "
                                     f"loss {loss:.4f}, balanced accuracy {score:.3f} (best {best:.3f})",
                                     highlight=False)
+
+
+@app.command()
+def transcribe(
+    manifest: Annotated[Path, typer.Argument(help="Corpus manifest from `adsearch corpus`.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Transcript root; each recogniser/corpus "
+                                                                "combination gets its own sub-folder.")],
+    asr: Annotated[str, typer.Option(help="whisper: faster-whisper (CTranslate2); ctc: the CTC head of a "
+                                          "wav2vec2-family model, e.g. the seed's own model.")] = "whisper",
+    model: Annotated[str | None, typer.Option(help="whisper: a CTranslate2 model folder or a faster-whisper name "
+                                                   "(default: the offline Whisper tiny.en of adsearch[asr]); ctc: a "
+                                                   "Hugging Face id or folder (default: the seed's model).")] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda or cuda:N.")] = "auto",
+    shard: Annotated[str | None, typer.Option(help="K/N: transcribe only the K-th of N shards into the same -o; the "
+                                                   "last to finish writes transcripts.json.")] = None,
+    from_chat: Annotated[Path | None, typer.Option(help="Import CHAT files ({id}.cha, *PAR tier) from this "
+                                                        "folder instead of running a recogniser.")] = None,
+    from_csv: Annotated[Path | None, typer.Option(help="Import a CSV id,text[,words] instead of running a "
+                                                       "recogniser (words: JSON [[word, start, end], ...]).")] = None,
+) -> None:
+    """Transcribe the participant's speech of every recording once (or import transcripts you have).
+
+    Only the manifest's participant segments are decoded. Each transcript keeps words with start, end and
+    the recogniser's probability. Interrupted runs resume; unreadable audio is listed and skipped; silence
+    gives an empty transcript. Next: `adsearch extract MANIFEST --features linguistic --transcripts FOLDER`.
+    """
+    from adsearch.transcripts.imports import import_transcripts
+    from adsearch.transcripts.run import transcribe as run_transcribe
+    from adsearch.work import parse_shard
+
+    with user_errors():
+        if from_chat is not None or from_csv is not None:
+            found = import_transcripts(manifest, output, from_chat, from_csv)
+            folder, n_items, failures = found.path, len(found.meta["items"]), found.meta["failures"]
+            seconds = compute = 0.0
+        else:
+            with _bar(_AudioSpeedColumn()) as progress:
+                result = run_transcribe(manifest, output, asr, model, device, parse_shard(shard) if shard else None,
+                                        progress=_RichExtractProgress(progress, "transcribing"))
+            if result.remaining:
+                out.print(f"shard {shard} done; {result.remaining} recording(s) of other shards still to go. The "
+                          f"last shard to finish completes {result.folder}.", highlight=False)
+                return
+            folder, n_items, failures = result.folder, result.n_items, result.failures
+            seconds, compute = result.audio_seconds, result.compute_seconds
+    if failures:
+        err.print(f"[yellow]{len(failures)} recording(s) without a transcript:[/]")
+        for failure in failures:
+            err.print(f"  {failure['id']}  {failure['path']}: {escape(failure['reason'])}", highlight=False)
+    out.print(f"transcripts: {folder} ({n_items} recordings)", highlight=False)
+    if compute > 0:
+        out.print(f"{seconds:,.0f} s of speech in {compute:,.1f} s ({seconds / compute:,.1f}x real time)")
+    out.print(f"next: adsearch extract {manifest} --features linguistic --transcripts {folder} -o CACHE_ROOT",
+              highlight=False)
 
 
 @app.command()
@@ -1007,8 +1104,13 @@ def cache_info(path: Annotated[Path, typer.Argument(help="Cache directory (or th
     meta = cache.meta
     out.print(f"cache      {cache.path}", highlight=False)
     out.print(f"model      {meta['model']['name']} @ {meta['model']['revision']}", highlight=False)
-    last = cache.n_layers - 1
-    out.print(f"layers     {cache.n_layers} (0 = transformer input, {last} = last layer), dim {cache.dim}")
+    meaning = "; ".join(f"{k} = {v}" for k, v in meta["layers"].get("meaning", {}).items())
+    out.print(f"layers     {cache.n_layers}, dim {cache.dim} ({meaning})", highlight=False)
+    if "transcripts" in meta:
+        source = meta["transcripts"]["source"]
+        out.print(f"transcripts {meta['transcripts']['path']} ({source['backend']}: {source['name']})", highlight=False)
+    if "feature_names" in meta:
+        out.print(f"features   {', '.join(meta['feature_names'])}", highlight=False)
     for split in ("train", "test"):
         labels = cache.labels[cache.splits == split]
         if len(labels):

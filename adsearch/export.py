@@ -108,6 +108,16 @@ class CacheRef(_Strict):
     content_hash: str
 
 
+class TranscriptsRef(_Strict):
+    """The recogniser whose transcripts a linguistic or text source was computed from: predict runs it again
+    on new audio (`backend` chat or csv: imported transcripts, which no recording can be turned into)."""
+
+    backend: str
+    name: str
+    revision: str
+    content_hash: str  # of the training transcripts
+
+
 class ExportedConfig(_Strict):
     """config.yaml: everything needed to rebuild the classifier without the study."""
 
@@ -120,11 +130,20 @@ class ExportedConfig(_Strict):
     seed: int
     cache: CacheRef
     versions: dict[str, str]
+    transcripts: TranscriptsRef | None = None
 
     def trial_config(self) -> TrialConfig:
         # the exported cache is the chosen source's own: as a one-cache config, its source is None
         return TrialConfig(layer=self.features.layer, pooling=self.features.pooling, unit=self.features.unit,
                            **self.pipeline.model_dump())
+
+
+def _transcripts_ref(meta: dict) -> TranscriptsRef | None:
+    if "transcripts" not in meta:
+        return None
+    source = meta["transcripts"]["source"]
+    return TranscriptsRef(backend=source["backend"], name=source["name"], revision=source["revision"],
+                          content_hash=meta["transcripts"]["content_hash"])
 
 
 def load_config(path: Path | str) -> ExportedConfig:
@@ -352,6 +371,7 @@ def export_trial(
         seed=spec.seed,
         cache=CacheRef(path=str(cache.path), content_hash=cache.content_hash),
         versions=_versions(),
+        transcripts=_transcripts_ref(cache.meta),
     )
     exported.cv.fresh = rescore_on_fresh_folds(cache, config, spec.cv.folds, spec.cv.metric, spec.seed,
                                                chosen.value)

@@ -82,6 +82,10 @@ class Predictor:
         self.classifier = load_model(model_file)
         from adsearch.embed.egemaps import EgemapsEncoder, egemaps_source, is_egemaps
 
+        self.recogniser = None
+        if self.config.transcripts is not None:  # a linguistic or text source: words first
+            self._load_transcript_source(device)
+            return
         if is_egemaps(self.config.model.name):  # an eGeMAPS source: openSMILE, not a speech model
             source = egemaps_source(self.config.model.name.removeprefix("opensmile/"))
             if source.revision != self.config.model.revision:
@@ -102,11 +106,60 @@ class Predictor:
         if isinstance(self.encoder, WindowEncoder):
             self.encoder.keep_layers(self.config.features.layer)
 
+    def _load_transcript_source(self, device: str) -> None:
+        """The recogniser the training transcripts came from (the same revision), and the text encoder of a
+        text source: a WAV file goes through exactly the steps its training recordings went through."""
+        from adsearch.embed.linguistic import FEATURES_VERSION
+        from adsearch.transcripts.asr import BACKENDS, load_recogniser, resolve_asr
+
+        ref = self.config.transcripts
+        if ref.backend not in BACKENDS:
+            raise ExportError(f"this classifier was trained on transcripts imported from {ref.backend.upper()} "
+                              f"({ref.name}); audio cannot be turned into those. Train on `adsearch transcribe` "
+                              "output to predict from audio")
+        asr = resolve_asr(ref.backend, ref.name)
+        if asr.revision != ref.revision:
+            raise ExportError(f"recogniser {ref.name!r} is revision {asr.revision}, but the classifier was trained on "
+                              f"transcripts of revision {ref.revision}; install that exact model")
+        self.recogniser = load_recogniser(asr, device)
+        self.encoder = None
+        if self.config.model.name == "adsearch/linguistic":
+            if not self.config.model.revision.startswith(f"features-v{FEATURES_VERSION}+"):
+                raise ExportError(f"the classifier was trained on linguistic features {self.config.model.revision}; "
+                                  f"this adsearch computes features-v{FEATURES_VERSION}")
+            return
+        from adsearch.embed.extract import resolve_device
+        from adsearch.embed.model import resolve_model
+        from adsearch.embed.text import TextEncoder
+
+        source = resolve_model(self.config.model.name, with_tokenizer=True)
+        if source.revision != self.config.model.revision:
+            raise ExportError(f"text model {self.config.model.name!r} is revision {source.revision}, but the "
+                              f"classifier was trained on revision {self.config.model.revision}")
+        self.encoder = TextEncoder(source, resolve_device(device))
+
+    def _transcript_stats(self, audio: np.ndarray, segments) -> tuple[np.ndarray, dict, list]:
+        from adsearch.embed.linguistic import linguistic_features
+        from adsearch.transcripts.store import Transcript
+
+        duration = len(audio) / SAMPLE_RATE
+        spans = tuple((b, min(e, duration)) for b, e in segments if b < duration) or ((0.0, duration),)
+        transcript = Transcript("new", tuple(self.recogniser.transcribe(audio, spans)), spans, duration)
+        if self.encoder is None:
+            values = linguistic_features(transcript).astype(np.float32)[None]
+            stats = {"mean": values, "m2": np.zeros_like(values), "max": values, "min": values}
+            return np.ones(1, np.int64), stats, [spans]
+        n_frames, stats = self.encoder.encode_text(transcript.text, layers=[self.config.features.layer])
+        return n_frames, {name: values[0] for name, values in stats.items()}, [spans] * len(n_frames)
+
     def features(self, audio: np.ndarray, segments) -> tuple[np.ndarray, int, float]:
         """(X, n_windows, speech seconds): one pooled row, or one row per window for window-level configs."""
         from adsearch.embed.extract import plan_windows
 
         feats = self.config.features
+        if self.recogniser is not None:
+            n_frames, arrays, spans = self._transcript_stats(audio, segments)
+            return self._pool(n_frames, arrays), len(n_frames), sum(e - b for b, e in spans[0])
         spans = plan_windows(segments, len(audio), feats.window_s, feats.min_window_s)
         if not spans:
             raise AudioError("", f"too short: no speech span of at least {feats.min_window_s} s")
@@ -117,12 +170,13 @@ class Predictor:
             for name, values in window_stats.items():
                 stats[name].append(values[0, 0])
         arrays = {name: np.stack(values) for name, values in stats.items()}
-        n_frames = np.asarray(n_frames)
+        return self._pool(np.asarray(n_frames), arrays), len(spans), sum(e - b for b, e in spans) / SAMPLE_RATE
+
+    def _pool(self, n_frames: np.ndarray, arrays: dict) -> np.ndarray:
+        feats = self.config.features
         if feats.unit == "window":
-            X = pool_windows(arrays.__getitem__, n_frames, feats.pooling)
-        else:
-            X = pool_recordings(arrays.__getitem__, n_frames, np.zeros(len(spans), np.int64), feats.pooling)
-        return X, len(spans), sum(e - b for b, e in spans) / SAMPLE_RATE
+            return pool_windows(arrays.__getitem__, n_frames, feats.pooling)
+        return pool_recordings(arrays.__getitem__, n_frames, np.zeros(len(n_frames), np.int64), feats.pooling)
 
     def predict(self, path: Path | str, segments=()) -> Prediction:
         from adsearch.search.objective import recording_scores

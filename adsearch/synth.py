@@ -61,8 +61,11 @@ INTERVIEWER_PROMPTS = [
     "I want you to tell me all of the things that are happening in this picture",
 ]
 INTERVIEWER_FOLLOWUPS = ["anything else", "mhm", "what else do you see", "okay good"]
-PARTICIPANT_VOICES = ["en-us+m1", "en-us+m3", "en-us+m7", "en+m2", "en+m4", "en+f1", "en+f2", "en-us+f3",
-                      "en+f4", "en-us+grandma", "en+edward", "en-us+john", "en+anika", "en-us+belinda"]
+# eSpeak NG variants a listener (and Whisper tiny.en: word error rate about 0.1-0.35 on one read description
+# each, `python benchmarks/transcribe.py voices`) can follow; en+f1, en+f4, en+anika and en-us+belinda were
+# replaced, at 0.36-0.57 they stood for speech no transcriber of a study would accept.
+PARTICIPANT_VOICES = ["en-us+m1", "en-us+m3", "en-us+m7", "en+m2", "en+m4", "en+f2", "en-us+f1", "en-us+f3",
+                      "en-us+Annie", "en-us+grandma", "en+edward", "en-us+john", "en-us+f4", "en-us+f2"]
 INTERVIEWER_VOICES = ["en-us+f5", "en+m6", "en-us+f2"]
 
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -139,25 +142,34 @@ class Speaker:
     gain: float
     noise_db: float
     mmse: float
+    spoken: str  # the participant's words as spoken (fillers and repetitions included): the ASR's reference
 
 
-def draw_speaker(rng: np.random.Generator, rec_id: str, split: str, label: int, effect: float) -> Speaker:
-    ad = effect * label
+# Which markers differ between the groups (`--markers`): how a person sounds (rate, hesitation pauses) or what
+# they say (filled pauses, repetitions, empty phrases in place of content). The other kind is drawn alike.
+MARKER_KINDS = ("all", "acoustic", "linguistic")
+
+
+def draw_speaker(rng: np.random.Generator, rec_id: str, split: str, label: int, effect: float,
+                 markers: str = "all") -> Speaker:
+    acoustic = effect * label if markers in ("all", "acoustic") else 0.0
+    linguistic = effect * label if markers in ("all", "linguistic") else 0.0
     return Speaker(
         id=rec_id, split=split, label=label,
         voice=str(rng.choice(PARTICIPANT_VOICES)),
         pitch=int(rng.integers(25, 76)),
         pitch_range=int(rng.integers(25, 76)),
-        rate_wpm=int(rng.uniform(145, 190) * (1 - 0.22 * ad) * rng.uniform(0.92, 1.08)),
-        pause_prob=float(np.clip(0.05 + 0.25 * ad + rng.normal(0, 0.03), 0, 0.9)),
-        pause_scale=float(rng.uniform(0.8, 1.2) * (1 + 1.0 * ad)),
-        filler_prob=float(np.clip(0.08 + 0.35 * ad + rng.normal(0, 0.05), 0, 1)),
-        repeat_prob=float(np.clip(0.03 + 0.25 * ad + rng.normal(0, 0.03), 0, 1)),
+        rate_wpm=int(rng.uniform(145, 190) * (1 - 0.22 * acoustic) * rng.uniform(0.92, 1.08)),
+        pause_prob=float(np.clip(0.05 + 0.25 * acoustic + rng.normal(0, 0.03), 0, 0.9)),
+        pause_scale=float(rng.uniform(0.8, 1.2) * (1 + 1.0 * acoustic)),
+        filler_prob=float(np.clip(0.08 + 0.35 * linguistic + rng.normal(0, 0.05), 0, 1)),
+        repeat_prob=float(np.clip(0.03 + 0.25 * linguistic + rng.normal(0, 0.03), 0, 1)),
         target_s=float(rng.uniform(20, 55)),
-        empty_prob=float(np.clip(0.05 + 0.30 * ad + rng.normal(0, 0.03), 0, 0.9)),
+        empty_prob=float(np.clip(0.05 + 0.30 * linguistic + rng.normal(0, 0.03), 0, 0.9)),
         gain=float(rng.uniform(0.5, 1.5)),
         noise_db=float(rng.uniform(-55, -38)),
         mmse=float(np.clip(rng.normal(29, 1) if label == 0 else rng.normal(28 - 8 * effect, 4), 3, 30)),
+        spoken="",
     )
 
 
@@ -175,10 +187,12 @@ def _utterance_words(rng: np.random.Generator, speaker: Speaker, phrase: str) ->
     return words
 
 
-def _speak_utterance(tts: Espeak, rng: np.random.Generator, speaker: Speaker, phrase: str) -> np.ndarray:
-    """Speak word groups separated by hesitation pauses (kept inside the PAR segment)."""
+def _speak_utterance(tts: Espeak, rng: np.random.Generator, speaker: Speaker, phrase: str
+                     ) -> tuple[np.ndarray, list[str]]:
+    """Speak word groups separated by hesitation pauses (kept inside the PAR segment); (audio, words)."""
     pieces, group = [], []
-    for word in _utterance_words(rng, speaker, phrase):
+    words = _utterance_words(rng, speaker, phrase)
+    for word in words:
         group.append(word)
         if rng.random() < speaker.pause_prob:
             pieces.append(" ".join(group))
@@ -190,7 +204,7 @@ def _speak_utterance(tts: Espeak, rng: np.random.Generator, speaker: Speaker, ph
         if i:
             audio.append(_silence(rng.uniform(0.3, 0.9) * speaker.pause_scale, tts.sample_rate))
         audio.append(tts.speak(text, speaker.voice, speaker.rate_wpm, speaker.pitch, speaker.pitch_range))
-    return np.concatenate(audio)
+    return np.concatenate(audio), words
 
 
 def _active_rms(audio: np.ndarray, rate: int) -> float:
@@ -200,8 +214,8 @@ def _active_rms(audio: np.ndarray, rate: int) -> float:
     return max(float(np.sqrt(np.mean(np.sort(energy)[len(energy) // 2 :]))), 1e-6)
 
 
-def render_recording(tts: Espeak, rng: np.random.Generator, speaker: Speaker) -> tuple[np.ndarray, list]:
-    """Return (audio, segmentation rows [(speaker, begin_ms, end_ms)])."""
+def render_recording(tts: Espeak, rng: np.random.Generator, speaker: Speaker) -> tuple[np.ndarray, list, str]:
+    """Return (audio, segmentation rows [(speaker, begin_ms, end_ms)], the participant's words)."""
     rate = tts.sample_rate
     interviewer = str(rng.choice(INTERVIEWER_VOICES))
     units = list(rng.permutation(len(CONTENT_UNITS)))
@@ -215,6 +229,7 @@ def render_recording(tts: Espeak, rng: np.random.Generator, speaker: Speaker) ->
         rows.append((who, int(1000 * begin / rate), int(1000 * (begin + len(audio)) / rate)))
 
     add("INV", tts.speak(str(rng.choice(INTERVIEWER_PROMPTS)), interviewer, 170, 50, 50))
+    spoken: list[str] = []
     start, followup_asked = sum(len(a) for a in timeline), False
     while units and (sum(len(a) for a in timeline) - start) / rate < speaker.target_s:
         if rng.random() < speaker.empty_prob:
@@ -224,7 +239,9 @@ def render_recording(tts: Espeak, rng: np.random.Generator, speaker: Speaker) ->
         if len(rows) == 1 and rng.random() < 0.6:
             phrase = f"{rng.choice(OPENERS)} {phrase}"
         timeline.append(_silence(rng.uniform(0.25, 0.7), rate))
-        add("PAR", _speak_utterance(tts, rng, speaker, phrase))
+        audio, words = _speak_utterance(tts, rng, speaker, phrase)
+        add("PAR", audio)
+        spoken += words
         elapsed = (sum(len(a) for a in timeline) - start) / rate
         if not followup_asked and elapsed > speaker.target_s / 2 and rng.random() < 0.5:
             followup_asked = True
@@ -237,7 +254,7 @@ def render_recording(tts: Espeak, rng: np.random.Generator, speaker: Speaker) ->
     audio = np.concatenate(timeline)
     audio *= 0.1 * speaker.gain / _active_rms(audio, rate)
     audio += rng.normal(0, 10 ** (speaker.noise_db / 20), audio.shape).astype(np.float32)
-    return np.clip(audio, -1, 1), rows
+    return np.clip(audio, -1, 1), rows, " ".join(spoken)
 
 
 def _write_segmentation(path: Path, rows: list, index_column: bool) -> None:
@@ -261,8 +278,12 @@ def synthesize_corpus(
     seed: int = 0,
     overwrite: bool = False,
     on_recording: Callable[[str], None] | None = None,
+    markers: str = "all",
 ) -> list[Speaker]:
-    """Write `out/ADReSSo21/diagnosis/{train,test-dist}`, `out/task1.csv` and `out/markers.csv`."""
+    """Write `out/ADReSSo21/diagnosis/{train,test-dist}`, `out/task1.csv` and `out/markers.csv` (with what
+    each participant said, in `spoken`)."""
+    if markers not in MARKER_KINDS:
+        raise SynthError(f"--markers {markers[:40]!r}: choose {', '.join(MARKER_KINDS)}")
     if n_train < 4 or n_test < 0:
         raise SynthError("need at least 4 training recordings (2 per class) and a non-negative test count")
     if not 0 <= effect <= MAX_EFFECT:
@@ -287,8 +308,8 @@ def synthesize_corpus(
 
     speakers = []
     for rec_id, split, label in plan:
-        speaker = draw_speaker(rng, rec_id, split, label, effect)
-        audio, rows = render_recording(tts, rng, speaker)
+        speaker = draw_speaker(rng, rec_id, split, label, effect, markers)
+        audio, rows, speaker.spoken = render_recording(tts, rng, speaker)
         if split == "train":
             folder = "ad" if label else "cn"
             wav = base / "train" / "audio" / folder / f"{rec_id}.wav"

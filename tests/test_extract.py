@@ -381,7 +381,7 @@ def test_two_unsharded_extractions_into_one_folder_both_succeed(synth_manifest, 
 
 
 def test_shards_cover_the_manifest_once(synth_manifest):
-    from adsearch.embed.extract import parse_shard, shard_of
+    from adsearch.work import parse_shard, shard_of
 
     recordings = read_manifest(synth_manifest)
     pieces = [shard_of(recordings, (k, 3)) for k in range(3)]
@@ -394,10 +394,10 @@ def test_shards_cover_the_manifest_once(synth_manifest):
 
 
 def test_a_claim_is_exclusive_between_processes_and_dies_with_its_process(tmp_path):
-    from adsearch.embed.extract import Claim
+    from adsearch.work import Claim
 
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from adsearch.embed.extract import Claim\n"
+        "import sys, time; from pathlib import Path; from adsearch.work import Claim\n"
         f"assert Claim(Path({str(tmp_path / 'x.lock')!r})).take(); print('held', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

@@ -70,11 +70,14 @@ def file_hashes(cache_dir: Path, n_layers: int) -> dict[str, str]:
 # arrays. The content hash covers all of it, so an edit of cache.json is as visible as an edit of an array.
 DEFINING_KEYS = ("format_version", "items", "windows", "n_windows", "dim", "layers", "stats", "files", "model",
                  "settings", "crossfit")
+# Defining only where present (sources read from transcripts), so the hashes of other caches stay as they were.
+OPTIONAL_DEFINING_KEYS = ("transcripts", "feature_names")
 
 
 def content_hash_of(meta: dict) -> str:
     """The content hash of a cache from its metadata's defining fields (`DEFINING_KEYS`)."""
     defining = {key: meta.get(key) for key in DEFINING_KEYS}
+    defining.update({key: meta[key] for key in OPTIONAL_DEFINING_KEYS if key in meta})
     return hashlib.sha256(json.dumps(defining, sort_keys=True, allow_nan=True).encode()).hexdigest()
 
 

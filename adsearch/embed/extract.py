@@ -23,15 +23,15 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
 from adsearch import __version__
-from adsearch.audio import SAMPLE_RATE, AudioError, audio_duration, load_audio
+from adsearch.audio import SAMPLE_RATE, AudioError, load_audio
 from adsearch.corpus import Recording, manifest_digest, read_manifest
 from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, CacheError, file_hashes, seal, stat_path
 from adsearch.embed.model import ModelSource, load_model, resolve_model, uses_attention_mask
+from adsearch.work import Claim, ExtractProgress, shard_of, speech_seconds, write_json_atomic
 
 MIN_WINDOW_SAMPLES = 400  # the CNN front end needs 400 samples for its first frame
 
@@ -73,11 +73,6 @@ class ExtractResult:
     compute_seconds: float = 0.0
     remaining: int = 0  # recordings of other shards not extracted yet (the cache is not consolidated)
     redone: list[str] = field(default_factory=list)  # damaged parts found on resume, extracted again
-
-
-class ExtractProgress(Protocol):
-    def start(self, n_recordings: int, audio_seconds: float, n_done: int) -> None: ...
-    def advance(self, n_recordings: int, audio_seconds: float) -> None: ...
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,29 +258,23 @@ def cache_dir_for(out_root: Path, source: ModelSource, key: str) -> Path:
     return out_root / f"{slug.strip('-')[:60]}-{key}"
 
 
-def _save_atomic_npz(path: Path, **arrays: np.ndarray) -> None:
+def save_atomic_npz(path: Path, **arrays: np.ndarray) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # one writer per name, whatever the race
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two extractions of one folder write settings.json
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
-def _part_path(parts: Path, rec_id: str) -> Path:
+def part_path(parts: Path, rec_id: str) -> Path:
     return parts / f"{rec_id}.npz"
 
 
-def _failure_path(parts: Path, rec_id: str) -> Path:
+def failure_path(parts: Path, rec_id: str) -> Path:
     return parts / f"{rec_id}.failed.json"
 
 
 def _finished(parts: Path, rec_id: str) -> bool:
     """Extracted, or known to be unusable: either way no process needs to touch it again."""
-    return _part_path(parts, rec_id).is_file() or _failure_path(parts, rec_id).is_file()
+    return part_path(parts, rec_id).is_file() or failure_path(parts, rec_id).is_file()
 
 
 def _drop_damaged_parts(parts: Path, recordings: Sequence[Recording]) -> list[str]:
@@ -296,7 +285,7 @@ def _drop_damaged_parts(parts: Path, recordings: Sequence[Recording]) -> list[st
 
     redone = []
     for rec in recordings:
-        part = _part_path(parts, rec.id)
+        part = part_path(parts, rec.id)
         if not part.is_file():
             continue
         try:
@@ -310,64 +299,6 @@ def _drop_damaged_parts(parts: Path, recordings: Sequence[Recording]) -> list[st
             redone.append(f"{rec.id} ({rec.path}): its part {part.name} was damaged ({str(exc)[:120]}); extracting "
                           "it again")
     return redone
-
-
-class Claim:
-    """An exclusive claim on one recording (or on consolidation) shared by every process that extracts into
-    the same folder, on one machine or several over a shared file system: a POSIX record lock on
-    `parts/{id}.lock`. The kernel (or the NFS lock manager) drops it when its process ends in any way, so a
-    killed extraction never leaves a claim behind; the lock file itself stays until consolidation."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fd: int | None = None
-
-    def take(self) -> bool:
-        import fcntl
-
-        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        self._fd = fd
-        return True
-
-    def wait(self) -> None:
-        import fcntl
-
-        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-        fcntl.lockf(fd, fcntl.LOCK_EX)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """`K/N` (0 <= K < N, as SLURM array ids from 0 and Kubernetes' JOB_COMPLETION_INDEX count) -> (K, N)."""
-    match = re.fullmatch(r"\s*(\d{1,6})\s*/\s*(\d{1,6})\s*", text)
-    if not match or not 0 <= int(match[1]) < int(match[2]):
-        raise ValueError(f"--shard {text[:40]!r}: give K/N with 0 <= K < N, e.g. 0/4 ... 3/4 for four jobs")
-    return int(match[1]), int(match[2])
-
-
-def shard_of(recordings: Sequence[Recording], shard: tuple[int, int] | None) -> list[Recording]:
-    """The K-th of N deterministic shards: every N-th recording in id order, starting at the K-th."""
-    if shard is None:
-        return list(recordings)
-    index, count = shard
-    return [rec for i, rec in enumerate(sorted(recordings, key=lambda r: r.id)) if i % count == index]
-
-
-def _speech_seconds(rec: Recording) -> float:
-    try:
-        return sum(e - b for b, e in rec.segments) or audio_duration(rec.path)
-    except AudioError:
-        return 0.0
 
 
 def recording_windows(rec: Recording, settings: ExtractSettings) -> tuple[list[Window], float]:
@@ -468,11 +399,11 @@ def extract(
     manifest_hash = manifest_digest(recordings)
     cache_dir = cache_dir_for(Path(out_root), source, cache_key(source, manifest_hash, settings))
     if (cache_dir / META_FILE).is_file():
-        return _finished_result(cache_dir)
+        return finished_result(cache_dir)
 
     parts = cache_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(cache_dir / "settings.json", {
+    write_json_atomic(cache_dir / "settings.json", {
         "model": source.name, "revision": source.revision, "manifest": str(Path(manifest).resolve()),
         "manifest_hash": manifest_hash, **asdict(settings),
     })
@@ -480,7 +411,7 @@ def extract(
     redone = _drop_damaged_parts(parts, mine)
     todo = [r for r in mine if not _finished(parts, r.id)]
     if progress:
-        progress.start(len(mine), sum(_speech_seconds(r) for r in todo), len(mine) - len(todo))
+        progress.start(len(mine), sum(speech_seconds(r) for r in todo), len(mine) - len(todo))
 
     n_computed, n_failed, audio_seconds, started = 0, 0, 0.0, time.perf_counter()
     # Recordings another process holds are waited for; if that process dies, its claim goes and this
@@ -496,7 +427,7 @@ def extract(
 
     if (cache_dir / META_FILE).is_file():  # another process consolidated while this one waited
         shutil.rmtree(parts, ignore_errors=True)  # (lock files only, if this process recreated the folder)
-        return _finished_result(cache_dir)
+        return finished_result(cache_dir)
     others = [r for r in recordings if not _finished(parts, r.id)]
     if others:  # a shard run whose siblings are still at work: the last of them consolidates
         return ExtractResult(cache_dir, 0, n_computed, [], audio_seconds, compute_seconds,
@@ -505,10 +436,10 @@ def extract(
     consolidation.wait()
     try:
         if not (cache_dir / META_FILE).is_file():  # another process may have consolidated meanwhile
-            _write_cache(cache_dir, recordings, source, settings, manifest, manifest_hash, torch)
+            write_cache(cache_dir, recordings, source, settings, manifest, manifest_hash, torch)
     finally:
         consolidation.release()
-    result = _finished_result(cache_dir)
+    result = finished_result(cache_dir)
     result.n_computed, result.audio_seconds, result.compute_seconds = n_computed, audio_seconds, compute_seconds
     result.redone = redone
     return result
@@ -539,7 +470,7 @@ def _extract_claimed(pending: list[Recording], parts: Path, encoder: WindowEncod
             windows: list[Window] = []
             for index, (rec, loaded, _) in enumerate(group):
                 if isinstance(loaded, AudioError):
-                    _write_json_atomic(_failure_path(parts, rec.id),
+                    write_json_atomic(failure_path(parts, rec.id),
                                        asdict(Failure(rec.id, str(rec.path), loaded.reason, rec.split, rec.label)))
                     failed += 1
                     continue
@@ -556,8 +487,8 @@ def _extract_claimed(pending: list[Recording], parts: Path, encoder: WindowEncod
             for index, (rec, loaded, seconds) in enumerate(group):
                 if not isinstance(loaded, AudioError):
                     rows = sorted(results[index], key=lambda row: row[0])
-                    _save_atomic_npz(
-                        _part_path(parts, rec.id),
+                    save_atomic_npz(
+                        part_path(parts, rec.id),
                         start=np.array([r[0] for r in rows], np.int64),
                         end=np.array([r[1] for r in rows], np.int64),
                         n_frames=np.array([r[2] for r in rows], np.int64),
@@ -575,23 +506,25 @@ def _extract_claimed(pending: list[Recording], parts: Path, encoder: WindowEncod
     return computed, failed, audio_seconds
 
 
-def _finished_result(cache_dir: Path) -> ExtractResult:
+def finished_result(cache_dir: Path) -> ExtractResult:
     meta = json.loads((cache_dir / META_FILE).read_text())
     return ExtractResult(cache_dir, len(meta["items"]), 0, [Failure(**f) for f in meta["failures"]])
 
 
-def _write_cache(cache_dir: Path, recordings: list[Recording], source: ModelSource, settings: ExtractSettings,
-                 manifest: Path | str, manifest_hash: str, torch) -> None:
-    """Consolidate every part into the cache; cache.json goes last, so its presence means complete."""
+def write_cache(cache_dir: Path, recordings: list[Recording], source: ModelSource, settings: ExtractSettings,
+                manifest: Path | str, manifest_hash: str, torch, extra: dict | None = None,
+                layer_meaning: dict | None = None) -> None:
+    """Consolidate every part into the cache; cache.json goes last, so its presence means complete.
+    `extra` adds metadata and `layer_meaning` says what the layers are (a transcript source's)."""
     parts = cache_dir / "parts"
-    done = [r for r in recordings if _part_path(parts, r.id).is_file()]
-    failures = sorted((json.loads(_failure_path(parts, r.id).read_text()) for r in recordings
-                       if not _part_path(parts, r.id).is_file()), key=lambda f: f["id"])
+    done = [r for r in recordings if part_path(parts, r.id).is_file()]
+    failures = sorted((json.loads(failure_path(parts, r.id).read_text()) for r in recordings
+                       if not part_path(parts, r.id).is_file()), key=lambda f: f["id"])
     if not done:
         listed = "; ".join(f"{f['id']} ({f['path']}): {f['reason']}" for f in failures[:5])
         raise CacheError(f"no recording could be extracted: all {len(failures)} failed, e.g. {listed}. Fix the "
                          "recordings or the manifest, then run the same command again")
-    with np.load(_part_path(parts, done[0].id)) as part:
+    with np.load(part_path(parts, done[0].id)) as part:
         n_layers, dim = part["mean"].shape[0], part["mean"].shape[2]
     meta = _consolidate(cache_dir, done, n_layers, dim)
     meta.update({
@@ -600,7 +533,7 @@ def _write_cache(cache_dir: Path, recordings: list[Recording], source: ModelSour
         "model": _model_meta(source, meta.pop("devices")),
         "layers": {
             "count": n_layers,
-            "meaning": {
+            "meaning": layer_meaning or {
                 "0": "input to the first transformer layer (feature projection + positional convolution)",
                 "i (1..N)": "output of transformer layer i",
                 "N": "last layer output, before the encoder's final LayerNorm for stable-layer-norm models "
@@ -613,8 +546,9 @@ def _write_cache(cache_dir: Path, recordings: list[Recording], source: ModelSour
         "manifest": {"path": str(Path(manifest).resolve()), "hash": manifest_hash},
         "failures": failures,
         "versions": _versions(torch),
+        **(extra or {}),
     })
-    _write_json_atomic(cache_dir / META_FILE, seal(meta))
+    write_json_atomic(cache_dir / META_FILE, seal(meta))
     shutil.rmtree(parts)
 
 
@@ -623,7 +557,7 @@ def _consolidate(cache_dir: Path, done: list[Recording], n_layers: int, dim: int
     parts = cache_dir / "parts"
     window_counts = []
     for rec in done:
-        with np.load(_part_path(parts, rec.id)) as part:
+        with np.load(part_path(parts, rec.id)) as part:
             window_counts.append(len(part["n_frames"]))
     n_windows = sum(window_counts)
     arrays = {}
@@ -636,7 +570,7 @@ def _consolidate(cache_dir: Path, done: list[Recording], n_layers: int, dim: int
     items, devices = [], set()
     offset = 0
     for index, (rec, count) in enumerate(zip(done, window_counts, strict=True)):
-        with np.load(_part_path(parts, rec.id)) as part:
+        with np.load(part_path(parts, rec.id)) as part:
             for stat in STATS:
                 values = part[stat]
                 for layer in range(n_layers):

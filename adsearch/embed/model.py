@@ -41,7 +41,12 @@ def _directory_revision(path: Path) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def resolve_model(name: str, revision: str | None = None) -> ModelSource:
+# A CTC model's tokenizer (`adsearch transcribe --asr ctc`) and a text encoder's (`--features text`).
+_TOKENIZER_PATTERNS = ("vocab.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                       "merges.txt", "added_tokens.json", "processor_config.json")
+
+
+def resolve_model(name: str, revision: str | None = None, with_tokenizer: bool = False) -> ModelSource:
     """A local directory as is; otherwise the HF cache first, then the hub if it can be reached."""
     local = Path(name).expanduser()
     if local.is_dir():
@@ -53,6 +58,8 @@ def resolve_model(name: str, revision: str | None = None) -> ModelSource:
     from huggingface_hub import snapshot_download
 
     patterns = ["config.json", "preprocessor_config.json", *_WEIGHT_PATTERNS]
+    if with_tokenizer:
+        patterns += _TOKENIZER_PATTERNS
     try:
         path = Path(snapshot_download(name, revision=revision, allow_patterns=patterns, local_files_only=True))
     except Exception:
@@ -114,10 +121,21 @@ def uses_attention_mask(model) -> bool:
     return getattr(model.config, "feat_extract_norm", "layer") == "layer"
 
 
-def save_tiny_model(out: Path | str, seed: int = 0, hidden_size: int = 32, num_layers: int = 4) -> Path:
-    """A tiny random wav2vec2 with the large model's structure (stable layer norm, masked preprocessor)."""
+def save_tiny_model(out: Path | str, seed: int = 0, hidden_size: int = 32, num_layers: int = 4,
+                    ctc: bool = False) -> Path:
+    """A tiny random wav2vec2 with the large model's structure (stable layer norm, masked preprocessor);
+    `ctc`: with a CTC head over letters and a processor, as the seed's fine-tuned model has."""
+    import json
+
     import torch
-    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+    from transformers import (
+        Wav2Vec2Config,
+        Wav2Vec2CTCTokenizer,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2ForCTC,
+        Wav2Vec2Model,
+        Wav2Vec2Processor,
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -132,8 +150,18 @@ def save_tiny_model(out: Path | str, seed: int = 0, hidden_size: int = 32, num_l
         num_conv_pos_embedding_groups=2, feat_extract_norm="layer", do_stable_layer_norm=True,
         vocab_size=32,
     )
-    Wav2Vec2Model(config).eval().save_pretrained(out)
-    Wav2Vec2FeatureExtractor(
-        feature_size=1, sampling_rate=16_000, padding_value=0.0, do_normalize=True, return_attention_mask=True
-    ).save_pretrained(out)
+    extractor = Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16_000, padding_value=0.0, do_normalize=True, return_attention_mask=True)
+    if not ctc:
+        Wav2Vec2Model(config).eval().save_pretrained(out)
+        extractor.save_pretrained(out)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "'": 5}
+    vocab.update({letter: 6 + i for i, letter in enumerate("abcdefghijklmnopqrstuvwxyz")})
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = Wav2Vec2CTCTokenizer(str(out / "vocab.json"), word_delimiter_token="|")
+    config.vocab_size, config.pad_token_id = len(vocab), 0
+    Wav2Vec2ForCTC(config).eval().save_pretrained(out)
+    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out)
     return out
