@@ -202,8 +202,9 @@ def model_tiny(
     hidden_size: Annotated[int, typer.Option(help="Hidden size (an even number: two attention heads).", min=4,
                                              max=4096)] = 32,
     layers: Annotated[int, typer.Option(help="Transformer layers.", min=1, max=64)] = 4,
-    ctc: Annotated[bool, typer.Option(help="With a CTC head over letters and a processor, for `adsearch "
-                                           "transcribe --asr ctc` (its words are random).")] = False,
+    kind: Annotated[str, typer.Option(help="wav2vec2; wav2vec2-ctc: with a CTC head over letters and a processor, "
+                                           "for `adsearch transcribe --asr ctc` (its words are random); whisper: "
+                                           "a Whisper model, whose encoder layers `extract` caches.")] = "wav2vec2",
 ) -> None:
     """Save a tiny randomly initialised wav2vec2 (stable layer norm, masked preprocessor) for tests and demos.
 
@@ -212,8 +213,8 @@ def model_tiny(
     from adsearch.embed.model import save_tiny_model
 
     with user_errors():
-        save_tiny_model(output, seed, hidden_size, layers, ctc)
-    out.print(f"saved a tiny random wav2vec2 ({layers} layers, hidden size {hidden_size}) to {output}")
+        save_tiny_model(output, seed, hidden_size, layers, kind)
+    out.print(f"saved a tiny random {kind} ({layers} layers, hidden size {hidden_size}) to {output}")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -260,7 +260,7 @@ def test_text_encoder_layers_search_like_any_source(planted, tmp_path):
 
 
 def test_ctc_backend_with_a_tiny_ctc_model(synth_manifest, tmp_path):
-    assert run("model", "tiny", tmp_path / "ctc", "--ctc").exit_code == 0
+    assert run("model", "tiny", tmp_path / "ctc", "--kind", "wav2vec2-ctc").exit_code == 0
     result = run("transcribe", synth_manifest, "-o", tmp_path / "out", "--asr", "ctc", "--model", tmp_path / "ctc")
     assert result.exit_code == 0, result.output
     found = open_transcripts(tmp_path / "out")
@@ -285,3 +285,32 @@ def test_transcribe_refuses_bad_input(synth_manifest, tmp_path):
     result = run("extract", synth_manifest, "--features", "linguistic", "--transcripts", tmp_path / "empty",
                  "-o", tmp_path / "c")
     assert result.exit_code == 2 and "adsearch transcribe" in result.output
+
+
+def test_whisper_encoder_layers_pool_real_frames_only(tmp_path):
+    """A tiny random Whisper: its encoder layers become a cache; the 30 s padding never enters a statistic."""
+    import torch
+
+    from adsearch.embed.extract import ExtractSettings, WindowEncoder, extract
+    from adsearch.embed.model import resolve_model
+
+    assert run("model", "tiny", tmp_path / "whisper", "--kind", "whisper").exit_code == 0
+    encoder = WindowEncoder(resolve_model(str(tmp_path / "whisper")), "cpu", "float32")
+    audio = speechlike(2.0)
+    n_frames, stats = encoder.encode([audio])
+    assert n_frames.tolist() == [100]  # 2 s at 50 frames per second, not the 1,500 of 30 s
+    features = encoder.extractor([audio], sampling_rate=16_000, return_tensors="pt")["input_features"]
+    with torch.inference_mode():
+        hidden = encoder.model(features, output_hidden_states=True).hidden_states
+    for layer in (0, 2, 4):
+        np.testing.assert_allclose(stats["mean"][layer, 0], hidden[layer][0, :100].mean(0).numpy(), rtol=1e-4,
+                                   atol=1e-5)
+        assert not np.allclose(stats["mean"][layer, 0], hidden[layer][0].mean(0).numpy(), atol=1e-3)
+    with pytest.raises(ValueError, match="at most 30 s"):
+        encoder.encode([speechlike(31.0)])
+
+    rows = [f"r{i},{write_wav(tmp_path / f'r{i}.wav', speechlike(3.0, seed=i))},{i % 2},r{i},train" for i in range(4)]
+    (tmp_path / "c.csv").write_text("id,path,label,group,split\n" + "\n".join(rows) + "\n")
+    cache = open_cache(extract(tmp_path / "c.csv", tmp_path / "cache", str(tmp_path / "whisper"),
+                               ExtractSettings(window_s=20)).cache_dir)
+    assert cache.n_layers == 5 and cache.dim == 32 and "padded frames are never pooled" in str(cache.meta["layers"])

@@ -33,6 +33,9 @@ from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, CacheError, f
 from adsearch.embed.model import ModelSource, load_model, resolve_model, uses_attention_mask
 from adsearch.work import Claim, ExtractProgress, shard_of, speech_seconds, write_json_atomic
 
+WHISPER_LAYERS = {"0": "input to the first encoder layer (log-mel convolutions + positions)",
+                  "i (1..N)": "output of encoder layer i, over the window's real frames only (Whisper pads every "
+                              "window to 30 s; padded frames are never pooled)"}
 MIN_WINDOW_SAMPLES = 400  # the CNN front end needs 400 samples for its first frame
 
 
@@ -132,14 +135,20 @@ class WindowEncoder:
         self.device = resolve_device(device)
         self.dtype_name = resolve_dtype(dtype, self.device)
         self.extractor, self.model = load_model(source, self.device, getattr(torch, self.dtype_name))
-        self.masked = uses_attention_mask(self.model)
+        self.whisper = self.model.config.model_type == "whisper"
+        if self.whisper:  # the encoder alone (the decoder never runs); inputs are log-mel padded to 30 s
+            self.model = self.model.get_encoder()
+        self.masked = self.whisper or uses_attention_mask(self.model)
         self.n_layers = self.model.config.num_hidden_layers + 1
         self.dim = self.model.config.hidden_size
 
     def frame_counts(self, n_samples: Sequence[int]) -> np.ndarray:
         import torch
 
-        lengths = self.model._get_feat_extract_output_lengths(torch.as_tensor(list(n_samples)))
+        samples = torch.as_tensor(list(n_samples))
+        if self.whisper:  # encoder frames of the real log-mel frames: padding beyond them is never pooled
+            samples = samples // self.extractor.hop_length
+        lengths = self.model._get_feat_extract_output_lengths(samples)
         return lengths.cpu().numpy().astype(np.int64)
 
     def keep_layers(self, last: int) -> None:
@@ -149,7 +158,8 @@ class WindowEncoder:
         none returns no hidden state at all, not even layer 0.
         """
         kept = max(last, 1)
-        self.model.encoder.layers = self.model.encoder.layers[:kept]
+        encoder = self.model if self.whisper else self.model.encoder
+        encoder.layers = encoder.layers[:kept]
         self.model.config.num_hidden_layers = kept
         self.n_layers = kept + 1
 
@@ -164,6 +174,8 @@ class WindowEncoder:
         lengths = [len(w) for w in windows]
         if not self.masked and len(set(lengths)) > 1:
             raise ValueError("group-norm models can only batch equal-length windows")
+        if self.whisper:
+            return self._encode_whisper(windows, layers)
         inputs = self.extractor(
             list(windows), sampling_rate=SAMPLE_RATE, padding=True, return_tensors="pt",
             return_attention_mask=self.masked,
@@ -173,6 +185,24 @@ class WindowEncoder:
         n_frames = self.frame_counts(lengths)
         with torch.inference_mode():
             hidden = self.model(values, attention_mask=mask, output_hidden_states=True).hidden_states
+            if layers is not None:
+                hidden = [hidden[i] for i in layers]
+            stats = masked_layer_stats(hidden, torch.as_tensor(n_frames, device=self.device))
+        return n_frames, stats
+
+
+    def _encode_whisper(self, windows: Sequence[np.ndarray], layers: Sequence[int] | None):
+        import torch
+
+        longest = max(len(w) for w in windows)
+        if longest > self.extractor.n_samples:
+            raise ValueError(f"a window of {longest / SAMPLE_RATE:.1f} s: Whisper's encoder takes at most "
+                             f"{self.extractor.n_samples / SAMPLE_RATE:.0f} s; extract with --window-s 30 or less")
+        features = self.extractor(list(windows), sampling_rate=SAMPLE_RATE, return_tensors="pt")["input_features"]
+        n_frames = self.frame_counts([len(w) for w in windows])
+        with torch.inference_mode():
+            hidden = self.model(features.to(self.device, getattr(torch, self.dtype_name)),
+                                output_hidden_states=True).hidden_states
             if layers is not None:
                 hidden = [hidden[i] for i in layers]
             stats = masked_layer_stats(hidden, torch.as_tensor(n_frames, device=self.device))
@@ -436,7 +466,8 @@ def extract(
     consolidation.wait()
     try:
         if not (cache_dir / META_FILE).is_file():  # another process may have consolidated meanwhile
-            write_cache(cache_dir, recordings, source, settings, manifest, manifest_hash, torch)
+            write_cache(cache_dir, recordings, source, settings, manifest, manifest_hash, torch,
+                        layer_meaning=WHISPER_LAYERS if _model_type(source) == "whisper" else None)
     finally:
         consolidation.release()
     result = finished_result(cache_dir)
@@ -588,6 +619,11 @@ def _consolidate(cache_dir: Path, done: list[Recording], n_layers: int, dim: int
     del arrays
     return {"items": items, "windows": windows, "n_windows": n_windows, "files": file_hashes(cache_dir, n_layers),
             "devices": sorted(devices)}
+
+
+def _model_type(source: ModelSource) -> str | None:
+    config = source.path / "config.json"
+    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
 
 
 def _model_meta(source: ModelSource, devices: list[str]) -> dict:

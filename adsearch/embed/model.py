@@ -121,10 +121,14 @@ def uses_attention_mask(model) -> bool:
     return getattr(model.config, "feat_extract_norm", "layer") == "layer"
 
 
+TINY_KINDS = ("wav2vec2", "wav2vec2-ctc", "whisper")
+
+
 def save_tiny_model(out: Path | str, seed: int = 0, hidden_size: int = 32, num_layers: int = 4,
-                    ctc: bool = False) -> Path:
+                    kind: str = "wav2vec2") -> Path:
     """A tiny random wav2vec2 with the large model's structure (stable layer norm, masked preprocessor);
-    `ctc`: with a CTC head over letters and a processor, as the seed's fine-tuned model has."""
+    `wav2vec2-ctc`: with a CTC head over letters and a processor, as the seed's fine-tuned model has;
+    `whisper`: a Whisper encoder-decoder with its log-mel feature extractor."""
     import json
 
     import torch
@@ -140,10 +144,14 @@ def save_tiny_model(out: Path | str, seed: int = 0, hidden_size: int = 32, num_l
 
     hf_logging.disable_progress_bar()
 
+    if kind not in TINY_KINDS:
+        raise ModelError(f"--kind {kind[:40]!r}: choose {', '.join(TINY_KINDS)}")
     out = Path(out)
     if (out / "config.json").exists():
         raise ModelError(f"{out} already holds a model; choose an empty folder")
     torch.manual_seed(seed)
+    if kind == "whisper":
+        return _save_tiny_whisper(out, hidden_size, num_layers)
     config = Wav2Vec2Config(
         hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=2,
         intermediate_size=2 * hidden_size, conv_dim=(32,) * 7, num_conv_pos_embeddings=16,
@@ -152,7 +160,7 @@ def save_tiny_model(out: Path | str, seed: int = 0, hidden_size: int = 32, num_l
     )
     extractor = Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=16_000, padding_value=0.0, do_normalize=True, return_attention_mask=True)
-    if not ctc:
+    if kind == "wav2vec2":
         Wav2Vec2Model(config).eval().save_pretrained(out)
         extractor.save_pretrained(out)
         return out
@@ -164,4 +172,17 @@ def save_tiny_model(out: Path | str, seed: int = 0, hidden_size: int = 32, num_l
     config.vocab_size, config.pad_token_id = len(vocab), 0
     Wav2Vec2ForCTC(config).eval().save_pretrained(out)
     Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out)
+    return out
+
+
+def _save_tiny_whisper(out: Path, hidden_size: int, num_layers: int) -> Path:
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    config = WhisperConfig(d_model=hidden_size, encoder_layers=num_layers, decoder_layers=1,
+                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=2 * hidden_size,
+                           decoder_ffn_dim=2 * hidden_size, vocab_size=64, num_mel_bins=80,
+                           max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                           decoder_start_token_id=1)
+    WhisperModel(config).eval().save_pretrained(out)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(out)
     return out
