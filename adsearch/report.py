@@ -209,12 +209,37 @@ def write_report(study, setup, cache, exported, test: dict | None, top_k: list[d
                                f"{r['test']['roc_auc']:.4f}", f"{r['mcnemar']['p_value']:.3f}") for r in top_k])]
     else:
         parts.append("<p>No test labels: no held-out evaluation.</p>")
+    if "feature_names" in cache.meta:
+        parts += _feature_effects(cache)
     parts += [f"<h2>{html.escape(p.stem.replace('_', ' '))}</h2><img src='figures/{p.name}'>" for p in figures]
     style = ("<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
              "td{padding:2px 10px;border-bottom:1px solid #ddd}</style>")
     (out_dir / "report.html").write_text(f"<!doctype html><meta charset='utf-8'>{style}" + "\n".join(parts))
     _upload(study, figures, artifacts)
     return figures
+
+
+def _feature_effects(cache) -> list[str]:
+    """A named-feature source (linguistic): which features separate the groups on the labelled train split,
+    Cohen's d with a 95 % bootstrap interval, strongest first. Descriptive: not a test of the classifier."""
+    from adsearch.embed.linguistic import effect_sizes
+
+    items = np.flatnonzero((cache.splits == "train") & (cache.labels >= 0))
+    X, y = cache.recording_features(0, "mean", items), cache.labels[items]
+    if min((y == 0).sum(), (y == 1).sum()) < 2:
+        return []
+    effects = effect_sizes(X, y)
+    measured = cache.meta.get("feature_measured", {})
+    order = sorted(range(len(effects)), key=lambda j: -abs(effects[j][0]))
+    names = cache.meta["feature_names"]
+    rows = [(names[j], f"{d:+.2f}", f"[{low:+.2f}, {high:+.2f}]", "yes" if low > 0 or high < 0 else "no",
+             measured.get(names[j], "")) for j in order for d, low, high in [effects[j]]]
+    return [f"<h2>Features that separate the groups (train split, {len(items)} recordings)</h2>",
+            "<p>Cohen's d, AD minus control (pooled SD), with a 95 % bootstrap interval (recordings resampled "
+            "within each group, 2,000 draws). With {n} features some intervals exclude 0 by chance alone; "
+            "read it as a description of the data, not as evidence for the classifier.</p>".replace(
+                "{n}", str(len(rows))),
+            _table([("feature", "d", "95 % interval", "excludes 0", "recordings measured")] + rows)]
 
 
 def _upload(study, figures: list[Path], artifacts: Path | str | None) -> None:

@@ -230,6 +230,8 @@ def test_linguistic_source_wins_the_joint_study_and_predicts_from_wav(planted, t
 
     config = load_config(out)
     assert config.features.source == "linguistic" and config.transcripts.backend == "whisper"
+    report = (out / "report.html").read_text()
+    assert "Features that separate the groups" in report and "filled_pauses_per_100w" in report
     result = run("evaluate", out, "--cache", planted["linguistic"].path)
     assert result.exit_code == 0 and "reproduced exactly" in result.output, result.output
     test = json.loads((out / "test.json").read_text())
@@ -275,6 +277,8 @@ def test_ctc_backend_with_a_tiny_ctc_model(synth_manifest, tmp_path):
 def test_transcribe_refuses_bad_input(synth_manifest, tmp_path):
     result = run("transcribe", synth_manifest, "-o", tmp_path, "--asr", "kaldi")
     assert result.exit_code == 2 and "choose whisper or ctc" in result.output
+    result = run("transcribe", synth_manifest, "-o", tmp_path, "--device", "gpu")
+    assert result.exit_code == 2 and "choose auto, cpu, cuda" in result.output
     result = run("transcribe", synth_manifest, "-o", tmp_path, "--model", tmp_path / "nothing")
     assert result.exit_code == 2 and "not found" in result.output
     (tmp_path / "empty").mkdir()
@@ -309,8 +313,11 @@ def test_whisper_encoder_layers_pool_real_frames_only(tmp_path):
     with pytest.raises(ValueError, match="at most 30 s"):
         encoder.encode([speechlike(31.0)])
 
-    rows = [f"r{i},{write_wav(tmp_path / f'r{i}.wav', speechlike(3.0, seed=i))},{i % 2},r{i},train" for i in range(4)]
+    rows = [f"r{i},{write_wav(tmp_path / f'r{i}.wav', speechlike(3.0, seed=i))},{i % 2},r{i},train" for i in range(10)]
     (tmp_path / "c.csv").write_text("id,path,label,group,split\n" + "\n".join(rows) + "\n")
     cache = open_cache(extract(tmp_path / "c.csv", tmp_path / "cache", str(tmp_path / "whisper"),
                                ExtractSettings(window_s=20)).cache_dir)
     assert cache.n_layers == 5 and cache.dim == 32 and "padded frames are never pooled" in str(cache.meta["layers"])
+    result = run("search", "--cache", cache.path, "--space", Path(__file__).parents[1] / "studies" / "default.yaml",
+                 "--study", "whisper", "--storage", f"sqlite:///{tmp_path / 'w.db'}", "--trials", 6)
+    assert result.exit_code == 0 and "6/6 finished" in result.output, result.output

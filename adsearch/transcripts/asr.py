@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +210,8 @@ class CtcRecogniser:
 
 def load_recogniser(source: AsrSource, device: str = "auto") -> WhisperRecogniser | CtcRecogniser:
     """The recogniser on `device` (auto: CUDA when its runtime sees a GPU)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", device):
+        raise AsrError(f"--device {device[:40]!r}: choose auto, cpu, cuda or cuda:N")
     if source.backend == "whisper":
         if device == "auto":
             import ctranslate2
