@@ -291,7 +291,9 @@ def extract(
                                                "egemaps-functionals: the 88 functionals per window (with --window-s "
                                                "600: per recording), needs adsearch[egemaps]; linguistic: "
                                                "interpretable features of the --transcripts (rates, pauses, "
-                                               "fillers, lexical diversity, information units); text: every layer "
+                                               "fillers, lexical diversity, information units); ngrams: word 1- and "
+                                               "2-gram counts of the --transcripts (search them with scale: tfidf, "
+                                               "fitted inside the folds); text: every layer "
                                                "of --text-model over the --transcripts.")] = "model",
     transcripts: Annotated[Path | None, typer.Option(help="Transcript folder from `adsearch transcribe` (for "
                                                           "--features linguistic or text).")] = None,
@@ -312,7 +314,7 @@ def extract(
     from adsearch.embed.extract import extract as run_extract
     from adsearch.work import parse_shard
 
-    if features in ("linguistic", "text") or transcripts is not None or text_model is not None:
+    if features in ("linguistic", "ngrams", "text") or transcripts is not None or text_model is not None:
         from adsearch.embed.from_transcripts import extract_from_transcripts
 
         with user_errors(), _bar() as progress:
@@ -1111,7 +1113,9 @@ def cache_info(path: Annotated[Path, typer.Argument(help="Cache directory (or th
         source = meta["transcripts"]["source"]
         out.print(f"transcripts {meta['transcripts']['path']} ({source['backend']}: {source['name']})", highlight=False)
     if "feature_names" in meta:
-        out.print(f"features   {', '.join(meta['feature_names'])}", highlight=False)
+        names = meta["feature_names"]
+        more = f", ... ({len(names)} in all, in cache.json)" if len(names) > 25 else ""
+        out.print(f"features   {', '.join(names[:25])}{more}", highlight=False)
     for split in ("train", "test"):
         labels = cache.labels[cache.splits == split]
         if len(labels):

@@ -41,6 +41,7 @@ TRUSTED_TYPES = frozenset({
     "adsearch.search.estimators.BlockwiseStandardScaler",
     "adsearch.search.estimators.CovariancePCA",
     "adsearch.search.estimators.ShrinkageLDA",
+    "adsearch.search.estimators.TfidfWeighting",
     "catboost.core.CatBoostClassifier",
     "sklearn.metrics._dist_metrics.EuclideanDistance64",  # kNN's KD tree (few dims, euclidean)
     "sklearn.neighbors._kd_tree.KDTree",
@@ -73,6 +74,7 @@ class Features(_Strict):
     min_window_s: float = Field(ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     sample_rate: Literal[16_000] = 16_000
+    vocabulary: list[str] | None = None  # an n-gram source's columns: predict counts these in a new transcript
 
 
 class CVRecord(_Strict):
@@ -364,7 +366,9 @@ def export_trial(
                           pooling=config.pooling, unit=config.unit,
                           window_s=cache.meta["settings"]["window_s"],
                           min_window_s=cache.meta["settings"]["min_window_s"],
-                          dtype=cache.meta["settings"]["dtype"]),
+                          dtype=cache.meta["settings"]["dtype"],
+                          vocabulary=cache.meta["feature_names"] if cache.meta["model"]["name"] == "adsearch/ngrams"
+                          else None),
         pipeline=PipelineSettings(**config.model_dump(exclude={"layer", "pooling", "unit", "source"})),
         cv=CVRecord(folds=spec.cv.folds, repeats=spec.cv.repeats, metric=spec.cv.metric, seed=spec.seed,
                     mean=chosen.value, std=float(np.std(scores)), fold_scores=scores),

@@ -110,6 +110,7 @@ class Predictor:
         """The recogniser the training transcripts came from (the same revision), and the text encoder of a
         text source: a WAV file goes through exactly the steps its training recordings went through."""
         from adsearch.embed.linguistic import FEATURES_VERSION
+        from adsearch.embed.ngrams import NGRAMS_VERSION
         from adsearch.transcripts.asr import BACKENDS, load_recogniser, resolve_asr
 
         ref = self.config.transcripts
@@ -123,10 +124,14 @@ class Predictor:
                               f"transcripts of revision {ref.revision}; install that exact model")
         self.recogniser = load_recogniser(asr, device)
         self.encoder = None
-        if self.config.model.name == "adsearch/linguistic":
-            if not self.config.model.revision.startswith(f"features-v{FEATURES_VERSION}+"):
-                raise ExportError(f"the classifier was trained on linguistic features {self.config.model.revision}; "
-                                  f"this adsearch computes features-v{FEATURES_VERSION}")
+        computes = {"adsearch/linguistic": f"features-v{FEATURES_VERSION}+",
+                    "adsearch/ngrams": f"ngrams-v{NGRAMS_VERSION}+"}
+        if self.config.model.name in computes:
+            if not self.config.model.revision.startswith(computes[self.config.model.name]):
+                raise ExportError(f"the classifier was trained on {self.config.model.revision}; this adsearch computes "
+                                  f"{computes[self.config.model.name].rstrip('+')}")
+            if self.config.model.name == "adsearch/ngrams" and not self.config.features.vocabulary:
+                raise ExportError("an n-gram classifier's config.yaml needs features.vocabulary; export it again")
             return
         from adsearch.embed.extract import resolve_device
         from adsearch.embed.model import resolve_model
@@ -140,13 +145,17 @@ class Predictor:
 
     def _transcript_stats(self, audio: np.ndarray, segments) -> tuple[np.ndarray, dict, list]:
         from adsearch.embed.linguistic import linguistic_features
+        from adsearch.embed.ngrams import ngram_counts
         from adsearch.transcripts.store import Transcript
 
         duration = len(audio) / SAMPLE_RATE
         spans = tuple((b, min(e, duration)) for b, e in segments if b < duration) or ((0.0, duration),)
         transcript = Transcript("new", tuple(self.recogniser.transcribe(audio, spans)), spans, duration)
         if self.encoder is None:
-            values = linguistic_features(transcript).astype(np.float32)[None]
+            if self.config.features.vocabulary is not None:
+                values = ngram_counts(transcript, self.config.features.vocabulary).astype(np.float32)[None]
+            else:
+                values = linguistic_features(transcript).astype(np.float32)[None]
             stats = {"mean": values, "m2": np.zeros_like(values), "max": values, "min": values}
             return np.ones(1, np.int64), stats, [spans]
         n_frames, stats = self.encoder.encode_text(transcript.text, layers=[self.config.features.layer])

@@ -4,9 +4,10 @@ from sklearn.covariance import ShrunkCovariance
 from sklearn.decomposition import PCA
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from adsearch.export import load_model, save_model
-from adsearch.search.estimators import BlockwiseStandardScaler, CovariancePCA, ShrinkageLDA
+from adsearch.search.estimators import BlockwiseStandardScaler, CovariancePCA, ShrinkageLDA, TfidfWeighting
 
 
 def data(n, dim, classes, seed=0):
@@ -76,3 +77,20 @@ def test_estimators_round_trip_through_skops(tmp_path):
     model = make_pipeline(BlockwiseStandardScaler(), CovariancePCA(5), ShrinkageLDA(0.1)).fit(X, y)
     save_model(model, tmp_path / "m.skops")
     np.testing.assert_array_equal(load_model(tmp_path / "m.skops").predict_proba(X), model.predict_proba(X))
+
+
+@parametrize_with_checks([TfidfWeighting()])
+def test_tfidf_weighting_follows_scikit_learn_conventions(estimator, check):
+    """scikit-learn's own estimator checks (its contract for transformers) against adsearch's TF-IDF step."""
+    check(estimator)
+
+
+def test_tfidf_weighting_matches_scikit_learn_and_refuses_negative_values():
+    from sklearn.feature_extraction.text import TfidfTransformer
+
+    counts = np.random.default_rng(0).poisson(0.7, size=(30, 12)).astype(float)
+    ours = TfidfWeighting().fit(counts[:20]).transform(counts[20:])
+    theirs = TfidfTransformer(sublinear_tf=True).fit(counts[:20]).transform(counts[20:]).toarray()
+    np.testing.assert_allclose(ours, theirs, atol=1e-12)
+    with pytest.raises(ValueError, match="n-gram source"):
+        TfidfWeighting().fit(counts - 1)

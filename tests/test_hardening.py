@@ -331,6 +331,12 @@ def test_every_model_adsearch_exports_loads_with_the_exact_allow_list(tmp_path):
             save_model(fit_pipeline(config, X, y, 0), tmp_path / "m.skops")
             needed |= set(sio.get_untrusted_types(file=tmp_path / "m.skops"))
             load_model(tmp_path / "m.skops")
+    counts = rng.poisson(0.5, size=(40, 80)).astype(np.float32)  # an n-gram source's TF-IDF preprocessing
+    tfidf = TrialConfig(layer=0, pooling="mean", unit="recording", scale="tfidf", pca="none", l2_normalize=False,
+                        classifier="logreg", params={"C": 1.0})
+    save_model(fit_pipeline(tfidf, counts, np.arange(40) % 2, 0), tmp_path / "m.skops")
+    needed |= set(sio.get_untrusted_types(file=tmp_path / "m.skops"))
+    load_model(tmp_path / "m.skops")
     assert needed == TRUSTED_TYPES
 
 

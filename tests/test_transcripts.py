@@ -245,6 +245,38 @@ def test_linguistic_source_wins_the_joint_study_and_predicts_from_wav(planted, t
     assert score == pytest.approx(expected["score"], abs=1e-6)
 
 
+def test_ngram_source_weighs_counts_inside_the_folds_and_predicts_from_wav(planted, tmp_path):
+    result = run("extract", planted["manifest"], "--features", "ngrams", "--transcripts", planted["transcripts"].path,
+                 "-o", tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    cache = open_cache(next((tmp_path / "cache").iterdir()))
+    vocabulary = cache.meta["feature_names"]
+    assert "cookie jar" in vocabulary and cache.dim == len(vocabulary)
+    train_words = {t for r in read_manifest(planted["manifest"]) if r.split == "train"
+                   for t in tokens(planted["transcripts"].get(r.id).text)}
+    assert {g for g in vocabulary if " " not in g} <= train_words  # the test split never chooses a column
+    url = f"sqlite:///{tmp_path / 'n.db'}"
+    space = tmp_path / "space.yaml"
+    space.write_text("space: {scale: [tfidf], pooling: [mean], classifiers: {logreg: {}, linear_svm: {}}}\n"
+                     "screen: {enabled: false}\n")
+    result = run("search", "--cache", cache.path, "--space", space, "--study", "ngrams", "--storage", url,
+                 "--trials", 6)
+    assert result.exit_code == 0 and "6/6 finished (6 complete" in result.output, result.output
+    out = tmp_path / "best"
+    assert run("export", "--study", "ngrams", "--storage", url, "-o", out).exit_code == 0
+    from adsearch.export import load_config, load_model
+
+    config = load_config(out)
+    assert config.features.vocabulary == vocabulary and config.pipeline.scale == "tfidf"
+    assert type(load_model(out / "model.skops").steps[0][1]).__name__ == "TfidfWeighting"
+    rec = next(r for r in read_manifest(planted["manifest"]) if r.split == "test")
+    result = run("predict", out, rec.path, "--segments", planted["manifest"], "-o", tmp_path / "p.csv")
+    assert result.exit_code == 0, result.output
+    row = next(csv.DictReader((tmp_path / "p.csv").open()))
+    expected = next(p for p in json.loads((out / "test.json").read_text())["predictions"] if p["id"] == rec.id)
+    assert float(row["prob_ad"] or row["decision"]) == pytest.approx(expected["score"], abs=1e-6)
+
+
 def test_text_encoder_layers_search_like_any_source(planted, tmp_path):
     from adsearch.embed.text import save_tiny_bert
 

@@ -2,6 +2,7 @@
 
 * `linguistic`: the interpretable features of `adsearch/embed/linguistic.py`, one "layer" (0), one window per
   recording; the cache names each feature (`feature_names`) and says which its transcripts could measure.
+* `ngrams`: word 1- and 2-gram counts (`adsearch/embed/ngrams.py`), for TF-IDF inside the search's folds.
 * `text`: every layer of a text encoder (`adsearch/embed/text.py`) over each transcript.
 
 The cache key covers the transcripts' content hash, so new transcripts make a new cache. A recording without
@@ -31,11 +32,12 @@ from adsearch.embed.extract import (
     save_atomic_npz,
     write_cache,
 )
+from adsearch.embed.linguistic import linguistic_features
 from adsearch.embed.model import ModelSource
 from adsearch.transcripts.store import Transcript, open_transcripts
 from adsearch.work import Claim, write_json_atomic
 
-TRANSCRIPT_FEATURES = ("linguistic", "text")
+TRANSCRIPT_FEATURES = ("linguistic", "ngrams", "text")
 # One window per recording (or per text chunk): the window settings of these caches say so.
 WHOLE_RECORDING = ExtractSettings(window_s=600.0, min_window_s=0.0, dtype="float32")
 
@@ -44,6 +46,12 @@ def linguistic_source(transcripts_hash: str, path: Path) -> ModelSource:
     from adsearch.embed.linguistic import FEATURES_VERSION
 
     return ModelSource("adsearch/linguistic", path, f"features-v{FEATURES_VERSION}+transcripts-{transcripts_hash[:16]}")
+
+
+def ngrams_source(transcripts_hash: str, path: Path) -> ModelSource:
+    from adsearch.embed.ngrams import NGRAMS_VERSION
+
+    return ModelSource("adsearch/ngrams", path, f"ngrams-v{NGRAMS_VERSION}+transcripts-{transcripts_hash[:16]}")
 
 
 def extract_from_transcripts(manifest: Path | str, out_root: Path | str, features: str, transcripts: Path | str | None,
@@ -60,9 +68,17 @@ def extract_from_transcripts(manifest: Path | str, out_root: Path | str, feature
     found = open_transcripts(transcripts)
     transcripts_hash = found.meta["content_hash"]
     torch = None
-    encoder = None
+    encoder, vocabulary = None, None
     if features == "linguistic":
         source = linguistic_source(transcripts_hash, found.path)
+    elif features == "ngrams":
+        from adsearch.embed.ngrams import build_vocabulary, ngram_counts
+
+        source = ngrams_source(transcripts_hash, found.path)
+        vocabulary = build_vocabulary(t for r in recordings if r.split == "train" and (t := found.get(r.id)))
+        if not vocabulary:
+            raise CacheError(f"{found.path}: no word n-gram occurs in two train transcripts; an n-gram source needs "
+                             "transcripts with words")
     else:
         import torch
 
@@ -96,7 +112,9 @@ def extract_from_transcripts(manifest: Path | str, out_root: Path | str, feature
                                                  rec.label)))
                 continue
             if features == "linguistic":
-                n_frames, stats = _linguistic_part(transcript)
+                n_frames, stats = _one_vector(linguistic_features(transcript))
+            elif features == "ngrams":
+                n_frames, stats = _one_vector(ngram_counts(transcript, vocabulary))
             else:
                 if encoder is None:
                     encoder = TextEncoder(source, resolve_device(device))
@@ -114,6 +132,9 @@ def extract_from_transcripts(manifest: Path | str, out_root: Path | str, feature
     if features == "linguistic":
         extra.update(_linguistic_meta(found, recordings))
         meaning = {"0": "interpretable linguistic features of the transcript (feature_names)"}
+    elif features == "ngrams":
+        extra["feature_names"] = vocabulary
+        meaning = {"0": "counts of the word 1- and 2-grams in feature_names (weigh them with scale: tfidf)"}
     else:
         meaning = {"0": "token embeddings", "i (1..N)": "output of text encoder layer i (statistics over tokens)"}
     consolidation = Claim(cache_dir / "consolidate.lock")
@@ -129,10 +150,9 @@ def extract_from_transcripts(manifest: Path | str, out_root: Path | str, feature
     return result
 
 
-def _linguistic_part(transcript: Transcript) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    from adsearch.embed.linguistic import linguistic_features
-
-    values = linguistic_features(transcript).astype(np.float32)[None, None]  # (1 layer, 1 window, dim)
+def _one_vector(values: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One recording as one window of one "frame": every pooling of it is the vector itself (std: 0)."""
+    values = values.astype(np.float32)[None, None]  # (1 layer, 1 window, dim)
     return np.ones(1, np.int64), {"mean": values, "m2": np.zeros_like(values), "max": values, "min": values}
 
 

@@ -1,4 +1,5 @@
-"""Three scikit-learn estimators rebuilt to work in row blocks, for wide pooled features on large corpora.
+"""scikit-learn estimators rebuilt to work in row blocks, for wide pooled features on large corpora, and TF-IDF
+weighting of n-gram counts (`TfidfWeighting`).
 
 On 3,072-dim features (mean+std+max of a 1024-dim layer) and thousands of windows, scikit-learn's
 `StandardScaler.fit` makes a float64 copy of its whole input (twice the float32 features),
@@ -40,6 +41,42 @@ class BlockwiseStandardScaler(StandardScaler):
             rows = slice(start, start + self.block_rows)
             self.partial_fit(X[rows], None, None if sample_weight is None else sample_weight[rows])
         return self
+
+
+class TfidfWeighting(TransformerMixin, BaseEstimator):
+    """TF-IDF weighting of term counts (an n-gram source), fitted like every pipeline step on the training
+    part of a fold only, so no held-out recording shapes the weights: sublinear term frequency (1 + log tf),
+    smoothed inverse document frequency, rows scaled to unit length. Dense in, dense out (unlike
+    scikit-learn's TfidfTransformer, whose sparse output the next steps would have to special-case)."""
+
+    def __init__(self, *, sublinear_tf: bool = True):
+        self.sublinear_tf = sublinear_tf
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = True
+        return tags
+
+    def fit(self, X, y=None):
+        X = self._counts(X, reset=True)
+        document_frequency = (X > 0).sum(axis=0)
+        self.idf_ = np.log((1 + len(X)) / (1 + document_frequency)) + 1
+        return self
+
+    def transform(self, X):
+        check_is_fitted(self, "idf_")
+        X = self._counts(X, reset=False)
+        tf = np.where(X > 0, 1 + np.log(np.maximum(X, 1e-12)), 0.0) if self.sublinear_tf else X
+        weighted = tf * self.idf_
+        norms = np.linalg.norm(weighted, axis=1, keepdims=True)
+        return weighted / np.where(norms > 0, norms, 1.0)
+
+    def _counts(self, X, reset: bool) -> np.ndarray:
+        X = validate_data(self, X, dtype=np.float64, reset=reset)
+        if (X < 0).any():
+            raise ValueError("Negative values in data: tfidf weighs term counts; use it on an "
+                             "n-gram source (adsearch extract --features ngrams), scale: standard elsewhere")
+        return X
 
 
 def _means(X: np.ndarray, centre_of_row: np.ndarray, n_centres: int, block_rows: int) -> np.ndarray:

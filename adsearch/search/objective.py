@@ -32,7 +32,8 @@ WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial: w
 
 
 def build_pipeline(config: TrialConfig, seed: int, in_place: bool = False, pca_by_covariance: bool = False):
-    """scale -> PCA -> L2 -> classifier, as an unfitted scikit-learn Pipeline. `in_place=True` lets scaling
+    """scale (standardise, or TF-IDF-weigh counts) -> PCA -> L2 -> classifier, as an unfitted Pipeline.
+    `in_place=True` lets scaling
     and normalisation overwrite their input: for cross-validation, whose fold matrices are private copies,
     so a window-level fold does not hold a second full-size copy. `pca_by_covariance` suits more samples than
     features (see `CovariancePCA`)."""
@@ -40,11 +41,13 @@ def build_pipeline(config: TrialConfig, seed: int, in_place: bool = False, pca_b
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import Normalizer
 
-    from adsearch.search.estimators import BlockwiseStandardScaler, CovariancePCA
+    from adsearch.search.estimators import BlockwiseStandardScaler, CovariancePCA, TfidfWeighting
 
     steps = []
     if config.scale == "standard":
         steps.append(("scale", BlockwiseStandardScaler(copy=not in_place)))
+    elif config.scale == "tfidf":
+        steps.append(("scale", TfidfWeighting()))
     if config.pca != "none":
         components = config.pca_components if config.pca == "components" else config.pca_variance
         pca = CovariancePCA(components) if pca_by_covariance else PCA(components, svd_solver="full")

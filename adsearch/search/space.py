@@ -74,7 +74,7 @@ class Reference(_Strict):
 
     pooling: str = "mean"
     unit: Literal["recording", "window"] = "recording"
-    scale: Literal["standard", "none"] = "standard"
+    scale: Literal["standard", "none", "tfidf"] = "standard"
     pca: Literal["none", "components", "variance"] = "none"
     l2_normalize: bool = False
     classifier: str = "logreg"
@@ -85,7 +85,7 @@ class SearchSpace(_Strict):
     layers: IntSpan | list[int] = IntSpan(low=0)
     pooling: list[Literal["mean", "std", "mean+std", "max", "min+max", "mean+std+max"]] = list(POOLINGS)
     unit: list[Literal["recording", "window"]] = ["recording"]
-    scale: list[Literal["standard", "none"]] = ["standard"]
+    scale: list[Literal["standard", "none", "tfidf"]] = ["standard"]  # tfidf: n-gram count sources only
     pca: list[Literal["none", "components", "variance"]] = ["none"]
     pca_components: IntSpan = IntSpan(low=4, high=128, log=True)
     pca_variance: FloatSpan = FloatSpan(low=0.8, high=0.99)
@@ -300,7 +300,7 @@ def check_layers(spec: StudySpec, n_layers: int, source: str = "space") -> tuple
 class PipelineSettings(_Strict):
     """Preprocessing and classifier: what is fitted on the pooled features."""
 
-    scale: Literal["standard", "none"]
+    scale: Literal["standard", "none", "tfidf"]
     pca: Literal["none", "components", "variance"]
     pca_components: int | None = None
     pca_variance: float | None = None
