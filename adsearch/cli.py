@@ -400,8 +400,9 @@ def transcribe(
     """Transcribe the participant's speech of every recording once (or import transcripts you have).
 
     Only the manifest's participant segments are decoded. Each transcript keeps words with start, end and
-    the recogniser's probability. Interrupted runs resume; unreadable audio is listed and skipped; silence
-    gives an empty transcript. Next: `adsearch extract MANIFEST --features linguistic --transcripts FOLDER`.
+    the recogniser's probability. Interrupted runs resume; unreadable or digitally silent audio is listed and
+    skipped (as by `extract`); a recording in which no word is heard gets an empty transcript.
+    Next: `adsearch extract MANIFEST --features linguistic --transcripts FOLDER`.
     """
     from adsearch.transcripts.imports import import_transcripts
     from adsearch.transcripts.run import transcribe as run_transcribe

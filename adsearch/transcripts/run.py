@@ -3,7 +3,8 @@
 One folder per (recogniser + revision, manifest, settings); each finished recording is written atomically,
 so a rerun resumes; any number of processes (`--shard K/N`, or simply twice) share the folder through
 claims; whichever finds every recording done writes `transcripts.json`, which means "complete".
-Unreadable audio is listed as a failure; silence gives an empty transcript, which is a result.
+Unreadable or digitally silent audio is listed as a failure (as `extract` lists it); a recording in which
+the recogniser hears no word gets an empty transcript, which is a result.
 """
 
 from __future__ import annotations
