@@ -21,7 +21,7 @@ from pathlib import Path
 from adsearch import __version__
 from adsearch.audio import SAMPLE_RATE, AudioError, load_audio
 from adsearch.corpus import Recording, manifest_digest, read_manifest
-from adsearch.transcripts.asr import AsrSource, load_recogniser, resolve_asr
+from adsearch.transcripts.asr import WHISPER_BEAM, AsrSource, load_recogniser, resolve_asr
 from adsearch.transcripts.store import (
     FORMAT_VERSION,
     META_FILE,
@@ -161,4 +161,6 @@ def _versions(source: dict) -> dict:
 
 
 def source_of(asr: AsrSource) -> dict:
-    return {**asdict(asr), "language": "en", "decoding": "greedy"}
+    """What made the transcripts, recorded in the folder (and part of its key)."""
+    decoding = f"beam {WHISPER_BEAM}" if asr.backend == "whisper" else "greedy"
+    return {**asdict(asr), "language": "en", "decoding": decoding}
