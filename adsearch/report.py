@@ -27,7 +27,7 @@ def _best_by(trials, key) -> tuple[list, list]:
     return names, [best[n] for n in names]
 
 
-def _figures(study, setup, test: dict | None, out: Path) -> list[Path]:
+def _figures(study, setup, test: dict | None, out: Path, layer_label: str = "layer") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,7 +56,8 @@ def _figures(study, setup, test: dict | None, out: Path) -> list[Path]:
         ax.plot(layers, scores, marker="o", label=source)
     if sources:
         ax.legend(title="source", fontsize=8)
-    ax.set(xlabel="layer (0 = transformer input)", ylabel=f"best CV {metric}", title="Layer curve")
+    ax.set(xlabel=layer_label if not sources else "layer (per source; one-layer sources at 0)",
+           ylabel=f"best CV {metric}", title="Layer curve")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     save(fig, "layer_curve")
@@ -106,8 +107,9 @@ def _figures(study, setup, test: dict | None, out: Path) -> list[Path]:
         matrix = np.array(test["confusion"]["matrix"])
         fig, ax = plt.subplots(figsize=(3.6, 3.2))
         ax.imshow(matrix, cmap="Blues")
-        for (i, j), count in np.ndenumerate(matrix):
-            ax.text(j, i, str(count), ha="center", va="center", fontsize=14)
+        for (i, j), count in np.ndenumerate(matrix):  # white on the dark cells, black on the light ones
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=14,
+                    color="white" if count > matrix.max() / 2 else "black")
         labels = test["confusion"]["labels"]
         ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=labels, yticklabels=labels, xlabel="predicted",
                ylabel="true", title="Test confusion matrix")
@@ -156,9 +158,38 @@ def upload_screen(study, result, artifacts: Path | str | None = None) -> Path:
     return path
 
 
+def _cell(value) -> str:
+    """A table cell as HTML: escaped, with `command` spans set as code (they are commands to copy)."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(str(value)))
+
+
 def _table(rows: list[tuple]) -> str:
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table>{body}</table>"
+
+
+def _confusion_table(confusion: dict) -> str:
+    labels, matrix = confusion["labels"], confusion["matrix"]
+    return _table([("", *(f"predicted {label}" for label in labels))]
+                  + [(f"true {label}", *row) for label, row in zip(labels, matrix, strict=True)])
+
+
+def format_params(params: dict) -> str:
+    """Hyperparameters as a person reads them: C=0.0123, not C=0.012345678901234567 (config.yaml keeps
+    the exact values)."""
+    def one(value) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    return ", ".join(f"{name}={one(value)}" for name, value in params.items()) or "(defaults)"
+
+
+def layer_axis_label(cache) -> str:
+    """What "layer" means on the layer curve: the cache's own first meaning (a speech model's input, an
+    eGeMAPS or linguistic source's only layer)."""
+    meaning = cache.meta.get("layers", {}).get("meaning", {}).get("0")
+    if cache.n_layers == 1:
+        return f"layer (one layer: {meaning})" if meaning else "layer (one-layer source)"
+    return "layer (0 = input to the first layer)"
 
 
 def write_report(study, setup, cache, exported, test: dict | None, top_k: list[dict], out_dir: Path,
@@ -167,14 +198,14 @@ def write_report(study, setup, cache, exported, test: dict | None, top_k: list[d
     """Write out_dir/report.html and out_dir/figures/*.png; upload the figures to the study."""
     figures_dir = out_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
-    figures = _figures(study, setup, test, figures_dir)
+    figures = _figures(study, setup, test, figures_dir, layer_axis_label(cache)[:80])
     pipeline = exported.pipeline
     config_rows = [("trial", exported.study.trial), ("model", f"{exported.model.name} @ {exported.model.revision}"),
                    ("layer", exported.features.layer), ("pooling", exported.features.pooling),
                    ("unit", exported.features.unit), ("scale", pipeline.scale),
                    ("pca", pipeline.pca_components or pipeline.pca_variance or "none"),
                    ("l2 normalise", pipeline.l2_normalize), ("classifier", pipeline.classifier),
-                   ("hyperparameters", pipeline.params),
+                   ("hyperparameters", format_params(pipeline.params)),
                    (f"CV {exported.cv.metric}", f"{exported.cv.mean:.4f} +/- {exported.cv.std:.4f} "
                                                 f"({exported.cv.folds} folds x {exported.cv.repeats})")]
     fresh = exported.cv.fresh
@@ -198,6 +229,7 @@ def write_report(study, setup, cache, exported, test: dict | None, top_k: list[d
         parts += [f"<h2>Held-out test ({test['n']} of {test.get('labelled', test['n'])} labelled recordings"
                   f"{html.escape(missing)}; evaluated once)</h2>",
                   _table([("metric", "value", "95 % interval", "interval")] + rows),
+                  "<p>Confusion counts:</p>", _confusion_table(test["confusion"]),
                   f"<p>CV {html.escape(test['cv_metric'])} {test['cv_mean']:.4f} vs test "
                   f"{test[test['cv_metric']]['value']:.4f}: CV - test {test['cv_minus_test']:+.4f} (read like the "
                   "selection optimism, CV - fresh folds: positive means the CV was optimistic). A CV score after "

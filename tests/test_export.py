@@ -1,6 +1,7 @@
 """Export, evaluate, predict: a real (tiny-model) cache of the synthetic corpus, a short study, then the end."""
 
 import json
+import re
 
 import numpy as np
 import optuna
@@ -67,6 +68,10 @@ def test_export_writes_config_model_test_evaluation_and_report(exported, study_e
     assert test["labelled"] == test["n"] and test["unreadable"] == []
     assert len(result.top_k) == 2 and all(0 <= r["mcnemar"]["p_value"] <= 1 for r in result.top_k)
     html = (out / "report.html").read_text()
+    assert "`" not in html and "<code>adsearch null" in html  # commands set as code, not literal backticks
+    assert not re.search(r"=\d\.\d{6,}", html)  # hyperparameters to 4 significant digits
+    labels = test["confusion"]["labels"]
+    assert f"<td>true {labels[1]}</td><td>{test['confusion']['matrix'][1][0]}</td>" in html
     for figure in ("layer_curve", "best_per_pooling", "best_per_classifier", "history", "test_confusion"):
         assert (out / "figures" / f"{figure}.png").stat().st_size > 1000
         assert f"figures/{figure}.png" in html
@@ -320,3 +325,15 @@ def test_an_unreadable_labelled_test_recording_is_counted_and_named(tiny_model, 
     assert "3 of 4 labelled test recordings evaluated; 1 could not be read (r11: " in result.output
     assert "on 3 of 4 labelled test recordings" in result.output
     assert "3 of 4 labelled recordings, 1 unreadable: r11" in (tmp_path / "best" / "report.html").read_text()
+
+
+def test_report_says_what_a_layer_is_and_rounds_hyperparameters():
+    from types import SimpleNamespace
+
+    from adsearch.report import format_params, layer_axis_label
+
+    egemaps = SimpleNamespace(n_layers=1, meta={"layers": {"meaning": {"0": "eGeMAPS low-level descriptors"}}})
+    assert layer_axis_label(egemaps) == "layer (one layer: eGeMAPS low-level descriptors)"
+    assert "transformer" not in layer_axis_label(egemaps)
+    assert layer_axis_label(SimpleNamespace(n_layers=25, meta={})) == "layer (0 = input to the first layer)"
+    assert format_params({"C": 0.012345678901234567, "kernel": "rbf", "n": 3}) == "C=0.01235, kernel=rbf, n=3"

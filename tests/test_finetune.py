@@ -145,6 +145,7 @@ def test_egemaps_caches_have_the_cache_format_and_predict(synth_manifest, tmp_pa
     cache = open_cache(result.cache_dir)
     assert (cache.n_layers, cache.dim) == (1, dim) and cache.meta["model"]["name"] == f"opensmile/{features}"
     assert "torch" not in cache.meta["versions"]
+    assert "eGeMAPSv02" in cache.meta["layers"]["meaning"]["0"]  # not a transformer's input
     X = cache.recording_features(0, "mean+std")
     assert X.shape == (len(cache.ids), 2 * dim) and np.isfinite(X).all() and X[:, :dim].std(axis=0).max() > 0
     if features == "egemaps":  # LLDs: many 10 ms frames per window

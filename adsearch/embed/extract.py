@@ -467,7 +467,7 @@ def extract(
     try:
         if not (cache_dir / META_FILE).is_file():  # another process may have consolidated meanwhile
             write_cache(cache_dir, recordings, source, settings, manifest, manifest_hash, torch,
-                        layer_meaning=WHISPER_LAYERS if _model_type(source) == "whisper" else None)
+                        layer_meaning=_layer_meaning(source, features))
     finally:
         consolidation.release()
     result = finished_result(cache_dir)
@@ -619,6 +619,15 @@ def _consolidate(cache_dir: Path, done: list[Recording], n_layers: int, dim: int
     del arrays
     return {"items": items, "windows": windows, "n_windows": n_windows, "files": file_hashes(cache_dir, n_layers),
             "devices": sorted(devices)}
+
+
+def _layer_meaning(source: ModelSource, features: str) -> dict | None:
+    """What the cache's layers are, where they are not a wav2vec2-family model's (the default meaning)."""
+    if features == "egemaps":
+        return {"0": "eGeMAPSv02 low-level descriptors (25, every 10 ms)"}
+    if features == "egemaps-functionals":
+        return {"0": "eGeMAPSv02 functionals (88 per window)"}
+    return WHISPER_LAYERS if _model_type(source) == "whisper" else None
 
 
 def _model_type(source: ModelSource) -> str | None:
