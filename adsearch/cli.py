@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -39,8 +41,17 @@ app.add_typer(corpus_app, name="corpus")
 app.add_typer(model_app, name="model")
 app.add_typer(cache_app, name="cache")
 
-out = Console(soft_wrap=True)  # never break paths or commands across lines
-err = Console(stderr=True, soft_wrap=True)
+def _console(stderr: bool) -> Console:
+    """Never break paths or commands across lines; piped into a log (CI, tee, SLURM), where rich would
+    assume 80 columns and cut bars' labels short, take a wide line unless COLUMNS says otherwise."""
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, soft_wrap=True, width=PIPED_WIDTH if piped else None)
+
+
+PIPED_WIDTH = 160
+out = _console(stderr=False)
+err = _console(stderr=True)
 
 
 def _print_version(value: bool) -> None:
@@ -242,6 +253,14 @@ class _AudioSpeedColumn(ProgressColumn):
         return Text(f"{speed:,.1f} audio-s/s" if speed else "-- audio-s/s", style="cyan")
 
 
+def _complete(progress: Progress) -> None:
+    """A finished run's bars stand at their totals (estimated from the manifest's segments, they can differ
+    from what was done by the spans too short to use, and a bar left at 580/581 reads as work missing)."""
+    for task in progress.tasks:
+        if task.total is not None:
+            progress.update(task.id, completed=task.total)
+
+
 def _bar(*columns: ProgressColumn) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
@@ -320,6 +339,7 @@ def extract(
         with user_errors(), _bar() as progress:
             result = extract_from_transcripts(manifest, output, features, transcripts, text_model, device,
                                               _CountProgress(progress, "features"))
+            _complete(progress)
         _print_extract_result(result, shard)
         return
     with user_errors(), _bar(_AudioSpeedColumn()) as progress:
@@ -327,6 +347,8 @@ def extract(
                              batch_size=batch_size, device=device, revision=revision,
                              progress=_RichExtractProgress(progress), shard=parse_shard(shard) if shard else None,
                              features=features)
+        if not result.remaining:
+            _complete(progress)
     _print_extract_result(result, shard)
 
 
@@ -417,6 +439,8 @@ def transcribe(
             with _bar(_AudioSpeedColumn()) as progress:
                 result = run_transcribe(manifest, output, asr, model, device, parse_shard(shard) if shard else None,
                                         progress=_RichExtractProgress(progress, "transcribing"))
+                if not result.remaining:
+                    _complete(progress)
             if result.remaining:
                 out.print(f"shard {shard} done; {result.remaining} recording(s) of other shards still to go. The "
                           f"last shard to finish completes {result.folder}.", highlight=False)

@@ -149,3 +149,21 @@ def test_ctrl_c_during_extract_is_one_line_and_the_rerun_resumes(tmp_path, tiny_
     assert err.count("\n") < 10  # the progress bar and one line, no worker tracebacks
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "resuming:" in done.stderr, done.stderr
+
+
+def test_piped_output_keeps_whole_labels_and_bars_end_at_their_totals(synth_manifest, tiny_model, tmp_path):
+    """In a log (CI, tee, SLURM) rich would assume 80 columns and cut a bar's label; a finished bar must
+    stand at its total (it is estimated from the segments, and spans too short to use are never advanced)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    done = subprocess.run([sys.executable, "-m", "adsearch.cli", "extract", str(synth_manifest), "--model",
+                           str(tiny_model), "-o", str(tmp_path / "cache"), "--window-s", "1", "--min-window-s", "0.9"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "…" not in done.stderr and "audio-s/s" in done.stderr
+    bar = next(line for line in done.stderr.splitlines() if "recordings; audio s" in line)
+    assert re.search(r"extracting 16/16 recordings; audio s .* (\d[\d,]*)/\1 ", bar), bar
