@@ -528,7 +528,8 @@ def finetune(
                       f"{done['path']}", highlight=False)
         with _bar(_AudioSpeedColumn()) as progress:
             cache_dir = extract_crossfit(manifest, output, cache_root or output / "cache", ExtractSettings(),
-                                         device=device, progress=_RichExtractProgress(progress))
+                                         device=device, progress_for=lambda name: _RichExtractProgress(
+                                             progress, f"{name} model extracting"))
     out.print(f"cache: {cache_dir}" + ("" if crossfit else "  (CV optimistic: --no-crossfit)"), highlight=False)
 
 
@@ -842,6 +843,8 @@ def null(
     them), then prints the best real CV beside the best null CVs and the permutation p-value, and records
     them on the study (study note, report).
     """
+    import time as _time
+
     import optuna
     import optuna_dashboard
 
@@ -866,15 +869,19 @@ def null(
             err.print(f"[yellow]warning:[/] {budget} trials per null study, the study has {finished}: the null "
                       "floor comes out lower than a full null search would, and p optimistic", highlight=False)
         names = create_null_studies(store, study, runs, budget)
-        with _bar() as progress:
+        with _bar() as progress:  # one bar over the null studies, one over the current study's trials
             task = progress.add_task("null studies", total=len(names))
             for name in names:
-                if trial_counts(optuna.load_study(study_name=name, storage=store))["finished"] < budget:
+                null_study = optuna.load_study(study_name=name, storage=store)
+                if trial_counts(null_study)["finished"] < budget:
+                    trial_task = progress.add_task(f"{name}: trials", total=budget,
+                                                   completed=trial_counts(null_study)["finished"])
                     processes = spawn_workers(workers, {"study_name": name, "storage_url": storage})
-                    null_study = optuna.load_study(study_name=name, storage=store)
                     with _stopping_workers(processes, lambda s=null_study: trial_counts(s)["finished"], budget):
-                        for process in processes:
-                            process.join()
+                        while any(p.is_alive() for p in processes):
+                            _time.sleep(1.0)
+                            progress.update(trial_task, completed=trial_counts(null_study)["finished"])
+                    progress.update(trial_task, completed=trial_counts(null_study)["finished"])
                     _report_worker_exits(processes)
                 progress.advance(task)
         summary = summarise(store, study)

@@ -375,9 +375,10 @@ def finetune(manifest: Path | str, model: str, out_dir: Path | str, settings: Fi
 
 
 def extract_crossfit(manifest: Path | str, finetuned: Path | str, out_root: Path | str, extract_settings=None,
-                     device: str = "auto", batch_size: int | None = None, progress=None) -> Path:
+                     device: str = "auto", batch_size: int | None = None, progress_for=None) -> Path:
     """Extract each fold's train recordings with the model that never saw them and the test recordings with
-    the full model; merge into one cache that records the folds and each item's producer."""
+    the full model; merge into one cache that records the folds and each item's producer.
+    `progress_for(model name)` gives each model's extraction its own progress (a labelled bar)."""
     from adsearch.embed.cache import open_cache
 
     finetuned = Path(finetuned)
@@ -400,7 +401,8 @@ def extract_crossfit(manifest: Path | str, finetuned: Path | str, out_root: Path
         subset = [r for r in recordings if producer[r.id] == name]
         sub_manifest = write_manifest(subset, parts_root / f"{name}.csv")
         result = extract(sub_manifest, parts_root, record["models"][name]["path"], extract_settings,
-                         batch_size=batch_size, device=device, progress=progress)
+                         batch_size=batch_size, device=device,
+                         progress=progress_for(name) if progress_for else None)
         caches[name] = open_cache(result.cache_dir)
     for name, model in record["models"].items() if record["crossfit"] else ():
         seen = set(model["trained_on"])  # the proof: no producer trained on what it extracted

@@ -287,6 +287,7 @@ def test_null_command_records_the_floor_and_export_reports_it_with_fresh_folds(t
     result = CliRunner().invoke(app, ["null", "--study", "main", "--storage", url, "--runs", "2"])
     assert result.exit_code == 0, result.output
     assert "vs the best CV of 2 label-permuted searches" in result.output and "permutation p = " in result.output
+    assert "main~null0: trials" in result.output and "main~null1: trials" in result.output  # trial-level bars
     with pytest.raises(ExportError, match="is a null study"):
         export_trial("main~null1", url, tmp_path / "nope", artifacts=tmp_path / "a", log=lambda m: None)
     exported = export_trial("main", url, tmp_path / "out", artifacts=tmp_path / "a", log=lambda m: None,
