@@ -90,6 +90,7 @@ class Espeak:
         self._chunks: list[np.ndarray] = []
         self._callback = self._CALLBACK(self._collect)  # keep a reference: ctypes does not
         self._lib.espeak_SetSynthCallback(self._callback)
+        self._seedable = hasattr(self._lib, "espeak_ng_SetRandSeed")  # eSpeak NG 1.51+; older builds cannot
 
     @staticmethod
     def _locate() -> tuple[str, bytes | None]:
@@ -116,6 +117,10 @@ class Espeak:
         for parameter, value in ((_RATE, rate_wpm), (_PITCH, pitch), (_RANGE, pitch_range), (_VOLUME, 100)):
             self._lib.espeak_SetParameter(parameter, int(value), 0)
         self._chunks.clear()
+        # Some voice variants (en-us+f3, ...) draw from eSpeak NG's own random generator, which differs from
+        # run to run unless seeded: without this, --seed 0 gave slightly different audio every time.
+        if self._seedable:
+            self._lib.espeak_ng_SetRandSeed(ctypes.c_long(0))
         encoded = text.encode()
         self._lib.espeak_Synth(encoded, len(encoded) + 1, 0, 0, 0, 0, None, None)
         self._lib.espeak_Synchronize()
