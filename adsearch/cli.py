@@ -984,15 +984,16 @@ def export(
 @app.command()
 def evaluate(
     config: Annotated[Path, typer.Argument(help="config.yaml written by `adsearch export` (or its folder).")],
-    cache: Annotated[Path, typer.Option(help="The cache the study used.", envvar="ADSEARCH_CACHE")],
+    cache: Annotated[Path | None, typer.Option(help="The cache the study used, or a folder holding it (default: "
+                                                    "the path recorded at export); chosen by content hash.",
+                                               envvar="ADSEARCH_CACHE")] = None,
 ) -> None:
     """Re-run the cross-validation of an exported config and check it reproduces the study's score."""
-    from adsearch.embed import open_cache
-    from adsearch.export import load_config, reproduce_cv
+    from adsearch.export import cache_for, load_config, reproduce_cv
 
     with user_errors():
         exported = load_config(config)
-        scores = reproduce_cv(exported, open_cache(cache))
+        scores = reproduce_cv(exported, cache_for(exported, cache))
     mean = sum(scores) / len(scores)
     out.print(f"CV {exported.cv.metric}: {mean:.6f} over {len(scores)} folds "
               f"({', '.join(f'{s:.4f}' for s in scores)})")

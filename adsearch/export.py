@@ -61,8 +61,9 @@ class _Strict(BaseModel):
 
 
 class ModelRef(_Strict):
-    name: str
+    name: str  # as the study's user typed it (a hub id, or a folder relative to where they were)
     revision: str
+    path: str | None = None  # the absolute folder it was loaded from: predict finds it from any directory
 
 
 class Features(_Strict):
@@ -361,7 +362,8 @@ def export_trial(
     exported = ExportedConfig(
         adsearch_version=__version__,
         study=StudyRef(name=study_name, trial=chosen.number, storage=mask_url(storage_url)),
-        model=ModelRef(name=cache.meta["model"]["name"], revision=cache.meta["model"]["revision"]),
+        model=ModelRef(name=cache.meta["model"]["name"], revision=cache.meta["model"]["revision"],
+                       path=cache.meta["model"].get("path")),
         features=Features(source=config.source, layer=config.layer,
                           pooling=config.pooling, unit=config.unit,
                           window_s=cache.meta["settings"]["window_s"],
@@ -373,7 +375,7 @@ def export_trial(
         cv=CVRecord(folds=spec.cv.folds, repeats=spec.cv.repeats, metric=spec.cv.metric, seed=spec.seed,
                     mean=chosen.value, std=float(np.std(scores)), fold_scores=scores),
         seed=spec.seed,
-        cache=CacheRef(path=str(cache.path), content_hash=cache.content_hash),
+        cache=CacheRef(path=str(Path(cache.path).resolve()), content_hash=cache.content_hash),
         versions=_versions(),
         transcripts=_transcripts_ref(cache.meta),
     )
@@ -538,6 +540,31 @@ def _evaluate_test(cache: EmbeddingCache, config: TrialConfig, model, items: np.
     report["predictions"] = [{"id": cache.ids[i], "label": int(label), "score": float(s)}
                              for i, label, s in zip(items, y, score, strict=True)]
     return report, (score > threshold).astype(int) == y
+
+
+def cache_for(config: ExportedConfig, given: Path | str | None = None) -> EmbeddingCache:
+    """The cache an exported config was trained on: the recorded absolute path, or `given` (a moved copy, or a
+    root holding several caches), chosen and checked by the recorded content hash."""
+    from adsearch.embed.cache import META_FILE, CacheError, open_cache
+
+    where = Path(given) if given is not None else Path(config.cache.path)
+    if (where / META_FILE).is_file():  # one cache: its own errors (edited, damaged) say what is wrong with it
+        cache = open_cache(where)
+        if cache.content_hash != config.cache.content_hash:
+            raise ExportError(f"{where}: content hash {cache.content_hash[:12]} differs from the exported config's "
+                              f"cache ({config.cache.content_hash[:12]}); scores cannot be reproduced on it")
+        return cache
+    for candidate in sorted(p.parent for p in where.glob(f"*/{META_FILE}")):  # a root: the one with the hash
+        try:
+            cache = open_cache(candidate)
+        except CacheError:
+            continue
+        if cache.content_hash == config.cache.content_hash:
+            return cache
+    what = f"--cache {given}" if given is not None else f"the recorded cache {config.cache.path}"
+    raise ExportError(f"{what}: holds no cache with the exported config's content hash "
+                      f"{config.cache.content_hash[:12]}; pass --cache with the cache the study used, or a folder "
+                      "that holds it")
 
 
 def reproduce_cv(config: ExportedConfig, cache: EmbeddingCache) -> list[float]:

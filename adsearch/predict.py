@@ -93,7 +93,7 @@ class Predictor:
                                   f"{source.revision}: install that opensmile version")
             self.encoder = EgemapsEncoder(source.name)
         else:
-            source = resolve_model(self.config.model.name)
+            source = resolve_model(self._model_location())
             if source.revision != self.config.model.revision:
                 raise ExportError(
                     f"speech model {self.config.model.name!r} is revision {source.revision}, but the classifier was "
@@ -105,6 +105,14 @@ class Predictor:
                               f"exist: {self.config.model.name} has layers 0..{self.encoder.n_layers - 1}")
         if isinstance(self.encoder, WindowEncoder):
             self.encoder.keep_layers(self.config.features.layer)
+
+    def _model_location(self) -> str:
+        """The model as the study's user named it where that still finds it (a hub id, a folder relative to
+        here), else the absolute folder recorded at export: an exported folder works from any directory."""
+        name, path = self.config.model.name, self.config.model.path
+        if Path(name).expanduser().is_dir() or path is None or not Path(path).is_dir():
+            return name
+        return path
 
     def _load_transcript_source(self, device: str) -> None:
         """The recogniser the training transcripts came from (the same revision), and the text encoder of a

@@ -337,3 +337,43 @@ def test_report_says_what_a_layer_is_and_rounds_hyperparameters():
     assert "transformer" not in layer_axis_label(egemaps)
     assert layer_axis_label(SimpleNamespace(n_layers=25, meta={})) == "layer (0 = input to the first layer)"
     assert format_params({"C": 0.012345678901234567, "kernel": "rbf", "n": 3}) == "C=0.01235, kernel=rbf, n=3"
+
+
+def test_an_exported_folder_works_from_any_directory(synth_manifest, tmp_path, monkeypatch):
+    """A study run with relative names (model "tiny", cache "cache/...") exports absolute paths and hashes:
+    evaluate finds its cache (also among several under a root, by hash) and predict its model from elsewhere."""
+    from pathlib import Path
+
+    from adsearch.corpus import read_manifest
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert run("model", "tiny", "tiny").exit_code == 0
+    for window in ("5", "4"):  # two caches under one root
+        assert run("extract", synth_manifest, "--model", "tiny", "-o", "cache", "--window-s", window).exit_code == 0
+    first = next(p for p in Path("cache").iterdir() if open_cache(p).meta["settings"]["window_s"] == 5.0)
+    Path("space.yaml").write_text("cv: {folds: 3}\nscreen: {enabled: false}\nspace: {classifiers: {logreg: {}}}\n")
+    result = run("search", "--cache", first, "--space", "space.yaml", "--study", "t", "--storage", "sqlite:///t.db",
+                 "--trials", 3)
+    assert result.exit_code == 0, result.output
+    assert run("export", "--study", "t", "--storage", "sqlite:///t.db", "-o", "best").exit_code == 0
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(work / "best")
+    assert config.model.name == "tiny" and Path(config.model.path) == (work / "tiny").resolve()
+    assert Path(config.cache.path) == (work / first).resolve()
+    for args in ([], ["--cache", work / "cache"]):
+        result = run("evaluate", work / "best", *args)
+        assert result.exit_code == 0 and "reproduced exactly" in result.output, result.output
+    result = run("evaluate", work / "best", "--cache", elsewhere)
+    assert result.exit_code == 2 and "holds no cache with the exported config's content hash" in result.output
+    rec = next(r for r in read_manifest(synth_manifest) if r.split == "test")
+    result = run("predict", work / "best", rec.path, "-o", "p.csv")
+    assert result.exit_code == 0, result.output
+    import csv
+
+    row = next(csv.DictReader((elsewhere / "p.csv").open()))
+    assert row["error"] == "" and row["label"] in ("AD", "control")
