@@ -14,11 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adsearch.corpus import Recording, check_id
+from adsearch.corpus import Recording
+from adsearch.embed.cache import file_digest
 
 FORMAT_VERSION = 1
 META_FILE = "transcripts.json"
@@ -78,10 +78,6 @@ class Transcript:
 def tokens(text: str) -> list[str]:
     """Lower-case words without punctuation ("Well, I see" -> well, i, see); apostrophes stay (don't)."""
     return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def content_hash_of(meta: dict) -> str:
@@ -160,10 +156,3 @@ def open_transcripts(path: Path | str) -> TranscriptSet:
     except (OSError, json.JSONDecodeError) as exc:
         raise TranscriptError(f"{path / META_FILE}: cannot be read ({exc})") from None
     return TranscriptSet(path, meta)
-
-
-def check_ids(recordings: Sequence[Recording]) -> None:
-    """Recording ids become file names here: refuse any that could leave the folder."""
-    for rec in recordings:
-        if problem := check_id(rec.id):
-            raise TranscriptError(f"recording id {rec.id!r}: {problem}")
