@@ -152,6 +152,7 @@ class Predictor:
         self.encoder = TextEncoder(source, resolve_device(device))
 
     def _transcript_stats(self, audio: np.ndarray, segments) -> tuple[np.ndarray, dict, list]:
+        from adsearch.embed.from_transcripts import one_vector_stats
         from adsearch.embed.linguistic import linguistic_features
         from adsearch.embed.ngrams import ngram_counts
         from adsearch.transcripts.store import Transcript
@@ -160,13 +161,11 @@ class Predictor:
         spans = tuple((b, min(e, duration)) for b, e in segments if b < duration) or ((0.0, duration),)
         transcript = Transcript("new", tuple(self.recogniser.transcribe(audio, spans)), spans, duration)
         if self.encoder is None:
-            if self.config.features.vocabulary is not None:
-                values = ngram_counts(transcript, self.config.features.vocabulary).astype(np.float32)[None]
-            else:
-                values = linguistic_features(transcript).astype(np.float32)[None]
-            stats = {"mean": values, "m2": np.zeros_like(values), "max": values, "min": values}
-            return np.ones(1, np.int64), stats, [spans]
-        n_frames, stats = self.encoder.encode_text(transcript.text, layers=[self.config.features.layer])
+            vocabulary = self.config.features.vocabulary
+            n_frames, stats = one_vector_stats(ngram_counts(transcript, vocabulary) if vocabulary is not None
+                                               else linguistic_features(transcript))
+        else:
+            n_frames, stats = self.encoder.encode_text(transcript.text, layers=[self.config.features.layer])
         return n_frames, {name: values[0] for name, values in stats.items()}, [spans] * len(n_frames)
 
     def features(self, audio: np.ndarray, segments) -> tuple[np.ndarray, int, float]:

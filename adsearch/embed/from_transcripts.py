@@ -112,9 +112,9 @@ def extract_from_transcripts(manifest: Path | str, out_root: Path | str, feature
                                                  rec.label)))
                 continue
             if features == "linguistic":
-                n_frames, stats = _one_vector(linguistic_features(transcript))
+                n_frames, stats = one_vector_stats(linguistic_features(transcript))
             elif features == "ngrams":
-                n_frames, stats = _one_vector(ngram_counts(transcript, vocabulary))
+                n_frames, stats = one_vector_stats(ngram_counts(transcript, vocabulary))
             else:
                 if encoder is None:
                     encoder = TextEncoder(source, resolve_device(device))
@@ -150,8 +150,9 @@ def extract_from_transcripts(manifest: Path | str, out_root: Path | str, feature
     return result
 
 
-def _one_vector(values: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """One recording as one window of one "frame": every pooling of it is the vector itself (std: 0)."""
+def one_vector_stats(values: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One recording as one window of one "frame": every pooling of it is the vector itself (std: 0).
+    (n_frames (1,), {stat: (1 layer, 1 window, dim)}); `predict` builds a new recording's the same way."""
     values = values.astype(np.float32)[None, None]  # (1 layer, 1 window, dim)
     return np.ones(1, np.int64), {"mean": values, "m2": np.zeros_like(values), "max": values, "min": values}
 

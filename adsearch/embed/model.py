@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +29,10 @@ class ModelSource:
     revision: str  # commit hash from the HF cache, or a content hash of a local directory
 
 
-def _directory_revision(path: Path) -> str:
+def files_revision(files: Iterable[Path]) -> str:
+    """A content hash of `files` (names and bytes, in the order given; missing ones skipped): the revision of
+    a model that has no hub commit."""
     digest = hashlib.sha256()
-    files = [path / "config.json", path / "preprocessor_config.json"]
-    files += sorted(f for pattern in _WEIGHT_PATTERNS for f in path.glob(pattern))
     for file in files:
         if file.is_file():
             digest.update(file.name.encode())
@@ -39,6 +40,11 @@ def _directory_revision(path: Path) -> str:
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(block)
     return "sha256:" + digest.hexdigest()[:16]
+
+
+def _directory_revision(path: Path) -> str:
+    files = [path / "config.json", path / "preprocessor_config.json"]
+    return files_revision(files + sorted(f for pattern in _WEIGHT_PATTERNS for f in path.glob(pattern)))
 
 
 # A CTC model's tokenizer (`adsearch transcribe --asr ctc`) and a text encoder's (`--features text`).

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,13 +43,10 @@ class AsrSource:
 
 
 def _folder_revision(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        digest.update(file.name.encode())
-        with file.open("rb") as handle:
-            while block := handle.read(4 << 20):
-                digest.update(block)
-    return "sha256:" + digest.hexdigest()[:16]
+    """A CTranslate2 folder's revision: every file in it (model.bin, config, tokenizer, vocabulary)."""
+    from adsearch.embed.model import files_revision
+
+    return files_revision(sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")))
 
 
 def default_whisper_model() -> str | None:
