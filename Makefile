@@ -38,13 +38,12 @@ demo: setup
 	$(ADSEARCH) search --cache $(DEMO)/cache --space studies/default.yaml --study demo \
 	    --storage sqlite:///$(DEMO)/adsearch.db --trials 40 --workers 2 --artifacts $(DEMO)/adsearch-artifacts
 	$(ADSEARCH) null --study demo --storage sqlite:///$(DEMO)/adsearch.db --runs 3 --workers 2
-	$(ADSEARCH) export --study demo --storage sqlite:///$(DEMO)/adsearch.db -o $(DEMO)/best \
-	    --artifacts $(DEMO)/adsearch-artifacts --top-k 2
+	$(ADSEARCH) export --study demo --storage sqlite:///$(DEMO)/adsearch.db -o $(DEMO)/best --top-k 2
 	$(ADSEARCH) predict $(DEMO)/best $(DEMO)/adresso/ADReSSo21/diagnosis/test-dist/audio/adrsdt1.wav \
 	    --segments $(DEMO)/corpus.csv -o $(DEMO)/predictions.csv
 	@echo
 	@echo "report:    $(DEMO)/best/report.html"
-	@echo "dashboard: $(ADSEARCH) dashboard --storage sqlite:///$(DEMO)/adsearch.db --artifacts $(DEMO)/adsearch-artifacts"
+	@echo "dashboard: $(ADSEARCH) dashboard --storage sqlite:///$(DEMO)/adsearch.db"
 
 bench-extract: setup
 	$(PY) benchmarks/extract.py

@@ -540,6 +540,9 @@ def finetune(
 space_app = typer.Typer(help="Search-space files.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(space_app, name="space")
 
+_ARTIFACTS_HELP = ("Artifact store for the study's figures (screen heat map, report), which the dashboard "
+                   "shows. Recorded on the study at its first figure, so later commands find it; default: the "
+                   "recorded one, else ./adsearch-artifacts.")
 _STORAGE_HELP = ("SQLAlchemy URL of the study database: the default is an embedded SQLite file in the working "
                  "directory; use postgresql+psycopg://user@host/db for workers on several machines. A password may "
                  "sit in the URL, in PGPASSWORD or ~/.pgpass (PostgreSQL's own), or in the file named by "
@@ -641,8 +644,7 @@ def search(
              "warns).")] = False,
     heartbeat: Annotated[int, typer.Option(help="Seconds between worker heartbeats.")] = 10,
     grace: Annotated[int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")] = 30,
-    artifacts: Annotated[Path, typer.Option(help="Artifact store for the layer-screen heat map (start the "
-                                                 "dashboard with the same one).")] = Path("adsearch-artifacts"),
+    artifacts: Annotated[Path | None, typer.Option(help=_ARTIFACTS_HELP, envvar="ADSEARCH_ARTIFACTS")] = None,
 ) -> None:
     """Create or resume a study and run worker processes until it has --trials finished trials.
 
@@ -940,8 +942,7 @@ def export(
                                             "one.", min=0, max=1000)] = 0,
     cache: Annotated[Path | None, typer.Option(help="The study's cache, if it moved (content must match).",
                                                envvar="ADSEARCH_CACHE")] = None,
-    artifacts: Annotated[Path, typer.Option(help="Artifact store the dashboard reads figures from.")] = Path(
-        "adsearch-artifacts"),
+    artifacts: Annotated[Path | None, typer.Option(help=_ARTIFACTS_HELP, envvar="ADSEARCH_ARTIFACTS")] = None,
     control_study: Annotated[str | None, typer.Option(help="A shortcut-control study in the same storage (the same "
                                                            "search on a `--keep non-participant` or `--keep "
                                                            "non-speech` cache): its best CV goes in the report, "
@@ -1078,8 +1079,9 @@ def dashboard(
     host: Annotated[str, typer.Option(help="Address to bind. The dashboard has NO authentication: keep 127.0.0.1, "
                                            "or put an authenticating proxy in front.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.", min=1, max=65535)] = 8080,
-    artifacts: Annotated[Path, typer.Option(help="Artifact store written by `adsearch export` (figures).")] = Path(
-        "adsearch-artifacts"),
+    artifacts: Annotated[Path | None, typer.Option(
+        help="Artifact store of the figures (screen heat map, report). Default: the one the studies recorded, "
+             "else ./adsearch-artifacts.", envvar="ADSEARCH_ARTIFACTS")] = None,
     allowed_host: Annotated[list[str] | None, typer.Option(
         help="Another host name the dashboard may be reached by (e.g. behind a proxy); repeatable. Loopback names "
              "and the bound address are always allowed; requests naming any other host are refused.")] = None,
@@ -1099,6 +1101,15 @@ def dashboard(
     with user_errors():
         store = make_storage(storage)
         _check_port_free(host, port)
+    if artifacts is None:
+        from adsearch.report import DEFAULT_ARTIFACTS, recorded_stores
+
+        stores = recorded_stores(store)
+        artifacts = Path(stores[0] if stores else DEFAULT_ARTIFACTS)
+        if len(stores) > 1:
+            err.print(f"[yellow]warning:[/] the studies recorded {len(stores)} artifact stores "
+                      f"({escape(', '.join(stores))}); showing figures from {escape(str(artifacts))} only (pass "
+                      "--artifacts for another)", highlight=False)
     artifacts.mkdir(parents=True, exist_ok=True)
     loopback = is_loopback(host)
     read_only = not loopback if writable is None else not writable

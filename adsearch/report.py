@@ -15,6 +15,23 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_ARTIFACTS = "adsearch-artifacts"
+ARTIFACTS_ATTR = "adsearch:artifacts"  # study system attribute: the absolute artifact store its figures went to
+
+
+def artifact_store(study, given: Path | str | None = None) -> Path:
+    """Where a study's figures go: `given`, else the store the study recorded when its first figure was
+    uploaded (so `--artifacts` is given once, at `search`), else ./adsearch-artifacts."""
+    if given is not None:
+        return Path(given)
+    recorded = study._storage.get_study_system_attrs(study._study_id).get(ARTIFACTS_ATTR)
+    return Path(recorded) if recorded else Path(DEFAULT_ARTIFACTS)
+
+
+def recorded_stores(storage) -> list[str]:
+    """The distinct artifact stores the studies in `storage` recorded, sorted."""
+    stores = (storage.get_study_system_attrs(study._study_id).get(ARTIFACTS_ATTR)
+              for study in storage.get_all_studies())
+    return sorted({store for store in stores if store})
 
 
 def _best_by(trials, key) -> tuple[list, list]:
@@ -150,7 +167,7 @@ def upload_screen(study, result, artifacts: Path | str | None = None) -> Path:
     """The layer screen's heat map, attached to the study as soon as the screen ran (dashboard artifact)."""
     from adsearch.search.screen import heatmap
 
-    folder = Path(artifacts or DEFAULT_ARTIFACTS)
+    folder = artifact_store(study, artifacts)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"screen-{study._study_id}-{slug(study.study_name)}.png"
     heatmap(result, path)
@@ -278,8 +295,11 @@ def _upload(study, figures: list[Path], artifacts: Path | str | None) -> None:
     """Attach the figures to the study so the dashboard (started with the same store) shows them."""
     from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
-    base = Path(artifacts or DEFAULT_ARTIFACTS)
+    base = artifact_store(study, artifacts)
     base.mkdir(parents=True, exist_ok=True)
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    if ARTIFACTS_ATTR not in attrs:  # the first store a study's figures go to is the one its dashboard reads
+        study._storage.set_study_system_attr(study._study_id, ARTIFACTS_ATTR, str(base.resolve()))
     store = FileSystemArtifactStore(str(base))
     for path in figures:
         upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study, mimetype="image/png")

@@ -377,3 +377,30 @@ def test_an_exported_folder_works_from_any_directory(synth_manifest, tmp_path, m
 
     row = next(csv.DictReader((elsewhere / "p.csv").open()))
     assert row["error"] == "" and row["label"] in ("AD", "control")
+
+
+def test_the_artifact_store_is_given_once_at_search_and_found_by_export_and_dashboard(tmp_path, monkeypatch):
+    """`--artifacts` was needed on search, export and dashboard alike; the study records it now."""
+    from adsearch.embed.synthetic import write_synthetic_cache
+    from adsearch.report import ARTIFACTS_ATTR, recorded_stores
+
+    cache = write_synthetic_cache(tmp_path / "cache", n_train=30, n_test=10, n_layers=3, dim=8, signal_layer=1)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"cv": {"folds": 3}, "space": {"classifiers": {"logreg": {}}}}))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = run("search", "--cache", cache, "--study", "s", "--space", space, "--storage", url, "--trials", 3,
+                 "--artifacts", tmp_path / "store")
+    assert result.exit_code == 0, result.output
+    heat_map = list((tmp_path / "store").glob("screen-*.png"))
+    assert len(heat_map) == 1
+    study = optuna.load_study(study_name="s", storage=url)
+    assert study._storage.get_study_system_attrs(study._study_id)[ARTIFACTS_ATTR] == str((tmp_path / "store").resolve())
+    result = run("export", "--study", "s", "--storage", url, "-o", tmp_path / "best")
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "elsewhere" / "adsearch-artifacts").exists()
+    uploaded = optuna.artifacts.get_all_artifact_meta(study, storage=study.__dict__["_storage"])
+    assert len(uploaded) > 1  # the heat map and the report's figures, all in the recorded store
+    assert len([p for p in (tmp_path / "store").rglob("*") if p.is_file()]) >= len(uploaded)
+    assert recorded_stores(make_storage(url)) == [str((tmp_path / "store").resolve())]
