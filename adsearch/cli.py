@@ -364,7 +364,8 @@ def _print_extract_result(result, shard: str | None) -> None:
         err.print(f"[yellow]{len(result.failures)} recording(s) skipped:[/]")
         for failure in result.failures:
             err.print(f"  {failure.id}  {failure.path}: {failure.reason}", highlight=False)
-    out.print(f"cache: {result.cache_dir} ({result.n_items} recordings)", highlight=False)
+    out.print(f"cache: {result.cache_dir} ({result.n_items} recordings); search it with --cache {result.cache_dir}",
+              highlight=False)
     if result.compute_seconds > 0 and result.audio_seconds > 0:
         out.print(f"{result.audio_seconds:,.0f} s of audio in {result.compute_seconds:,.1f} s "
                   f"({result.audio_seconds / result.compute_seconds:,.1f}x real time)")

@@ -22,6 +22,8 @@ def test_full_foundation_workflow(synth_root, tiny_model, tmp_path):
     assert result.exit_code == 0, result.output
     assert "cache:" in result.output and "(16 recordings)" in result.output
     cache = open_cache(tmp_path / "cache")
+    assert cache.path.name.startswith(f"corpus-{tiny_model.name}-")  # a person tells corpora and models apart
+    assert f"--cache {cache.path}" in " ".join(result.output.split())  # the exact path to search
     assert cache.meta["settings"]["window_s"] == 5.0
     result = run("cache", "info", tmp_path / "cache")
     assert result.exit_code == 0 and "layers     5" in result.output

@@ -210,7 +210,7 @@ def test_linguistic_source_wins_the_joint_study_and_predicts_from_wav(planted, t
     root = planted["root"]
     result = run("extract", planted["manifest"], "--model", tiny_model, "-o", root / "cache")
     assert result.exit_code == 0, result.output
-    acoustic = next(p for p in (root / "cache").iterdir() if not p.name.startswith("adsearch-linguistic"))
+    acoustic = next(p for p in (root / "cache").iterdir() if "linguistic" not in p.name)
     url = f"sqlite:///{tmp_path / 'j.db'}"
     result = run("search", "--cache", f"acoustic={acoustic}", "--cache", f"linguistic={planted['linguistic'].path}",
                  "--space", Path(__file__).parents[1] / "studies" / "default.yaml", "--study", "joint",

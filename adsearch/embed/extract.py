@@ -283,9 +283,12 @@ def cache_key(source: ModelSource, manifest_hash: str, settings: ExtractSettings
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def cache_dir_for(out_root: Path, source: ModelSource, key: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(source.name).name if Path(source.name).is_dir() else source.name)
-    return out_root / f"{slug.strip('-')[:60]}-{key}"
+def cache_dir_for(out_root: Path, source: ModelSource, key: str, manifest: Path | str) -> Path:
+    """`<manifest>-<model>-<key>`: a person tells the folders of several corpora and models apart by name;
+    the key (a hash of model, manifest content and settings) keeps different extractions apart."""
+    model = Path(source.name).name if Path(source.name).is_dir() else source.name
+    slugs = [re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")[:40] for name in (Path(manifest).stem, model)]
+    return out_root / "-".join([*(slug for slug in slugs if slug), key])
 
 
 def save_atomic_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -427,7 +430,7 @@ def extract(
     batch_size = batch_size or default_batch_size(dev)
     settings = ExtractSettings(settings.window_s, settings.min_window_s, resolve_dtype(settings.dtype, dev))
     manifest_hash = manifest_digest(recordings)
-    cache_dir = cache_dir_for(Path(out_root), source, cache_key(source, manifest_hash, settings))
+    cache_dir = cache_dir_for(Path(out_root), source, cache_key(source, manifest_hash, settings), manifest)
     if (cache_dir / META_FILE).is_file():
         return finished_result(cache_dir)
 

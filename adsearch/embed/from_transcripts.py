@@ -88,7 +88,7 @@ def extract_from_transcripts(manifest: Path | str, out_root: Path | str, feature
 
         source = resolve_model(text_model, with_tokenizer=True)
     key = cache_key(source, f"{manifest_digest(recordings)}+{transcripts_hash}", WHOLE_RECORDING)
-    cache_dir = cache_dir_for(Path(out_root), source, key)
+    cache_dir = cache_dir_for(Path(out_root), source, key, manifest)
     if (cache_dir / META_FILE).is_file():
         return finished_result(cache_dir)
     parts = cache_dir / "parts"
