@@ -541,6 +541,9 @@ def finetune(
 space_app = typer.Typer(help="Search-space files.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(space_app, name="space")
 
+_PLUGINS_HELP = ("A Python module (importable here and on every worker machine) that registers classifiers "
+                 "with adsearch.search.classifiers.register; repeatable. Added to the space's `plugins:` and "
+                 "recorded on the study. Installed packages' `adsearch.classifiers` entry points need no option.")
 _ARTIFACTS_HELP = ("Artifact store for the study's figures (screen heat map, report), which the dashboard "
                    "shows. Recorded on the study at its first figure, so later commands find it; default: the "
                    "recorded one, else ./adsearch-artifacts.")
@@ -554,6 +557,7 @@ _STORAGE_HELP = ("SQLAlchemy URL of the study database: the default is an embedd
 def space_check(
     space: Annotated[Path, typer.Argument(help="Search-space YAML file.")],
     cache: Annotated[Path | None, typer.Option(help="Also check the layers against this cache.")] = None,
+    plugins: Annotated[list[str] | None, typer.Option(help=_PLUGINS_HELP)] = None,
 ) -> None:
     """Validate a search-space file and print what it searches."""
     import optuna
@@ -563,9 +567,11 @@ def space_check(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with user_errors():
-        spec = load_spec(space)
+        spec = load_spec(space, plugins)
         layers = check_layers(spec, open_cache(cache).n_layers, str(space)) if cache else None
     out.print(f"{space}: valid (hash {spec.digest()})", highlight=False)
+    if spec.plugins:
+        out.print(f"plugins {', '.join(spec.plugins)}", highlight=False)
     out.print(f"cv {spec.cv.folds} folds x {spec.cv.repeats}, metric {spec.cv.metric}, sampler {spec.sampler}, "
               f"pruner {spec.pruner}, seed {spec.seed}")
     out.print(f"layers {_describe_layers(layers, spec.space.layers)}; pooling {', '.join(spec.space.pooling)}; "
@@ -646,6 +652,7 @@ def search(
     heartbeat: Annotated[int, typer.Option(help="Seconds between worker heartbeats.")] = 10,
     grace: Annotated[int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")] = 30,
     artifacts: Annotated[Path | None, typer.Option(help=_ARTIFACTS_HELP, envvar="ADSEARCH_ARTIFACTS")] = None,
+    plugins: Annotated[list[str] | None, typer.Option(help=_PLUGINS_HELP)] = None,
 ) -> None:
     """Create or resume a study and run worker processes until it has --trials finished trials.
 
@@ -675,7 +682,7 @@ def search(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with user_errors():
-        spec = load_spec(space)
+        spec = load_spec(space, plugins)
         opened = name_sources([_named_cache(value) for value in cache])
         the_study = create_or_resume(make_storage(storage, heartbeat, grace), study, opened, spec, str(space), trials,
                                      sampler, pruner, override_optimiser,

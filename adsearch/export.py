@@ -28,6 +28,7 @@ from adsearch.search.objective import (
     read_features,
     recording_scores,
 )
+from adsearch.search.plugins import PluginError, check_digests, module_digest, plugin_of
 from adsearch.search.protocol import CHANCE, assign_folds
 from adsearch.search.space import PipelineSettings, TrialConfig, fixed_params_problems
 
@@ -134,6 +135,7 @@ class ExportedConfig(_Strict):
     cache: CacheRef
     versions: dict[str, str]
     transcripts: TranscriptsRef | None = None
+    plugins: dict[str, str] = {}  # the plugin module of the classifier -> SHA-256 of its source
 
     def trial_config(self) -> TrialConfig:
         # the exported cache is the chosen source's own: as a one-cache config, its source is None
@@ -167,6 +169,10 @@ def load_config(path: Path | str) -> ExportedConfig:
         details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()) \
             if isinstance(exc, ValidationError) else str(exc)
         raise ExportError(f"{path}: invalid config: {details}") from None
+    try:
+        check_digests(config.plugins, str(path))  # the classifier's own code, as it was at export
+    except PluginError as exc:
+        raise ExportError(str(exc)) from None
     pipeline = config.pipeline
     problems = fixed_params_problems(pipeline.classifier, pipeline.params, "pipeline")
     if config.features.pooling not in POOLINGS:
@@ -286,8 +292,9 @@ def save_model(model, path: Path) -> None:
     sio.dump(model, path)
 
 
-def load_model(path: Path):
-    """Load with skops, trusting its safe defaults and the exact types in TRUSTED_TYPES, nothing else."""
+def load_model(path: Path, plugins: dict[str, str] | None = None):
+    """Load with skops, trusting its safe defaults, the exact types in TRUSTED_TYPES and the estimator classes
+    the config's (already imported, hash-checked) `plugins` modules define themselves, nothing else."""
     import skops.io as sio
 
     try:
@@ -295,7 +302,7 @@ def load_model(path: Path):
     except Exception as exc:  # not a zip, no schema, a schema of another version ...
         raise ExportError(f"{path}: not a model file adsearch can read ({type(exc).__name__}: "
                           f"{str(exc)[:200]}); export again") from None
-    unexpected = sorted(set(untrusted) - TRUSTED_TYPES)
+    unexpected = sorted(set(untrusted) - TRUSTED_TYPES - plugin_estimator_types(untrusted, plugins or {}))
     if unexpected:
         listed = ", ".join(unexpected)[:500]
         raise ExportError(f"{path}: refused: the file holds types adsearch never exports ({listed}); it may run "
@@ -305,6 +312,22 @@ def load_model(path: Path):
     except Exception as exc:
         raise ExportError(f"{path}: cannot load the model ({type(exc).__name__}: {str(exc)[:200]}); export again"
                           ) from None
+
+
+def plugin_estimator_types(names: list[str], plugins: dict[str, str]) -> set[str]:
+    """Of the type names in a model file, those that are scikit-learn estimator classes defined in one of the
+    plugin modules (not a function or class the module merely imports, such as os.system)."""
+    import sys
+
+    from sklearn.base import BaseEstimator
+
+    trusted = set()
+    for name in names:
+        module, _, attribute = name.rpartition(".")
+        found = getattr(sys.modules.get(module), attribute, None) if module in plugins else None
+        if isinstance(found, type) and found.__module__ == module and issubclass(found, BaseEstimator):
+            trusted.add(name)
+    return trusted
 
 
 def export_trial(
@@ -378,6 +401,7 @@ def export_trial(
         cache=CacheRef(path=str(Path(cache.path).resolve()), content_hash=cache.content_hash),
         versions=_versions(),
         transcripts=_transcripts_ref(cache.meta),
+        plugins={module: module_digest(module) for module in [plugin_of(config.classifier)] if module},
     )
     exported.cv.fresh = rescore_on_fresh_folds(cache, config, spec.cv.folds, spec.cv.metric, spec.seed,
                                                chosen.value)

@@ -79,7 +79,7 @@ class Predictor:
         model_file = export_dir / MODEL_FILE
         if not model_file.is_file():
             raise ExportError(f"{model_file}: fitted model missing; export again")
-        self.classifier = load_model(model_file)
+        self.classifier = load_model(model_file, self.config.plugins)
         from adsearch.embed.egemaps import EgemapsEncoder, egemaps_source, is_egemaps
 
         self.recogniser = None

@@ -10,6 +10,7 @@ import optuna
 
 from adsearch import __version__
 from adsearch.search.errors import StudyError
+from adsearch.search.plugins import PluginError, check_digests, module_digest
 from adsearch.search.space import StudySpec, parse_spec, source_layers
 
 ATTR = "adsearch"  # study system attribute holding the study's setup
@@ -46,6 +47,7 @@ class StudySetup:
                 "cache": {"path": self.cache_path, "content_hash": self.cache_hash, "n_layers": self.n_layers},
                 "space": {"file": self.space_file, "hash": self.spec.digest(),
                           "spec": self.spec.model_dump(mode="json")},
+                "plugins": {module: module_digest(module) for module in self.spec.plugins},
                 "protocol": {**self.spec.cv.model_dump(), "seed": self.spec.seed},
                 "folds": {"train_ids": self.train_ids, "assignment": self.folds.tolist()}}
 
@@ -58,8 +60,13 @@ class StudySetup:
                              "its creation was interrupted; choose another --study name, or delete it with "
                              f"`optuna delete-study --study-name {study.study_name} --storage URL`")
         optimiser = attr.get("optimiser", {})
+        spec = parse_spec(attr["space"]["spec"])
+        try:
+            check_digests(attr.get("plugins") or {}, f"study {study.study_name!r}")
+        except PluginError as exc:
+            raise StudyError(str(exc)) from None
         return cls(attr["cache"]["path"], attr["cache"]["content_hash"], attr["cache"]["n_layers"],
-                   parse_spec(attr["space"]["spec"]), attr["space"]["file"], attr["folds"]["train_ids"],
+                   spec, attr["space"]["file"], attr["folds"]["train_ids"],
                    np.asarray(attr["folds"]["assignment"]), optimiser.get("sampler", ""),
                    optimiser.get("pruner", ""), optimiser.get("sampler_seed"), attr.get("null_seed"),
                    attr.get("sources") or {})

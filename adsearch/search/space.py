@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from adsearch.embed.cache import POOLINGS
 from adsearch.safeyaml import YamlError, load_yaml, short
 from adsearch.search.classifiers import REGISTRY, Choice, FloatRange, IntRange
+from adsearch.search.plugins import PluginError, installed_plugins, load_plugins, plugin_of
 
 METRICS = ("balanced_accuracy", "accuracy", "f1", "roc_auc")
 
@@ -115,6 +116,9 @@ class ScreenSpec(_Strict):
 
 
 class StudySpec(_Strict):
+    # Python modules that register classifiers (adsearch/search/plugins.py); the ones installed packages
+    # declare are added when the space names one of their classifiers, so the study records every one.
+    plugins: list[str] = Field(default_factory=list)
     cv: CVSpec = CVSpec()
     screen: ScreenSpec = ScreenSpec()
     seed: int = 0
@@ -246,18 +250,21 @@ def parse_spec(data: Any, source: str = "<space>") -> StudySpec:
                 break
         raise SpaceError("\n".join(lines)) from None
     try:
+        load_plugins([*spec.plugins, *installed_plugins()])
         _check_registry(spec)
-    except SpaceError as exc:
+    except (SpaceError, PluginError) as exc:
         raise SpaceError(f"{source}: {exc}") from None
-    return spec
+    used = [plugin_of(name) for name in [*spec.space.classifiers, spec.layer_grid.classifier]]
+    return spec.model_copy(update={"plugins": sorted({*spec.plugins, *(module for module in used if module)})})
 
 
 DEFAULT_SPACE = Path("studies/default.yaml")
 
 
-def load_spec(path: Path | str) -> StudySpec:
-    """Read and validate a space file. The default `studies/default.yaml` is also found outside the working
-    folder: if there is none here, adsearch's own copy (beside the package in a checkout) is used."""
+def load_spec(path: Path | str, plugins: list[str] | None = None) -> StudySpec:
+    """Read and validate a space file, with `plugins` (`--plugins`) added to its own. The default
+    `studies/default.yaml` is also found outside the working folder: if there is none here, adsearch's own
+    copy (beside the package in a checkout) is used."""
     path = Path(path)
     if path == DEFAULT_SPACE and not path.exists():
         own = Path(__file__).resolve().parents[2] / DEFAULT_SPACE
@@ -269,6 +276,9 @@ def load_spec(path: Path | str) -> StudySpec:
         data = load_yaml(path, "search-space file")
     except YamlError as exc:
         raise SpaceError(str(exc)) from None
+    if plugins and isinstance(data, dict | None):
+        data = {**(data or {})}
+        data["plugins"] = [*(data.get("plugins") or []), *plugins]
     return parse_spec(data, str(path))
 
 

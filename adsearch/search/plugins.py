@@ -1,0 +1,144 @@
+"""Classifiers from the user's own code, without editing adsearch.
+
+A plugin is a Python module that registers classifiers the way the built-ins do (`classifiers.register`). It
+is named in the space YAML (`plugins: [my_lab.classifiers]`), on the command line (`--plugins`), or installed
+by a package as an entry point in the group `adsearch.classifiers`. On import, each classifier it registers
+passes a smoke test of scikit-learn's estimator contract (build, clone, fit returns self, predictions and
+scores of the right shape) before any study can use it. A study records its plugin modules (in its space) and
+a hash of each module's source, so every worker, `export` and `predict` load the same code and refuse code
+that changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import re
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from adsearch.search.classifiers import REGISTRY, Choice, ClassifierSpec, FloatRange, IntRange
+
+ENTRY_POINT_GROUP = "adsearch.classifiers"
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+class PluginError(ValueError):
+    """A plugin module that cannot be loaded, or a classifier in it that breaks the estimator contract."""
+
+
+def installed_plugins() -> list[str]:
+    """The modules installed packages declare in the `adsearch.classifiers` entry point group."""
+    return sorted({entry.module for entry in entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def load_plugins(modules: list[str]) -> dict[str, str]:
+    """Import each plugin module (once), smoke-test the classifiers it registered; return module -> digest."""
+    for module in modules:
+        if not isinstance(module, str) or not _MODULE_NAME.fullmatch(module):
+            raise PluginError(f"plugins: {str(module)[:80]!r} is not a Python module name (like my_lab.classifiers)")
+    digests = {}
+    for module in modules:
+        if module not in sys.modules:
+            before = set(REGISTRY)
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise PluginError(f"plugins: cannot import {module!r} ({exc}); install it, or put the folder that "
+                                  "holds it on PYTHONPATH (on every machine that runs workers)") from None
+            except Exception as exc:
+                raise PluginError(f"plugins: importing {module!r} failed: {type(exc).__name__}: {exc}") from None
+            for name in sorted(set(REGISTRY) - before):
+                try:
+                    check_classifier(REGISTRY[name])
+                except PluginError:
+                    del REGISTRY[name]
+                    raise
+        digests[module] = module_digest(module)
+    return digests
+
+
+def module_digest(module: str) -> str:
+    """SHA-256 of a module's source file: a study refuses a plugin whose code changed since it was created."""
+    path = getattr(sys.modules[module], "__file__", None)
+    if path is None:
+        raise PluginError(f"plugins: {module!r} has no source file (a namespace package?); name the module that "
+                          "calls register()")
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def plugin_of(classifier: str) -> str | None:
+    """The plugin module that registered `classifier`, or None for adsearch's own."""
+    module = REGISTRY[classifier].build.__module__
+    return None if module == "adsearch.search.classifiers" else module
+
+
+def check_digests(recorded: dict[str, str], where: str) -> None:
+    """Refuse plugin code that differs from what `where` (a study, an exported model) was made with."""
+    current = load_plugins(sorted(recorded))
+    changed = sorted(module for module in recorded if current[module] != recorded[module])
+    if changed:
+        raise PluginError(f"{where} was made with other code of the plugin module(s) {', '.join(changed)} (source "
+                          "hash recorded); install the same version on this machine, or start a new study")
+
+
+def _sample(param: FloatRange | IntRange | Choice, end: int) -> Any:
+    if isinstance(param, Choice):
+        return param.options[end % len(param.options)]
+    return (param.low, param.high)[end]
+
+
+def check_classifier(spec: ClassifierSpec) -> None:
+    """A smoke test of scikit-learn's estimator contract at both ends of every range: what the search, the
+    pipeline, `clone` in cross-validation and skops export rely on. Slower, complete checks: run
+    `sklearn.utils.estimator_checks.check_estimator` on the estimator in the plugin's own tests."""
+    import numpy as np
+    from sklearn.base import clone, is_classifier
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(24, 6))
+    y = np.repeat([0, 1], 12)
+    x[y == 1] += 1.0
+    where = f"plugin classifier {spec.name!r} ({spec.build.__module__})"
+    for end in (0, 1):
+        params = {name: _sample(param, end) for name, param in spec.params.items()}
+        try:
+            estimator = spec.build(params, 0)
+        except Exception as exc:
+            raise PluginError(f"{where}: building it with {params} failed: {type(exc).__name__}: {exc}") from None
+        missing = [method for method in ("fit", "predict", "get_params", "set_params")
+                   if not callable(getattr(estimator, method, None))]
+        if missing:
+            raise PluginError(f"{where}: the estimator has no {', '.join(missing)}; subclass "
+                              "sklearn.base.BaseEstimator and ClassifierMixin and keep parameters in __init__")
+        if not is_classifier(estimator):
+            raise PluginError(f"{where}: not a scikit-learn classifier (inherit sklearn.base.ClassifierMixin)")
+        try:
+            copy = clone(estimator)
+            fitted = copy.fit(x, y)
+            predicted = np.asarray(copy.predict(x))
+            scores = _scores(copy, x)
+        except Exception as exc:
+            raise PluginError(f"{where}: clone, fit or predict failed on a small two-class problem: "
+                              f"{type(exc).__name__}: {str(exc)[:300]}") from None
+        if fitted is not copy:
+            raise PluginError(f"{where}: fit() must return self")
+        if predicted.shape != (len(y),) or not set(predicted.tolist()) <= {0, 1}:
+            raise PluginError(f"{where}: predict() must return one label of the training classes per row")
+        if scores is None:
+            raise PluginError(f"{where}: needs predict_proba or decision_function (ROC AUC and P(AD) read them)")
+        if scores.shape != (len(y),) or not np.all(np.isfinite(scores)):
+            raise PluginError(f"{where}: predict_proba / decision_function gave no finite score per row")
+
+
+def _scores(estimator, x):
+    import numpy as np
+
+    if hasattr(estimator, "predict_proba"):
+        probabilities = np.asarray(estimator.predict_proba(x))
+        return probabilities[:, 1] if probabilities.ndim == 2 and probabilities.shape[1] == 2 else probabilities
+    if hasattr(estimator, "decision_function"):
+        return np.asarray(estimator.decision_function(x)).ravel()
+    return None
