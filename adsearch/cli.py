@@ -157,17 +157,33 @@ def corpus_adresso(
 def corpus_csv(
     file: Annotated[Path, typer.Argument(help="Your manifest: id, path, label, group, split[, mmse, segments].")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Validated manifest to write.")] = Path("corpus.csv"),
+    vad: Annotated[bool, typer.Option("--vad/--no-vad", help="Give recordings without segments the speech that "
+                                                             "voice activity detection (silero-vad) finds; "
+                                                             "interviewer speech is kept too.")] = False,
 ) -> None:
     """Validate a manifest of another corpus and write it in canonical form.
 
     label is 1 (AD), 0 (control) or empty (unlabelled, test only); group is the speaker (recordings of one
     speaker never straddle folds); segments lists participant speech as `begin-end` seconds joined by `;`
-    (empty = whole recording). Relative paths are taken relative to FILE's folder.
+    (empty = whole recording); segmentation (optional) says where they came from. Relative paths are taken
+    relative to FILE's folder.
     """
     from adsearch.corpus import read_manifest, write_manifest
 
     with user_errors():
         recordings = read_manifest(file)
+        if vad:
+            from adsearch.vad import VAD_CAVEAT, segment_unsegmented
+
+            todo = sum(1 for rec in recordings if not rec.segments and rec.segmentation != "whole")
+            with _bar() as progress:
+                task = progress.add_task("voice activity detection", total=todo)
+                recordings, warnings = segment_unsegmented(recordings, lambda: progress.advance(task))
+                _complete(progress)
+            _print_warnings(warnings)
+            found = sum(1 for rec in recordings if rec.segmentation == "vad")
+            out.print(f"{found} of {todo} recording(s) without segments segmented by voice activity detection: "
+                      f"{VAD_CAVEAT}", highlight=False)
         manifest = write_manifest(recordings, output)
     _summarise_corpus(recordings, manifest)
 
@@ -1020,25 +1036,38 @@ def predict(
     export_dir: Annotated[Path, typer.Argument(help="Folder written by `adsearch export`.")],
     audio: Annotated[list[Path], typer.Argument(help="Recordings (any rate, mono or stereo, WAV/FLAC).")],
     segments: Annotated[Path | None, typer.Option(help="Participant speech: a CSV file,begin,end (seconds) or a "
-                                                       "corpus manifest; files not in it are used whole.")] = None,
+                                                       "corpus manifest. Files not in it are segmented by voice "
+                                                       "activity detection (see --vad).")] = None,
+    vad: Annotated[bool, typer.Option("--vad/--no-vad", help="For files without --segments: keep the speech that "
+                                                             "silero-vad finds (every speaker's: the interviewer's "
+                                                             "cannot be told apart without a diarisation), or use "
+                                                             "the whole recording.")] = True,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write predictions CSV here.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Probability of AD for new recordings, through the exported speech model layer, pooling and pipeline.
 
     Only as many transformer layers run as the chosen layer needs. A file that cannot be read gets an
-    error row; the others are still predicted.
+    error row; the others are still predicted. The `segmentation` column says which speech each file used.
     """
     from adsearch.predict import Predictor, check_output, read_segments, write_predictions
+    from adsearch.vad import VAD_CAVEAT
 
     with user_errors():
         if output:
             check_output(output)
         spans = read_segments(segments) if segments else {}
-        predictor = Predictor(export_dir, device)
+        predictor = Predictor(export_dir, device, vad)
+    unsegmented = [path for path in audio
+                   if not spans.get(str(path), spans.get(str(path.resolve()), spans.get(path.name)))]
+    if unsegmented:
+        err.print(f"[yellow]note:[/] {len(unsegmented)} of {len(audio)} file(s) have no segmentation"
+                  + (" (pass --segments)" if not segments else f" in {escape(str(segments))}") + ": "
+                  + (escape(VAD_CAVEAT) if vad else "each is used whole, interviewer speech and pauses included"),
+                  highlight=False)
     predictions = []
     for path in audio:
-        found = spans.get(str(path), spans.get(str(path.resolve()), spans.get(path.name, ())))
+        found = spans.get(str(path), spans.get(str(path.resolve()), spans.get(path.name)))
         prediction = predictor.predict(path, found)
         predictions.append(prediction)
         if prediction.error:
@@ -1047,8 +1076,8 @@ def predict(
             score = (f"P(AD) = {prediction.prob_ad:.3f}" if prediction.prob_ad is not None
                      else f"decision {prediction.decision:+.3f}")
             out.print(f"{prediction.file}: {score} -> {prediction.label} "
-                      f"({prediction.n_windows} windows, {prediction.speech_seconds:.1f} s of speech)", highlight=False,
-                      markup=False)
+                      f"({prediction.n_windows} windows, {prediction.speech_seconds:.1f} s of speech, "
+                      f"segmentation: {prediction.segmentation})", highlight=False, markup=False)
     if output:
         with user_errors():
             write_predictions(predictions, output)

@@ -4,7 +4,7 @@ A manifest is a CSV with one row per recording:
 
     id, path, label (1 = AD, 0 = control, empty = unlabelled), group (speaker), split (train|test),
     mmse (optional), segments (participant speech as ``begin-end`` seconds joined by ``;``,
-    empty = the whole recording)
+    empty = the whole recording), segmentation (optional: where the segments came from, see SEGMENTATIONS)
 
 Relative paths are relative to the manifest's own folder, so a corpus folder can be moved as a whole.
 """
@@ -17,13 +17,17 @@ import io
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from adsearch.audio import AudioError, audio_duration
 from adsearch.outputs import file_written_whole, printable
 
-MANIFEST_COLUMNS = ("id", "path", "label", "group", "split", "mmse", "segments")
+MANIFEST_COLUMNS = ("id", "path", "label", "group", "split", "mmse", "segments", "segmentation")
+# Where a recording's segments came from: a speaker segmentation's participant speech (DementiaBank's), the
+# parts outside it (shortcut controls), voice activity detection (every speaker), the user's own segments
+# of unstated origin, or none at all.
+SEGMENTATIONS = ("participant", "non-participant", "non-speech", "vad", "given", "whole")
 SPLITS = ("train", "test")
 
 Segment = tuple[float, float]
@@ -45,6 +49,19 @@ class Recording:
     split: str
     mmse: float | None = None
     segments: tuple[Segment, ...] = ()  # empty: use the whole recording
+    segmentation: str = ""  # one of SEGMENTATIONS; empty: "given" when there are segments, else "whole"
+
+    @property
+    def segmented_by(self) -> str:
+        return self.segmentation or ("given" if self.segments else "whole")
+
+
+def segmentation_counts(recordings: Iterable[Recording]) -> dict[str, int]:
+    """How many recordings got each segmentation: what a report says the model was trained on."""
+    counts: dict[str, int] = {}
+    for rec in recordings:
+        counts[rec.segmented_by] = counts.get(rec.segmented_by, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 @dataclass
@@ -212,6 +229,12 @@ def read_manifest(path: Path | str, check_files: bool = True) -> list[Recording]
                 raise ValueError("a train recording needs a label (0 or 1)")
             mmse = _parse_mmse(row.get("mmse", ""))
             segments = parse_segments(row.get("segments", ""))
+            segmentation = row.get("segmentation", "")
+            if segmentation and segmentation not in SEGMENTATIONS:
+                raise ValueError(f"segmentation {printable(segmentation)[:40]!r} is not one of "
+                                 f"{', '.join(SEGMENTATIONS)} (or empty)")
+            if segmentation == "whole" and segments:
+                raise ValueError("segmentation 'whole' with segments: leave one of them empty")
         except ValueError as exc:
             problems.append(f"{where}: {exc}")
             continue
@@ -224,7 +247,7 @@ def read_manifest(path: Path | str, check_files: bool = True) -> list[Recording]
         if check_files and not audio_path.is_file():
             problems.append(f"{where}: audio file {audio_path} does not exist")
         recordings.append(
-            Recording(rec_id, audio_path, label, row["group"] or rec_id, split, mmse, segments)
+            Recording(rec_id, audio_path, label, row["group"] or rec_id, split, mmse, segments, segmentation)
         )
     problems += speakers_in_both_splits(recordings, path)
     if problems:
@@ -282,7 +305,7 @@ def write_manifest(recordings: Sequence[Recording], path: Path | str) -> Path:
                                   "cannot hold; rename the file") from None
             writer.writerow([
                 rec.id, shown, "" if rec.label is None else rec.label, rec.group, rec.split,
-                "" if rec.mmse is None else f"{rec.mmse:g}", format_segments(rec.segments),
+                "" if rec.mmse is None else f"{rec.mmse:g}", format_segments(rec.segments), rec.segmented_by,
             ])
     return path
 
@@ -438,7 +461,8 @@ def _import_folder(
                 warnings.append(warning)
             if segments:
                 score = mmse.get(rec_id, (None, ""))[0]
-                recordings.append(Recording(rec_id, wav.resolve(), label, rec_id, split, score, tuple(segments)))
+                recordings.append(Recording(rec_id, wav.resolve(), label, rec_id, split, score, tuple(segments),
+                                            keep))
             continue
         if seg_file.is_file():
             try:
@@ -451,7 +475,8 @@ def _import_folder(
             segments = []
             warnings.append(f"{seg_file}: segmentation file missing, using the whole recording")
         score = mmse.get(rec_id, (None, ""))[0]
-        recordings.append(Recording(rec_id, wav.resolve(), label, rec_id, split, score, tuple(segments)))
+        recordings.append(Recording(rec_id, wav.resolve(), label, rec_id, split, score, tuple(segments),
+                                    "participant" if segments else "whole"))
     return recordings
 
 
@@ -484,7 +509,7 @@ def import_adresso(root: Path | str, test_labels: Path | str | None = None, keep
     if test_dir.is_dir():
         labels = read_test_labels(Path(test_labels)) if test_labels else {}
         test = _import_folder(test_dir / "audio", test_dir / "segmentation", "test", None, {}, warnings, keep)
-        test = [Recording(r.id, r.path, labels.get(r.id), r.group, r.split, r.mmse, r.segments) for r in test]
+        test = [replace(r, label=labels.get(r.id)) for r in test]
         if test_labels:
             unlabelled = [r.id for r in test if r.label is None]
             unknown = sorted(set(labels) - {r.id for r in test})

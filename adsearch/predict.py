@@ -30,6 +30,7 @@ class Prediction:
     label: str | None = None
     n_windows: int = 0
     speech_seconds: float = 0.0
+    segmentation: str = ""  # given (--segments), vad (voice activity detection) or whole
     error: str | None = None
 
 
@@ -70,7 +71,7 @@ def read_segments(path: Path | str) -> dict[str, list[tuple[float, float]]]:
 class Predictor:
     """An exported classifier plus the speech model it needs, ready for recordings."""
 
-    def __init__(self, export_dir: Path | str, device: str = "auto"):
+    def __init__(self, export_dir: Path | str, device: str = "auto", vad: bool = True):
         from adsearch.embed.extract import WindowEncoder
         from adsearch.embed.model import resolve_model
 
@@ -80,6 +81,11 @@ class Predictor:
         if not model_file.is_file():
             raise ExportError(f"{model_file}: fitted model missing; export again")
         self.classifier = load_model(model_file, self.config.plugins)
+        self.vad = vad  # recordings without a segmentation: voice activity detection, else the whole file
+        if vad:
+            from adsearch.vad import load_vad
+
+            load_vad()
         from adsearch.embed.egemaps import EgemapsEncoder, egemaps_source, is_egemaps
 
         self.recogniser = None
@@ -194,12 +200,22 @@ class Predictor:
             return pool_windows(arrays.__getitem__, n_frames, feats.pooling)
         return pool_recordings(arrays.__getitem__, n_frames, np.zeros(len(n_frames), np.int64), feats.pooling)
 
-    def predict(self, path: Path | str, segments=()) -> Prediction:
+    def predict(self, path: Path | str, segments=None) -> Prediction:
+        """`segments`: participant speech in seconds; None (or empty) when the recording comes without a
+        segmentation, which voice activity detection then finds (or the whole recording, vad=False)."""
         from adsearch.search.objective import recording_scores
+        from adsearch.vad import speech_segments
 
         prediction = Prediction(printable(path))
         try:
-            X, prediction.n_windows, prediction.speech_seconds = self.features(load_audio(path), segments)
+            audio = load_audio(path)
+            prediction.segmentation = "given" if segments else "vad" if self.vad else "whole"
+            if prediction.segmentation == "vad":
+                segments = speech_segments(audio)
+                if not segments:
+                    prediction.error = "no speech found by voice activity detection"
+                    return prediction
+            X, prediction.n_windows, prediction.speech_seconds = self.features(audio, segments or ())
         except AudioError as exc:
             prediction.error = exc.reason
             return prediction
@@ -233,7 +249,7 @@ def check_output(path: Path | str) -> Path:
 def write_predictions(predictions: list[Prediction], path: Path | str) -> None:
     """Write the CSV atomically (a crash or a full disk never leaves half a file). Text cells that a
     spreadsheet would run as a formula (starting with =, +, -, @, tab or CR) get a leading apostrophe."""
-    fields = ["file", "prob_ad", "decision", "label", "n_windows", "speech_seconds", "error"]
+    fields = ["file", "prob_ad", "decision", "label", "n_windows", "speech_seconds", "segmentation", "error"]
     with file_written_whole(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()

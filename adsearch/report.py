@@ -163,6 +163,24 @@ def slug(name: str) -> str:
     return text or "study"
 
 
+SEGMENTATION_MEANING = {
+    "participant": "participant speech from the corpus's speaker segmentation",
+    "non-participant": "everything outside the participant's speech (a shortcut control)",
+    "non-speech": "everything outside every speaker's speech (a shortcut control)",
+    "vad": "speech found by voice activity detection (interviewer included)",
+    "given": "segments given in the manifest",
+    "whole": "the whole recording",
+}
+
+
+def describe_segmentation(meta: dict) -> str:
+    """Which part of each recording the features came from, as the cache recorded it."""
+    counts = meta.get("manifest", {}).get("segmentation")
+    if not counts:
+        return "not recorded (a cache extracted before adsearch recorded it)"
+    return "; ".join(f"{count} recording(s): {SEGMENTATION_MEANING.get(kind, kind)}" for kind, count in counts.items())
+
+
 def upload_screen(study, result, artifacts: Path | str | None = None) -> Path:
     """The layer screen's heat map, attached to the study as soon as the screen ran (dashboard artifact)."""
     from adsearch.search.screen import heatmap
@@ -225,6 +243,7 @@ def write_report(study, setup, cache, exported, test: dict | None, top_k: list[d
                    ("hyperparameters", format_params(pipeline.params)),
                    (f"CV {exported.cv.metric}", f"{exported.cv.mean:.4f} +/- {exported.cv.std:.4f} "
                                                 f"({exported.cv.folds} folds x {exported.cv.repeats})")]
+    config_rows.append(("segmentation of the recordings", describe_segmentation(cache.meta)))
     fresh = exported.cv.fresh
     if fresh:
         config_rows.append((f"CV on {fresh.repeats} fresh fold assignments",

@@ -193,3 +193,39 @@ def test_an_unknown_keep_is_refused(tmp_path):
     make_adresso(tmp_path)
     with pytest.raises(CorpusError, match="--keep 'silence': choose one of participant, non-participant"):
         import_adresso(tmp_path, keep="silence")
+
+
+def test_corpus_csv_segments_unsegmented_recordings_by_voice_activity_detection(synth_root, synth_manifest, tmp_path):
+    """New recordings without a segmentation: silero-vad finds the speech (the real model, shipped in its
+    package); it covers the participant's planted speech, drops pauses, and the manifest says where the
+    segments came from."""
+    from typer.testing import CliRunner
+
+    from adsearch.cli import app
+    from adsearch.corpus import read_manifest, read_segmentation
+
+    planted = [r for r in read_manifest(synth_manifest) if r.segments][:3]
+    write_wav(tmp_path / "silent.wav", np.random.default_rng(0).normal(0, 1e-3, 16_000 * 3).astype(np.float32))
+    rows = [[r.id, str(r.path), str(r.label if r.label is not None else ""), r.group, r.split, ""] for r in planted]
+    rows.append(["quiet", str(tmp_path / "silent.wav"), "", "q", "test", ""])
+    mine = write_rows(tmp_path / "mine.csv", ["id", "path", "label", "group", "split", "segments"], rows)
+    result = CliRunner().invoke(app, ["corpus", "csv", str(mine), "-o", str(tmp_path / "out.csv"), "--vad"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "3 of 4 recording(s) without segments segmented by voice activity detection" in said
+    assert "quiet: no speech found by voice activity detection; kept whole" in said and "interviewer" in said
+    found = {r.id: r for r in read_manifest(tmp_path / "out.csv")}
+    assert found["quiet"].segmented_by == "whole" and not found["quiet"].segments
+    def overlap(a, b) -> float:
+        return sum(max(0.0, min(e, e2) - max(b1, b2)) for b1, e in a for b2, e2 in b)
+
+    for truth in planted:
+        vad = found[truth.id]
+        assert vad.segmentation == "vad" and vad.segments
+        rows = read_segmentation(next(synth_root.glob(f"**/segmentation/**/{truth.id}.csv")))
+        interviewer = [(b, e) for speaker, b, e in rows if speaker == "INV"]
+        # what the caveat says: the interviewer's speech is found as well as the participant's ...
+        assert overlap(vad.segments, interviewer) > 0.9 * sum(e - b for b, e in interviewer), truth.id
+        # ... and most of the participant's (their segments hold their pauses, some planted over 1 s long)
+        assert overlap(vad.segments, truth.segments) > 0.6 * sum(e - b for b, e in truth.segments), truth.id
+    assert "segmentation" in (tmp_path / "out.csv").read_text().splitlines()[0]

@@ -207,9 +207,9 @@ def test_predict_cli_bad_file_gets_its_own_error(exported, study_env, tmp_path):
     result = run("predict", out, test_audio, broken, "--segments", study_env["manifest"], "-o", csv_out)
     assert result.exit_code == 0, result.output
     rows = csv_out.read_text().splitlines()
-    assert rows[0] == "file,prob_ad,decision,label,n_windows,speech_seconds,error"
+    assert rows[0] == "file,prob_ad,decision,label,n_windows,speech_seconds,segmentation,error"
     good, bad = rows[1].split(","), rows[2].split(",")
-    assert 0 <= float(good[1]) <= 1 and good[2] == "" and good[3] in ("AD", "control") and good[6] == ""
+    assert 0 <= float(good[1]) <= 1 and good[2] == "" and good[3] in ("AD", "control") and good[6:] == ["given", ""]
     assert bad[1] == "" and "cannot decode" in rows[2]
     assert "broken.wav: cannot decode" in result.output
 
@@ -235,6 +235,7 @@ def test_a_margin_classifier_writes_a_decision_not_a_probability(tmp_path, monke
 
     predictor = object.__new__(Predictor)  # the speech model is not needed to score given features
     predictor.classifier = LinearSVC().fit(np.array([[0.0], [1.0], [2.0], [3.0]]), [0, 0, 1, 1])
+    predictor.vad = False
     monkeypatch.setattr(predictor, "features", lambda audio, segments: (np.array([[2.9]]), 1, 1.0), raising=False)
     monkeypatch.setattr("adsearch.predict.load_audio", lambda path: np.zeros(16000, np.float32))
     prediction = predictor.predict(tmp_path / "x.wav")
@@ -404,3 +405,30 @@ def test_the_artifact_store_is_given_once_at_search_and_found_by_export_and_dash
     assert len(uploaded) > 1  # the heat map and the report's figures, all in the recorded store
     assert len([p for p in (tmp_path / "store").rglob("*") if p.is_file()]) >= len(uploaded)
     assert recorded_stores(make_storage(url)) == [str((tmp_path / "store").resolve())]
+
+
+def test_a_recording_without_a_segmentation_gets_voice_activity_detection_and_says_so(exported, study_env, tmp_path):
+    """predict without --segments used the whole recording silently, interviewer included."""
+    import csv
+
+    from adsearch.corpus import read_manifest
+
+    out, _ = exported
+    rec = next(r for r in read_manifest(study_env["manifest"]) if r.split == "test")
+    rows = {}
+    for name, options in {"vad": [], "whole": ["--no-vad"], "given": ["--segments", study_env["manifest"]]}.items():
+        result = run("predict", out, rec.path, *options, "-o", tmp_path / f"{name}.csv")
+        assert result.exit_code == 0, result.output
+        rows[name] = next(csv.DictReader((tmp_path / f"{name}.csv").open()))
+        assert rows[name]["segmentation"] == name and f"segmentation: {name}" in result.output
+    said = " ".join(result.output.split())
+    assert "have no segmentation" not in said  # the given segments cover it
+    said = " ".join(run("predict", out, rec.path).output.split())
+    assert "1 of 1 file(s) have no segmentation (pass --segments)" in said and "interviewer" in said
+    given = sum(e - b for b, e in rec.segments)
+    speech = {name: float(row["speech_seconds"]) for name, row in rows.items()}
+    assert speech["given"] == pytest.approx(given, abs=0.1)
+    assert given * 0.8 < speech["vad"] < speech["whole"]  # the participant's speech and the interviewer's, no pauses
+    report = (out / "report.html").read_text()
+    assert "participant speech from the corpus&#x27;s speaker segmentation" in report or \
+        "participant speech from the corpus's speaker segmentation" in report

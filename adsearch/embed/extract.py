@@ -28,7 +28,7 @@ import numpy as np
 
 from adsearch import __version__
 from adsearch.audio import SAMPLE_RATE, AudioError, load_audio
-from adsearch.corpus import Recording, manifest_digest, read_manifest
+from adsearch.corpus import Recording, manifest_digest, read_manifest, segmentation_counts
 from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, CacheError, file_hashes, seal, stat_path
 from adsearch.embed.model import ModelSource, load_model, resolve_model, uses_attention_mask
 from adsearch.work import Claim, ExtractProgress, shard_of, speech_seconds, write_json_atomic
@@ -577,7 +577,8 @@ def write_cache(cache_dir: Path, recordings: list[Recording], source: ModelSourc
         "dim": dim,
         "stats": list(STATS),
         "settings": {**asdict(settings), "sample_rate": SAMPLE_RATE},
-        "manifest": {"path": str(Path(manifest).resolve()), "hash": manifest_hash},
+        "manifest": {"path": str(Path(manifest).resolve()), "hash": manifest_hash,
+                     "segmentation": segmentation_counts(done)},
         "failures": failures,
         "versions": _versions(torch),
         **(extra or {}),
