@@ -309,8 +309,9 @@ class _RichExtractProgress:
 @app.command()
 def extract(
     manifest: Annotated[Path, typer.Argument(help="Corpus manifest from `adsearch corpus`.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Cache root; each model/corpus/settings "
-                                                                "combination gets its own sub-folder.")],
+    output: Annotated[Path, typer.Option("-o", "--output", "--cache-root",
+                                         help="Cache root; each corpus/model/settings combination gets its own "
+                                              "sub-folder (--cache-root, as in finetune).")],
     model: Annotated[str, typer.Option(help="Hugging Face id or local directory of a wav2vec2-family model.")] = (
         DEFAULT_MODEL),
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
@@ -557,6 +558,8 @@ def finetune(
 space_app = typer.Typer(help="Search-space files.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(space_app, name="space")
 
+_TRIALS_HELP = "Trial budget of each study: finished trials, counted across all its workers."
+_WORKERS_HELP = "Worker processes on this machine (one core each)."
 _PLUGINS_HELP = ("A Python module (importable here and on every worker machine) that registers classifiers "
                  "with adsearch.search.classifiers.register; repeatable. Added to the space's `plugins:` and "
                  "recorded on the study. Installed packages' `adsearch.classifiers` entry points need no option.")
@@ -652,7 +655,7 @@ def search(
     space: Annotated[Path, typer.Option(help="Search-space YAML (the default is found from any working folder: "
                                              "here, else adsearch's own).")] = Path("studies/default.yaml"),
     storage: Annotated[str, typer.Option(help=_STORAGE_HELP, envvar="ADSEARCH_STORAGE")] = "sqlite:///adsearch.db",
-    trials: Annotated[int, typer.Option(help="Total finished trials for the study, across all workers.", min=1,
+    trials: Annotated[int, typer.Option(help=_TRIALS_HELP, min=1,
                                         max=MAX_TRIALS)] = 100,
     workers: Annotated[int, typer.Option(help="Worker processes on this machine (one core each); 0 creates or "
                                               "resumes the study and sets its budget without running a trial "
@@ -808,9 +811,10 @@ def compare(
                                              "folds).")] = Path("studies/default.yaml"),
     samplers: Annotated[str, typer.Option(help="Comma-separated samplers: tpe, random, layer-grid, gp, qmc.")] = (
         "tpe,random,layer-grid"),
-    seeds: Annotated[int, typer.Option(help="Runs per sampler (sampler seeds 0..N-1).", min=1, max=100)] = 5,
-    trials: Annotated[int, typer.Option(help="Trial budget of every run.", min=1, max=MAX_TRIALS)] = 60,
-    workers: Annotated[int, typer.Option(help="Runs at a time (one core each).", min=1)] = 1,
+    runs: Annotated[int, typer.Option("--runs", "--seeds", help="Studies per sampler (sampler seeds 0..N-1); "
+                                                              "--seeds is the old name.", min=1, max=100)] = 5,
+    trials: Annotated[int, typer.Option(help=_TRIALS_HELP, min=1, max=MAX_TRIALS)] = 60,
+    workers: Annotated[int, typer.Option(help=_WORKERS_HELP, min=1)] = 1,
     target: Annotated[float | None, typer.Option(help="Score to reach (default: 95 % of the best score any run "
                                                       "found).")] = None,
 ) -> None:
@@ -840,12 +844,12 @@ def compare(
         opened = open_cache(cache)
         check_layers(spec, opened.n_layers, str(space))
         with _bar() as progress:
-            task = progress.add_task("runs", total=len(names) * seeds)
-            runs = run_all(opened.path, spec, names, list(range(seeds)), trials, output, workers,
+            task = progress.add_task("runs", total=len(names) * runs)
+            done = run_all(opened.path, spec, names, list(range(runs)), trials, output, workers,
                            on_done=lambda run: progress.advance(task))
-        goal = target if target is not None else 0.95 * max(run.best[-1] for run in runs)
-        rows = summarise(runs, goal)
-        paths = write_outputs(runs, rows, output, f"adsearch compare: {', '.join(names)} x {seeds} seeds, "
+        goal = target if target is not None else 0.95 * max(run.best[-1] for run in done)
+        rows = summarise(done, goal)
+        paths = write_outputs(done, rows, output, f"adsearch compare: {', '.join(names)} x {runs} seeds, "
                                                   f"{trials} trials, cache {opened.path.name}")
     out.print((output / "compare.md").read_text(), highlight=False)
     out.print("written: " + ", ".join(str(p) for p in paths), highlight=False)
@@ -857,10 +861,10 @@ def null(
     storage: Annotated[str, typer.Option(help=_STORAGE_HELP, envvar="ADSEARCH_STORAGE")] = "sqlite:///adsearch.db",
     runs: Annotated[int, typer.Option(help="Null studies (label permutations); p can be no smaller than "
                                            "1 / (runs + 1).", min=1, max=1000)] = 10,
-    trials: Annotated[int | None, typer.Option(help="Trials per null study (default: as many as the study has "
-                                                    "finished; fewer makes the floor too low and p optimistic).",
+    trials: Annotated[int | None, typer.Option(help=_TRIALS_HELP + " Default: as many as the study has finished; "
+                                                    "fewer makes the floor too low and p optimistic.",
                                                min=1, max=MAX_TRIALS)] = None,
-    workers: Annotated[int, typer.Option(help="Worker processes per null study.", min=1)] = 1,
+    workers: Annotated[int, typer.Option(help=_WORKERS_HELP, min=1)] = 1,
 ) -> None:
     """Measure what the search finds when speech says nothing about the label.
 

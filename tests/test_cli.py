@@ -169,3 +169,24 @@ def test_piped_output_keeps_whole_labels_and_bars_end_at_their_totals(synth_mani
     assert "…" not in done.stderr and "audio-s/s" in done.stderr
     bar = next(line for line in done.stderr.splitlines() if "recordings; audio s" in line)
     assert re.search(r"extracting 16/16 recordings; audio s .* (\d[\d,]*)/\1 ", bar), bar
+
+
+def test_an_option_means_the_same_in_every_command():
+    """--workers, --trials and the cache root read alike wherever they appear (they used to mean runs at a time,
+    trials per run and a budget; -o in extract was --cache-root in finetune)."""
+    import click
+    import typer
+
+    cli = typer.main.get_command(app)
+    options = {}
+    for name, command in cli.commands.items():
+        if isinstance(command, click.Group):
+            continue
+        for param in command.params:
+            options.setdefault(param.name, {})[name] = (param.help or "", param.opts)
+    assert len({help_.split(" Default:")[0] for help_, _ in options["trials"].values()}) == 1, options["trials"]
+    workers = {help_.split(";")[0].rstrip(".") for help_, _ in options["workers"].values()}
+    assert workers == {"Worker processes on this machine (one core each)"}, workers
+    assert "--cache-root" in options["output"]["extract"][1] and "--cache-root" in options["cache_root"]["finetune"][1]
+    assert "--runs" in options["runs"]["compare"][1] and "--runs" in options["runs"]["null"][1]
+    assert "seeds" not in options

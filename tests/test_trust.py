@@ -331,9 +331,9 @@ def test_compare_gives_the_same_table_for_the_same_seeds(tmp_path):
     space.write_text("cv: {folds: 3}\nscreen: {top: 2}\nspace: {pooling: [mean, std], classifiers: {logreg: {}, "
                      "knn: {}}}\n")
     tables = []
-    for attempt in ("a", "b"):
+    for attempt, runs in (("a", "--runs"), ("b", "--seeds")):  # --seeds: the old name still works
         result = CliRunner().invoke(app, ["compare", "--cache", str(cache), "--space", str(space), "--samplers",
-                                          "tpe,random", "--seeds", "2", "--trials", "6", "--workers", "2",
+                                          "tpe,random", runs, "2", "--trials", "6", "--workers", "2",
                                           "-o", str(tmp_path / attempt)])
         assert result.exit_code == 0, result.output
         rows = list(csv.DictReader((tmp_path / attempt / "compare.csv").open()))
