@@ -83,9 +83,9 @@ class Predictor:
         self.classifier = load_model(model_file, self.config.plugins)
         self.vad = vad  # recordings without a segmentation: voice activity detection, else the whole file
         if vad:
-            from adsearch.vad import load_vad
+            from adsearch.vad import check_vad
 
-            load_vad()
+            check_vad()  # loaded when a file needs it; missing, it is said before any file is read
         from adsearch.embed.egemaps import EgemapsEncoder, egemaps_source, is_egemaps
 
         self.recogniser = None

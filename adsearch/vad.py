@@ -24,20 +24,30 @@ class VadError(ValueError):
     """Voice activity detection is not available here."""
 
 
+_MISSING = ("voice activity detection needs torch and silero-vad: pip install 'adsearch[extract]' (or give a "
+            "segmentation, or --no-vad to use whole recordings)")
+
+
+def check_vad() -> None:
+    """Fail early, without loading anything, where voice activity detection cannot run."""
+    from importlib.util import find_spec
+
+    if find_spec("torch") is None or find_spec("silero_vad") is None:
+        raise VadError(_MISSING)
+
+
 @lru_cache(maxsize=1)
 def load_vad():
     """The silero-vad model, loaded once per process; a clear error where it is not installed."""
     try:
         import torch
     except ImportError:
-        raise VadError("voice activity detection needs torch and silero-vad: pip install 'adsearch[extract]' "
-                       "(or give a segmentation, or --no-vad to use whole recordings)") from None
+        raise VadError(_MISSING) from None
     threads = torch.get_num_threads()
     try:
         from silero_vad import load_silero_vad
     except ImportError:
-        raise VadError("voice activity detection needs silero-vad: pip install 'adsearch[extract]' (or give a "
-                       "segmentation, or --no-vad to use whole recordings)") from None
+        raise VadError(_MISSING) from None
     finally:
         torch.set_num_threads(threads)  # importing silero_vad sets torch to one thread for the whole process
     return load_silero_vad()  # the TorchScript model inside the installed package, never a download

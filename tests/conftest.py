@@ -53,6 +53,17 @@ def synth_manifest(synth_root, tmp_path_factory) -> Path:
     return write_manifest(result.recordings, tmp_path_factory.mktemp("manifest") / "corpus.csv")
 
 
+@pytest.fixture(scope="session")
+def synth_cache_root(synth_manifest, tiny_model, tmp_path_factory) -> Path:
+    """The `-o` root of `adsearch extract corpus.csv --model TINY` with default settings, extracted once per
+    session: tests that need that cache read it (or copy the root) instead of extracting again."""
+    from adsearch.embed.extract import extract
+
+    root = tmp_path_factory.mktemp("synth-cache")
+    extract(synth_manifest, root, str(tiny_model), device="cpu")
+    return root
+
+
 def speechlike(seconds: float, rate: int = 16_000, seed: int = 0) -> np.ndarray:
     """Amplitude-modulated harmonic noise: cheap, deterministic, not silence."""
     rng = np.random.default_rng(seed)

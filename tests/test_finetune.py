@@ -169,8 +169,8 @@ def test_egemaps_caches_have_the_cache_format_and_predict(synth_manifest, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_study_over_pretrained_finetuned_and_egemaps_sources_exports_each(crossfitted, synth_manifest, tiny_model,
-                                                                           tmp_path):
+def test_a_study_over_pretrained_finetuned_and_egemaps_sources_exports_each(crossfitted, synth_manifest,
+                                                                           synth_cache_root, tmp_path):
     import optuna
     from optuna.trial import TrialState
 
@@ -183,7 +183,7 @@ def test_a_study_over_pretrained_finetuned_and_egemaps_sources_exports_each(cros
     from adsearch.search.study import StudySetup, create_or_resume, load_screen, name_sources
     from adsearch.search.worker import run_worker
 
-    pretrained = open_cache(extract(synth_manifest, tmp_path / "pre", str(tiny_model), device="cpu").cache_dir)
+    pretrained = open_cache(synth_cache_root)  # default settings, extracted once per session
     egemaps = open_cache(extract(synth_manifest, tmp_path / "ege", "", features="egemaps").cache_dir)
     sources = name_sources([(None, pretrained), (None, crossfitted["cache"]), (None, egemaps)])
     assert list(sources) == ["tiny", "finetuned", "egemaps"]
