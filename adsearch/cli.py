@@ -642,6 +642,15 @@ def _study_summary(study, budget: int) -> None:
     if best:
         out.print(f"best: trial {best['number']}, CV {best['value']:.4f}: {describe_config(best['config'])}",
                   highlight=False)
+    from adsearch.search.baseline import describe as describe_baseline
+    from adsearch.search.baseline import duration_warning, load_duration_baseline
+
+    baseline = load_duration_baseline(study)
+    if baseline:
+        out.print("duration-only baseline: CV " + describe_baseline(baseline), highlight=False)
+        warning = duration_warning(best["value"], baseline, floor) if best else None
+        if warning:
+            err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 @app.command()
@@ -879,6 +888,7 @@ def null(
     import optuna_dashboard
 
     from adsearch.embed import open_cache
+    from adsearch.search.baseline import load_duration_baseline
     from adsearch.search.null import create_null_studies, describe, record, summarise
     from adsearch.search.storage import make_storage, mask_url
     from adsearch.search.study import StudySetup, load_screen, missing_study, study_note, trial_counts
@@ -917,7 +927,8 @@ def null(
         summary = summarise(store, study)
         record(store, study, summary)
         setup = StudySetup.from_study(main)  # the study note gains the floor
-        optuna_dashboard.save_note(main, study_note(open_cache(setup.cache_path), setup, load_screen(main))
+        optuna_dashboard.save_note(main, study_note(open_cache(setup.cache_path), setup, load_screen(main),
+                                                    load_duration_baseline(main))
                                    + "\n\n**Noise floor**: " + describe(summary) + ".")
     out.print(f"study {study}: " + describe(summary), highlight=False)
     if summary["unfinished"]:

@@ -21,6 +21,7 @@ from adsearch import __version__
 from adsearch.embed.cache import POOLINGS, EmbeddingCache
 from adsearch.outputs import check_new_folder, folder_written_whole
 from adsearch.safeyaml import YamlError, load_yaml
+from adsearch.search.baseline import duration_warning, load_duration_baseline
 from adsearch.search.objective import (
     cross_validate,
     fit_pipeline,
@@ -472,11 +473,14 @@ def _write_export(study, setup, caches, cache, config: TrialConfig, chosen, comp
                                  "mcnemar": mcnemar_exact(correct_best, correct_other)})
         (work_dir / "test.json").write_text(json.dumps({**result.test, "top_k": result.top_k}, indent=1))
     floor = study._storage.get_study_system_attrs(study._study_id).get(NULL_ATTR)
+    baseline = load_duration_baseline(study)
     result.warnings += honesty_warnings(exported, floor, control)
+    if baseline and (weak := duration_warning(exported.cv.mean, baseline, floor)):
+        result.warnings.append(weak)
     if floor and (stale := stale_floor(floor, study.best_value, trial_counts(study)["finished"], study.study_name)):
         result.warnings.append(stale)
     return write_report(study, setup, cache, exported, result.test, result.top_k, work_dir, artifacts,
-                        floor=floor, control=control, warnings=result.warnings)
+                        floor=floor, control=control, warnings=result.warnings, baseline=baseline)
 
 
 def unreadable_test_recordings(cache: EmbeddingCache) -> list[dict]:

@@ -134,14 +134,17 @@ def _figures(study, setup, test: dict | None, out: Path, layer_label: str = "lay
     return paths
 
 
-def _honesty_rows(exported, floor: dict | None, control: dict | None) -> list[tuple]:
+def _honesty_rows(exported, floor: dict | None, control: dict | None, baseline: dict | None = None) -> list[tuple]:
     """Every figure next to what it would be by chance and how it was obtained."""
+    from adsearch.search.baseline import describe as describe_baseline
     from adsearch.search.null import describe
     from adsearch.search.protocol import CHANCE
 
     metric = exported.cv.metric
     chance = CHANCE.get(metric)
     rows = [("chance", (f"{chance:g}" if chance is not None else "the majority-class rate") + f" ({metric})")]
+    rows.append(("duration-only baseline", f"CV {describe_baseline(baseline)}, the study's folds" if baseline
+                 else "not recorded (a study created before adsearch computed it)"))
     rows.append(("noise floor (`adsearch null`)", describe(floor) if floor else
                  "not measured: run `adsearch null --study " + exported.study.name + "` (the same search on "
                  "label-permuted train splits)"))
@@ -229,7 +232,7 @@ def layer_axis_label(cache) -> str:
 
 def write_report(study, setup, cache, exported, test: dict | None, top_k: list[dict], out_dir: Path,
                  artifacts: Path | str | None = None, floor: dict | None = None, control: dict | None = None,
-                 warnings: list[str] | None = None) -> list[Path]:
+                 warnings: list[str] | None = None, baseline: dict | None = None) -> list[Path]:
     """Write out_dir/report.html and out_dir/figures/*.png; upload the figures to the study."""
     figures_dir = out_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +258,7 @@ def write_report(study, setup, cache, exported, test: dict | None, top_k: list[d
                     "(adsearch finetune --no-crossfit)", *(warnings or [])]
     parts += [f"<p style='color:#a40'><b>Warning:</b> {html.escape(w)}</p>" for w in warnings or []]
     parts += ["<h2>Exported configuration</h2>", _table(config_rows), "<h2>How good is this score?</h2>",
-              _table(_honesty_rows(exported, floor, control))]
+              _table(_honesty_rows(exported, floor, control, baseline))]
     if test:
         rows = [(name, f"{test[name]['value']:.4f}", f"[{test[name]['ci95'][0]:.3f}, {test[name]['ci95'][1]:.3f}]",
                  test[name]["method"])

@@ -405,6 +405,8 @@ def test_the_artifact_store_is_given_once_at_search_and_found_by_export_and_dash
     assert len(uploaded) > 1  # the heat map and the report's figures, all in the recorded store
     assert len([p for p in (tmp_path / "store").rglob("*") if p.is_file()]) >= len(uploaded)
     assert recorded_stores(make_storage(url)) == [str((tmp_path / "store").resolve())]
+    assert "duration-only baseline: CV" in " ".join(run("search", "--cache", cache, "--study", "s", "--space", space,
+                                                       "--storage", url, "--trials", 4).output.split())
 
 
 def test_a_recording_without_a_segmentation_gets_voice_activity_detection_and_says_so(exported, study_env, tmp_path):
@@ -432,3 +434,53 @@ def test_a_recording_without_a_segmentation_gets_voice_activity_detection_and_sa
     report = (out / "report.html").read_text()
     assert "participant speech from the corpus&#x27;s speaker segmentation" in report or \
         "participant speech from the corpus's speaker segmentation" in report
+
+
+def test_every_study_reports_its_duration_only_baseline(exported, study_env):
+    """Recording length and speaking time predict the label on DementiaBank: the score to beat is theirs."""
+    import optuna_dashboard
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+
+    from adsearch.audio import audio_duration
+    from adsearch.corpus import read_manifest
+    from adsearch.search.baseline import DURATION_ATTR
+    from adsearch.search.setup import StudySetup
+
+    study, cache = study_env["study"], study_env["cache"]
+    baseline = study._storage.get_study_system_attrs(study._study_id)[DURATION_ATTR]
+    assert baseline["features"] == ["recording_seconds", "speech_seconds", "segments"]
+    # by hand: the same three numbers per train recording, scikit-learn's own metric, the study's folds
+    recordings = {r.id: r for r in read_manifest(study_env["manifest"])}
+    windows = cache.meta["windows"]
+    train = np.flatnonzero(cache.splits == "train")
+    rows = []
+    for i in train:
+        rec = recordings[cache.ids[i]]
+        spoken = sum(e - s for item, s, e in zip(windows["item"], windows["start_sample"], windows["end_sample"],
+                                                 strict=True) if item == i) / 16000
+        rows.append([audio_duration(rec.path), spoken, max(len(rec.segments), 1)])
+    X, y = np.log1p(np.array(rows)), cache.labels[train]
+    folds = StudySetup.from_study(study).folds
+    expected = []
+    for fold in range(int(folds.max()) + 1):
+        valid = folds[0] == fold
+        mean, std = X[~valid].mean(0), X[~valid].std(0)
+        model = LogisticRegression().fit((X[~valid] - mean) / std, y[~valid])
+        expected.append(balanced_accuracy_score(y[valid], model.predict((X[valid] - mean) / std)))
+    assert baseline["fold_scores"] == pytest.approx(expected)
+    assert "Duration-only baseline" in optuna_dashboard.get_note(study)
+    out, _ = exported
+    report = (out / "report.html").read_text()
+    assert "duration-only baseline" in report and f"CV {baseline['cv']:.4f}" in report
+
+
+def test_a_best_score_within_the_noise_floor_of_the_duration_baseline_is_warned_about():
+    from adsearch.search.baseline import duration_warning
+
+    baseline = {"cv": 0.68, "metric": "balanced_accuracy"}
+    floor = {"n": 5, "null_max": 0.62}  # a search over noise gets 0.12 above chance
+    assert "does not beat the duration-only baseline 0.6800 by more than the noise floor's margin (0.120)" \
+        in duration_warning(0.75, baseline, floor)
+    assert duration_warning(0.85, baseline, floor) is None
+    assert "at all" in duration_warning(0.67, baseline) and duration_warning(0.70, baseline) is None

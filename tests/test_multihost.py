@@ -83,8 +83,10 @@ def _running_trial_of(network: Network, name: str, pid: int, timeout: float = 12
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for trial in optuna.load_study(study_name=name, storage=network.url()).get_trials(states=(TrialState.RUNNING,)):
-            just_started = (datetime.datetime.now() - trial.datetime_start).total_seconds() < 0.5
-            if trial.user_attrs.get("worker", "").endswith(f":{pid}") and just_started:
+            just_started = (datetime.datetime.now() - trial.datetime_start).total_seconds() < 1.0
+            # its parameters stored: a trial caught between its worker attribute and its sampling (seen on a
+            # busy machine) would leave nothing to retry
+            if trial.user_attrs.get("worker", "").endswith(f":{pid}") and just_started and trial.params:
                 return trial
         time.sleep(0.05)
     raise AssertionError(f"worker {pid} never ran a trial")

@@ -20,6 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 from adsearch.embed.cache import EmbeddingCache, open_cache
+from adsearch.search.baseline import describe as describe_baseline
 from adsearch.search.budget import TrialBudget, check_budget
 from adsearch.search.errors import StudyError
 from adsearch.search.objective import FeatureSource
@@ -287,12 +288,28 @@ def _create(storage, study_name: str, cache: Caches, setup: StudySetup, budget: 
         study.set_metric_names([setup.spec.cv.metric])  # the dashboard says balanced_accuracy, not Objective 0
     screened = _screen_and_enqueue(study, cache, setup, budget, log)
     cache = next(iter(cache.values())) if isinstance(cache, dict) else cache  # the first source, for the note
+    baseline = _record_duration_baseline(study, cache, setup, log)
     if screened is not None and on_screen is not None:
         on_screen(study, screened)
     import optuna_dashboard
 
-    optuna_dashboard.save_note(study, study_note(cache, setup, screened))
+    optuna_dashboard.save_note(study, study_note(cache, setup, screened, baseline))
     return study
+
+
+def _record_duration_baseline(study: optuna.Study, cache: EmbeddingCache, setup: StudySetup,
+                              log: Callable[[str], None] | None) -> dict | None:
+    """What recording length and speaking time alone score on the study's folds (not for null studies, whose
+    labels are noise). Every source covers the same recordings, so the first one's durations serve."""
+    from adsearch.search.baseline import DURATION_ATTR, describe, duration_baseline
+
+    if setup.null_seed is not None:
+        return None
+    baseline = duration_baseline(cache, setup.folds, setup.spec.cv.metric, setup.spec.seed)
+    study._storage.set_study_system_attr(study._study_id, DURATION_ATTR, baseline)
+    if log:
+        log("duration-only baseline: CV " + describe(baseline))
+    return baseline
 
 
 SCREEN_ATTR = "adsearch:screen"  # study system attribute holding the layer screen
@@ -347,7 +364,8 @@ def _wait_for_setup(study: optuna.Study, timeout_s: float = 30.0) -> StudySetup:
             time.sleep(0.2)
 
 
-def study_note(cache: EmbeddingCache, setup: StudySetup, screened: ScreenResult | None = None) -> str:
+def study_note(cache: EmbeddingCache, setup: StudySetup, screened: ScreenResult | None = None,
+               baseline: dict | None = None) -> str:
     """The markdown the dashboard shows on the study page: what data, which model, which protocol."""
     meta, spec = cache.meta, setup.spec
     train = cache.labels[cache.splits == "train"]
@@ -387,7 +405,9 @@ def study_note(cache: EmbeddingCache, setup: StudySetup, screened: ScreenResult 
               f"{c['source'] + ' ' if c['source'] else ''}layer {c['layer']} {c['pooling']} {c['score']:.3f} "
               f"({c['probe']})" for c in screened.top(5))
           + f". The first {len(screened.enqueued)} trials (user attribute `origin: screen`) start there."]
-         if screened else []))
+         if screened else [])
+       + ([f"**Duration-only baseline**: CV {describe_baseline(baseline)} on the same folds: what recording "
+           "length and speaking time alone score; read the best score beside it."] if baseline else []))
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
