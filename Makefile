@@ -27,8 +27,9 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest
 
-# The demo: synthetic ADReSSo-layout corpus -> tiny model -> import -> extract -> search (layer screen, 2 workers,
-# SQLite) -> noise floor (3 label-permuted searches) -> export (refit, held-out test, report) -> predict one test recording. Each line is a plain CLI call.
+# The demo: synthetic ADReSSo-layout corpus -> tiny model -> import -> extract -> search (layer screen, one worker,
+# SQLite; one worker so that two runs pick the same trials) -> noise floor (3 label-permuted searches) -> export
+# (refit, held-out test, report) -> predict one test recording. Each line is a plain CLI call.
 demo: setup
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(ADSEARCH) synth $(DEMO)/adresso --n-train 40 --n-test 16 --seed 0 --effect $(DEMO_EFFECT)
@@ -36,8 +37,8 @@ demo: setup
 	$(ADSEARCH) corpus adresso $(DEMO)/adresso --test-labels $(DEMO)/adresso/task1.csv -o $(DEMO)/corpus.csv
 	$(ADSEARCH) extract $(DEMO)/corpus.csv --model $(DEMO)/tiny-wav2vec2 -o $(DEMO)/cache
 	$(ADSEARCH) search --cache $(DEMO)/cache --space studies/default.yaml --study demo \
-	    --storage sqlite:///$(DEMO)/adsearch.db --trials 40 --workers 2 --artifacts $(DEMO)/adsearch-artifacts
-	$(ADSEARCH) null --study demo --storage sqlite:///$(DEMO)/adsearch.db --runs 3 --workers 2
+	    --storage sqlite:///$(DEMO)/adsearch.db --trials 40 --workers 1 --artifacts $(DEMO)/adsearch-artifacts
+	$(ADSEARCH) null --study demo --storage sqlite:///$(DEMO)/adsearch.db --runs 3 --workers 1
 	$(ADSEARCH) export --study demo --storage sqlite:///$(DEMO)/adsearch.db -o $(DEMO)/best --top-k 2
 	$(ADSEARCH) predict $(DEMO)/best $(DEMO)/adresso/ADReSSo21/diagnosis/test-dist/audio/adrsdt1.wav \
 	    --segments $(DEMO)/corpus.csv -o $(DEMO)/predictions.csv
