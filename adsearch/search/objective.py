@@ -190,6 +190,8 @@ class CVResult:
     fold_scores: list[float]  # the study metric, one per evaluated fold
     fold_metrics: list[dict[str, float]] = field(default_factory=list)
     fit_seconds: float = 0.0  # time inside fit and predict (not reading or copying features)
+    # out-of-fold score minus its threshold (> 0: AD), one per repeat and train recording; NaN where pruned
+    oof: np.ndarray | None = None
 
     @property
     def mean(self) -> float:
@@ -211,7 +213,7 @@ def cross_validate(
     """Score `config` fold by fold; `on_fold(step, score)` may raise to stop early (pruning)."""
     features = config.layer, config.pooling, config.unit
     y, owner = source.labels, source.window_owner
-    result = CVResult([])
+    result = CVResult([], oof=np.full(folds.shape, np.nan, np.float32))
     n_folds = int(folds.max()) + 1
     for repeat, assignment in enumerate(folds):
         for fold in range(n_folds):
@@ -232,11 +234,36 @@ def cross_validate(
                 score = score[valid]
             result.fit_seconds += time.perf_counter() - started
             fold_metrics = metrics(y[valid], score, threshold)
+            result.oof[repeat, valid] = score - threshold
             result.fold_metrics.append(fold_metrics)
             result.fold_scores.append(fold_metrics[metric])
             if on_fold:
                 on_fold(repeat * n_folds + fold, fold_metrics[metric])
     return result
+
+
+OOF_ATTR = "adsearch:oof"  # trial system attribute: the out-of-fold scores of a completed trial
+
+
+def encode_oof(oof: np.ndarray) -> dict:
+    """float32 bytes in base64 (about 0.9 kB for 166 recordings and one repeat), not a JSON list of floats
+    (three times that): thousands of trials stay small in a PostgreSQL study."""
+    import base64
+
+    data = np.ascontiguousarray(oof, dtype="<f4")
+    return {"shape": list(data.shape), "float32_le_base64": base64.b64encode(data.tobytes()).decode("ascii")}
+
+
+def oof_predictions(trial: optuna.trial.FrozenTrial) -> np.ndarray | None:
+    """A completed trial's out-of-fold scores minus thresholds, (repeats, train recordings) in the study's
+    train order; None for trials that kept none (pruned, failed, or run before adsearch stored them)."""
+    import base64
+
+    stored = trial.system_attrs.get(OOF_ATTR)
+    if not stored:
+        return None
+    values = np.frombuffer(base64.b64decode(stored["float32_le_base64"]), dtype="<f4")
+    return values.reshape(stored["shape"]).astype(np.float32)
 
 
 class Objective:
@@ -300,4 +327,6 @@ class Objective:
             trial.set_user_attr(key, value)
         if pruned is not None:
             raise pruned
+        # a system attribute: ensembles and calibration read it, the dashboard's attribute table does not
+        trial.storage.set_trial_system_attr(trial._trial_id, OOF_ATTR, encode_oof(result.oof))
         return result.mean
