@@ -1013,6 +1013,9 @@ def export(
         (tn, fp), (fn, tp) = test["confusion"]["matrix"]
         out.print(f"  confusion (rows true control/AD): [[{tn}, {fp}], [{fn}, {tp}]] on {test['n']} of "
                   f"{test['labelled']} labelled test recordings")
+        if test.get("calibration"):
+            out.print(f"  calibration of P(AD): Brier {test['calibration']['brier']:.4f} (0.25 = always 0.5), "
+                      f"expected calibration error {test['calibration']['ece']:.4f}")
         out.print(f"  CV - test ({cv.metric}): {test['cv_minus_test']:+.4f} (positive: the CV was optimistic, as "
                   "is the selection optimism above)")
         for row in result.top_k:

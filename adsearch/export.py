@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adsearch import __version__
+from adsearch.calibration import calibration_report
 from adsearch.embed.cache import POOLINGS, EmbeddingCache
 from adsearch.outputs import check_new_folder, folder_written_whole
 from adsearch.safeyaml import YamlError, load_yaml
@@ -565,6 +566,8 @@ def _evaluate_test(cache: EmbeddingCache, config: TrialConfig, model, items: np.
     score, threshold = recording_scores(model, X, owner, len(items))
     y = cache.labels[items]
     report = test_report(y, score, threshold, seed)
+    if hasattr(model, "predict_proba"):  # a margin classifier's scores are no probabilities to calibrate
+        report["calibration"] = calibration_report(y, score)
     report["predictions"] = [{"id": cache.ids[i], "label": int(label), "score": float(s)}
                              for i, label, s in zip(items, y, score, strict=True)]
     return report, (score > threshold).astype(int) == y

@@ -131,6 +131,18 @@ def _figures(study, setup, test: dict | None, out: Path, layer_label: str = "lay
         ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=labels, yticklabels=labels, xlabel="predicted",
                ylabel="true", title="Test confusion matrix")
         save(fig, "test_confusion")
+    if test and test.get("calibration"):
+        bins = test["calibration"]["bins"]
+        fig, ax = plt.subplots(figsize=(3.8, 3.6))
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
+        ax.plot([b["mean_predicted"] for b in bins], [b["observed"] for b in bins], marker="o", label="test")
+        for b in bins:
+            ax.annotate(str(b["n"]), (b["mean_predicted"], b["observed"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted P(AD) (bin mean)", ylabel="share AD",
+               title=f"Test reliability (Brier {test['calibration']['brier']:.3f})")
+        ax.legend(loc="upper left", fontsize=8)
+        save(fig, "test_reliability")
     return paths
 
 
@@ -206,6 +218,15 @@ def _table(rows: list[tuple]) -> str:
     return f"<table>{body}</table>"
 
 
+def _calibration_paragraph(calibration: dict | None) -> str:
+    if not calibration:
+        return ("<p>Calibration: not measured; this classifier gives a margin (decision), not a probability.</p>")
+    return (f"<p>Calibration of P(AD) on the test split: Brier score {calibration['brier']:.4f} (always saying 0.5 "
+            f"scores 0.25), expected calibration error {calibration['ece']:.4f} over {calibration['n_bins']} "
+            "equal-width bins (the reliability figure below; numbers beside the points are recordings per bin). "
+            "With a few dozen recordings the bins are small: read it as a rough check.</p>")
+
+
 def _confusion_table(confusion: dict) -> str:
     labels, matrix = confusion["labels"], confusion["matrix"]
     return _table([("", *(f"predicted {label}" for label in labels))]
@@ -269,6 +290,7 @@ def write_report(study, setup, cache, exported, test: dict | None, top_k: list[d
                   f"{html.escape(missing)}; evaluated once)</h2>",
                   _table([("metric", "value", "95 % interval", "interval")] + rows),
                   "<p>Confusion counts:</p>", _confusion_table(test["confusion"]),
+                  _calibration_paragraph(test.get("calibration")),
                   f"<p>CV {html.escape(test['cv_metric'])} {test['cv_mean']:.4f} vs test "
                   f"{test[test['cv_metric']]['value']:.4f}: CV - test {test['cv_minus_test']:+.4f} (read like the "
                   "selection optimism, CV - fresh folds: positive means the CV was optimistic). A CV score after "

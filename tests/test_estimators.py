@@ -94,3 +94,23 @@ def test_tfidf_weighting_matches_scikit_learn_and_refuses_negative_values():
     np.testing.assert_allclose(ours, theirs, atol=1e-12)
     with pytest.raises(ValueError, match="n-gram source"):
         TfidfWeighting().fit(counts - 1)
+
+
+def test_calibration_metrics_match_scikit_learns():
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import brier_score_loss
+
+    from adsearch.calibration import calibration_report
+
+    rng = np.random.default_rng(4)
+    probability = np.concatenate([rng.uniform(size=200), [0.0, 1.0, 0.1, 0.2, 0.5, 0.9999]])
+    y = (rng.uniform(size=len(probability)) < probability ** 1.5).astype(int)  # overconfident on purpose
+    report = calibration_report(y, probability)
+    assert report["brier"] == pytest.approx(brier_score_loss(y, probability))
+    observed, predicted = calibration_curve(y, probability, n_bins=10, strategy="uniform")
+    np.testing.assert_allclose([b["observed"] for b in report["bins"]], observed)
+    np.testing.assert_allclose([b["mean_predicted"] for b in report["bins"]], predicted)
+    assert sum(b["n"] for b in report["bins"]) == len(y)
+    by_hand = sum(b["n"] * abs(b["observed"] - b["mean_predicted"]) for b in report["bins"]) / len(y)
+    assert report["ece"] == pytest.approx(by_hand) and report["ece"] > 0.05
+    assert calibration_report(y, y.astype(float))["ece"] == 0.0  # certain and right: perfectly calibrated

@@ -484,3 +484,18 @@ def test_a_best_score_within_the_noise_floor_of_the_duration_baseline_is_warned_
         in duration_warning(0.75, baseline, floor)
     assert duration_warning(0.85, baseline, floor) is None
     assert "at all" in duration_warning(0.67, baseline) and duration_warning(0.70, baseline) is None
+
+
+def test_the_test_split_reports_how_calibrated_p_ad_is(exported):
+    """A screening tool's P(AD) is read as a probability: Brier score, ECE and a reliability figure."""
+    from sklearn.metrics import brier_score_loss
+
+    out, _ = exported
+    test = json.loads((out / "test.json").read_text())
+    assert load_model(out / "model.skops").predict_proba  # logreg or kNN: probabilities
+    labels = [p["label"] for p in test["predictions"]]
+    scores = [p["score"] for p in test["predictions"]]
+    assert test["calibration"]["brier"] == pytest.approx(brier_score_loss(labels, scores))
+    assert sum(b["n"] for b in test["calibration"]["bins"]) == test["n"]
+    report = (out / "report.html").read_text()
+    assert "Calibration of P(AD) on the test split: Brier score" in report and "test_reliability.png" in report
