@@ -27,6 +27,7 @@ from adsearch.search.objective import (
     cross_validate,
     fit_pipeline,
     metrics,
+    oof_predictions,
     read_features,
     recording_scores,
 )
@@ -90,6 +91,8 @@ class CVRecord(_Strict):
     std: float
     fold_scores: list[float]
     fresh: FreshCV | None = None
+    # P(AD)'s calibration on the trial's out-of-fold predictions (probability classifiers only)
+    calibration: dict | None = None
 
 
 class FreshCV(_Strict):
@@ -429,9 +432,12 @@ def _write_export(study, setup, caches, cache, config: TrialConfig, chosen, comp
     from adsearch.search.study import trial_config, trial_counts
 
     spec = setup.spec
-    (work_dir / CONFIG_FILE).write_text(yaml.safe_dump(exported.model_dump(mode="json"), sort_keys=False))
     train = np.flatnonzero(cache.splits == "train")
     model = fit_on(cache, config, train, spec.seed)
+    oof = oof_predictions(chosen)
+    if oof is not None and hasattr(model, "predict_proba"):  # out-of-fold P(AD) = score - 0.5 + 0.5
+        exported.cv.calibration = calibration_report(np.tile(cache.labels[train], len(oof)), oof.ravel() + 0.5)
+    (work_dir / CONFIG_FILE).write_text(yaml.safe_dump(exported.model_dump(mode="json"), sort_keys=False))
     save_model(model, work_dir / MODEL_FILE)
     log(f"refit on {len(train)} train recordings; wrote {out_dir / CONFIG_FILE} and {out_dir / MODEL_FILE}")
 

@@ -268,6 +268,9 @@ def write_report(study, setup, cache, exported, test: dict | None, top_k: list[d
                    (f"CV {exported.cv.metric}", f"{exported.cv.mean:.4f} +/- {exported.cv.std:.4f} "
                                                 f"({exported.cv.folds} folds x {exported.cv.repeats})")]
     config_rows.append(("segmentation of the recordings", describe_segmentation(cache.meta)))
+    if exported.cv.calibration:
+        config_rows.append(("calibration of P(AD), out-of-fold", f"Brier {exported.cv.calibration['brier']:.4f}, "
+                            f"expected calibration error {exported.cv.calibration['ece']:.4f}"))
     fresh = exported.cv.fresh
     if fresh:
         config_rows.append((f"CV on {fresh.repeats} fresh fold assignments",

@@ -486,7 +486,7 @@ def test_a_best_score_within_the_noise_floor_of_the_duration_baseline_is_warned_
     assert "at all" in duration_warning(0.67, baseline) and duration_warning(0.70, baseline) is None
 
 
-def test_the_test_split_reports_how_calibrated_p_ad_is(exported):
+def test_the_test_split_reports_how_calibrated_p_ad_is(exported, study_env):
     """A screening tool's P(AD) is read as a probability: Brier score, ECE and a reliability figure."""
     from sklearn.metrics import brier_score_loss
 
@@ -499,3 +499,13 @@ def test_the_test_split_reports_how_calibrated_p_ad_is(exported):
     assert sum(b["n"] for b in test["calibration"]["bins"]) == test["n"]
     report = (out / "report.html").read_text()
     assert "Calibration of P(AD) on the test split: Brier score" in report and "test_reliability.png" in report
+    # and on the chosen trial's out-of-fold predictions, which the study kept
+    from adsearch.search.objective import oof_predictions
+
+    config = load_config(out)
+    trial = optuna.load_study(study_name="s", storage=study_env["url"]).trials[config.study.trial]
+    oof = oof_predictions(trial)
+    train = np.flatnonzero(study_env["cache"].splits == "train")
+    labels = np.tile(study_env["cache"].labels[train], len(oof))
+    assert config.cv.calibration["brier"] == pytest.approx(brier_score_loss(labels, oof.ravel() + 0.5), rel=1e-6)
+    assert "calibration of P(AD), out-of-fold" in report
