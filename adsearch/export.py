@@ -47,6 +47,8 @@ TRUSTED_TYPES = frozenset({
     "adsearch.search.estimators.ShrinkageLDA",
     "adsearch.search.estimators.TfidfWeighting",
     "catboost.core.CatBoostClassifier",
+    "sklearn.calibration._CalibratedClassifier",  # calibration inside the folds (space.calibration)
+    "sklearn.calibration._SigmoidCalibration",
     "sklearn.metrics._dist_metrics.EuclideanDistance64",  # kNN's KD tree (few dims, euclidean)
     "sklearn.neighbors._kd_tree.KDTree",
     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",

@@ -331,6 +331,13 @@ def test_every_model_adsearch_exports_loads_with_the_exact_allow_list(tmp_path):
             save_model(fit_pipeline(config, X, y, 0), tmp_path / "m.skops")
             needed |= set(sio.get_untrusted_types(file=tmp_path / "m.skops"))
             load_model(tmp_path / "m.skops")
+        for calibration in ("sigmoid", "isotonic"):  # calibration inside the folds wraps the classifier
+            X, y = rng.normal(size=(60, 20)).astype(np.float32), np.arange(60) % 2
+            config = TrialConfig(layer=0, pooling="mean", unit="recording", scale="standard", pca="none",
+                                 l2_normalize=False, classifier=name, params=base, calibration=calibration)
+            save_model(fit_pipeline(config, X, y, 0), tmp_path / "m.skops")
+            needed |= set(sio.get_untrusted_types(file=tmp_path / "m.skops"))
+            load_model(tmp_path / "m.skops")
     counts = rng.poisson(0.5, size=(40, 80)).astype(np.float32)  # an n-gram source's TF-IDF preprocessing
     tfidf = TrialConfig(layer=0, pooling="mean", unit="recording", scale="tfidf", pca="none", l2_normalize=False,
                         classifier="logreg", params={"C": 1.0})

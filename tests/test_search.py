@@ -669,3 +669,33 @@ def test_every_completed_trial_keeps_out_of_fold_scores_equal_to_a_rerun(tmp_pat
                 valid = assignment == fold
                 score = metrics(source.labels[valid], stored[repeat, valid], 0.0)["balanced_accuracy"]
                 assert score == pytest.approx(trial.intermediate_values[repeat * 3 + fold])
+
+
+def test_calibration_inside_the_folds_is_a_search_choice(tmp_path):
+    """space.calibration: a margin classifier calibrated in each training fold gives probabilities (its
+    out-of-fold scores lie within +-0.5 of the 0.5 threshold); uncalibrated it gives margins."""
+    from adsearch.search.objective import oof_predictions
+    from adsearch.search.setup import StudySetup
+    from adsearch.search.study import trial_config
+
+    cache = open_cache(write_synthetic_cache(tmp_path / "c", n_train=48, n_test=0, n_layers=2, dim=8, signal_layer=1))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = parse_spec({"cv": {"folds": 3}, "screen": {"enabled": False}, "sampler": "random",
+                       "space": {"calibration": ["none", "sigmoid", "isotonic"],
+                                 "classifiers": {"linear_svm": {"C": 10.0}}}})
+    create_or_resume(make_storage(url), "cal", cache, spec, "space.yaml", 12)
+    run_worker("cal", url, worker_index=0)
+    study = optuna.load_study(study_name="cal", storage=url)
+    setup = StudySetup.from_study(study)
+    seen = set()
+    for trial in study.trials:
+        config = trial_config(setup, trial.params)
+        seen.add(config.calibration)
+        oof = oof_predictions(trial)
+        if config.calibration == "none":
+            assert np.abs(oof).max() > 0.5  # a margin of C=10: not a probability
+        else:
+            assert np.abs(oof).max() <= 0.5  # P(AD) - 0.5
+    assert seen == {"none", "sigmoid", "isotonic"}
+    default = parse_spec({})
+    assert default.space.calibration == ["none"]  # not a parameter unless the space asks for it

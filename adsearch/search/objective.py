@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial: who ran it
 
 
+CALIBRATION_FOLDS = 3  # inner stratified folds of CalibratedClassifierCV
+
+
 def build_pipeline(config: TrialConfig, seed: int, in_place: bool = False, pca_by_covariance: bool = False):
     """scale (standardise, or TF-IDF-weigh counts) -> PCA -> L2 -> classifier, as an unfitted Pipeline.
     `in_place=True` lets scaling
@@ -54,7 +57,12 @@ def build_pipeline(config: TrialConfig, seed: int, in_place: bool = False, pca_b
         steps.append(("pca", pca))
     if config.l2_normalize:
         steps.append(("l2", Normalizer(copy=not in_place)))
-    steps.append(("classifier", REGISTRY[config.classifier].build(config.params, seed)))
+    classifier = REGISTRY[config.classifier].build(config.params, seed)
+    if config.calibration != "none":  # fitted on the training fold only: calibration never sees validation rows
+        from sklearn.calibration import CalibratedClassifierCV
+
+        classifier = CalibratedClassifierCV(classifier, method=config.calibration, cv=CALIBRATION_FOLDS)
+    steps.append(("classifier", classifier))
     return Pipeline(steps)
 
 
@@ -66,8 +74,9 @@ def fit_pipeline(config: TrialConfig, X: np.ndarray, y: np.ndarray, seed: int, i
     if config.pca == "components" and config.pca_components > min(X.shape):
         config = config.model_copy(update={"pca_components": min(X.shape)})
     adapt = REGISTRY[config.classifier].fit_to_data
-    if adapt is not None:
-        config = config.model_copy(update={"params": adapt(config.params, len(X))})
+    if adapt is not None:  # a calibrated classifier is fitted on the inner folds' training part
+        n = len(X) if config.calibration == "none" else len(X) * (CALIBRATION_FOLDS - 1) // CALIBRATION_FOLDS
+        config = config.model_copy(update={"params": adapt(config.params, n)})
     return build_pipeline(config, seed, in_place, pca_by_covariance=X.shape[0] > X.shape[1]).fit(X, y)
 
 

@@ -91,9 +91,11 @@ class SearchSpace(_Strict):
     pca_components: IntSpan = IntSpan(low=4, high=128, log=True)
     pca_variance: FloatSpan = FloatSpan(low=0.8, high=0.99)
     l2_normalize: list[bool] = [False]
+    # probability calibration inside each training fold (Platt's sigmoid or isotonic, 3 inner folds)
+    calibration: list[Literal["none", "sigmoid", "isotonic"]] = ["none"]
     classifiers: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"logreg": {}})
 
-    @field_validator("pooling", "unit", "scale", "pca", "l2_normalize", "classifiers")
+    @field_validator("pooling", "unit", "scale", "pca", "l2_normalize", "calibration", "classifiers")
     @classmethod
     def _not_empty(cls, value):
         if not value:
@@ -317,6 +319,7 @@ class PipelineSettings(_Strict):
     l2_normalize: bool
     classifier: str
     params: dict[str, Any]
+    calibration: Literal["none", "sigmoid", "isotonic"] = "none"
 
 
 class TrialConfig(PipelineSettings):
@@ -363,6 +366,7 @@ def suggest(trial, spec: StudySpec, layers: tuple[int, ...],
     components = _suggest_span(trial, "pca_components", space.pca_components) if pca == "components" else None
     variance = _suggest_span(trial, "pca_variance", space.pca_variance) if pca == "variance" else None
     l2 = choice("l2_normalize", list(space.l2_normalize))
+    calibration = choice("calibration", list(space.calibration))
     classifier = choice("classifier", list(space.classifiers))
     params = {}
     for name, (kind, value) in classifier_params(spec, classifier).items():
@@ -374,4 +378,5 @@ def suggest(trial, spec: StudySpec, layers: tuple[int, ...],
         else:
             params[name] = _suggest_span(trial, key, value)
     return TrialConfig(layer=layer, pooling=pooling, unit=unit, scale=scale, pca=pca, pca_components=components,
-                       pca_variance=variance, l2_normalize=l2, classifier=classifier, params=params, source=source)
+                       pca_variance=variance, l2_normalize=l2, classifier=classifier, params=params, source=source,
+                       calibration=calibration)
