@@ -44,7 +44,7 @@ def planted(tmp_path_factory) -> dict:
     result = run("extract", root / "corpus.csv", "--features", "linguistic", "--transcripts", found.path,
                  "-o", root / "cache")
     assert result.exit_code == 0, result.output
-    linguistic = open_cache(next((root / "cache").glob("adsearch-linguistic-*")))
+    linguistic = open_cache(next((root / "cache").glob("corpus-adsearch-linguistic-*")))
     return {"root": root, "manifest": root / "corpus.csv", "transcripts": found, "linguistic": linguistic}
 
 
