@@ -121,8 +121,9 @@ def _summarise_corpus(recordings, manifest: Path) -> None:
     for split in ("train", "test"):
         n = sum(v for (s, _), v in counts.items() if s == split)
         if n:
+            scored = sum(r.split == split and r.mmse is not None for r in recordings)
             parts.append(f"{split} {n} (AD {counts[split, 1]}, control {counts[split, 0]}, "
-                         f"unlabelled {counts[split, None]})")
+                         f"unlabelled {counts[split, None]}; {scored} with an MMSE score)")
     out.print(f"wrote {manifest}: {'; '.join(parts)}", highlight=False)
 
 
@@ -137,6 +138,9 @@ def corpus_adresso(
     output: Annotated[Path, typer.Option("-o", "--output", help="Manifest CSV to write.")] = Path("corpus.csv"),
     test_labels: Annotated[Path | None, typer.Option(help="The separately released test label file "
                                                           "(task1.csv: ID, Dx).")] = None,
+    test_mmse: Annotated[Path | None, typer.Option(help="The test split's MMSE scores (task2.csv: ID, MMSE), for "
+                                                        "MMSE studies; default: task2.csv beside --test-labels, "
+                                                        "when it is there.")] = None,
     keep: Annotated[str, typer.Option(help="participant: the participant's (PAR) speech. For a shortcut control: "
                                            "non-participant (interviewer speech and pauses) or non-speech "
                                            "(outside every speaker segment); recordings whose PAR time is "
@@ -147,7 +151,7 @@ def corpus_adresso(
     from adsearch.corpus import import_adresso, write_manifest
 
     with user_errors():
-        result = import_adresso(root, test_labels, keep)
+        result = import_adresso(root, test_labels, keep, test_mmse)
         _print_warnings(result.warnings)
         manifest = write_manifest(result.recordings, output)
     _summarise_corpus(result.recordings, manifest)
@@ -630,6 +634,10 @@ def _study_summary(study, budget: int) -> None:
     out.print(f"study {study.study_name}: {counts['finished']}/{budget} finished ({counts['complete']} complete, "
               f"{counts['pruned']} pruned), {counts['failed']} failed, {counts['running']} running{saved}",
               highlight=False)
+    if setup.spec.task == "mmse":
+        lower = ", lower is better" if setup.spec.cv.metric in ("rmse", "mae") else ""
+        out.print(f"task mmse ({setup.spec.cv.metric}{lower}): {len(setup.train_ids)} train recordings with an MMSE "
+                  f"score, {setup.left_out} without one left out", highlight=False)
     from adsearch.search.null import NULL_ATTR, describe, stale_floor
 
     floor = study._storage.get_study_system_attrs(study._study_id).get(NULL_ATTR)
@@ -681,6 +689,10 @@ def search(
     grace: Annotated[int, typer.Option(help="Seconds without heartbeat before a trial counts as dead.")] = 30,
     artifacts: Annotated[Path | None, typer.Option(help=_ARTIFACTS_HELP, envvar="ADSEARCH_ARTIFACTS")] = None,
     plugins: Annotated[list[str] | None, typer.Option(help=_PLUGINS_HELP)] = None,
+    task: Annotated[str | None, typer.Option(help="classification (AD vs control) or mmse (regression of the MMSE "
+                                                  "score; recordings without one are left out) instead of the "
+                                                  "space's `task:`. An mmse space lists regressors "
+                                                  "(studies/mmse.yaml).")] = None,
 ) -> None:
     """Create or resume a study and run worker processes until it has --trials finished trials.
 
@@ -710,7 +722,7 @@ def search(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with user_errors():
-        spec = load_spec(space, plugins)
+        spec = load_spec(space, plugins, task)
         opened = name_sources([_named_cache(value) for value in cache])
         the_study = create_or_resume(make_storage(storage, heartbeat, grace), study, opened, spec, str(space), trials,
                                      sampler, pruner, override_optimiser,
@@ -825,7 +837,7 @@ def compare(
     trials: Annotated[int, typer.Option(help=_TRIALS_HELP, min=1, max=MAX_TRIALS)] = 60,
     workers: Annotated[int, typer.Option(help=_WORKERS_HELP, min=1)] = 1,
     target: Annotated[float | None, typer.Option(help="Score to reach (default: 95 % of the best score any run "
-                                                      "found).")] = None,
+                                                      "found; for RMSE or MAE 5 % above the lowest).")] = None,
 ) -> None:
     """Compare optimisers honestly: every sampler x seed at the same budget, folds and cache.
 
@@ -836,7 +848,7 @@ def compare(
     import optuna
 
     from adsearch.embed import open_cache
-    from adsearch.search.compare import run_all, summarise, write_outputs
+    from adsearch.search.compare import default_target, run_all, summarise, write_outputs
     from adsearch.search.samplers import SAMPLERS
     from adsearch.search.space import check_layers, load_spec
 
@@ -856,7 +868,7 @@ def compare(
             task = progress.add_task("runs", total=len(names) * runs)
             done = run_all(opened.path, spec, names, list(range(runs)), trials, output, workers,
                            on_done=lambda run: progress.advance(task))
-        goal = target if target is not None else 0.95 * max(run.best[-1] for run in done)
+        goal = target if target is not None else default_target(done)
         rows = summarise(done, goal)
         paths = write_outputs(done, rows, output, f"adsearch compare: {', '.join(names)} x {runs} seeds, "
                                                   f"{trials} trials, cache {opened.path.name}")
@@ -891,23 +903,20 @@ def null(
     from adsearch.search.baseline import load_duration_baseline
     from adsearch.search.null import create_null_studies, describe, record, summarise
     from adsearch.search.storage import make_storage, mask_url
-    from adsearch.search.study import StudySetup, load_screen, missing_study, study_note, trial_counts
+    from adsearch.search.study import StudySetup, load_screen, open_study, study_note, trial_counts
     from adsearch.search.worker import spawn_workers
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with user_errors():
         store = make_storage(storage, create=False)
-        try:
-            main = optuna.load_study(study_name=study, storage=store)
-        except KeyError:
-            raise missing_study(store, study, mask_url(storage)) from None
+        main, _ = open_study(store, study, mask_url(storage))
         finished = trial_counts(main)["finished"]
         budget = trials or finished
         if budget < 1:
             raise ValueError(f"study {study!r} has no finished trial yet; pass --trials")
         if budget < finished:
             err.print(f"[yellow]warning:[/] {budget} trials per null study, the study has {finished}: the null "
-                      "floor comes out lower than a full null search would, and p optimistic", highlight=False)
+                      "floor comes out weaker than a full null search would find, and p optimistic", highlight=False)
         names = create_null_studies(store, study, runs, budget)
         with _bar() as progress:  # one bar over the null studies, one over the current study's trials
             task = progress.add_task("null studies", total=len(names))
@@ -978,7 +987,8 @@ def export(
     storage: Annotated[str, typer.Option(help=_STORAGE_HELP, envvar="ADSEARCH_STORAGE")] = "sqlite:///adsearch.db",
     trial: Annotated[int | None, typer.Option(help="Trial number to export (default: the best).")] = None,
     top_k: Annotated[int, typer.Option(help="Also test the next K configurations; exact McNemar vs the exported "
-                                            "one.", min=0, max=1000)] = 0,
+                                            "one (an MMSE study: paired bootstrap of the metric).", min=0,
+                                       max=1000)] = 0,
     cache: Annotated[Path | None, typer.Option(help="The study's cache, if it moved (content must match).",
                                                envvar="ADSEARCH_CACHE")] = None,
     artifacts: Annotated[Path | None, typer.Option(help=_ARTIFACTS_HELP, envvar="ADSEARCH_ARTIFACTS")] = None,
@@ -990,8 +1000,9 @@ def export(
     """Freeze a trial: config.yaml, the refit pipeline (model.skops), one held-out test evaluation, report.
 
     The test split is read only here. Accuracy, sensitivity and specificity get Wilson intervals; balanced
-    accuracy, F1 and ROC AUC bootstrap intervals; CV - test is printed beside them. Without test
-    labels the export stops after the refit.
+    accuracy, F1 and ROC AUC bootstrap intervals; CV - test is printed beside them. An MMSE study: RMSE, MAE,
+    R2 and Pearson r with bootstrap intervals, beside predicting the training mean. Without test
+    labels (scores) the export stops after the refit.
     """
     from adsearch.export import export_trial
 
@@ -1004,7 +1015,9 @@ def export(
                  f"(selection optimism, CV - fresh: {cv.fresh.optimism:+.4f})" if cv.fresh else ""))
     for line in result.warnings:
         err.print(f"[yellow]warning:[/] {line}", highlight=False)
-    if result.test:
+    if result.test and result.config.task == "mmse":
+        _print_mmse_test(result.test, cv.metric, result.top_k)
+    elif result.test:
         test = result.test
         for name in ("accuracy", "balanced_accuracy", "f1", "roc_auc", "sensitivity", "specificity"):
             low, high = test[name]["ci95"]
@@ -1024,6 +1037,22 @@ def export(
     out.print(f"report: {result.out_dir / 'report.html'}", highlight=False)
 
 
+def _print_mmse_test(test: dict, metric: str, top_k: list[dict]) -> None:
+    for name in ("rmse", "mae", "r2", "pearson_r"):
+        low, high = test[name]["ci95"]
+        out.print(f"  test {name:<10} {test[name]['value']:.4f}  95 % [{low:.3f}, {high:.3f}] ({test[name]['method']})")
+    floor = test["mean_predictor"]
+    out.print(f"  predicting the training mean ({floor['train_mean']:.2f}) for every recording: RMSE "
+              f"{floor['rmse']:.4f}, MAE {floor['mae']:.4f}, on {test['n']} of {test['labelled']} test recordings "
+              "with an MMSE score")
+    out.print(f"  CV - test ({metric}, as an improvement): {test['cv_minus_test']:+.4f} (positive: the CV was "
+              "optimistic)")
+    for row in top_k:
+        paired = row["paired"]
+        out.print(f"  trial {row['trial']}: CV {row['cv_mean']:.4f}, test RMSE {row['test']['rmse']:.4f}; the exported "
+                  f"one better by {paired['improvement']:+.4f} {metric}, paired bootstrap p = {paired['p_value']:.3f}")
+
+
 @app.command()
 def evaluate(
     config: Annotated[Path, typer.Argument(help="config.yaml written by `adsearch export` (or its folder).")],
@@ -1031,9 +1060,20 @@ def evaluate(
                                                     "the path recorded at export); chosen by content hash.",
                                                envvar="ADSEARCH_CACHE")] = None,
 ) -> None:
-    """Re-run the cross-validation of an exported config and check it reproduces the study's score."""
+    """Re-run the cross-validation of an exported config (of each member of an exported ensemble) and check it
+    reproduces the study's score."""
     from adsearch.export import cache_for, load_config, reproduce_cv
+    from adsearch.export_ensemble import is_ensemble, reproduce_members
 
+    if is_ensemble(config):
+        with user_errors():
+            members = reproduce_members(config, cache)
+        for trial, same in members:
+            out.print(f"member trial {trial}: " + ("reproduced exactly" if same else "DIFFERS from the study"))
+        if not all(same for _, same in members):
+            raise typer.Exit(1)
+        out.print(f"all {len(members)} members reproduced exactly")
+        return
     with user_errors():
         exported = load_config(config)
         scores = reproduce_cv(exported, cache_for(exported, cache))
@@ -1063,11 +1103,13 @@ def predict(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write predictions CSV here.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
-    """Probability of AD for new recordings, through the exported speech model layer, pooling and pipeline.
+    """Probability of AD (or, from an MMSE model, the MMSE score) for new recordings, through the exported
+    speech model layer, pooling and pipeline.
 
     Only as many transformer layers run as the chosen layer needs. A file that cannot be read gets an
     error row; the others are still predicted. The `segmentation` column says which speech each file used.
     """
+    from adsearch.export_ensemble import EnsemblePredictor, is_ensemble
     from adsearch.predict import Predictor, check_output, read_segments, write_predictions
     from adsearch.vad import VAD_CAVEAT
 
@@ -1075,7 +1117,8 @@ def predict(
         if output:
             check_output(output)
         spans = read_segments(segments) if segments else {}
-        predictor = Predictor(export_dir, device, vad)
+        predictor = (EnsemblePredictor(export_dir, device, vad) if is_ensemble(export_dir)
+                     else Predictor(export_dir, device, vad))
     unsegmented = [path for path in audio
                    if not spans.get(str(path), spans.get(str(path.resolve()), spans.get(path.name)))]
     if unsegmented:
@@ -1091,9 +1134,11 @@ def predict(
         if prediction.error:
             err.print(f"[red]{escape(prediction.file)}: {escape(prediction.error)}[/]", highlight=False)
         else:
-            score = (f"P(AD) = {prediction.prob_ad:.3f}" if prediction.prob_ad is not None
+            score = (f"MMSE {prediction.mmse:.1f} (predicted)" if prediction.mmse is not None
+                     else f"P(AD) = {prediction.prob_ad:.3f}" if prediction.prob_ad is not None
                      else f"decision {prediction.decision:+.3f}")
-            out.print(f"{prediction.file}: {score} -> {prediction.label} "
+            label = f" -> {prediction.label}" if prediction.label else ""
+            out.print(f"{prediction.file}: {score}{label} "
                       f"({prediction.n_windows} windows, {prediction.speech_seconds:.1f} s of speech, "
                       f"segmentation: {prediction.segmentation})", highlight=False, markup=False)
     if output:
@@ -1108,43 +1153,65 @@ def predict(
 def ensemble(
     study: Annotated[str, typer.Option(help="Study name.")],
     storage: Annotated[str, typer.Option(help=_STORAGE_HELP, envvar="ADSEARCH_STORAGE")] = "sqlite:///adsearch.db",
+    method: Annotated[str, typer.Option(help="caruana: greedy selection with replacement, averaged; stack: a "
+                                             "regularised logistic (MMSE: ridge) model on the members' scores. "
+                                             "Across feature sources either is late fusion.")] = "caruana",
     top: Annotated[int, typer.Option(help="Candidates: the best N completed trials.", min=2, max=1000)] = 20,
-    rounds: Annotated[int, typer.Option(help="Selection rounds (members, counted with repetition).", min=1,
-                                        max=1000)] = 20,
+    rounds: Annotated[int, typer.Option(help="Selection rounds of caruana (members, counted with repetition).",
+                                        min=1, max=1000)] = 20,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Export the ensemble to this new folder: "
+                                                                       "each member refitted once, the held-out "
+                                                                       "test beside the best single trial; "
+                                                                       "evaluate and predict take the folder.")
+                      ] = None,
 ) -> None:
-    """Greedy ensemble selection over the study's best trials (Caruana et al. 2004), with an honest CV.
+    """Ensemble the study's best trials (Caruana et al. 2004 selection, or stacking), with an honest CV.
 
-    Built from the out-of-fold scores every completed trial keeps, so no model is refitted. The printed CV is
-    nested: on each fold the candidates are ranked and the ensemble selected on the other folds only, and the
-    best single trial is chosen the same way, so the two compare like with like. An ensemble cannot be
-    exported yet.
+    Built from the out-of-fold scores every completed trial keeps. The printed CV is nested: on each fold the
+    candidates are ranked and the ensemble built on the other folds only, and the best single trial is chosen
+    the same way, so the two compare like with like. With -o the ensemble is exported like a single model.
     """
     import optuna
 
+    from adsearch.export_ensemble import export_ensemble
     from adsearch.search.ensemble import ensemble_cv
     from adsearch.search.objective import FeatureSource
-    from adsearch.search.study import StudySetup, load_cache_for, missing_study
+    from adsearch.search.storage import make_storage, mask_url
+    from adsearch.search.study import load_cache_for, open_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from adsearch.search.storage import make_storage, mask_url
-
     with user_errors():
-        store = make_storage(storage, create=False)
-        try:
-            loaded = optuna.load_study(study_name=study, storage=store)
-        except KeyError:
-            raise missing_study(store, study, mask_url(storage)) from None
-        setup = StudySetup.from_study(loaded)
-        labels = FeatureSource(load_cache_for(setup, study), setup.null_seed).labels
-        result = ensemble_cv(loaded, labels, setup.folds, setup.spec.cv.metric, top, rounds)
-    metric = setup.spec.cv.metric
-    members = ", ".join(f"trial {number} x{weight}" for number, weight in zip(result.trials, result.weights,
-                                                                              strict=True))
-    out.print(f"ensemble of the best {top} trials, selected on all train recordings: {members}", highlight=False)
-    out.print(f"nested CV {metric} on {len(result.ensemble_folds)} folds: ensemble {result.ensemble:.4f} +/- "
-              f"{np.std(result.ensemble_folds):.4f}; best single trial chosen the same way {result.single:.4f} +/- "
-              f"{np.std(result.single_folds):.4f} (the study's best CV, {loaded.best_value:.4f}, was chosen on "
+        loaded, setup = open_study(make_storage(storage, create=False), study, mask_url(storage))
+        metric = setup.spec.cv.metric
+        if output is not None:
+            exported = export_ensemble(study, storage, output, method, top, rounds,
+                                       log=lambda message: out.print(message, highlight=False))
+            record = exported.config.cv
+            result = (record.ensemble.fold_scores, record.best_single.fold_scores,
+                      [(m.trial, m.weight) for m in exported.config.members])
+        else:
+            labels = FeatureSource(load_cache_for(setup, study), setup.null_seed, task=setup.spec.task).labels
+            computed = ensemble_cv(loaded, labels, setup.folds, metric, top, rounds, method)
+            result = (computed.ensemble_folds, computed.single_folds,
+                      list(zip(computed.trials, computed.weights, strict=True)))
+    ensemble_folds, single_folds, members = result
+    weights = ", ".join(f"trial {number} x{weight:.3g}" for number, weight in members)
+    out.print(f"{method} ensemble of the best {top} trials, built on all train recordings: {weights}",
+              highlight=False)
+    out.print(f"nested CV {metric} on {len(ensemble_folds)} folds: ensemble {np.mean(ensemble_folds):.4f} +/- "
+              f"{np.std(ensemble_folds):.4f}; best single trial chosen the same way {np.mean(single_folds):.4f} +/- "
+              f"{np.std(single_folds):.4f} (the study's best CV, {loaded.best_value:.4f}, was chosen on "
               "all folds and is optimistic)", highlight=False)
+    if output is not None and exported.test:
+        test = exported.test
+        out.print(f"held-out test {metric} ({test['n']} recordings): ensemble {test['ensemble'][metric]['value']:.4f} "
+                  "[{:.3f}, {:.3f}]".format(*test["ensemble"][metric]["ci95"])
+                  + f", best single trial {test['best_single_trial']} {test['best_single'][metric]['value']:.4f} "
+                  "[{:.3f}, {:.3f}]".format(*test["best_single"][metric]["ci95"])
+                  + f"; paired comparison p = {test['comparison']['p_value']:.3f} "
+                  f"({test['comparison'].get('method', 'exact McNemar')})", highlight=False)
+    if output is not None:
+        out.print(f"report: {output / 'report.html'}", highlight=False)
 
 
 @app.command()

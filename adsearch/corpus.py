@@ -419,21 +419,41 @@ def _read_mmse(path: Path) -> dict[str, tuple[float | None, str]]:
 _DX = {"probablead": 1, "ad": 1, "1": 1, "control": 0, "cn": 0, "hc": 0, "0": 0}
 
 
-def read_test_labels(path: Path) -> dict[str, int]:
-    """The separately released `ID, Dx` file (ProbableAD | Control)."""
-    labels = {}
-    with io.StringIO(_read_text(path, "test label file"), newline="") as handle:
+def _read_id_table(path: Path, what: str, column: str, parse) -> dict[str, object]:
+    """An `ID, <column>` CSV released beside the test audio: id -> parse(value), errors by line."""
+    values = {}
+    with io.StringIO(_read_text(path, what), newline="") as handle:
         reader = csv.DictReader(handle)
         fields = {(f or "").strip().lower(): f for f in reader.fieldnames or []}
-        if "id" not in fields or "dx" not in fields:
-            raise CorpusError(f"{path}: test label file needs the columns ID and Dx (found {reader.fieldnames})")
+        if "id" not in fields or column.lower() not in fields:
+            raise CorpusError(f"{path}: {what} needs the columns ID and {column} (found {reader.fieldnames})")
         for line, row in enumerate(reader, start=2):
-            rec_id = row[fields["id"]].strip()
-            dx = row[fields["dx"]].strip().lower()
-            if dx not in _DX:
-                raise CorpusError(f"{path} line {line}: Dx {dx!r} is not ProbableAD or Control")
-            labels[rec_id] = _DX[dx]
-    return labels
+            try:
+                value = parse((row[fields[column.lower()]] or "").strip())
+            except ValueError as exc:
+                raise CorpusError(f"{path} line {line}: {exc}") from None
+            if value is not None:
+                values[row[fields["id"]].strip()] = value
+    return values
+
+
+def _diagnosis(text: str) -> int:
+    if text.lower() not in _DX:
+        raise ValueError(f"Dx {text.lower()!r} is not ProbableAD or Control")
+    return _DX[text.lower()]
+
+
+def read_test_labels(path: Path) -> dict[str, int]:
+    """The separately released `ID, Dx` file (ProbableAD | Control)."""
+    return _read_id_table(path, "test label file", "Dx", _diagnosis)
+
+
+def read_test_mmse(path: Path) -> dict[str, float]:
+    """The separately released `ID, MMSE` file of the test split (ADReSSo's task2.csv)."""
+    return _read_id_table(path, "test MMSE file", "MMSE", _parse_mmse)
+
+
+TEST_MMSE_FILE = "task2.csv"  # released beside task1.csv (test labels)
 
 
 def _import_folder(
@@ -480,10 +500,11 @@ def _import_folder(
     return recordings
 
 
-def import_adresso(root: Path | str, test_labels: Path | str | None = None, keep: str = "participant"
-                   ) -> ImportResult:
+def import_adresso(root: Path | str, test_labels: Path | str | None = None, keep: str = "participant",
+                   test_mmse: Path | str | None = None) -> ImportResult:
     """Read the ADReSSo 2021 diagnosis layout into recordings: participant speech only, or for a shortcut
-    control (`keep`: non-participant, non-speech) only the parts outside it."""
+    control (`keep`: non-participant, non-speech) only the parts outside it. The test split's MMSE scores
+    come from `test_mmse`, else from task2.csv beside the test labels when it is there."""
     if keep not in KEEP:
         raise CorpusError(f"--keep {keep!r}: choose one of {', '.join(KEEP)}")
     base = find_diagnosis_dir(Path(root))
@@ -508,8 +529,15 @@ def import_adresso(root: Path | str, test_labels: Path | str | None = None, keep
     test_dir = base / "test-dist"
     if test_dir.is_dir():
         labels = read_test_labels(Path(test_labels)) if test_labels else {}
+        if test_mmse is None and test_labels and (Path(test_labels).parent / TEST_MMSE_FILE).is_file():
+            test_mmse = Path(test_labels).parent / TEST_MMSE_FILE
+        scores = read_test_mmse(Path(test_mmse)) if test_mmse else {}
         test = _import_folder(test_dir / "audio", test_dir / "segmentation", "test", None, {}, warnings, keep)
-        test = [replace(r, label=labels.get(r.id)) for r in test]
+        test = [replace(r, label=labels.get(r.id), mmse=scores.get(r.id)) for r in test]
+        if test_mmse:
+            unscored = [r.id for r in test if r.mmse is None]
+            if unscored:
+                warnings.append(f"{test_mmse}: no MMSE for {len(unscored)} test recording(s): {unscored[:5]}")
         if test_labels:
             unlabelled = [r.id for r in test if r.label is None]
             unknown = sorted(set(labels) - {r.id for r in test})

@@ -32,7 +32,15 @@ from adsearch.search.objective import (
     recording_scores,
 )
 from adsearch.search.plugins import PluginError, check_digests, module_digest, plugin_of
-from adsearch.search.protocol import CHANCE, assign_folds
+from adsearch.search.protocol import (
+    CHANCE,
+    assign_folds,
+    better,
+    direction,
+    improvement,
+    null_best,
+    regression_metrics,
+)
 from adsearch.search.space import PipelineSettings, TrialConfig, fixed_params_problems
 
 CONFIG_FILE = "config.yaml"
@@ -43,10 +51,13 @@ MODEL_FILE = "model.skops"
 # admit eval, exec, numpy.load and the numpy.testing helpers, which run code when a model is loaded.
 TRUSTED_TYPES = frozenset({
     "adsearch.search.estimators.BlockwiseStandardScaler",
+    "adsearch.search.estimators.CenteredKernelRidge",  # MMSE regressors
     "adsearch.search.estimators.CovariancePCA",
+    "adsearch.search.estimators.PLSRegressor",
     "adsearch.search.estimators.ShrinkageLDA",
     "adsearch.search.estimators.TfidfWeighting",
     "catboost.core.CatBoostClassifier",
+    "catboost.core.CatBoostRegressor",
     "sklearn.calibration._CalibratedClassifier",  # calibration inside the folds (space.calibration)
     "sklearn.calibration._SigmoidCalibration",
     "sklearn.metrics._dist_metrics.EuclideanDistance64",  # kNN's KD tree (few dims, euclidean)
@@ -55,6 +66,7 @@ TRUSTED_TYPES = frozenset({
     "sklearn.tree._tree.Tree",
     "xgboost.core.Booster",
     "xgboost.sklearn.XGBClassifier",
+    "xgboost.sklearn.XGBRegressor",
 })
 
 
@@ -87,7 +99,7 @@ class Features(_Strict):
 class CVRecord(_Strict):
     folds: int
     repeats: int
-    metric: Literal["balanced_accuracy", "accuracy", "f1", "roc_auc"]
+    metric: Literal["balanced_accuracy", "accuracy", "f1", "roc_auc", "rmse", "mae", "r2", "pearson_r"]
     seed: int
     mean: float
     std: float
@@ -105,7 +117,7 @@ class FreshCV(_Strict):
     seed: int
     mean: float
     std: float  # across the repeats' means
-    optimism: float  # study CV - fresh mean: what selecting the best trial added (read like CV - test)
+    optimism: float  # how much better the study CV is than the fresh mean: what selecting the best trial added
 
 
 class StudyRef(_Strict):
@@ -133,6 +145,7 @@ class ExportedConfig(_Strict):
     """config.yaml: everything needed to rebuild the classifier without the study."""
 
     adsearch_version: str
+    task: Literal["classification", "mmse"] = "classification"  # mmse: the model predicts the MMSE score
     study: StudyRef
     model: ModelRef
     features: Features
@@ -158,6 +171,13 @@ def _transcripts_ref(meta: dict) -> TranscriptsRef | None:
                           content_hash=meta["transcripts"]["content_hash"])
 
 
+def validation_details(exc: ValidationError | TypeError) -> str:
+    """Each key of a hand-edited config that fails validation, with what is wrong with it."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return str(exc)
+
+
 def load_config(path: Path | str) -> ExportedConfig:
     """Read and validate config.yaml; a hand edit that breaks it is reported by key."""
     path = Path(path)
@@ -173,9 +193,7 @@ def load_config(path: Path | str) -> ExportedConfig:
     except YamlError as exc:
         raise ExportError(str(exc)) from None
     except (ValidationError, TypeError) as exc:
-        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()) \
-            if isinstance(exc, ValidationError) else str(exc)
-        raise ExportError(f"{path}: invalid config: {details}") from None
+        raise ExportError(f"{path}: invalid config: {validation_details(exc)}") from None
     try:
         check_digests(config.plugins, str(path))  # the classifier's own code, as it was at export
     except PluginError as exc:
@@ -203,9 +221,9 @@ def item_features(cache: EmbeddingCache, config: TrialConfig, items: np.ndarray)
     return X, np.arange(len(items)) if config.unit == "recording" else cache.window_owner(items)
 
 
-def fit_on(cache: EmbeddingCache, config: TrialConfig, items: np.ndarray, seed: int):
+def fit_on(cache: EmbeddingCache, config: TrialConfig, items: np.ndarray, seed: int, task: str = "classification"):
     X, owner = item_features(cache, config, items)
-    return fit_pipeline(config, X, cache.labels[items][owner], seed)
+    return fit_pipeline(config, X, cache.targets(task)[items][owner], seed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,6 +261,46 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     only_b = int(np.sum(~correct_a & correct_b))
     p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
     return {"only_best_right": only_a, "only_other_right": only_b, "p_value": float(p)}
+
+
+def regression_bootstrap(y: np.ndarray, predicted: np.ndarray, n: int = 2000, seed: int = 0
+                         ) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals over recordings of every regression metric at once."""
+    rng = np.random.default_rng(seed)
+    values = [regression_metrics(y[pick], predicted[pick])
+              for pick in (rng.integers(0, len(y), len(y)) for _ in range(n))]
+    return {name: tuple(float(v) for v in np.nanpercentile([v[name] for v in values], [2.5, 97.5]))
+            for name in values[0]}
+
+
+def paired_bootstrap(y: np.ndarray, predicted_a: np.ndarray, predicted_b: np.ndarray, metric: str,
+                     n: int = 2000, seed: int = 0) -> dict:
+    """How much better system a is than b on the same recordings (`improvement` in the metric's units), with
+    a percentile interval and a two-sided bootstrap p-value (twice the share of resamples on the other side
+    of 0): the regression counterpart of McNemar's test."""
+    rng = np.random.default_rng(seed)
+
+    def gain(pick):
+        return improvement(regression_metrics(y[pick], predicted_a[pick])[metric],
+                           regression_metrics(y[pick], predicted_b[pick])[metric], metric)
+
+    observed = gain(np.arange(len(y)))
+    draws = np.array([gain(rng.integers(0, len(y), len(y))) for _ in range(n)])
+    low, high = np.nanpercentile(draws, [2.5, 97.5])
+    side = np.mean(draws <= 0) if observed > 0 else np.mean(draws >= 0)
+    return {"metric": metric, "improvement": float(observed), "ci95": (float(low), float(high)),
+            "p_value": float(min(1.0, 2 * side)), "method": "paired bootstrap over recordings"}
+
+
+def mmse_test_report(y: np.ndarray, predicted: np.ndarray, train_mean: float, seed: int) -> dict:
+    """RMSE, MAE, R2 and Pearson r of MMSE predictions with bootstrap intervals, beside the floor: the same
+    metrics for predicting the training mean for every recording."""
+    values = regression_metrics(y, predicted)
+    intervals = regression_bootstrap(y, predicted, seed=seed)
+    floor = regression_metrics(y, np.full(len(y), train_mean))
+    return {"n": len(y), **{name: {"value": values[name], "ci95": intervals[name], "method": "bootstrap"}
+                            for name in values},
+            "mean_predictor": {"train_mean": train_mean, "rmse": floor["rmse"], "mae": floor["mae"]}}
 
 
 def test_report(y: np.ndarray, score: np.ndarray, threshold: float, seed: int) -> dict:
@@ -353,7 +411,7 @@ def export_trial(
     from optuna.trial import TrialState
 
     from adsearch.search.storage import make_storage, mask_url
-    from adsearch.search.study import StudySetup, load_caches_for, missing_study, trial_config
+    from adsearch.search.study import StudyError, load_caches_for, open_study, trial_config
 
     out_dir = check_new_folder(out_dir)
     if not 0 <= top_k <= 1000:
@@ -362,15 +420,14 @@ def export_trial(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = make_storage(storage_url, create=False)
     try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        raise ExportError(str(missing_study(storage, study_name, mask_url(storage_url)))) from None
-    setup = StudySetup.from_study(study)
+        study, setup = open_study(storage, study_name, mask_url(storage_url))
+    except StudyError as exc:
+        raise ExportError(str(exc)) from None
     if setup.null_seed is not None:
         raise ExportError(f"{study_name!r} is a null study (permuted labels): it measures the noise floor of its "
                           "main study and has nothing to export")
     complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
-                      key=lambda t: t.value, reverse=True)
+                      key=lambda t: t.value, reverse=direction(setup.spec.cv.metric) == "maximize")
     if not complete:
         raise ExportError(f"study {study_name!r} has no complete trial yet")
     if trial_number is None:
@@ -388,9 +445,32 @@ def export_trial(
     config = trial_config(setup, chosen.params)
     cache = caches[config.source]  # a multi-source study: the chosen source's cache and model
     spec = setup.spec
+    exported = config_of_trial(study_name, storage_url, setup, chosen, cache, config)
+    exported.cv.fresh = rescore_on_fresh_folds(cache, config, spec.cv.folds, spec.cv.metric, spec.seed,
+                                               chosen.value, task=spec.task)
+    fresh = exported.cv.fresh
+    log(f"re-scored on {fresh.repeats} fresh fold assignments: {spec.cv.metric} {fresh.mean:.4f} +/- "
+        f"{fresh.std:.4f} vs study CV {chosen.value:.4f} (selection optimism {fresh.optimism:+.4f})")
+    # Everything is written into a private hidden folder that becomes OUT_DIR at the very end: an export
+    # killed midway, or beaten by a concurrent one, leaves no half-written or mixed OUT_DIR.
+    result = ExportResult(out_dir, exported, None)
+    with folder_written_whole(out_dir) as work_dir:
+        figures = _write_export(study, setup, caches, cache, config, chosen, complete, exported, work_dir, out_dir,
+                                top_k, artifacts, control, log, result)
+    result.figures = [out_dir / figure.relative_to(work_dir) for figure in figures]
+    return result
+
+
+def config_of_trial(study_name: str, storage_url: str, setup, chosen, cache: EmbeddingCache,
+                    config: TrialConfig) -> ExportedConfig:
+    """config.yaml of one completed trial: features, pipeline, CV record, cache, versions, plugin digests."""
+    from adsearch.search.storage import mask_url
+
+    spec = setup.spec
     scores = [chosen.intermediate_values[k] for k in sorted(chosen.intermediate_values)]
-    exported = ExportedConfig(
+    return ExportedConfig(
         adsearch_version=__version__,
+        task=spec.task,
         study=StudyRef(name=study_name, trial=chosen.number, storage=mask_url(storage_url)),
         model=ModelRef(name=cache.meta["model"]["name"], revision=cache.meta["model"]["revision"],
                        path=cache.meta["model"].get("path")),
@@ -410,19 +490,6 @@ def export_trial(
         transcripts=_transcripts_ref(cache.meta),
         plugins={module: module_digest(module) for module in [plugin_of(config.classifier)] if module},
     )
-    exported.cv.fresh = rescore_on_fresh_folds(cache, config, spec.cv.folds, spec.cv.metric, spec.seed,
-                                               chosen.value)
-    fresh = exported.cv.fresh
-    log(f"re-scored on {fresh.repeats} fresh fold assignments: {spec.cv.metric} {fresh.mean:.4f} +/- "
-        f"{fresh.std:.4f} vs study CV {chosen.value:.4f} (selection optimism {fresh.optimism:+.4f})")
-    # Everything is written into a private hidden folder that becomes OUT_DIR at the very end: an export
-    # killed midway, or beaten by a concurrent one, leaves no half-written or mixed OUT_DIR.
-    result = ExportResult(out_dir, exported, None)
-    with folder_written_whole(out_dir) as work_dir:
-        figures = _write_export(study, setup, caches, cache, config, chosen, complete, exported, work_dir, out_dir,
-                                top_k, artifacts, control, log, result)
-    result.figures = [out_dir / figure.relative_to(work_dir) for figure in figures]
-    return result
 
 
 def _write_export(study, setup, caches, cache, config: TrialConfig, chosen, complete, exported: ExportedConfig,
@@ -434,23 +501,29 @@ def _write_export(study, setup, caches, cache, config: TrialConfig, chosen, comp
     from adsearch.search.study import trial_config, trial_counts
 
     spec = setup.spec
-    train = np.flatnonzero(cache.splits == "train")
-    model = fit_on(cache, config, train, spec.seed)
+    task = spec.task
+    train = cache.with_target("train", task)
+    model = fit_on(cache, config, train, spec.seed, task)
     oof = oof_predictions(chosen)
     if oof is not None and hasattr(model, "predict_proba"):  # out-of-fold P(AD) = score - 0.5 + 0.5
         exported.cv.calibration = calibration_report(np.tile(cache.labels[train], len(oof)), oof.ravel() + 0.5)
     (work_dir / CONFIG_FILE).write_text(yaml.safe_dump(exported.model_dump(mode="json"), sort_keys=False))
     save_model(model, work_dir / MODEL_FILE)
-    log(f"refit on {len(train)} train recordings; wrote {out_dir / CONFIG_FILE} and {out_dir / MODEL_FILE}")
+    log(f"refit on {len(train)} train recordings{' with an MMSE score' if task == 'mmse' else ''}; wrote "
+        f"{out_dir / CONFIG_FILE} and {out_dir / MODEL_FILE}")
 
-    test_items = np.flatnonzero((cache.splits == "test") & (cache.labels >= 0))
-    if len(test_items) == 0 or len(set(cache.labels[test_items])) < 2:
-        log("no test labels in the cache: stopped after the refit (no held-out evaluation)")
+    test_items = cache.with_target("test", task)
+    train_mean = float(cache.mmse[train].mean()) if task == "mmse" else None
+    if len(test_items) < 2 or (task != "mmse" and len(set(cache.labels[test_items])) < 2):
+        log(f"no test {'MMSE scores' if task == 'mmse' else 'labels'} in the cache: stopped after the refit (no "
+            "held-out evaluation)")
     else:
-        result.test, correct_best = _evaluate_test(cache, config, model, test_items, spec.seed)
-        unreadable = unreadable_test_recordings(cache)
+        result.test, best_test = _evaluate_test(cache, config, model, test_items, spec.seed, task, train_mean)
+        unreadable = unreadable_test_recordings(cache, task)
         result.test.update({"trial": chosen.number, "cv_mean": chosen.value, "cv_metric": spec.cv.metric,
-                            "cv_minus_test": chosen.value - result.test[spec.cv.metric]["value"],
+                            # positive: the CV was better than the test, i.e. optimistic (any metric's direction)
+                            "cv_minus_test": improvement(chosen.value, result.test[spec.cv.metric]["value"],
+                                                         spec.cv.metric),
                             "labelled": len(test_items) + len(unreadable), "unreadable": unreadable})
         if unreadable:
             result.warnings.append(
@@ -473,13 +546,18 @@ def _write_export(study, setup, caches, cache, config: TrialConfig, chosen, comp
             if any(rec_id not in position for rec_id in test_ids):
                 log(f"trial {other.number}: its source lacks some test recordings; not compared")
                 continue
-            other_model = fit_on(other_cache, other_config, np.flatnonzero(other_cache.splits == "train"), spec.seed)
-            other_test, correct_other = _evaluate_test(other_cache, other_config, other_model,
-                                                       np.array([position[i] for i in test_ids]), spec.seed)
-            result.top_k.append({"trial": other.number, "cv_mean": other.value,
-                                 "test": {k: other_test[k]["value"]
-                                          for k in ("accuracy", "balanced_accuracy", "roc_auc")},
-                                 "mcnemar": mcnemar_exact(correct_best, correct_other)})
+            other_model = fit_on(other_cache, other_config, other_cache.with_target("train", task), spec.seed, task)
+            other_test, other_output = _evaluate_test(other_cache, other_config, other_model,
+                                                      np.array([position[i] for i in test_ids]), spec.seed, task,
+                                                      train_mean)
+            if task == "mmse":
+                compared = {"test": {k: other_test[k]["value"] for k in ("rmse", "mae", "r2")},
+                            "paired": paired_bootstrap(cache.mmse[test_items], best_test, other_output,
+                                                       spec.cv.metric, seed=spec.seed)}
+            else:
+                compared = {"test": {k: other_test[k]["value"] for k in ("accuracy", "balanced_accuracy", "roc_auc")},
+                            "mcnemar": mcnemar_exact(best_test, other_output)}
+            result.top_k.append({"trial": other.number, "cv_mean": other.value, **compared})
         (work_dir / "test.json").write_text(json.dumps({**result.test, "top_k": result.top_k}, indent=1))
     floor = study._storage.get_study_system_attrs(study._study_id).get(NULL_ATTR)
     baseline = load_duration_baseline(study)
@@ -492,11 +570,13 @@ def _write_export(study, setup, caches, cache, config: TrialConfig, chosen, comp
                         floor=floor, control=control, warnings=result.warnings, baseline=baseline)
 
 
-def unreadable_test_recordings(cache: EmbeddingCache) -> list[dict]:
-    """Labelled test recordings that extraction could not read: they are missing from the held-out test, and
-    a reader comparing with published numbers on the whole test split must know it (ADReSSo: '70 of 71')."""
+def unreadable_test_recordings(cache: EmbeddingCache, task: str = "classification") -> list[dict]:
+    """Labelled test recordings (with an MMSE score, for an MMSE study) that extraction could not read: they
+    are missing from the held-out test, and a reader comparing with published numbers on the whole test split
+    must know it (ADReSSo: '70 of 71')."""
+    target = "mmse" if task == "mmse" else "label"
     return [{"id": f["id"], "reason": f["reason"]} for f in cache.meta.get("failures", [])
-            if f.get("split") == "test" and f.get("label") is not None]
+            if f.get("split") == "test" and f.get(target) is not None]
 
 
 def control_summary(storage, control_study: str, metric: str) -> dict:
@@ -528,19 +608,20 @@ def honesty_warnings(exported: ExportedConfig, floor: dict | None, control: dict
     warnings = []
     cv = exported.cv
     if floor and floor.get("n"):
-        reached = sum(null["best"] >= floor["real_best"] for null in floor["null"])
+        reached = sum(better(null["best"], floor["real_best"], cv.metric) for null in floor["null"])
         if reached:
-            warnings.append(f"the best CV ({floor['real_best']:.4f}) is not above the noise floor: {reached} of "
-                            f"{floor['n']} label-permuted searches reached it (best {floor['null_max']:.4f}; p = "
+            warnings.append(f"the best CV ({floor['real_best']:.4f}) is not better than the noise floor: {reached} of "
+                            f"{floor['n']} label-permuted searches reached it (best {null_best(floor):.4f}; p = "
                             f"{floor['p_value']:.3f})")
         elif floor["p_value"] > 0.05:
-            warnings.append(f"the best CV ({floor['real_best']:.4f}) is above all {floor['n']} label-permuted "
-                            f"searches (best {floor['null_max']:.4f}), but with {floor['n']} of them p cannot go "
+            warnings.append(f"the best CV ({floor['real_best']:.4f}) is better than all {floor['n']} label-permuted "
+                            f"searches (best {null_best(floor):.4f}), but with {floor['n']} of them p cannot go "
                             f"below {floor['p_value']:.3f}: run `adsearch null --runs 19` or more for p < 0.05")
     if control:
         reference = (control["floor"] or {}).get("null_median") or (floor or {}).get("null_median")
         chance = CHANCE.get(cv.metric)
-        above = control["best"] > reference if reference else (chance is not None and control["best"] > chance + 0.1)
+        above = (improvement(control["best"], reference, cv.metric) > 0 if reference
+                 else chance is not None and control["best"] > chance + 0.1)
         if above:
             warnings.append(f"the shortcut control {control['study']!r} (the same search without the participant's "
                             f"speech) reaches CV {control['best']:.4f}"
@@ -555,23 +636,32 @@ FRESH_SEED_OFFSET = 10_000  # fold seeds no study uses: the study's own are seed
 
 
 def rescore_on_fresh_folds(cache: EmbeddingCache, config: TrialConfig, folds: int, metric: str, seed: int,
-                           study_cv: float, repeats: int = FRESH_REPEATS) -> FreshCV:
+                           study_cv: float, repeats: int = FRESH_REPEATS, task: str = "classification") -> FreshCV:
     """Cross-validate `config` on `repeats` new speaker-grouped fold assignments (train split only)."""
     from adsearch.search.objective import FeatureSource
 
-    source = FeatureSource(cache)
+    source = FeatureSource(cache, task=task)
     fresh_seed = seed + FRESH_SEED_OFFSET
-    assignment = assign_folds(source.labels, source.groups, folds, repeats, fresh_seed)
+    assignment = assign_folds(source.labels, source.groups, folds, repeats, fresh_seed, task)
     scores = np.array(cross_validate(config, source, assignment, metric, seed).fold_scores)
     per_repeat = scores.reshape(repeats, folds).mean(axis=1)
     mean = float(per_repeat.mean())
     return FreshCV(repeats=repeats, seed=fresh_seed, mean=mean, std=float(per_repeat.std()),
-                   optimism=float(study_cv - mean))
+                   optimism=float(improvement(study_cv, mean, metric)))
 
 
-def _evaluate_test(cache: EmbeddingCache, config: TrialConfig, model, items: np.ndarray, seed: int):
+def _evaluate_test(cache: EmbeddingCache, config: TrialConfig, model, items: np.ndarray, seed: int,
+                   task: str = "classification", train_mean: float | None = None):
+    """The test report, and per recording what a comparison needs: correct or not (classification), or the
+    predicted MMSE."""
     X, owner = item_features(cache, config, items)
     score, threshold = recording_scores(model, X, owner, len(items))
+    if task == "mmse":
+        y = cache.mmse[items]
+        report = mmse_test_report(y, score, train_mean, seed)
+        report["predictions"] = [{"id": cache.ids[i], "mmse": float(true), "predicted": float(s)}
+                                 for i, true, s in zip(items, y, score, strict=True)]
+        return report, score
     y = cache.labels[items]
     report = test_report(y, score, threshold, seed)
     if hasattr(model, "predict_proba"):  # a margin classifier's scores are no probabilities to calibrate
@@ -611,8 +701,12 @@ def reproduce_cv(config: ExportedConfig, cache: EmbeddingCache) -> list[float]:
     if cache.content_hash != config.cache.content_hash:
         raise ExportError(f"{cache.path}: content hash {cache.content_hash[:12]} differs from the exported "
                           f"config's cache ({config.cache.content_hash[:12]}); scores cannot be reproduced on it")
+    from threadpoolctl import threadpool_limits
+
     from adsearch.search.objective import FeatureSource
 
-    source = FeatureSource(cache)
-    folds = assign_folds(source.labels, source.groups, config.cv.folds, config.cv.repeats, config.cv.seed)
-    return cross_validate(config.trial_config(), source, folds, config.cv.metric, config.seed).fold_scores
+    source = FeatureSource(cache, task=config.task)
+    folds = assign_folds(source.labels, source.groups, config.cv.folds, config.cv.repeats, config.cv.seed,
+                         config.task)
+    with threadpool_limits(1):  # as the workers ran it: a multi-threaded BLAS solve differs in the last bits
+        return cross_validate(config.trial_config(), source, folds, config.cv.metric, config.seed).fold_scores

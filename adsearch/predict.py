@@ -27,6 +27,7 @@ class Prediction:
     file: str
     prob_ad: float | None = None  # probability of AD, for classifiers that estimate one
     decision: float | None = None  # the signed margin of classifiers that only have a decision function
+    mmse: float | None = None  # an MMSE model's predicted score (0-30); such a model gives no label
     label: str | None = None
     n_windows: int = 0
     speech_seconds: float = 0.0
@@ -223,6 +224,9 @@ class Predictor:
             prediction.error = f"{type(exc).__name__}: {str(exc)[:300]}"
             return prediction
         score, threshold = recording_scores(self.classifier, X, np.zeros(len(X), np.int64), 1)
+        if self.config.task == "mmse":  # clipped to 0-30 like every score the study saw
+            prediction.mmse = float(score[0])
+            return prediction
         if hasattr(self.classifier, "predict_proba"):
             prediction.prob_ad = float(score[0])
         else:  # an SVM's margin is no probability: it gets its own column
@@ -249,7 +253,7 @@ def check_output(path: Path | str) -> Path:
 def write_predictions(predictions: list[Prediction], path: Path | str) -> None:
     """Write the CSV atomically (a crash or a full disk never leaves half a file). Text cells that a
     spreadsheet would run as a formula (starting with =, +, -, @, tab or CR) get a leading apostrophe."""
-    fields = ["file", "prob_ad", "decision", "label", "n_windows", "speech_seconds", "segmentation", "error"]
+    fields = ["file", "prob_ad", "decision", "mmse", "label", "n_windows", "speech_seconds", "segmentation", "error"]
     with file_written_whole(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()

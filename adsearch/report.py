@@ -34,12 +34,13 @@ def recorded_stores(storage) -> list[str]:
     return sorted({store for store in stores if store})
 
 
-def _best_by(trials, key) -> tuple[list, list]:
-    best: dict = defaultdict(lambda: -np.inf)
+def _best_by(trials, key, lower_is_better: bool = False) -> tuple[list, list]:
+    best: dict = defaultdict(lambda: np.inf if lower_is_better else -np.inf)
+    pick = min if lower_is_better else max
     for trial in trials:
         value = key(trial)
         if value is not None:
-            best[value] = max(best[value], trial.value)
+            best[value] = pick(best[value], trial.value)
     names = sorted(best)
     return names, [best[n] for n in names]
 
@@ -52,8 +53,11 @@ def _figures(study, setup, test: dict | None, out: Path, layer_label: str = "lay
     import matplotlib.ticker
     from optuna.trial import TrialState
 
+    from adsearch.search.protocol import direction
+
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     metric = setup.spec.cv.metric
+    lower = direction(metric) == "minimize"
     paths = []
 
     def save(fig, name: str) -> None:
@@ -69,7 +73,7 @@ def _figures(study, setup, test: dict | None, out: Path, layer_label: str = "lay
         mine = [t for t in complete if t.params.get("source") == source]
         key = "layer" if source is None else f"layer.{source}"
         default = None if source is None else 0  # a one-layer source (eGeMAPS) has no layer parameter
-        layers, scores = _best_by(mine, lambda t, key=key, default=default: t.params.get(key, default))
+        layers, scores = _best_by(mine, lambda t, key=key, default=default: t.params.get(key, default), lower)
         ax.plot(layers, scores, marker="o", label=source)
     if sources:
         ax.legend(title="source", fontsize=8)
@@ -80,17 +84,19 @@ def _figures(study, setup, test: dict | None, out: Path, layer_label: str = "lay
     save(fig, "layer_curve")
 
     for key, title in (("pooling", "Best CV score per pooling"), ("classifier", "Best CV score per classifier")):
-        names, values = _best_by(complete, lambda t, k=key: t.params.get(k))
+        names, values = _best_by(complete, lambda t, k=key: t.params.get(k), lower)
         fig, ax = plt.subplots(figsize=(7, 3.2))
         ax.barh(names, values)
-        ax.set(xlabel=f"best CV {metric}", title=title, xlim=(min(values + [0.5]) - 0.05, 1.0))
+        ax.set(xlabel=f"best CV {metric}" + (" (lower is better)" if lower else ""), title=title)
+        if setup.spec.task != "mmse":
+            ax.set_xlim(min(values + [0.5]) - 0.05, 1.0)
         save(fig, f"best_per_{key}")
 
     ordered = sorted(complete, key=lambda t: t.number)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.scatter([t.number for t in ordered], [t.value for t in ordered], s=10, alpha=0.6, label="trial")
-    ax.plot([t.number for t in ordered], np.maximum.accumulate([t.value for t in ordered]), color="C1",
-            label="best so far")
+    accumulate = np.minimum.accumulate if lower else np.maximum.accumulate
+    ax.plot([t.number for t in ordered], accumulate([t.value for t in ordered]), color="C1", label="best so far")
     ax.set(xlabel="trial", ylabel=f"CV {metric}", title="Optimisation history")
     ax.legend()
     save(fig, "history")
@@ -120,7 +126,19 @@ def _figures(study, setup, test: dict | None, out: Path, layer_label: str = "lay
         heatmap(screened, out / "layer_screen.png")
         paths.append(out / "layer_screen.png")
 
-    if test:
+    if test and "predictions" in test and setup.spec.task == "mmse":
+        true = [p["mmse"] for p in test["predictions"]]
+        predicted = [p["predicted"] for p in test["predictions"]]
+        fig, ax = plt.subplots(figsize=(4, 3.8))
+        ax.plot([0, 30], [0, 30], color="grey", linestyle="--", linewidth=1, label="perfect")
+        ax.axhline(test["mean_predictor"]["train_mean"], color="C3", linewidth=1, linestyle=":",
+                   label="training mean")
+        ax.scatter(true, predicted, s=14, alpha=0.7, label="test recording")
+        ax.set(xlim=(0, 30.5), ylim=(0, 30.5), xlabel="true MMSE", ylabel="predicted MMSE",
+               title=f"Test: RMSE {test['rmse']['value']:.2f}, r {test['pearson_r']['value']:.2f}")
+        ax.legend(loc="upper left", fontsize=8)
+        save(fig, "test_predicted_vs_true")
+    elif test:
         matrix = np.array(test["confusion"]["matrix"])
         fig, ax = plt.subplots(figsize=(3.6, 3.2))
         ax.imshow(matrix, cmap="Blues")
@@ -148,13 +166,18 @@ def _figures(study, setup, test: dict | None, out: Path, layer_label: str = "lay
 
 def _honesty_rows(exported, floor: dict | None, control: dict | None, baseline: dict | None = None) -> list[tuple]:
     """Every figure next to what it would be by chance and how it was obtained."""
+    from adsearch.search.baseline import chance_level
     from adsearch.search.baseline import describe as describe_baseline
     from adsearch.search.null import describe
-    from adsearch.search.protocol import CHANCE
 
     metric = exported.cv.metric
-    chance = CHANCE.get(metric)
-    rows = [("chance", (f"{chance:g}" if chance is not None else "the majority-class rate") + f" ({metric})")]
+    chance = chance_level(baseline, metric)
+    if metric in ("rmse", "mae"):
+        said = (f"{chance:.4f} ({metric} of predicting each training fold's mean MMSE, the study's folds)"
+                if chance is not None else f"the {metric} of predicting the training mean (not recorded)")
+    else:
+        said = (f"{chance:g}" if chance is not None else "the majority-class rate") + f" ({metric})"
+    rows = [("chance", said)]
     rows.append(("duration-only baseline", f"CV {describe_baseline(baseline)}, the study's folds" if baseline
                  else "not recorded (a study created before adsearch computed it)"))
     rows.append(("noise floor (`adsearch null`)", describe(floor) if floor else
@@ -213,7 +236,7 @@ def _cell(value) -> str:
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(str(value)))
 
 
-def _table(rows: list[tuple]) -> str:
+def html_table(rows: list[tuple]) -> str:
     body = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table>{body}</table>"
 
@@ -229,7 +252,7 @@ def _calibration_paragraph(calibration: dict | None) -> str:
 
 def _confusion_table(confusion: dict) -> str:
     labels, matrix = confusion["labels"], confusion["matrix"]
-    return _table([("", *(f"predicted {label}" for label in labels))]
+    return html_table([("", *(f"predicted {label}" for label in labels))]
                   + [(f"true {label}", *row) for label, row in zip(labels, matrix, strict=True)])
 
 
@@ -281,9 +304,11 @@ def write_report(study, setup, cache, exported, test: dict | None, top_k: list[d
         warnings = ["CV optimistic: the features come from a model fine-tuned on every train recording "
                     "(adsearch finetune --no-crossfit)", *(warnings or [])]
     parts += [f"<p style='color:#a40'><b>Warning:</b> {html.escape(w)}</p>" for w in warnings or []]
-    parts += ["<h2>Exported configuration</h2>", _table(config_rows), "<h2>How good is this score?</h2>",
-              _table(_honesty_rows(exported, floor, control, baseline))]
-    if test:
+    parts += ["<h2>Exported configuration</h2>", html_table(config_rows), "<h2>How good is this score?</h2>",
+              html_table(_honesty_rows(exported, floor, control, baseline))]
+    if test and exported.task == "mmse":
+        parts += _mmse_test_parts(test, top_k)
+    elif test:
         rows = [(name, f"{test[name]['value']:.4f}", f"[{test[name]['ci95'][0]:.3f}, {test[name]['ci95'][1]:.3f}]",
                  test[name]["method"])
                 for name in ("accuracy", "balanced_accuracy", "f1", "roc_auc", "sensitivity", "specificity")]
@@ -291,7 +316,7 @@ def write_report(study, setup, cache, exported, test: dict | None, top_k: list[d
                    + ", ".join(u["id"] for u in test["unreadable"])) if test.get("unreadable") else ""
         parts += [f"<h2>Held-out test ({test['n']} of {test.get('labelled', test['n'])} labelled recordings"
                   f"{html.escape(missing)}; evaluated once)</h2>",
-                  _table([("metric", "value", "95 % interval", "interval")] + rows),
+                  html_table([("metric", "value", "95 % interval", "interval")] + rows),
                   "<p>Confusion counts:</p>", _confusion_table(test["confusion"]),
                   _calibration_paragraph(test.get("calibration")),
                   f"<p>CV {html.escape(test['cv_metric'])} {test['cv_mean']:.4f} vs test "
@@ -300,7 +325,7 @@ def write_report(study, setup, cache, exported, test: dict | None, top_k: list[d
                   "a large search is optimistic; the test figure is the honest one.</p>"]
         if top_k:
             parts += ["<h2>Next configurations on the test split (exact McNemar test vs the exported one)</h2>",
-                      _table([("trial", "CV", "test accuracy", "test AUC", "p (McNemar)")] +
+                      html_table([("trial", "CV", "test accuracy", "test AUC", "p (McNemar)")] +
                              [(r["trial"], f"{r['cv_mean']:.4f}", f"{r['test']['accuracy']:.4f}",
                                f"{r['test']['roc_auc']:.4f}", f"{r['mcnemar']['p_value']:.3f}") for r in top_k])]
     else:
@@ -313,6 +338,30 @@ def write_report(study, setup, cache, exported, test: dict | None, top_k: list[d
     (out_dir / "report.html").write_text(f"<!doctype html><meta charset='utf-8'>{style}" + "\n".join(parts))
     _upload(study, figures, artifacts)
     return figures
+
+
+def _mmse_test_parts(test: dict, top_k: list[dict]) -> list[str]:
+    """The held-out MMSE evaluation: every metric with its interval, beside predicting the training mean."""
+    rows = [(name, f"{test[name]['value']:.4f}", f"[{test[name]['ci95'][0]:.3f}, {test[name]['ci95'][1]:.3f}]",
+             test[name]["method"]) for name in ("rmse", "mae", "r2", "pearson_r")]
+    floor = test["mean_predictor"]
+    parts = [f"<h2>Held-out test ({test['n']} of {test.get('labelled', test['n'])} test recordings with an MMSE "
+             "score; evaluated once)</h2>",
+             html_table([("metric", "value", "95 % interval", "interval")] + rows),
+             f"<p>Predicting the training mean ({floor['train_mean']:.2f}) for every test recording: RMSE "
+             f"{floor['rmse']:.4f}, MAE {floor['mae']:.4f}: the floor. ADReSSo 2021's official baseline RMSE is 5.28, "
+             "the best reported about 3.85 (on the full test split).</p>",
+             f"<p>CV {html.escape(test['cv_metric'])} {test['cv_mean']:.4f} vs test "
+             f"{test[test['cv_metric']]['value']:.4f}: CV better by {test['cv_minus_test']:+.4f} (positive means the "
+             "CV was optimistic). The test figure is the honest one.</p>"]
+    if top_k:
+        parts += ["<h2>Next configurations on the test split (paired bootstrap vs the exported one)</h2>",
+                  html_table([("trial", "CV", "test RMSE", "test R2", "exported better by", "95 % interval", "p")] +
+                         [(r["trial"], f"{r['cv_mean']:.4f}", f"{r['test']['rmse']:.4f}", f"{r['test']['r2']:.4f}",
+                           f"{r['paired']['improvement']:+.4f}",
+                           f"[{r['paired']['ci95'][0]:+.3f}, {r['paired']['ci95'][1]:+.3f}]",
+                           f"{r['paired']['p_value']:.3f}") for r in top_k])]
+    return parts
 
 
 def _feature_effects(cache) -> list[str]:
@@ -335,7 +384,7 @@ def _feature_effects(cache) -> list[str]:
             "within each group, 2,000 draws). With {n} features some intervals exclude 0 by chance alone; "
             "read it as a description of the data, not as evidence for the classifier.</p>".replace(
                 "{n}", str(len(rows))),
-            _table([("feature", "d", "95 % interval", "excludes 0", "recordings measured")] + rows)]
+            html_table([("feature", "d", "95 % interval", "excludes 0", "recordings measured")] + rows)]
 
 
 def _upload(study, figures: list[Path], artifacts: Path | str | None) -> None:

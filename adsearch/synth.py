@@ -285,8 +285,8 @@ def synthesize_corpus(
     on_recording: Callable[[str], None] | None = None,
     markers: str = "all",
 ) -> list[Speaker]:
-    """Write `out/ADReSSo21/diagnosis/{train,test-dist}`, `out/task1.csv` and `out/markers.csv` (with what
-    each participant said, in `spoken`)."""
+    """Write `out/ADReSSo21/diagnosis/{train,test-dist}`, `out/task1.csv`, `out/task2.csv` (test MMSE) and
+    `out/markers.csv` (with what each participant said, in `spoken`)."""
     if markers not in MARKER_KINDS:
         raise SynthError(f"--markers {markers[:40]!r}: choose {', '.join(MARKER_KINDS)}")
     if n_train < 4 or n_test < 0:
@@ -339,6 +339,11 @@ def synthesize_corpus(
         writer.writerow(["ID", "Dx"])
         for s in (x for x in speakers if x.split == "test"):
             writer.writerow([s.id, "ProbableAD" if s.label else "Control"])
+    with (out / "task2.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ID", "MMSE"])
+        for s in (x for x in speakers if x.split == "test"):
+            writer.writerow([s.id, round(s.mmse)])
     with (out / "markers.csv").open("w", newline="") as handle:
         fields = list(Speaker.__dataclass_fields__)
         writer = csv.writer(handle)

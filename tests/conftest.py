@@ -128,3 +128,20 @@ def fill(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def record_feature_reads(monkeypatch) -> list[set[int]]:
+    """Spy on every feature read from any cache: the returned list gets the item indices of each read (all
+    items for a read without `items`), so a test can assert that no test item was ever read."""
+    from adsearch.embed.cache import EmbeddingCache
+
+    read: list[set[int]] = []
+    for method in ("recording_features", "window_features"):
+        real = getattr(EmbeddingCache, method)
+
+        def spy(self, layer, pooling, items=None, real=real):
+            read.append(set(range(len(self.ids))) if items is None else set(np.asarray(items).tolist()))
+            return real(self, layer, pooling, items)
+
+        monkeypatch.setattr(EmbeddingCache, method, spy)
+    return read

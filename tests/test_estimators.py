@@ -7,7 +7,14 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from adsearch.export import load_model, save_model
-from adsearch.search.estimators import BlockwiseStandardScaler, CovariancePCA, ShrinkageLDA, TfidfWeighting
+from adsearch.search.estimators import (
+    BlockwiseStandardScaler,
+    CenteredKernelRidge,
+    CovariancePCA,
+    PLSRegressor,
+    ShrinkageLDA,
+    TfidfWeighting,
+)
 
 
 def data(n, dim, classes, seed=0):
@@ -114,3 +121,32 @@ def test_calibration_metrics_match_scikit_learns():
     by_hand = sum(b["n"] * abs(b["observed"] - b["mean_predicted"]) for b in report["bins"]) / len(y)
     assert report["ece"] == pytest.approx(by_hand) and report["ece"] > 0.05
     assert calibration_report(y, y.astype(float))["ece"] == 0.0  # certain and right: perfectly calibrated
+
+
+@parametrize_with_checks([CenteredKernelRidge(alpha=0.1, gamma=0.1), PLSRegressor(n_components=2)])
+def test_mmse_regressors_follow_scikit_learn_conventions(estimator, check):
+    """scikit-learn's own estimator checks (its contract for regressors) against adsearch's two regressors."""
+    check(estimator)
+
+
+def test_centered_kernel_ridge_is_kernel_ridge_on_centred_targets():
+    """The intercept is the training mean; the rest is scikit-learn's KernelRidge on the centred targets."""
+    from sklearn.kernel_ridge import KernelRidge
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(50, 6)), rng.normal(24, 4, 50)
+    ours = CenteredKernelRidge(alpha=0.5, gamma=0.2).fit(X, y)
+    theirs = KernelRidge(alpha=0.5, kernel="rbf", gamma=0.2).fit(X, y - y.mean())
+    np.testing.assert_allclose(ours.predict(X[:7]), theirs.predict(X[:7]) + y.mean(), rtol=1e-10)
+    # far from every training point the RBF kernel vanishes: the prediction is the mean, not 0
+    assert abs(ours.predict(X[:1] + 100)[0] - y.mean()) < 1e-6
+
+
+def test_pls_regressor_caps_its_components_at_what_the_data_allows():
+    from sklearn.cross_decomposition import PLSRegression
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(30, 3)), rng.normal(size=30)
+    fitted = PLSRegressor(n_components=16).fit(X, y)
+    assert fitted.model_.n_components == 3
+    np.testing.assert_allclose(fitted.predict(X), PLSRegression(3).fit(X, y).predict(X).ravel())

@@ -2,6 +2,7 @@
 
 import json
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
@@ -207,9 +208,10 @@ def test_predict_cli_bad_file_gets_its_own_error(exported, study_env, tmp_path):
     result = run("predict", out, test_audio, broken, "--segments", study_env["manifest"], "-o", csv_out)
     assert result.exit_code == 0, result.output
     rows = csv_out.read_text().splitlines()
-    assert rows[0] == "file,prob_ad,decision,label,n_windows,speech_seconds,segmentation,error"
+    assert rows[0] == "file,prob_ad,decision,mmse,label,n_windows,speech_seconds,segmentation,error"
     good, bad = rows[1].split(","), rows[2].split(",")
-    assert 0 <= float(good[1]) <= 1 and good[2] == "" and good[3] in ("AD", "control") and good[6:] == ["given", ""]
+    assert 0 <= float(good[1]) <= 1 and good[2] == good[3] == "" and good[4] in ("AD", "control")
+    assert good[7:] == ["given", ""]
     assert bad[1] == "" and "cannot decode" in rows[2]
     assert "broken.wav: cannot decode" in result.output
 
@@ -236,6 +238,7 @@ def test_a_margin_classifier_writes_a_decision_not_a_probability(tmp_path, monke
     predictor = object.__new__(Predictor)  # the speech model is not needed to score given features
     predictor.classifier = LinearSVC().fit(np.array([[0.0], [1.0], [2.0], [3.0]]), [0, 0, 1, 1])
     predictor.vad = False
+    predictor.config = SimpleNamespace(task="classification")
     monkeypatch.setattr(predictor, "features", lambda audio, segments: (np.array([[2.9]]), 1, 1.0), raising=False)
     monkeypatch.setattr("adsearch.predict.load_audio", lambda path: np.zeros(16000, np.float32))
     prediction = predictor.predict(tmp_path / "x.wav")
@@ -509,3 +512,39 @@ def test_the_test_split_reports_how_calibrated_p_ad_is(exported, study_env):
     labels = np.tile(study_env["cache"].labels[train], len(oof))
     assert config.cv.calibration["brier"] == pytest.approx(brier_score_loss(labels, oof.ravel() + 0.5), rel=1e-6)
     assert "calibration of P(AD), out-of-fold" in report
+
+
+@pytest.mark.parametrize("method", ["caruana", "stack"])
+def test_an_ensemble_exports_evaluates_and_predicts_like_a_single_model(study_env, tmp_path, method):
+    """`adsearch ensemble -o`: members refitted once as single-trial exports, the test split scored once beside
+    the best single trial (McNemar), `evaluate` reproduces every member, `predict` gives each test recording
+    the combined score the export's test evaluation gave it."""
+    import csv
+
+    out = tmp_path / "ensemble"
+    result = run("ensemble", "--study", "s", "--storage", study_env["url"], "--top", "4", "--method", method,
+                 "-o", out)
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["kind"] == "ensemble" and config["method"] == method and config["members"]
+    for member in config["members"]:
+        assert (out / "members" / f"trial-{member['trial']}" / "model.skops").is_file()
+    if method == "caruana":
+        assert sum(m["weight"] for m in config["members"]) == pytest.approx(1.0) and config["intercept"] == 0
+    test = json.loads((out / "test.json").read_text())
+    assert test["n"] == 4 and "only_best_right" in test["comparison"]
+    assert 0 <= test["comparison"]["p_value"] <= 1
+    assert len(config["cv"]["ensemble"]["fold_scores"]) == 3
+
+    evaluated = run("evaluate", out)
+    assert evaluated.exit_code == 0 and "members reproduced exactly" in evaluated.output, evaluated.output
+
+    cache = study_env["cache"]
+    expected = test["predictions"][0]
+    audio = cache.meta["items"][cache.ids.index(expected["id"])]["path"]
+    predicted = run("predict", out, audio, "--segments", study_env["manifest"], "-o", tmp_path / "p.csv")
+    assert predicted.exit_code == 0, predicted.output
+    with (tmp_path / "p.csv").open() as handle:
+        row = next(csv.DictReader(handle))
+    assert float(row["decision"]) == pytest.approx(expected["ensemble"], abs=1e-3)
+    assert row["label"] == ("AD" if expected["ensemble"] > 0 else "control") and row["prob_ad"] == ""

@@ -307,7 +307,8 @@ def test_a_crafted_model_file_is_refused(exported_dir, tmp_path, function):
 
 
 def test_every_model_adsearch_exports_loads_with_the_exact_allow_list(tmp_path):
-    """TRUSTED_TYPES is what every registry classifier, with every preprocessing, needs: no more, no less."""
+    """TRUSTED_TYPES is what every registry classifier and regressor, with every preprocessing, needs: no more,
+    no less."""
     import skops.io as sio
 
     from adsearch.export import TRUSTED_TYPES, load_model, save_model
@@ -323,7 +324,8 @@ def test_every_model_adsearch_exports_loads_with_the_exact_allow_list(tmp_path):
         variants = [base] + [{**base, k: option} for k, v in spec.params.items() if isinstance(v, Choice)
                              for option in v.options]
         for params, (pca, rows) in itertools.product(variants, [("none", 40), ("components", 40), ("variance", 120)]):
-            X, y = rng.normal(size=(rows, 80)).astype(np.float32), np.arange(rows) % 2  # 120 > 80: covariance PCA
+            X = rng.normal(size=(rows, 80)).astype(np.float32)  # 120 rows > 80 dims: covariance PCA
+            y = rng.normal(24, 4, rows) if spec.is_regressor else np.arange(rows) % 2
             config = TrialConfig(layer=0, pooling="mean", unit="recording", scale="standard", pca=pca,
                                  pca_components=4 if pca == "components" else None,
                                  pca_variance=0.9 if pca == "variance" else None, l2_normalize=pca == "none",
@@ -331,7 +333,7 @@ def test_every_model_adsearch_exports_loads_with_the_exact_allow_list(tmp_path):
             save_model(fit_pipeline(config, X, y, 0), tmp_path / "m.skops")
             needed |= set(sio.get_untrusted_types(file=tmp_path / "m.skops"))
             load_model(tmp_path / "m.skops")
-        for calibration in ("sigmoid", "isotonic"):  # calibration inside the folds wraps the classifier
+        for calibration in () if spec.is_regressor else ("sigmoid", "isotonic"):  # wraps the classifier
             X, y = rng.normal(size=(60, 20)).astype(np.float32), np.arange(60) % 2
             config = TrialConfig(layer=0, pooling="mean", unit="recording", scale="standard", pca="none",
                                  l2_normalize=False, classifier=name, params=base, calibration=calibration)

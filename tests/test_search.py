@@ -735,6 +735,34 @@ def test_the_nested_ensemble_cv_equals_a_hand_written_nested_loop():
     assert caruana(scores, y, "balanced_accuracy", rounds=10).sum() >= 1
 
 
+def test_nested_stacking_equals_a_hand_written_loop_and_mmse_stacking_clips():
+    """Stacking: a logistic regression on the top candidates' scores, fitted on the other folds only."""
+    from sklearn.linear_model import LogisticRegression
+
+    from adsearch.search.ensemble import build, nested_cv
+    from adsearch.search.objective import metrics
+
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1], 15)
+    scores = rng.normal(size=(5, 30)) + np.outer(rng.uniform(0, 1.5, 5), y - 0.5)
+    assignment = np.arange(30) % 3
+
+    def score(truth, s):
+        return metrics(truth, s, 0.0)["balanced_accuracy"]
+
+    expected = []
+    for fold in range(3):
+        inner, outer = assignment != fold, assignment == fold
+        order = sorted(range(5), key=lambda i: -score(y[inner], scores[i][inner]))[:3]
+        model = LogisticRegression(C=1.0, max_iter=2000, random_state=0).fit(scores[order][:, inner].T, y[inner])
+        expected.append(score(y[outer], model.decision_function(scores[order][:, outer].T)))
+    ensemble, _ = nested_cv(scores, y, assignment, "balanced_accuracy", top=3, method="stack")
+    assert ensemble == pytest.approx(expected)
+    mmse = rng.uniform(0, 30, 30)
+    combination = build("stack", np.vstack([mmse + 40, mmse - 40]), mmse, "rmse")
+    assert np.all(combination.apply(np.vstack([mmse + 40, mmse - 40]) * 3, regression=True) <= 30)
+
+
 def test_the_ensemble_command_reports_a_nested_cv_beside_the_best_single_trial(tmp_path):
     from typer.testing import CliRunner
 
@@ -750,6 +778,6 @@ def test_the_ensemble_command_reports_a_nested_cv_beside_the_best_single_trial(t
     said = " ".join(result.output.split())
     assert re.search(r"nested CV balanced_accuracy on 3 folds: ensemble 0\.\d{4} \+/- 0\.\d{4}; best single trial "
                      r"chosen the same way 0\.\d{4}", said), said
-    assert re.search(r"selected on all train recordings: trial \d+ x\d", said)
+    assert re.search(r"caruana ensemble of the best 6 trials, built on all train recordings: trial \d+ x[\d.]+", said)
     missing = CliRunner().invoke(app, ["ensemble", "--study", "nope", "--storage", url])
     assert missing.exit_code == 2 and "ens" in missing.output

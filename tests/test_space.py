@@ -3,7 +3,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from adsearch.search.classifiers import REGISTRY
+from adsearch.search.classifiers import REGISTRY, models_for
 from adsearch.search.space import SpaceError, check_layers, load_spec, parse_spec, suggest
 
 DEFAULT = Path(__file__).parent.parent / "studies" / "default.yaml"
@@ -17,7 +17,7 @@ def write(tmp_path, text: str) -> Path:
 
 def test_default_space_is_valid_and_covers_every_registered_classifier():
     spec = load_spec(DEFAULT)
-    assert set(spec.space.classifiers) == set(REGISTRY)
+    assert set(spec.space.classifiers) == set(models_for("classification"))
     assert spec.cv.metric == "balanced_accuracy" and spec.sampler == "tpe" and spec.pruner == "none"
     assert spec.screen.enabled and spec.screen.top == 6
     assert check_layers(spec, 25) == tuple(range(25))
@@ -31,15 +31,16 @@ def test_digest_ignores_formatting_but_not_content(tmp_path):
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("cv: {metric: auc}", "cv.metric: Input should be 'balanced_accuracy', 'accuracy', 'f1' or 'roc_auc'"),
+    ("cv: {metric: auc}", "cv.metric: Input should be 'balanced_accuracy', 'accuracy', 'f1', 'roc_auc', 'rmse'"),
     ("cv: {folds: 1}", "cv.folds: Input should be greater than or equal to 2"),
     ("samplr: tpe", "samplr: Extra inputs are not permitted"),
     ("sampler: cmaes", "sampler: Input should be 'tpe', 'random', 'layer-grid', 'gp' or 'qmc'"),
     ("space: {pooling: [mean, median]}", "space.pooling.1: Input should be"),
-    ("space: {pooling: []}", "space.pooling: Value error, needs at least one entry"),
+    ("space: {pooling: []}", "space.pooling: needs at least one entry"),
     ("space: {layers: {low: 10, high: 2}}", "low (10) is above high (2)"),
     ("space: {pca_variance: {low: 0.5, high: 1.0}}", "explained variance must lie strictly between 0 and 1"),
-    ("space: {classifiers: {svm: {}}}", "space.classifiers.svm: unknown classifier; available: logreg"),
+    ("space: {classifiers: {svm: {}}}", "space.classifiers.svm: unknown model; available for task classification: "
+                                        "logreg"),
     ("space: {classifiers: {logreg: {penalty: l1}}}", "unknown hyperparameter(s) ['penalty']; logreg has ['C']"),
     ("space: {classifiers: {logreg: {C: {low: 0, high: 1, log: true}}}}", "logreg.C: range: Value error, a log"),
     ("space: {classifiers: {knn: {weights: {low: 1, high: 2}}}}", "knn.weights: weights is categorical"),
@@ -74,7 +75,8 @@ def test_space_only_proposes_valid_conditional_parameters():
         "space": {
             "layers": {"low": 2, "high": 7}, "pca": ["none", "components", "variance"],
             "unit": ["recording", "window"], "l2_normalize": [True, False],
-            "classifiers": {name: {} for name in REGISTRY} | {"knn": {"weights": "distance", "n_neighbors": [3, 5]}},
+            "classifiers": {name: {} for name in models_for("classification")}
+            | {"knn": {"weights": "distance", "n_neighbors": [3, 5]}},
         }
     })
     layers = check_layers(spec, 25)
@@ -98,4 +100,4 @@ def test_space_only_proposes_valid_conditional_parameters():
             if hasattr(default, "low") and not (config.classifier == "knn" and name == "n_neighbors"):
                 assert default.low <= value <= default.high
         study.tell(trial, 0.5)
-    assert seen == set(REGISTRY)
+    assert seen == set(models_for("classification"))

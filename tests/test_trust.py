@@ -195,18 +195,11 @@ def test_screening_trials_come_first_and_keep_the_budget_exact(tmp_path):
 
 
 def test_the_screen_never_reads_test_items(tmp_path, monkeypatch):
-    from adsearch.embed.cache import EmbeddingCache
+    from conftest import record_feature_reads
 
     cache = open_cache(write_realistic_cache(tmp_path / "c", kind="mean", n_layers=3, dim=16, n_test=30, seed=0))
     test_items = set(np.flatnonzero(cache.splits == "test"))
-    read = []
-    real = EmbeddingCache.recording_features
-
-    def spy(self, layer, pooling, items=None):
-        read.append(set(range(len(self.ids))) if items is None else set(np.asarray(items).tolist()))
-        return real(self, layer, pooling, items)
-
-    monkeypatch.setattr(EmbeddingCache, "recording_features", spy)
+    read = record_feature_reads(monkeypatch)
     create_or_resume(make_storage(f"sqlite:///{tmp_path / 's.db'}"), "s", cache, parse_spec({}), "s.yaml", 5)
     assert read and not any(items & test_items for items in read)
 
@@ -355,7 +348,8 @@ def test_compare_gives_the_same_table_for_the_same_seeds(tmp_path):
 
 
 def test_null_studies_never_read_test_items(tmp_path, monkeypatch):
-    from adsearch.embed.cache import EmbeddingCache
+    from conftest import record_feature_reads
+
     from adsearch.search.null import create_null_studies
 
     cache = open_cache(write_realistic_cache(tmp_path / "c", kind="mean", n_layers=3, dim=16, n_test=30, seed=0))
@@ -364,15 +358,7 @@ def test_null_studies_never_read_test_items(tmp_path, monkeypatch):
                                                        "classifiers": {"logreg": {}}}})
     create_or_resume(make_storage(url), "main", cache, spec, "s.yaml", 2)
     test_items = set(np.flatnonzero(cache.splits == "test"))
-    read = []
-    for method in ("recording_features", "window_features"):
-        real = getattr(EmbeddingCache, method)
-
-        def spy(self, layer, pooling, items=None, real=real):
-            read.append(set(range(len(self.ids))) if items is None else set(np.asarray(items).tolist()))
-            return real(self, layer, pooling, items)
-
-        monkeypatch.setattr(EmbeddingCache, method, spy)
+    read = record_feature_reads(monkeypatch)
     create_null_studies(make_storage(url), "main", runs=1, budget=4)
     run_worker("main~null0", url, worker_index=0)
     assert read and not any(items & test_items for items in read)
@@ -390,10 +376,21 @@ def test_the_floor_warning_tells_too_few_null_runs_from_a_score_inside_the_floor
                 "p_value": (1 + sum(b >= real for b in nulls)) / (1 + len(nulls))}
 
     [few] = honesty_warnings(Exported, floor(0.9, [0.6, 0.65, 0.7]), None)
-    assert "above all 3 label-permuted searches" in few and "--runs 19" in few
+    assert "better than all 3 label-permuted searches" in few and "--runs 19" in few
     [inside] = honesty_warnings(Exported, floor(0.66, [0.6, 0.65, 0.7]), None)
-    assert "not above the noise floor: 1 of 3" in inside
+    assert "not better than the noise floor: 1 of 3" in inside
     assert honesty_warnings(Exported, floor(0.9, [0.6] * 19), None) == []
+
+    class ExportedMmse:  # lower is better: a null search reaches the real RMSE by going at or below it
+        class cv:  # noqa: N801
+            metric = "rmse"
+
+    rmse_floor = {"real_best": 4.0, "n": 3, "null": [{"best": b} for b in (3.9, 5.1, 5.3)], "null_max": 5.3,
+                  "null_best": 3.9, "p_value": 0.5}
+    [inside] = honesty_warnings(ExportedMmse, rmse_floor, None)
+    assert "not better than the noise floor: 1 of 3" in inside and "(best 3.9000" in inside
+    clear = {**rmse_floor, "null": [{"best": b} for b in (5.0, 5.1, 5.3)], "null_best": 5.0, "p_value": 0.25}
+    assert "better than all 3" in honesty_warnings(ExportedMmse, clear, None)[0]
 
 
 def test_sources_over_other_recordings_or_names_are_refused(tmp_path):

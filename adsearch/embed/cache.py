@@ -139,6 +139,20 @@ class EmbeddingCache:
         return np.array([-1 if i["label"] is None else i["label"] for i in self.meta["items"]], np.int64)
 
     @cached_property
+    def mmse(self) -> np.ndarray:
+        """The MMSE score (0-30) of each recording, NaN where the manifest gave none."""
+        return np.array([np.nan if i.get("mmse") is None else i["mmse"] for i in self.meta["items"]], np.float64)
+
+    def targets(self, task: str) -> np.ndarray:
+        """What a study of `task` predicts: the labels (classification) or the MMSE scores (mmse)."""
+        return self.mmse if task == "mmse" else self.labels
+
+    def with_target(self, split: str, task: str) -> np.ndarray:
+        """The items of `split` whose target is known (a label, or an MMSE score), as sorted indices."""
+        known = ~np.isnan(self.mmse) if task == "mmse" else self.labels >= 0
+        return np.flatnonzero((self.splits == split) & known)
+
+    @cached_property
     def groups(self) -> np.ndarray:
         return np.array([item["group"] for item in self.meta["items"]])
 

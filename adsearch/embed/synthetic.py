@@ -84,12 +84,13 @@ def _save_layer(path: Path, layer: int, values: dict[str, np.ndarray]) -> None:
 
 
 def _write_meta(path: Path, labels: np.ndarray, n_train: int, windows_per_item: np.ndarray, frames: np.ndarray,
-                n_layers: int, dim: int, model: str, synthetic: dict) -> Path:
+                n_layers: int, dim: int, model: str, synthetic: dict, mmse: np.ndarray | None = None) -> Path:
     """cache.json of a synthetic cache whose arrays are written: one recording per speaker, train first."""
     n_items = len(labels)
     window_item = np.repeat(np.arange(n_items), windows_per_item)
     items = [{"id": f"r{i:04d}", "label": int(labels[i]), "group": f"spk{i:04d}",
-              "split": "train" if i < n_train else "test", "mmse": None, "path": "",
+              "split": "train" if i < n_train else "test", "mmse": None if mmse is None else float(mmse[i]),
+              "path": "",
               "n_windows": int(windows_per_item[i])} for i in range(n_items)]
     meta = {
         "format_version": FORMAT_VERSION, "items": items, "n_windows": len(window_item),
@@ -125,8 +126,13 @@ def write_realistic_cache(
     dim: int = 256,
     rank: int = 12,
     seed: int = 0,
+    target: str = "label",
 ) -> Path:
     """Write a cache whose features behave like pooled wav2vec2 hidden states (see the module docstring).
+
+    Every recording gets an MMSE score (controls about 29 +/- 1, AD about 20 +/- 5, as on ADReSSo).
+    `target="label"` plants the label (a class shift), `target="mmse"` the score itself: the shift grows with
+    the impairment (29 - MMSE), so a regressor can recover the score and not only the class.
 
     `kind`: "mean" (a class shift of the window means along a dense direction: linear, seen by mean pooling),
     "spread" (class-dependent frame spread along that direction: seen by std pooling, not by means),
@@ -135,6 +141,8 @@ def write_realistic_cache(
     (default: drawn from the middle layers) and fades over about two layers each side."""
     if kind not in REALISTIC_KINDS:
         raise ValueError(f"kind must be one of {', '.join(REALISTIC_KINDS)}")
+    if target not in ("label", "mmse"):
+        raise ValueError("target must be label or mmse")
     rng = np.random.default_rng(seed)
     strength = CALIBRATED_STRENGTH[kind] if strength is None else strength
     if signal_layer is None:
@@ -164,7 +172,9 @@ def write_realistic_cache(
     direction *= spread
     direction /= np.linalg.norm(direction) / np.sqrt(dim / 4)  # per-dim size about 1 where it is non-zero
     signs = rng.choice([-1.0, 1.0], n_items) if kind == "nonlinear" else np.ones(n_items)
-    per_window = (labels * signs)[window_item][:, None]
+    mmse = planted_mmse(labels, seed)
+    planted = labels if target == "label" else (29.0 - mmse) / 9.0  # about 0 for controls, 1 for a typical AD
+    per_window = (planted * signs)[window_item][:, None]
     for layer in range(n_layers):
         angle = 0.5 * np.pi * layer / max(1, n_layers - 1)
         loadings = np.cos(angle) * loadings_a + np.sin(angle) * loadings_b
@@ -186,4 +196,13 @@ def write_realistic_cache(
         _save_layer(path, layer, values)
     return _write_meta(path, labels, n_train, windows_per_item, frames, n_layers, dim, "synthetic-realistic",
                        {"kind": kind, "signal_layer": signal_layer, "signal_pooling": PLANTED_POOLING[kind],
-                        "nonlinear": kind == "nonlinear", "strength": strength, "realistic": True})
+                        "nonlinear": kind == "nonlinear", "strength": strength, "realistic": True, "target": target},
+                       mmse)
+
+
+def planted_mmse(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Whole MMSE scores like ADReSSo's: controls 29 +/- 1, AD 20 +/- 5, within 0-30 (their own random stream,
+    so the features of a seed are the same with or without them)."""
+    rng = np.random.default_rng([seed, 30])
+    score = np.where(labels == 1, rng.normal(20, 5, len(labels)), rng.normal(29, 1, len(labels)))
+    return np.clip(np.round(score), 0, 30)

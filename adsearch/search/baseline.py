@@ -13,6 +13,7 @@ import numpy as np
 
 from adsearch.embed.cache import EmbeddingCache
 from adsearch.search.objective import metrics
+from adsearch.search.protocol import MMSE_RANGE, improvement, null_best, regression_metrics
 
 DURATION_ATTR = "adsearch:duration_baseline"  # study system attribute
 FEATURES = {"recording_seconds": "recording length (the audio file's header)",
@@ -60,41 +61,70 @@ def _segment_counts(cache: EmbeddingCache, items: np.ndarray) -> np.ndarray | No
         return None
 
 
-def duration_baseline(cache: EmbeddingCache, folds: np.ndarray, metric: str, seed: int = 0) -> dict:
+def duration_baseline(cache: EmbeddingCache, folds: np.ndarray, metric: str, seed: int = 0,
+                      task: str = "classification") -> dict:
     """The CV score (the study's folds and metric) of a standardised logistic regression on the log of the
-    duration features of the train recordings."""
-    from sklearn.linear_model import LogisticRegression
+    duration features of the train recordings; for an MMSE study a ridge regression on them, beside the
+    floor every MMSE figure needs: predicting each training fold's mean score."""
+    from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    train = np.flatnonzero(cache.splits == "train")
-    labels = cache.labels[train]
+    regression = task == "mmse"
+    train = cache.splits == "train"
+    train = np.flatnonzero(train & ~np.isnan(cache.mmse) if regression else train)
+    targets = cache.targets(task)[train]
     X, names = duration_features(cache, train)
     X = np.log1p(np.maximum(X, 0))
-    scores = []
+    scores, floor = [], []
     for assignment in folds:
         for fold in range(int(folds.max()) + 1):
             valid = assignment == fold
-            model = make_pipeline(StandardScaler(), LogisticRegression(random_state=seed))
-            model.fit(X[~valid], labels[~valid])
-            scores.append(metrics(labels[valid], model.decision_function(X[valid]), 0.0)[metric])
-    return {"cv": float(np.mean(scores)), "std": float(np.std(scores)), "metric": metric, "features": names,
-            "model": "standardised logistic regression on log durations", "fold_scores": scores}
+            model = make_pipeline(StandardScaler(), Ridge(alpha=1.0) if regression
+                                  else LogisticRegression(random_state=seed))
+            model.fit(X[~valid], targets[~valid])
+            if regression:
+                predicted = np.clip(model.predict(X[valid]), *MMSE_RANGE)
+                scores.append(regression_metrics(targets[valid], predicted)[metric])
+                mean = np.full(int(valid.sum()), targets[~valid].mean())
+                floor.append(regression_metrics(targets[valid], mean)[metric])
+            else:
+                scores.append(metrics(targets[valid], model.decision_function(X[valid]), 0.0)[metric])
+    baseline = {"cv": float(np.mean(scores)), "std": float(np.std(scores)), "metric": metric, "features": names,
+                "model": ("standardised ridge regression on log durations" if regression
+                          else "standardised logistic regression on log durations"), "fold_scores": scores}
+    if regression:
+        baseline["mean_predictor"] = {"cv": float(np.nanmean(floor)), "std": float(np.nanstd(floor)),
+                                      "fold_scores": floor}
+    return baseline
 
 
 def describe(baseline: dict) -> str:
-    return (f"{baseline['cv']:.4f} +/- {baseline['std']:.4f} ({baseline['model']}: "
+    text = (f"{baseline['cv']:.4f} +/- {baseline['std']:.4f} ({baseline['model']}: "
             f"{', '.join(baseline['features'])})")
+    if "mean_predictor" in baseline:
+        text += f"; predicting the training folds' mean MMSE: {baseline['mean_predictor']['cv']:.4f}"
+    return text
+
+
+def chance_level(baseline: dict | None, metric: str) -> float | None:
+    """What the metric scores with no information: the fixed chance level, or for RMSE and MAE the mean
+    predictor's CV measured on the study's folds."""
+    from adsearch.search.protocol import CHANCE
+
+    if metric in CHANCE:
+        return CHANCE[metric]
+    return (baseline or {}).get("mean_predictor", {}).get("cv")
 
 
 def duration_warning(best: float, baseline: dict, floor: dict | None = None) -> str | None:
     """A warning when the best score does not clear the duration baseline by more than a search over noise
     finds above chance (the noise floor's margin), or at all when no noise floor was measured."""
-    from adsearch.search.protocol import CHANCE
-
-    chance = CHANCE.get(baseline["metric"])
-    margin = max(0.0, floor["null_max"] - chance) if floor and floor.get("n") and chance is not None else 0.0
-    if best - baseline["cv"] > margin:
+    metric = baseline["metric"]
+    chance = chance_level(baseline, metric)
+    margin = max(0.0, improvement(null_best(floor), chance, metric)) \
+        if floor and floor.get("n") and chance is not None else 0.0
+    if improvement(best, baseline["cv"], metric) > margin:
         return None
     how = f"by more than the noise floor's margin ({margin:.3f})" if margin else "at all"
     return (f"the best CV {best:.4f} does not beat the duration-only baseline {baseline['cv']:.4f} {how}: "

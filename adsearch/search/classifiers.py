@@ -1,4 +1,7 @@
-"""The classifier registry: each entry is a name, its default hyperparameter ranges and a builder.
+"""The model registry: each entry is a name, its task, its default hyperparameter ranges and a builder.
+
+Classifiers (AD vs control) are registered here, regressors (the MMSE score) in `regressors.py`, into the
+same registry: a space lists the models of its study's task under `classifiers:`.
 
 Adding a classifier is one `register(...)` call; a YAML space can then name it, restrict its ranges or fix
 its values. Every builder is single-threaded and seeded, so a trial scores the same in any worker.
@@ -68,18 +71,29 @@ class ClassifierSpec:
     build: Callable[[dict[str, Any], int], Any]  # (hyperparameters, seed) -> unfitted estimator
     # (hyperparameters, n_training_samples) -> hyperparameters the data allows (e.g. k <= n for kNN)
     fit_to_data: Callable[[dict[str, Any], int], dict[str, Any]] | None = None
+    task: str = "classification"  # or "mmse": a regressor of the MMSE score
+
+    @property
+    def is_regressor(self) -> bool:
+        return self.task == "mmse"
 
 
 REGISTRY: dict[str, ClassifierSpec] = {}
 
 
 def register(name: str, description: str, params: dict[str, Param],
-             fit_to_data: Callable[[dict[str, Any], int], dict[str, Any]] | None = None):
+             fit_to_data: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
+             task: str = "classification"):
     def decorator(build: Callable[[dict[str, Any], int], Any]) -> Callable[[dict[str, Any], int], Any]:
-        REGISTRY[name] = ClassifierSpec(name, description, params, build, fit_to_data)
+        REGISTRY[name] = ClassifierSpec(name, description, params, build, fit_to_data, task)
         return build
 
     return decorator
+
+
+def models_for(task: str) -> list[str]:
+    """The registry's models of one task, in registration order."""
+    return [name for name, spec in REGISTRY.items() if spec.task == task]
 
 
 @register("logreg", "L2-regularised logistic regression", {"C": FloatRange(1e-4, 1e2, log=True, above=0)})
@@ -123,39 +137,41 @@ def _lda(p, seed):
     return ShrinkageLDA(shrinkage=p["shrinkage"])
 
 
-_FOREST = {"n_estimators": IntRange(50, 300, log=True), "max_depth": IntRange(2, 16),
+FOREST = {"n_estimators": IntRange(50, 300, log=True), "max_depth": IntRange(2, 16),
            "max_features": Choice(("sqrt", "log2")), "min_samples_leaf": IntRange(1, 8)}
 
 
-@register("random_forest", "random forest", _FOREST)
+@register("random_forest", "random forest", FOREST)
 def _random_forest(p, seed):
     from sklearn.ensemble import RandomForestClassifier
 
     return RandomForestClassifier(**p, n_jobs=1, random_state=seed)
 
 
-@register("extra_trees", "extremely randomised trees", _FOREST)
+@register("extra_trees", "extremely randomised trees", FOREST)
 def _extra_trees(p, seed):
     from sklearn.ensemble import ExtraTreesClassifier
 
     return ExtraTreesClassifier(**p, n_jobs=1, random_state=seed)
 
 
-@register("xgboost", "gradient-boosted trees (XGBoost, histogram method, capped rounds)",
-          {"n_estimators": IntRange(20, 200, log=True), "max_depth": IntRange(2, 6),
+XGBOOST = {"n_estimators": IntRange(20, 200, log=True), "max_depth": IntRange(2, 6),
            "learning_rate": FloatRange(0.01, 0.3, log=True, above=0),
            "subsample": FloatRange(0.5, 1.0, above=0, max=1),
-           "colsample_bytree": FloatRange(0.1, 1.0, above=0, max=1)})
+           "colsample_bytree": FloatRange(0.1, 1.0, above=0, max=1)}
+CATBOOST = {"iterations": IntRange(20, 200, log=True), "depth": IntRange(2, 6, max=16),
+            "learning_rate": FloatRange(0.01, 0.3, log=True, above=0),
+            "l2_leaf_reg": FloatRange(1.0, 10.0, log=True, min=0)}
+
+
+@register("xgboost", "gradient-boosted trees (XGBoost, histogram method, capped rounds)", XGBOOST)
 def _xgboost(p, seed):
     from xgboost import XGBClassifier
 
     return XGBClassifier(**p, tree_method="hist", max_bin=64, n_jobs=1, random_state=seed, verbosity=0)
 
 
-@register("catboost", "gradient-boosted oblivious trees (CatBoost, capped iterations)",
-          {"iterations": IntRange(20, 200, log=True), "depth": IntRange(2, 6, max=16),
-           "learning_rate": FloatRange(0.01, 0.3, log=True, above=0),
-           "l2_leaf_reg": FloatRange(1.0, 10.0, log=True, min=0)})
+@register("catboost", "gradient-boosted oblivious trees (CatBoost, capped iterations)", CATBOOST)
 def _catboost(p, seed):
     from catboost import CatBoostClassifier
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adsearch.search.protocol import better, direction
 from adsearch.search.space import StudySpec
 
 
@@ -33,12 +34,13 @@ class Run:
     sampler: str
     seed: int
     values: list[float | None]  # per trial in order; None for a pruned or failed trial
-    best: list[float]  # best complete value so far, after each trial (-inf before the first)
+    best: list[float]  # best complete value so far, after each trial (-inf, or inf for RMSE, before the first)
     cpu_seconds: list[float]  # cumulative: screening, then each trial's duration
     best_layer: int
     best_pooling: str
     pruned: int
     fold_fits_saved: int
+    metric: str = "balanced_accuracy"  # the space's metric: which way "best" goes (RMSE: the lowest)
 
 
 def run_one(cache_path: str, spec_data: dict, sampler: str, seed: int, trials: int, folder: str) -> dict:
@@ -65,10 +67,11 @@ def run_one(cache_path: str, spec_data: dict, sampler: str, seed: int, trials: i
     screened = load_screen(study)
     spent = screened.seconds if screened else 0.0
     values, best, cpu = [], [], []
-    so_far = float("-inf")
+    metric = spec.cv.metric
+    so_far = float("inf") if direction(metric) == "minimize" else float("-inf")
     for trial in ordered:
         value = trial.value if trial.state == optuna.trial.TrialState.COMPLETE else None
-        so_far = max(so_far, value) if value is not None else so_far
+        so_far = value if value is not None and better(value, so_far, metric) else so_far
         spent += (trial.datetime_complete - trial.datetime_start).total_seconds()
         values.append(value)
         best.append(so_far)
@@ -77,7 +80,7 @@ def run_one(cache_path: str, spec_data: dict, sampler: str, seed: int, trials: i
     return asdict(Run(sampler, seed, values, best, cpu, int(top["layer"]),
                       str(top.get("pooling", spec.space.pooling[0])),
                       sum(t.state == optuna.trial.TrialState.PRUNED for t in ordered),
-                      fold_fits(study, StudySetup.from_study(study))["saved"]))
+                      fold_fits(study, StudySetup.from_study(study))["saved"], metric))
 
 
 def run_all(cache_path: Path, spec: StudySpec, samplers: list[str], seeds: list[int], trials: int, out: Path,
@@ -103,8 +106,16 @@ def run_all(cache_path: Path, spec: StudySpec, samplers: list[str], seeds: list[
     return runs
 
 
-def _first(curve: list[float], target: float) -> int | None:
-    return next((i + 1 for i, value in enumerate(curve) if value >= target), None)
+def _first(curve: list[float], target: float, metric: str) -> int | None:
+    return next((i + 1 for i, value in enumerate(curve) if better(value, target, metric)), None)
+
+
+def default_target(runs: list[Run]) -> float:
+    """95 % of the best score any run found (for RMSE and MAE: 5 % above the lowest)."""
+    metric = runs[0].metric
+    if direction(metric) == "minimize":
+        return 1.05 * min(run.best[-1] for run in runs)
+    return 0.95 * max(run.best[-1] for run in runs)
 
 
 def summarise(runs: list[Run], target: float) -> list[dict]:
@@ -116,7 +127,7 @@ def summarise(runs: list[Run], target: float) -> list[dict]:
         mine = [run for run in runs if run.sampler == sampler]
         finals = [run.best[-1] for run in mine]
         budget = len(mine[0].best)
-        to_target = [_first(run.best, target) for run in mine]
+        to_target = [_first(run.best, target, run.metric) for run in mine]
         trials_needed = [n if n is not None else budget + 1 for n in to_target]
         seconds = [run.cpu_seconds[n - 1] if n is not None else float("inf") for run, n in zip(mine, to_target,
                                                                                              strict=True)]
@@ -179,8 +190,9 @@ def _plots(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
                 curves = np.array([run.best for run in mine])
             else:  # resample each run's curve on a common CPU-seconds grid
                 x = np.linspace(0, max(run.cpu_seconds[-1] for run in mine), 200)
-                curves = np.array([[max([b for b, c in zip(run.best, run.cpu_seconds, strict=True) if c <= t],
-                                        default=np.nan) for t in x] for run in mine])
+                pick = min if direction(mine[0].metric) == "minimize" else max
+                curves = np.array([[pick([b for b, c in zip(run.best, run.cpu_seconds, strict=True) if c <= t],
+                                         default=np.nan) for t in x] for run in mine])
             curves = np.where(np.isfinite(curves), curves, np.nan)
             with np.errstate(all="ignore"), warnings.catch_warnings():  # all-NaN columns before the first trial
                 warnings.simplefilter("ignore", RuntimeWarning)

@@ -1,13 +1,20 @@
-"""Greedy ensemble selection (Caruana et al. 2004) over a study's completed trials, scored honestly.
+"""Ensembles of a study's completed trials from their out-of-fold predictions, scored honestly.
 
-Each completed trial kept its out-of-fold scores (`objective.oof_predictions`). Members are combined on a
-common scale: each trial's scores divided by their spread over the train recordings (no label is used), so a
-probability classifier and an SVM margin weigh alike; the ensemble's score is the mean of its members' with
-threshold 0. Selection adds, with replacement, the trial that most improves the study metric, for `rounds`
-rounds, and keeps the best prefix.
+Each completed trial kept its out-of-fold scores (`objective.oof_predictions`). Two ways to combine them:
 
-A CV score of an ensemble selected on the same out-of-fold predictions it is scored on is optimistic. The
-nested estimate therefore, for each fold of the study's first fold assignment, ranks the trials and selects
+* **caruana** (Caruana et al. 2004): members on a common scale (each trial's scores divided by their spread
+  over the train recordings, no label used, so a probability classifier and an SVM margin weigh alike; MMSE
+  predictions as they are), averaged with weights; selection adds, with replacement, the trial that most
+  improves the study metric, for `rounds` rounds, and keeps the best prefix.
+* **stack**: a regularised second-level model on the members' scaled scores: logistic regression (C = 1) for
+  AD vs control, ridge regression (alpha = 1) for MMSE. With several feature sources among the candidates
+  this is late fusion of, say, acoustic and linguistic models.
+
+Either way the ensemble is `intercept + weights @ (scores / scales)`, thresholded at 0 (classification) or
+clipped to 0-30 (MMSE), which is all that export and predict need.
+
+A CV score of an ensemble chosen on the same out-of-fold predictions it is scored on is optimistic. The
+nested estimate therefore, for each fold of the study's first fold assignment, ranks the trials and builds
 the ensemble on the other folds' recordings only, then scores it on the held-out fold; the best single trial
 is scored the same way (chosen on the other folds), so the two numbers compare like with like.
 """
@@ -18,17 +25,36 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adsearch.search.objective import metrics, oof_predictions
+from adsearch.search.objective import oof_predictions, score_predictions
+from adsearch.search.protocol import MMSE_RANGE, REGRESSION_METRICS, direction
+
+METHODS = ("caruana", "stack")
+
+
+@dataclass
+class Combination:
+    """How members' scores become one: `intercept + weights @ (scores / scales)`."""
+
+    weights: np.ndarray
+    intercept: float = 0.0
+
+    def apply(self, scaled: np.ndarray, regression: bool) -> np.ndarray:
+        combined = self.intercept + self.weights @ scaled
+        return np.clip(combined, *MMSE_RANGE) if regression else combined
 
 
 @dataclass
 class EnsembleCV:
-    """Nested CV of the ensemble and of the best single trial, per fold; the ensemble selected on all folds."""
+    """Nested CV of the ensemble and of the best single trial, per fold; the ensemble built on all folds."""
 
+    method: str
     ensemble_folds: list[float]
     single_folds: list[float]
-    trials: list[int]  # the trial numbers of the members (the candidates' order)
-    weights: list[int]  # how often each member was chosen (selection with replacement), on all folds
+    trials: list[int]  # the members' trial numbers
+    weights: list[float]  # caruana: how often each was chosen, normalised to sum 1; stack: coefficients
+    scales: list[float]  # each member's score spread (1 for MMSE predictions)
+    intercept: float
+    best_single: int  # the trial ranked first on all folds: what the ensemble is compared with
 
     @property
     def ensemble(self) -> float:
@@ -39,22 +65,29 @@ class EnsembleCV:
         return float(np.mean(self.single_folds))
 
 
-def candidate_scores(trials) -> tuple[list[int], np.ndarray]:
-    """(trial numbers, scores (trials, train recordings)): the first repeat's out-of-fold scores of the trials
-    that kept them, each divided by its spread over the recordings."""
-    numbers, rows = [], []
+def candidate_scores(trials, regression: bool = False) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(trial numbers, scaled scores (trials, train recordings), scales): the first repeat's out-of-fold
+    scores of the trials that kept them, each divided by its spread over the recordings (MMSE: scale 1)."""
+    numbers, rows, scales = [], [], []
     for trial in trials:
         oof = oof_predictions(trial)
         if oof is None or np.isnan(oof[0]).any():
             continue
-        spread = float(np.std(oof[0]))
+        spread = 1.0 if regression else float(np.std(oof[0])) or 1.0
         numbers.append(trial.number)
-        rows.append(oof[0] / spread if spread > 0 else oof[0])
-    return numbers, np.asarray(rows, np.float64).reshape(len(rows), -1)
+        rows.append(oof[0] / spread)
+        scales.append(spread)
+    return numbers, np.asarray(rows, np.float64).reshape(len(rows), -1), np.asarray(scales)
+
+
+def _metric(y: np.ndarray, scores: np.ndarray, metric: str) -> float:
+    return score_predictions(y, scores, 0.0, metric in REGRESSION_METRICS)[metric]
 
 
 def _score(y: np.ndarray, scores: np.ndarray, metric: str) -> float:
-    return metrics(y, scores, 0.0)[metric]
+    """The metric, signed so that higher is better (RMSE and MAE negated): what selection maximises."""
+    value = _metric(y, scores, metric)
+    return -value if direction(metric) == "minimize" else value
 
 
 def caruana(scores: np.ndarray, y: np.ndarray, metric: str, rounds: int = 20) -> np.ndarray:
@@ -73,37 +106,66 @@ def caruana(scores: np.ndarray, y: np.ndarray, metric: str, rounds: int = 20) ->
     return best_counts
 
 
-def ensemble_score(scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    return weights @ scores / weights.sum()
+def stack(scores: np.ndarray, y: np.ndarray, regression: bool, seed: int = 0) -> Combination:
+    """A regularised linear model of the target on the candidates' scores (one column per candidate)."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    if regression:
+        model = Ridge(alpha=1.0).fit(scores.T, y)
+        return Combination(np.asarray(model.coef_, np.float64), float(model.intercept_))
+    model = LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit(scores.T, y)
+    return Combination(model.coef_[0].astype(np.float64), float(model.intercept_[0]))
+
+
+def build(method: str, scores: np.ndarray, y: np.ndarray, metric: str, rounds: int = 20, seed: int = 0
+          ) -> Combination:
+    """The ensemble of the candidate rows of `scores`, fitted to `y` with `method`."""
+    if method == "caruana":
+        counts = caruana(scores, y, metric, rounds)
+        return Combination(counts / counts.sum())
+    if method == "stack":
+        return stack(scores, y, metric in REGRESSION_METRICS, seed)
+    raise ValueError(f"unknown ensemble method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def _ranking(scores: np.ndarray, y: np.ndarray, metric: str, top: int) -> np.ndarray:
+    return np.argsort([-_score(y, row, metric) for row in scores], kind="stable")[:top]
 
 
 def nested_cv(scores: np.ndarray, y: np.ndarray, assignment: np.ndarray, metric: str, top: int,
-              rounds: int = 20) -> tuple[list[float], list[float]]:
-    """Per fold of `assignment`: the ensemble of the `top` trials best on the other folds, selected there, and
+              rounds: int = 20, method: str = "caruana") -> tuple[list[float], list[float]]:
+    """Per fold of `assignment`: the ensemble of the `top` trials best on the other folds, built there, and
     the best single trial there, both scored on the held-out fold."""
+    regression = metric in REGRESSION_METRICS
     ensemble_folds, single_folds = [], []
     for fold in range(int(assignment.max()) + 1):
         inner, outer = assignment != fold, assignment == fold
-        ranking = np.argsort([-_score(y[inner], row[inner], metric) for row in scores], kind="stable")[:top]
-        weights = caruana(scores[ranking][:, inner], y[inner], metric, rounds)
-        ensemble_folds.append(_score(y[outer], ensemble_score(scores[ranking][:, outer], weights), metric))
-        single_folds.append(_score(y[outer], scores[ranking[0]][outer], metric))
+        ranking = _ranking(scores[:, inner], y[inner], metric, top)
+        combination = build(method, scores[ranking][:, inner], y[inner], metric, rounds)
+        ensemble_folds.append(_metric(y[outer], combination.apply(scores[ranking][:, outer], regression), metric))
+        single_folds.append(_metric(y[outer], scores[ranking[0]][outer], metric))
     return ensemble_folds, single_folds
 
 
 def ensemble_cv(study, labels: np.ndarray, folds: np.ndarray, metric: str, top: int = 20,
-                rounds: int = 20) -> EnsembleCV:
-    """The nested estimate on the study's first fold assignment, and the ensemble of its `top` trials
-    selected on all train recordings (what an export would fit)."""
+                rounds: int = 20, method: str = "caruana") -> EnsembleCV:
+    """The nested estimate on the study's first fold assignment, and the ensemble of its `top` trials built
+    on all train recordings (what an export fits)."""
     from optuna.trial import TrialState
 
-    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)
-    numbers, scores = candidate_scores(complete)
+    if method not in METHODS:
+        raise ValueError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    sign = 1 if direction(metric) == "minimize" else -1
+    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: sign * t.value)
+    regression = metric in REGRESSION_METRICS
+    numbers, scores, scales = candidate_scores(complete, regression)
     if len(numbers) < 2:
         raise ValueError(f"study {study.study_name!r}: an ensemble needs at least two completed trials with "
                          "out-of-fold scores (trials run before adsearch kept them have none)")
-    ensemble_folds, single_folds = nested_cv(scores, labels, folds[0], metric, top, rounds)
-    ranking = np.argsort([-_score(labels, row, metric) for row in scores], kind="stable")[:top]
-    weights = caruana(scores[ranking], labels, metric, rounds)
-    members = [(numbers[i], int(w)) for i, w in zip(ranking, weights, strict=True) if w]
-    return EnsembleCV(ensemble_folds, single_folds, [m for m, _ in members], [w for _, w in members])
+    ensemble_folds, single_folds = nested_cv(scores, labels, folds[0], metric, top, rounds, method)
+    ranking = _ranking(scores, labels, metric, top)
+    combination = build(method, scores[ranking], labels, metric, rounds)
+    kept = [k for k, weight in enumerate(combination.weights) if weight != 0]
+    return EnsembleCV(method, ensemble_folds, single_folds, [numbers[ranking[k]] for k in kept],
+                      [float(combination.weights[k]) for k in kept], [float(scales[ranking[k]]) for k in kept],
+                      combination.intercept, numbers[ranking[0]])

@@ -4,8 +4,8 @@ A best CV score after hundreds of trials on 166 recordings is optimistic: on dat
 the best of 120 trials scores about 0.64 balanced accuracy (BENCHMARKS.md). A null study repeats the
 search (same cache, space, folds, sampler and screen) with the train labels permuted across speakers: every
 speaker keeps one label and the label counts stay the same, so only the link between speech and label is
-broken. The best real CV is then compared with the best CVs of N null studies: p = (1 + #{null >= real}) /
-(1 + N) is the chance of a search this good when the speech says nothing about the label.
+broken. The best real CV is then compared with the best CVs of N null studies: p = (1 + #{null at least as
+good as real}) / (1 + N) is the chance of a search this good when the speech says nothing about the label.
 
 Null studies are ordinary studies named `STUDY~nullK` in the same storage (workers anywhere can join them);
 the summary is recorded on the main study (system attribute `adsearch:null`) and shown by `search`, the
@@ -18,6 +18,7 @@ import numpy as np
 import optuna
 
 from adsearch.search.errors import StudyError
+from adsearch.search.protocol import better, direction
 
 NULL_ATTR = "adsearch:null"
 SEPARATOR = "~null"
@@ -51,9 +52,10 @@ def create_null_studies(storage, study_name: str, runs: int, budget: int) -> lis
 
 def summarise(storage, study_name: str) -> dict:
     """Best real CV beside the best CV of each finished null study, and the permutation p-value."""
-    from adsearch.search.study import trial_counts
+    from adsearch.search.study import StudySetup, trial_counts
 
     main = optuna.load_study(study_name=study_name, storage=storage)
+    metric = StudySetup.from_study(main).spec.cv.metric
     try:
         real = main.best_value
     except ValueError:
@@ -72,11 +74,12 @@ def summarise(storage, study_name: str) -> dict:
         nulls.append({"study": name, "best": summary.best_trial.value, "trials": counts["finished"]})
     bests = [n["best"] for n in nulls]
     result = {"real_best": real, "real_trials": trial_counts(main)["finished"], "null": nulls,
-              "unfinished": unfinished, "n": len(nulls)}
-    if nulls:
-        result.update({"p_value": (1 + sum(b >= real for b in bests)) / (1 + len(bests)),
+              "unfinished": unfinished, "n": len(nulls), "metric": metric}
+    if nulls:  # null_best: the best null search in the metric's direction (the highest, or for RMSE the lowest)
+        result.update({"p_value": (1 + sum(better(b, real, metric) for b in bests)) / (1 + len(bests)),
                        "null_median": float(np.median(bests)), "null_max": max(bests),
-                       "null_min": min(bests)})
+                       "null_min": min(bests), "null_best": min(bests) if direction(metric) == "minimize"
+                       else max(bests)})
     return result
 
 
@@ -101,7 +104,8 @@ def stale_floor(summary: dict, best: float, finished: int, study_name: str) -> s
     if not summary.get("n"):
         return None
     null_trials = min(n["trials"] for n in summary["null"])
-    if finished <= summary["real_trials"] and null_trials >= finished and best <= summary["real_best"]:
+    metric = summary.get("metric", "balanced_accuracy")  # floors recorded before MMSE studies: classification
+    if finished <= summary["real_trials"] and null_trials >= finished and better(summary["real_best"], best, metric):
         return None
     return (f"the noise floor is out of date: it was measured when the study had {summary['real_trials']} finished "
             f"trials (best {summary['real_best']:.4f}), with null searches of {null_trials} trials; the study now "

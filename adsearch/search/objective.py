@@ -22,7 +22,7 @@ import optuna
 
 from adsearch.embed.cache import POOLINGS, EmbeddingCache
 from adsearch.search.classifiers import REGISTRY
-from adsearch.search.protocol import ProtocolError, permute_labels
+from adsearch.search.protocol import MMSE_RANGE, ProtocolError, permute_labels, regression_metrics
 from adsearch.search.space import TrialConfig, suggest
 
 if TYPE_CHECKING:
@@ -81,7 +81,12 @@ def fit_pipeline(config: TrialConfig, X: np.ndarray, y: np.ndarray, seed: int, i
 
 
 def scores_of(model, X: np.ndarray) -> tuple[np.ndarray, float]:
-    """Continuous scores for ROC AUC and the threshold that turns them into labels."""
+    """Continuous scores for ROC AUC and the threshold that turns them into labels; for a regressor, its MMSE
+    predictions clipped to 0-30 (threshold 0: no labels are made of them)."""
+    from sklearn.base import is_regressor
+
+    if is_regressor(model):
+        return np.clip(model.predict(X), *MMSE_RANGE).astype(np.float64), 0.0
     if hasattr(model, "predict_proba"):
         return model.predict_proba(X)[:, 1], 0.5
     return model.decision_function(X), 0.0
@@ -122,6 +127,12 @@ def metrics(y_true: np.ndarray, score: np.ndarray, threshold: float) -> dict[str
     }
 
 
+def score_predictions(y_true: np.ndarray, score: np.ndarray, threshold: float, regression: bool
+                      ) -> dict[str, float]:
+    """Every metric of the task: classification metrics of scores, or regression metrics of MMSE predictions."""
+    return regression_metrics(y_true, score) if regression else metrics(y_true, score, threshold)
+
+
 def read_features(cache: EmbeddingCache, layer: int, pooling: str, unit: str, items: np.ndarray) -> np.ndarray:
     """The rows of `items` (sorted) for one unit: one per recording, or one per window in cache order."""
     if unit == "recording":
@@ -137,18 +148,27 @@ class FeatureSource:
     25 layers of an ADReSSo-sized cache (68 MB) fit, and a search that wanders across poolings stops
     re-reading the cache."""
 
-    def __init__(self, cache: EmbeddingCache, null_seed: int | None = None, budget_bytes: int = 96 * 2**20):
+    def __init__(self, cache: EmbeddingCache, null_seed: int | None = None, budget_bytes: int = 96 * 2**20,
+                 task: str = "classification"):
         self.cache = cache
-        self.train = np.flatnonzero(cache.splits == "train")
+        self.task = task
+        train = cache.splits == "train"
+        if task == "mmse":  # recordings without a score are left out of an MMSE study (and counted)
+            self.left_out = int(np.sum(train & np.isnan(cache.mmse)))
+            train &= ~np.isnan(cache.mmse)
+        else:
+            self.left_out = 0
+        self.train = np.flatnonzero(train)
         if len(self.train) == 0:
-            raise ProtocolError(f"{cache.path}: the cache has no train items")
-        labels = cache.labels[self.train]
-        if (labels < 0).any():
+            raise ProtocolError(f"{cache.path}: the cache has no train items"
+                                + (" with an MMSE score (the manifest's mmse column)" if task == "mmse" else ""))
+        labels = cache.targets(task)[self.train]
+        if task != "mmse" and (labels < 0).any():
             raise ProtocolError(f"{cache.path}: some train items have no label")
         self.groups = cache.groups[self.train]
-        if null_seed is not None:  # a null study (adsearch/search/null.py): labels permuted across speakers
+        if null_seed is not None:  # a null study (adsearch/search/null.py): targets permuted across speakers
             labels = permute_labels(labels, self.groups, null_seed)
-        self.labels = labels
+        self.labels = labels  # the targets: 0/1 labels, or MMSE scores for an MMSE study
         self.ids = [cache.ids[i] for i in self.train]
         # train-row index of each train window, in the order window_features(..., self.train) returns them
         self.window_owner = cache.window_owner(self.train)
@@ -199,7 +219,8 @@ class CVResult:
     fold_scores: list[float]  # the study metric, one per evaluated fold
     fold_metrics: list[dict[str, float]] = field(default_factory=list)
     fit_seconds: float = 0.0  # time inside fit and predict (not reading or copying features)
-    # out-of-fold score minus its threshold (> 0: AD), one per repeat and train recording; NaN where pruned
+    # out-of-fold score minus its threshold (> 0: AD; an MMSE study: the predicted score), one per repeat and
+    # train recording; NaN where pruned
     oof: np.ndarray | None = None
 
     @property
@@ -223,6 +244,7 @@ def cross_validate(
     features = config.layer, config.pooling, config.unit
     y, owner = source.labels, source.window_owner
     result = CVResult([], oof=np.full(folds.shape, np.nan, np.float32))
+    regression = REGISTRY[config.classifier].is_regressor
     n_folds = int(folds.max()) + 1
     for repeat, assignment in enumerate(folds):
         for fold in range(n_folds):
@@ -242,7 +264,7 @@ def cross_validate(
                 score, threshold = recording_scores(model, valid_rows, owner[valid_windows], len(y))
                 score = score[valid]
             result.fit_seconds += time.perf_counter() - started
-            fold_metrics = metrics(y[valid], score, threshold)
+            fold_metrics = score_predictions(y[valid], score, threshold, regression)
             result.oof[repeat, valid] = score - threshold
             result.fold_metrics.append(fold_metrics)
             result.fold_scores.append(fold_metrics[metric])
@@ -285,7 +307,8 @@ class Objective:
         self.sampler_label = sampler_label  # recorded on each trial when it differs from the study's sampler
         caches = cache if isinstance(cache, dict) else {None: cache}
         # one FeatureSource per feature source (a study over one cache has the single key None)
-        self.sources = {name: FeatureSource(one, setup.null_seed) for name, one in caches.items()}
+        self.sources = {name: FeatureSource(one, setup.null_seed, task=setup.spec.task)
+                        for name, one in caches.items()}
         self.source = next(iter(self.sources.values()))
         if any(source.ids != setup.train_ids for source in self.sources.values()):
             raise ProtocolError("the cache's train items differ from the study's fold assignment")

@@ -72,7 +72,7 @@ def module_digest(module: str) -> str:
 def plugin_of(classifier: str) -> str | None:
     """The plugin module that registered `classifier`, or None for adsearch's own."""
     module = REGISTRY[classifier].build.__module__
-    return None if module == "adsearch.search.classifiers" else module
+    return None if module in ("adsearch.search.classifiers", "adsearch.search.regressors") else module
 
 
 def check_digests(recorded: dict[str, str], where: str) -> None:
@@ -102,6 +102,9 @@ def check_classifier(spec: ClassifierSpec) -> None:
     y = np.repeat([0, 1], 12)
     x[y == 1] += 1.0
     where = f"plugin classifier {spec.name!r} ({spec.build.__module__})"
+    if spec.is_regressor:
+        scores = 18.0 + 8.0 * y + rng.normal(size=len(y))  # MMSE-like targets
+        return _check_regressor(spec, x, scores, where.replace("classifier", "regressor"))
     for end in (0, 1):
         params = {name: _sample(param, end) for name, param in spec.params.items()}
         try:
@@ -131,6 +134,31 @@ def check_classifier(spec: ClassifierSpec) -> None:
             raise PluginError(f"{where}: needs predict_proba or decision_function (ROC AUC and P(AD) read them)")
         if scores.shape != (len(y),) or not np.all(np.isfinite(scores)):
             raise PluginError(f"{where}: predict_proba / decision_function gave no finite score per row")
+
+
+def _check_regressor(spec: ClassifierSpec, x, y, where: str) -> None:
+    """The regressor's side of the smoke test: a scikit-learn regressor that clones, fits and predicts one
+    finite number per row at both ends of its ranges."""
+    import numpy as np
+    from sklearn.base import clone, is_regressor
+
+    for end in (0, 1):
+        params = {name: _sample(param, end) for name, param in spec.params.items()}
+        try:
+            estimator = clone(spec.build(params, 0))
+            if not is_regressor(estimator):
+                raise PluginError(f"{where}: not a scikit-learn regressor (inherit sklearn.base.RegressorMixin)")
+            fitted = estimator.fit(x, y)
+            predicted = np.asarray(estimator.predict(x), dtype=float)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"{where}: building, cloning, fitting or predicting with {params} failed: "
+                              f"{type(exc).__name__}: {str(exc)[:300]}") from None
+        if fitted is not estimator:
+            raise PluginError(f"{where}: fit() must return self")
+        if predicted.shape != (len(y),) or not np.all(np.isfinite(predicted)):
+            raise PluginError(f"{where}: predict() must return one finite number per row")
 
 
 def _scores(estimator, x):

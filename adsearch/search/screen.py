@@ -25,6 +25,7 @@ import numpy as np
 
 from adsearch.embed.cache import POOLINGS
 from adsearch.search.objective import FeatureSource
+from adsearch.search.protocol import MMSE_RANGE, REGRESSION_METRICS, better, direction
 
 RIDGE_GRID = np.logspace(-3, 3, 7)  # times the mean eigenvalue of the centred kernel
 # Kernel width: the median heuristic, gamma = 1 / median squared distance. A grid of widths (x0.25, x4) found
@@ -60,17 +61,21 @@ class ScreenResult:
                    np.concatenate([r.gamma for r in parts]), sum(r.seconds for r in parts), [],
                    [name for name, r in results.items() for _ in r.layers])
 
+    @property
+    def lower_is_better(self) -> bool:
+        return direction(self.metric) == "minimize"
+
     def best(self) -> np.ndarray:
-        return np.maximum(self.linear, self.kernel)
+        return np.minimum(self.linear, self.kernel) if self.lower_is_better else np.maximum(self.linear, self.kernel)
 
     def top(self, n: int) -> list[dict]:
         """The n best cells by the better of the two probes, each with the probe that scored it."""
         best = self.best()
-        order = np.argsort(-best, axis=None, kind="stable")[:n]
+        order = np.argsort(best if self.lower_is_better else -best, axis=None, kind="stable")[:n]
         rows = []
         for flat in order:
             i, j = np.unravel_index(flat, best.shape)
-            probe = "linear" if self.linear[i, j] >= self.kernel[i, j] else "kernel"
+            probe = "linear" if better(self.linear[i, j], self.kernel[i, j], self.metric) else "kernel"
             rows.append({"row": int(i), "source": self.row_source(i), "layer": self.layers[i],
                          "pooling": self.poolings[j], "probe": probe,
                          "score": float(best[i, j]), "linear": float(self.linear[i, j]),
@@ -130,8 +135,12 @@ def kfold_predictions(K: np.ndarray, y: np.ndarray, folds: np.ndarray, ridges: n
 
 def column_scores(labels: np.ndarray, predictions: np.ndarray, metric: str) -> np.ndarray:
     """`metrics(labels, column, 0.0)[metric]` for every column of `predictions` at once (the screen scores
-    thousands of columns; tests/test_trust.py checks it against `metrics`)."""
+    thousands of columns; tests/test_trust.py checks it against `metrics`); for a regression metric
+    `regression_metrics(labels, clipped column)[metric]`, with `labels` the MMSE scores."""
     from scipy.stats import rankdata
+
+    if metric in REGRESSION_METRICS:
+        return _regression_column_scores(np.asarray(labels, np.float64), np.clip(predictions, *MMSE_RANGE), metric)
 
     truth = np.asarray(labels).astype(bool)[:, None]
     predicted = predictions > 0.0
@@ -155,11 +164,27 @@ def column_scores(labels: np.ndarray, predictions: np.ndarray, metric: str) -> n
     raise ValueError(f"unknown metric {metric!r}")
 
 
-def _probe_scores(K: np.ndarray, y: np.ndarray, labels: np.ndarray, folds: np.ndarray, metric: str) -> np.ndarray:
-    """Mean fold score of the study metric for every ridge factor (threshold 0 on +-1 targets)."""
-    scores = [column_scores(labels[rows], predictions, metric)
-              for rows, predictions in kfold_predictions(K, y, folds, RIDGE_GRID)]
-    return np.mean(scores, axis=0)
+def _regression_column_scores(y: np.ndarray, predictions: np.ndarray, metric: str) -> np.ndarray:
+    error = predictions - y[:, None]
+    if metric == "rmse":
+        return np.sqrt(np.mean(error**2, axis=0))
+    if metric == "mae":
+        return np.mean(np.abs(error), axis=0)
+    if metric == "r2":
+        total = np.sum((y - y.mean()) ** 2)
+        return 1.0 - np.sum(error**2, axis=0) / total if total > 0 else np.full(predictions.shape[1], np.nan)
+    centred = predictions - predictions.mean(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (centred.T @ (y - y.mean())) / (np.linalg.norm(centred, axis=0) * np.linalg.norm(y - y.mean()))
+
+
+def _probe_scores(K: np.ndarray, y: np.ndarray, labels: np.ndarray, folds: np.ndarray, metric: str) -> float:
+    """The mean fold score of the study metric at the best ridge factor (threshold 0 on +-1 targets, or the
+    MMSE predictions themselves)."""
+    scores = np.mean([column_scores(labels[rows], predictions, metric)
+                      for rows, predictions in kfold_predictions(K, y, folds, RIDGE_GRID)], axis=0)
+    scores = np.where(np.isnan(scores), np.inf if direction(metric) == "minimize" else -np.inf, scores)
+    return float(scores.min() if direction(metric) == "minimize" else scores.max())
 
 
 def screen(source: FeatureSource, folds: np.ndarray, layers: tuple[int, ...], poolings: list[str], metric: str
@@ -170,7 +195,7 @@ def screen(source: FeatureSource, folds: np.ndarray, layers: tuple[int, ...], po
     its statistics' Gram matrices: each statistic of a layer is read and multiplied once."""
     started = time.perf_counter()
     labels = source.labels
-    y = np.where(labels == 1, 1.0, -1.0)
+    y = labels.astype(np.float64) if metric in REGRESSION_METRICS else np.where(labels == 1, 1.0, -1.0)
     shape = (len(layers), len(poolings))
     linear, kernel, gamma = np.zeros(shape), np.zeros(shape), np.zeros(shape)
     for i, layer in enumerate(layers):
@@ -181,11 +206,11 @@ def screen(source: FeatureSource, folds: np.ndarray, layers: tuple[int, ...], po
                     X = _standardised(source.statistic(layer, statistic, "recording"))
                     grams[statistic] = X @ X.T
             gram = sum(grams[statistic] for statistic in POOLINGS[pooling])
-            linear[i, j] = _probe_scores(gram, y, labels, folds, metric).max()
+            linear[i, j] = _probe_scores(gram, y, labels, folds, metric)
             norms = np.diag(gram)
             distances = np.maximum(norms[:, None] + norms[None, :] - 2 * gram, 0.0)
             gamma[i, j] = 1.0 / (float(np.median(distances[np.triu_indices(len(y), 1)])) or 1.0)
-            kernel[i, j] = _probe_scores(np.exp(-gamma[i, j] * distances), y, labels, folds, metric).max()
+            kernel[i, j] = _probe_scores(np.exp(-gamma[i, j] * distances), y, labels, folds, metric)
     return ScreenResult(list(layers), list(poolings), metric, linear, kernel, gamma, time.perf_counter() - started)
 
 
@@ -197,11 +222,16 @@ def heatmap(result: ScreenResult, path) -> None:
     import matplotlib.pyplot as plt
 
     best = result.best()
-    low, high = min(0.5, float(best.min())), max(0.5, float(best.max()))
+    finite = best[np.isfinite(best)]
+    if result.metric in REGRESSION_METRICS:  # no fixed chance level: the cells' own range, best in yellow
+        low, high = float(finite.min()), float(finite.max())
+    else:
+        low, high = min(0.5, float(finite.min())), max(0.5, float(finite.max()))
+    cmap = "viridis_r" if result.lower_is_better else "viridis"
     fig, axes = plt.subplots(1, 2, figsize=(9, 0.22 * len(result.layers) + 2), sharey=True)
     for ax, name, values in ((axes[0], "linear probe (ridge)", result.linear),
                              (axes[1], "kernel probe (RBF ridge)", result.kernel)):
-        image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=low, vmax=high, origin="lower")
+        image = ax.imshow(values, aspect="auto", cmap=cmap, vmin=low, vmax=high, origin="lower")
         ax.set(title=name, xticks=range(len(result.poolings)), xlabel="pooling")
         ax.set_xticklabels(result.poolings, rotation=40, ha="right")
     axes[0].set(yticks=range(len(result.layers)), yticklabels=result.row_labels(),
@@ -209,13 +239,15 @@ def heatmap(result: ScreenResult, path) -> None:
     for cell in result.top(5):
         i, j = cell["row"], result.poolings.index(cell["pooling"])
         axes[0 if cell["probe"] == "linear" else 1].scatter([j], [i], marker="*", color="red", s=40)
-    fig.colorbar(image, ax=axes, label=f"probe CV {result.metric} (chance 0.5)")
+    chance = "" if result.metric in REGRESSION_METRICS else " (chance 0.5)"
+    fig.colorbar(image, ax=axes, label=f"probe CV {result.metric}{chance}")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
-LINEAR_CLASSIFIERS = ("logreg", "lda", "linear_svm")  # what an enqueued trial uses for a linear-probe cell
-KERNEL_CLASSIFIERS = ("rbf_svm", "knn")
+# what an enqueued trial uses for a linear-probe cell, or a kernel-probe one (classifiers, then regressors)
+LINEAR_CLASSIFIERS = ("logreg", "lda", "linear_svm", "ridge", "pls")
+KERNEL_CLASSIFIERS = ("rbf_svm", "knn", "kernel_ridge", "svr", "knn_regressor")
 
 
 def starting_points(result: ScreenResult, spec, n: int, source_layers: dict[str, tuple[int, ...]] | None = None
@@ -246,7 +278,9 @@ def starting_points(result: ScreenResult, spec, n: int, source_layers: dict[str,
         if classifier is not None:
             if len(space.classifiers) > 1:
                 params["classifier"] = classifier
-            wanted = {("logreg", "C"): 1.0, ("rbf_svm", "C"): 10.0, ("rbf_svm", "gamma"): cell["gamma"]}
+            wanted = {("logreg", "C"): 1.0, ("rbf_svm", "C"): 10.0, ("rbf_svm", "gamma"): cell["gamma"],
+                      ("ridge", "alpha"): 100.0, ("kernel_ridge", "alpha"): 0.1,
+                      ("kernel_ridge", "gamma"): cell["gamma"], ("svr", "C"): 10.0, ("svr", "gamma"): cell["gamma"]}
             for param, (kind, span) in classifier_params(spec, classifier).items():
                 if kind == "range" and (classifier, param) in wanted:
                     params[f"{classifier}.{param}"] = float(min(max(wanted[classifier, param], span.low), span.high))

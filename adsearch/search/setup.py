@@ -34,6 +34,7 @@ class StudySetup:
     # Several feature sources (caches over the same recordings): name -> {"path", "content_hash", "n_layers"};
     # empty for a study over one cache (cache_path and cache_hash are then its only source).
     sources: dict[str, dict] = field(default_factory=dict)
+    left_out: int = 0  # an MMSE study: train recordings without an MMSE score, not in its folds
 
     def __post_init__(self) -> None:
         self.sampler = self.sampler or self.spec.sampler
@@ -43,7 +44,7 @@ class StudySetup:
     def to_attr(self) -> dict:
         return {"version": __version__,
                 "optimiser": {"sampler": self.sampler, "pruner": self.pruner, "sampler_seed": self.sampler_seed},
-                "null_seed": self.null_seed, "sources": self.sources,
+                "null_seed": self.null_seed, "sources": self.sources, "left_out": self.left_out,
                 "cache": {"path": self.cache_path, "content_hash": self.cache_hash, "n_layers": self.n_layers},
                 "space": {"file": self.space_file, "hash": self.spec.digest(),
                           "spec": self.spec.model_dump(mode="json")},
@@ -69,7 +70,7 @@ class StudySetup:
                    spec, attr["space"]["file"], attr["folds"]["train_ids"],
                    np.asarray(attr["folds"]["assignment"]), optimiser.get("sampler", ""),
                    optimiser.get("pruner", ""), optimiser.get("sampler_seed"), attr.get("null_seed"),
-                   attr.get("sources") or {})
+                   attr.get("sources") or {}, attr.get("left_out", 0))
 
     @property
     def layers(self) -> tuple[int, ...]:

@@ -21,10 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from adsearch.embed.cache import POOLINGS
 from adsearch.safeyaml import YamlError, load_yaml, short
-from adsearch.search.classifiers import REGISTRY, Choice, FloatRange, IntRange
+from adsearch.search import regressors  # noqa: F401  (registers the MMSE regressors)
+from adsearch.search.classifiers import REGISTRY, Choice, FloatRange, IntRange, models_for
 from adsearch.search.plugins import PluginError, installed_plugins, load_plugins, plugin_of
+from adsearch.search.protocol import CLASSIFICATION_METRICS, DEFAULT_METRIC, REGRESSION_METRICS
 
-METRICS = ("balanced_accuracy", "accuracy", "f1", "roc_auc")
+METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS
 
 
 class SpaceError(ValueError):
@@ -67,7 +69,9 @@ class FloatSpan(_Strict):
 class CVSpec(_Strict):
     folds: int = Field(5, ge=2, le=20, description="stratified, speaker-grouped folds")
     repeats: int = Field(1, ge=1, le=10, description="repetitions with different fold assignments")
-    metric: Literal["balanced_accuracy", "accuracy", "f1", "roc_auc"] = "balanced_accuracy"
+    # classification: balanced_accuracy (default), accuracy, f1, roc_auc; mmse: rmse (default), mae, r2, pearson_r
+    metric: Literal["balanced_accuracy", "accuracy", "f1", "roc_auc", "rmse", "mae", "r2", "pearson_r"] = \
+        "balanced_accuracy"
 
 
 class Reference(_Strict):
@@ -118,6 +122,8 @@ class ScreenSpec(_Strict):
 
 
 class StudySpec(_Strict):
+    # classification: AD vs control (ADReSSo task 1); mmse: regression of the MMSE score (task 2)
+    task: Literal["classification", "mmse"] = "classification"
     # Python modules that register classifiers (adsearch/search/plugins.py); the ones installed packages
     # declare are added when the space names one of their classifiers, so the study records every one.
     plugins: list[str] = Field(default_factory=list)
@@ -130,6 +136,32 @@ class StudySpec(_Strict):
     pruner: Literal["none", "wilcoxon", "median"] = "none"
     space: SearchSpace = SearchSpace()
     layer_grid: Reference = Reference()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_metric(cls, data):
+        """An MMSE study's defaults are the regression ones: RMSE, and ridge regression where a classification
+        space would use logistic regression (the model list, the layer-grid reference)."""
+        if not (isinstance(data, dict) and data.get("task") == "mmse"):
+            return data
+        data = dict(data)
+        cv, space, grid = data.get("cv"), data.get("space"), data.get("layer_grid")
+        if cv is None or (isinstance(cv, dict) and "metric" not in cv):
+            data["cv"] = {**(cv or {}), "metric": DEFAULT_METRIC["mmse"]}
+        if space is None or (isinstance(space, dict) and "classifiers" not in space):
+            data["space"] = {**(space or {}), "classifiers": {"ridge": {}}}
+        if grid is None or (isinstance(grid, dict) and "classifier" not in grid and "params" not in grid):
+            data["layer_grid"] = {**(grid or {}), "classifier": "ridge", "params": {"alpha": 1.0}}
+        return data
+
+    @model_validator(mode="after")
+    def _task_fits(self):
+        allowed = REGRESSION_METRICS if self.task == "mmse" else CLASSIFICATION_METRICS
+        if self.cv.metric not in allowed:
+            raise ValueError(f"cv.metric {self.cv.metric} does not score task {self.task}; use one of {list(allowed)}")
+        if self.task == "mmse" and self.space.calibration != ["none"]:
+            raise ValueError("space.calibration calibrates P(AD); an mmse study has none (leave it out)")
+        return self
 
     def digest(self) -> str:
         """Hash of the validated content: formatting and comments in the file do not matter."""
@@ -196,10 +228,14 @@ def classifier_params(spec: StudySpec, name: str) -> dict[str, tuple[str, Any]]:
 
 
 def _check_registry(spec: StudySpec) -> None:
+    available = models_for(spec.task)
     for name, overrides in spec.space.classifiers.items():
         if name not in REGISTRY:
-            raise SpaceError(f"space.classifiers.{str(name)[:60]}: unknown classifier; available: "
-                             f"{', '.join(REGISTRY)}")
+            raise SpaceError(f"space.classifiers.{str(name)[:60]}: unknown model; available for task {spec.task}: "
+                             f"{', '.join(available)}")
+        if REGISTRY[name].task != spec.task:
+            raise SpaceError(f"space.classifiers.{name}: a model for task {REGISTRY[name].task}, and this space's "
+                             f"task is {spec.task}; available: {', '.join(available)}")
         if not isinstance(overrides, dict | None):
             raise SpaceError(f"space.classifiers.{name}: give a mapping of hyperparameters (or {{}} for defaults)")
         unknown = set(overrides or {}) - set(REGISTRY[name].params)
@@ -211,6 +247,9 @@ def _check_registry(spec: StudySpec) -> None:
     if reference.pooling not in POOLINGS:
         raise SpaceError(f"layer_grid.pooling: {short(reference.pooling)} is not one of {list(POOLINGS)}")
     problems = fixed_params_problems(reference.classifier, reference.params, "layer_grid")
+    if not problems and REGISTRY[reference.classifier].task != spec.task:
+        problems = [f"layer_grid.classifier: {reference.classifier} is a model for task "
+                    f"{REGISTRY[reference.classifier].task}, this space's task is {spec.task}"]
     if problems:
         raise SpaceError("; ".join(problems))
 
@@ -244,8 +283,10 @@ def parse_spec(data: Any, source: str = "<space>") -> StudySpec:
         lines = []
         for error in exc.errors():
             allowed = error.get("ctx", {}).get("expected")
-            line = (f"{source}: {_format_loc(error['loc'])}: {error['msg']}"
-                    + (f" (allowed: {allowed})" if allowed and allowed not in error["msg"] else ""))
+            where = f"{_format_loc(error['loc'])}: " if error["loc"] else ""
+            message = error["msg"].removeprefix("Value error, ")
+            line = (f"{source}: {where}{message}"
+                    + (f" (allowed: {allowed})" if allowed and allowed not in message else ""))
             lines.append(line if len(line) <= 300 else line[:300] + "...")
             if len(lines) == 20:
                 lines.append(f"... and {len(exc.errors()) - 20} more")
@@ -263,8 +304,9 @@ def parse_spec(data: Any, source: str = "<space>") -> StudySpec:
 DEFAULT_SPACE = Path("studies/default.yaml")
 
 
-def load_spec(path: Path | str, plugins: list[str] | None = None) -> StudySpec:
-    """Read and validate a space file, with `plugins` (`--plugins`) added to its own. The default
+def load_spec(path: Path | str, plugins: list[str] | None = None, task: str | None = None) -> StudySpec:
+    """Read and validate a space file, with `plugins` (`--plugins`) added to its own and `task` (`--task`)
+    instead of its own. The default
     `studies/default.yaml` is also found outside the working folder: if there is none here, adsearch's own
     copy (beside the package in a checkout) is used."""
     path = Path(path)
@@ -281,7 +323,9 @@ def load_spec(path: Path | str, plugins: list[str] | None = None) -> StudySpec:
     if plugins and isinstance(data, dict | None):
         data = {**(data or {})}
         data["plugins"] = [*(data.get("plugins") or []), *plugins]
-    return parse_spec(data, str(path))
+    if task is not None and isinstance(data, dict | None):
+        data = {**(data or {}), "task": task}
+    return parse_spec(data, f"{path}" + (f" with --task {task}" if task is not None else ""))
 
 
 def source_layers(spec: StudySpec, n_layers: int, source: str = "space") -> tuple[int, ...]:

@@ -24,7 +24,7 @@ from adsearch.search.baseline import describe as describe_baseline
 from adsearch.search.budget import TrialBudget, check_budget
 from adsearch.search.errors import StudyError
 from adsearch.search.objective import FeatureSource
-from adsearch.search.protocol import assign_folds
+from adsearch.search.protocol import assign_folds, direction
 from adsearch.search.setup import ATTR, StudySetup
 from adsearch.search.space import StudySpec, TrialConfig, source_layers, suggest
 
@@ -52,6 +52,7 @@ __all__ = [
     "missing_study",
     "name_sources",
     "new_setup",
+    "open_study",
     "study_note",
     "trial_config",
     "trial_counts",
@@ -76,7 +77,7 @@ def new_setup(cache: Caches, spec: StudySpec, space_file: str, sampler: str | No
         raise StudyError(f"unknown pruner {pruner!r}; choose one of {', '.join(PRUNERS)}")
     caches = cache if isinstance(cache, dict) else {"": cache}
     primary = next(iter(caches.values()))
-    train = {name: FeatureSource(one) for name, one in caches.items()}  # each source's train split
+    train = {name: FeatureSource(one, task=spec.task) for name, one in caches.items()}  # each source's train split
     reference = next(iter(train.values()))
     assignments = []
     for name, one in caches.items():
@@ -93,12 +94,13 @@ def new_setup(cache: Caches, spec: StudySpec, space_file: str, sampler: str | No
         raise StudyError(f"sources {', '.join(n for n, _ in assignments)} were fine-tuned with cross-fitting on "
                          "different fold assignments; one study can use only one (fine-tune with --folds-from)")
     folds = assignments[0][1] if assignments else assign_folds(reference.labels, reference.groups, spec.cv.folds,
-                                                               spec.cv.repeats, spec.seed)
+                                                               spec.cv.repeats, spec.seed, spec.task)
     sources = {} if len(caches) == 1 and "" in caches else {
         name: {"path": str(one.path.resolve()), "content_hash": one.content_hash, "n_layers": one.n_layers}
         for name, one in caches.items()}
     return StudySetup(str(primary.path.resolve()), primary.content_hash, primary.n_layers, spec, space_file,
-                      reference.ids, folds, sampler or "", pruner or "", sampler_seed, sources=sources)
+                      reference.ids, folds, sampler or "", pruner or "", sampler_seed, sources=sources,
+                      left_out=reference.left_out)
 
 
 def crossfit_folds(cache: EmbeddingCache, train_ids: list[str], spec: StudySpec, space_file: str
@@ -218,6 +220,16 @@ def missing_study(storage, study_name: str, where: str) -> StudyError:
                       "Create one with `adsearch search`, or pass the --storage it uses")
 
 
+def open_study(storage, study_name: str, where: str) -> tuple[optuna.Study, StudySetup]:
+    """An existing adsearch study in `storage` and its setup, for the commands that read one (null, ensemble,
+    export); a missing name is reported with the names the storage (`where`, its masked URL) holds."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        raise missing_study(storage, study_name, where) from None
+    return study, StudySetup.from_study(study)
+
+
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -278,7 +290,7 @@ def _create(storage, study_name: str, cache: Caches, setup: StudySetup, budget: 
             log: Callable[[str], None] | None,
             on_screen: Callable[[optuna.Study, ScreenResult], None] | None) -> optuna.Study:
     try:
-        study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize")
+        study = optuna.create_study(study_name=study_name, storage=storage, direction=direction(setup.spec.cv.metric))
     except optuna.exceptions.DuplicatedStudyError:  # another `search` created it a moment ago
         return optuna.load_study(study_name=study_name, storage=storage)
     # A system attribute: workers need it, the dashboard's user-attribute table does not.
@@ -286,6 +298,9 @@ def _create(storage, study_name: str, cache: Caches, setup: StudySetup, budget: 
     with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([setup.spec.cv.metric])  # the dashboard says balanced_accuracy, not Objective 0
+    if log and setup.spec.task == "mmse":
+        log(f"MMSE study: {len(setup.train_ids)} train recordings with an MMSE score"
+            + (f"; {setup.left_out} without one left out" if setup.left_out else ""))
     screened = _screen_and_enqueue(study, cache, setup, budget, log)
     cache = next(iter(cache.values())) if isinstance(cache, dict) else cache  # the first source, for the note
     baseline = _record_duration_baseline(study, cache, setup, log)
@@ -305,7 +320,7 @@ def _record_duration_baseline(study: optuna.Study, cache: EmbeddingCache, setup:
 
     if setup.null_seed is not None:
         return None
-    baseline = duration_baseline(cache, setup.folds, setup.spec.cv.metric, setup.spec.seed)
+    baseline = duration_baseline(cache, setup.folds, setup.spec.cv.metric, setup.spec.seed, setup.spec.task)
     study._storage.set_study_system_attr(study._study_id, DURATION_ATTR, baseline)
     if log:
         log("duration-only baseline: CV " + describe(baseline))
@@ -331,8 +346,8 @@ def _screen_and_enqueue(study: optuna.Study, cache: Caches, setup: StudySetup, b
         rows = sum(len(layers[name]) for name in caches)
         log(f"screening {rows} {'source layers' if setup.sources else 'layers'} x {len(spec.space.pooling)} poolings "
             "with a linear and a kernel probe (closed form, the study's folds, train rows only)")
-    results = {name: screen(FeatureSource(one, setup.null_seed), setup.folds, layers[name], list(spec.space.pooling),
-                            spec.cv.metric) for name, one in caches.items()}
+    results = {name: screen(FeatureSource(one, setup.null_seed, task=spec.task), setup.folds, layers[name],
+                            list(spec.space.pooling), spec.cv.metric) for name, one in caches.items()}
     result = ScreenResult.stacked(results) if setup.sources else results[None]
     result.enqueued = starting_points(result, spec, min(spec.screen.top, budget), setup.source_layers)
     for params in result.enqueued:
@@ -395,7 +410,11 @@ def study_note(cache: EmbeddingCache, setup: StudySetup, screened: ScreenResult 
         f"**Space**: `{setup.space_file}` (hash {spec.digest()}); sampler {setup.sampler} (seed "
         f"{setup.sampler_seed}), pruner {setup.pruner}, seed {spec.seed}; classifiers "
         f"{', '.join(spec.space.classifiers)}. Every worker uses this sampler and pruner.",
-        f"**CV**: {spec.cv.folds} folds x {spec.cv.repeats} repeat(s), stratified by label, grouped by speaker; "
+        *([f"**Task: MMSE regression** (ADReSSo task 2): {len(setup.train_ids)} train recordings with a score"
+           + (f", {setup.left_out} without one left out" if setup.left_out else "")
+           + "; predictions clipped to 0-30."] if spec.task == "mmse" else []),
+        f"**CV**: {spec.cv.folds} folds x {spec.cv.repeats} repeat(s), stratified by "
+        f"{'MMSE bins' if spec.task == 'mmse' else 'label'}, grouped by speaker; "
         f"metric {spec.cv.metric}. Intermediate values are the per-fold scores.",
         "Trial columns: `cv_*` are fold means of each metric, `cv_std` the spread of the study metric, "
         "`fit_seconds` the time in fit/predict, `folds_run` how many folds ran before any pruning, `worker` "
