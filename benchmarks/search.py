@@ -1,10 +1,13 @@
-"""Search benchmarks: overhead, scaling, search quality and worker memory (figures in BENCHMARKS.md).
+"""Search benchmarks: overhead, scaling, search quality, worker memory, MMSE regression and ensembles (figures in
+BENCHMARKS.md).
 
     python benchmarks/search.py overhead   # ADReSSo/large-model-shaped cache, logreg only, 300 trials, SQLite
     python benchmarks/search.py scaling    # trials per minute with 1 and 2 workers
     python benchmarks/search.py quality    # default vs random vs layer-grid, pruners, null floor: realistic caches
     python benchmarks/search.py quality --seeds 2 --trials 40 --workers 2   # a quick look
     python benchmarks/search.py memory     # peak worker RSS on a 25 x 1024 x 10,000-window cache
+    python benchmarks/search.py mmse       # MMSE regression: default vs random to 95 % of the oracle's R2
+    python benchmarks/search.py ensemble   # two sources with independent signals: ensemble vs best single trial
     python benchmarks/search.py all --json benchmarks/results/search-cpu.json
 
 Every part runs the real worker (`adsearch.search.worker.run_worker`) against an SQLite file.
@@ -322,6 +325,135 @@ def quality(work: Path, trials: int = 120, seeds: int = 5, workers: int | None =
     return result
 
 
+MMSE_SPACE = {"task": "mmse", "cv": {"folds": 5, "metric": "r2"},
+              "space": {"pooling": ["mean", "std", "mean+std", "max", "min+max", "mean+std+max"],
+                        "pca": ["none", "components"], "pca_components": {"low": 4, "high": 64, "log": True},
+                        "l2_normalize": [False, True],
+                        "classifiers": {"ridge": {}, "kernel_ridge": {}, "svr": {}, "knn_regressor": {}, "pls": {}}}}
+MMSE_CONFIGS = {"default": ("tpe", {}), "random": ("random", {"screen": {"enabled": False}})}
+
+
+def mmse_oracle(cache_dir: Path) -> dict:
+    """The planted configuration's CV (R2 and RMSE) with the best ridge of a small grid: the planted layer and
+    mean pooling, on the benchmark's folds."""
+    from adsearch.search.objective import FeatureSource, cross_validate
+    from adsearch.search.protocol import assign_folds
+    from adsearch.search.space import TrialConfig
+    from adsearch.search.worker import trial_conditions
+
+    cache = open_cache(cache_dir)
+    source = FeatureSource(cache, task="mmse")
+    folds = assign_folds(source.labels, source.groups, 5, 1, 0, "mmse")
+    best = None
+    with trial_conditions():
+        for alpha in (1.0, 10.0, 100.0, 1e3, 1e4):
+            config = TrialConfig(layer=cache.meta["synthetic"]["signal_layer"], pooling="mean", unit="recording",
+                                 scale="standard", pca="none", l2_normalize=False, classifier="ridge",
+                                 params={"alpha": alpha})
+            result = cross_validate(config, source, folds, "r2", 0)
+            if best is None or result.mean > best["r2"]:
+                best = {"r2": result.mean, "rmse": result.summary()["rmse"], "alpha": alpha}
+    return best
+
+
+def _mmse_job(args: tuple) -> dict:
+    from adsearch.search.compare import run_one
+
+    cache_dir, config, sampler, changes, seed, trials, folder = args
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return {"config": config, **run_one(cache_dir, {**MMSE_SPACE, **changes}, sampler, seed, trials, folder)}
+
+
+def mmse(work: Path, trials: int = 60, seeds: int = 3, workers: int | None = None) -> dict:
+    """Realistic caches whose features carry the MMSE score (R2 of the planted ridge about 0.45): trials and CPU
+    seconds to 95 % of the oracle's R2 for the default search and random sampling (the study optimises R2
+    here so the target is in its own units), and the best R2 on caches whose scores are permuted."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from adsearch.embed.synthetic import CALIBRATED_MMSE_STRENGTH, write_realistic_cache
+
+    caches, jobs = {}, []
+    for seed in range(seeds):
+        caches[seed] = write_realistic_cache(work / f"mmse-{seed}", kind="mean", target="mmse", n_test=0,
+                                             strength=CALIBRATED_MMSE_STRENGTH, seed=7000 + seed)
+        for config, (sampler, changes) in MMSE_CONFIGS.items():
+            folder = work / f"runs-mmse-{seed}-{config}"
+            jobs.append((str(caches[seed]), config, sampler, changes, seed, trials, str(folder)))
+    with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
+        oracle_futures = {seed: pool.submit(mmse_oracle, path) for seed, path in caches.items()}
+        runs = list(pool.map(_mmse_job, jobs))
+        oracles = {seed: future.result() for seed, future in oracle_futures.items()}
+    result: dict = {"trials": trials, "seeds": seeds, "space": MMSE_SPACE, "oracle": oracles}
+    for config in MMSE_CONFIGS:
+        needed, seconds, finals = [], [], []
+        for run in sorted((r for r in runs if r["config"] == config), key=lambda r: r["seed"]):
+            target = 0.95 * oracles[run["seed"]]["r2"]
+            first = next((i for i, best in enumerate(run["best"]) if best >= target), None)
+            needed.append(first + 1 if first is not None else trials + 1)
+            seconds.append(round(run["cpu_seconds"][first], 1) if first is not None else float("inf"))
+            finals.append(round(run["best"][-1], 4))
+        result[config] = {"trials_to_95pct_oracle_r2": needed, "median_trials": statistics.median(needed),
+                          "cpu_s_to_target": seconds, "median_cpu_s": statistics.median(seconds),
+                          "final_best_r2": finals}
+        oracle_r2 = [round(o["r2"], 3) for o in oracles.values()]
+        oracle_rmse = [round(o["rmse"], 2) for o in oracles.values()]
+        print(f"mmse {config:<8} trials to 95 % of the oracle's R2: {needed} (median {statistics.median(needed)}); "
+              f"CPU s {seconds}; final best R2 {finals}; oracle R2 {oracle_r2} (RMSE {oracle_rmse})", flush=True)
+    return result
+
+
+def _fusion_caches(work: Path, seed: int) -> tuple[Path, Path]:
+    """Two feature sources over the same 166 + 71 recordings and labels, each with its own planted signal
+    (independent directions, layers and noise) a little weaker than the quality benchmark's."""
+    import numpy as np
+
+    from adsearch.embed.synthetic import CALIBRATED_STRENGTH, write_realistic_cache
+
+    labels = np.random.default_rng(seed).permutation(np.arange(237) % 2)
+    strength = 0.8 * CALIBRATED_STRENGTH["mean"]
+    return (write_realistic_cache(work / f"acoustic-{seed}", kind="mean", strength=strength, seed=8000 + seed,
+                                  labels=labels),
+            write_realistic_cache(work / f"second-{seed}", kind="mean", strength=strength, seed=9000 + seed,
+                                  labels=labels))
+
+
+def ensemble(work: Path, trials: int = 60, seeds: int = 3) -> dict:
+    """Late fusion: a study over two sources with independent planted signals, then `adsearch ensemble -o`
+    (caruana and stack): the nested CV of the ensemble beside the best single trial chosen the same way, and
+    both on the 71 test recordings with McNemar's test."""
+    import optuna
+
+    from adsearch.export import load_config
+    from adsearch.export_ensemble import export_ensemble
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rows = []
+    for seed in range(seeds):
+        first, second = _fusion_caches(work / f"fusion-{seed}", seed)
+        url = f"sqlite:///{work / f'fusion-{seed}.db'}"
+        spec = parse_spec({**QUALITY_SPACE, "seed": seed})
+        create_or_resume(make_storage(url), "fusion", {"a": open_cache(first), "b": open_cache(second)}, spec,
+                         "fusion", trials)
+        run_worker("fusion", url, worker_index=0)
+        for method in ("caruana", "stack"):
+            exported = export_ensemble("fusion", url, work / f"fusion-{seed}-{method}", method, top=20,
+                                       log=lambda _: None)
+            test, cv = exported.test, exported.config.cv
+            sources = sorted(load_config(exported.out_dir / m.folder).features.source for m in exported.config.members)
+            row = {"seed": seed, "method": method, "members": len(exported.config.members),
+                   "nested_cv_ensemble": round(cv.ensemble.mean, 4), "nested_cv_single": round(cv.best_single.mean, 4),
+                   "test_ensemble": round(test["ensemble"]["balanced_accuracy"]["value"], 4),
+                   "test_single": round(test["best_single"]["balanced_accuracy"]["value"], 4),
+                   "mcnemar_p": round(test["comparison"]["p_value"], 3), "member_sources": sources}
+            rows.append(row)
+            print(f"ensemble seed {seed} {method:<8}: {row['members']} members; nested CV {row['nested_cv_ensemble']} "
+                  f"vs single {row['nested_cv_single']}; test BA {row['test_ensemble']} vs {row['test_single']} "
+                  f"(McNemar p {row['mcnemar_p']}); member sources {sources}", flush=True)
+    return {"trials": trials, "seeds": seeds, "rows": rows}
+
+
 # ru_maxrss survives fork and exec on Linux (a child would report its parent's peak, here the parent that
 # wrote a 4 GB cache), so the child resets its high-water mark first and reads VmHWM at the end. It also
 # resets the mark around every trial's cross-validation, to tell which configurations need the most.
@@ -380,19 +512,21 @@ def memory(work: Path, trials: int = 20) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["overhead", "scaling", "quality", "memory", "all"])
+    parser.add_argument("part", choices=["overhead", "scaling", "quality", "memory", "mmse", "ensemble", "all"])
     parser.add_argument("--trials", type=int, help="override the part's trial budget")
-    parser.add_argument("--seeds", type=int, help="quality: caches (and runs) per planted kind (default 5)")
-    parser.add_argument("--workers", type=int, help="quality: runs at a time (default: every core)")
+    parser.add_argument("--seeds", type=int, help="quality, mmse, ensemble: caches (and runs) per planted kind")
+    parser.add_argument("--workers", type=int, help="quality, mmse: runs at a time (default: every core)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    parts = ["overhead", "scaling", "quality", "memory"] if args.part == "all" else [args.part]
+    parts = ["overhead", "scaling", "quality", "memory", "mmse", "ensemble"] if args.part == "all" else [args.part]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for part in parts:
             options = {"trials": args.trials} if args.trials else {}
-            if part == "quality":
+            if part in ("quality", "mmse"):
                 options.update({k: v for k, v in (("seeds", args.seeds), ("workers", args.workers)) if v})
+            elif part == "ensemble" and args.seeds:
+                options["seeds"] = args.seeds
             results[part] = globals()[part](Path(tmp), **options)
     results["max_rss_mb_of_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.json:

@@ -216,3 +216,17 @@ def test_an_exported_mmse_model_predicts_new_audio_as_the_export_scored_it(synth
         row = next(csv.DictReader(handle))
     assert row["label"] == row["prob_ad"] == "" and 0 <= float(row["mmse"]) <= 30
     assert float(row["mmse"]) == pytest.approx(expected["predicted"], abs=1e-3)
+
+
+def test_the_screen_hands_its_ridge_penalty_to_the_first_mmse_trials(mmse_study):
+    """A screened MMSE trial starts as the probe itself: ridge at the probe's best penalty, which scores close
+    to the probe (the probe standardises with all train rows, the pipeline with each training fold's)."""
+    from adsearch.search.study import load_screen
+
+    study = mmse_study["study"]
+    screened = load_screen(study)
+    best = screened.top(1)[0]
+    assert best["alpha"] > 0
+    first = study.trials[0]
+    assert first.user_attrs["origin"] == "screen" and first.params["ridge.alpha"] == pytest.approx(best["alpha"])
+    assert first.value == pytest.approx(best["linear"], rel=0.1)

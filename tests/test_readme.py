@@ -3,7 +3,7 @@
 The commands are read from the README's own code blocks under "The workflow with the real data", in order.
 Only what cannot exist here is substituted, each substitution listed in SUBSTITUTE: the ADReSSo archives
 (a synthetic corpus in the same layout), the XLSR model (a tiny random wav2vec2 saved the same way), and the
-budgets (500 trials, 8 workers, 20 null runs), cut to what a test can afford. Commands that need something
+budgets (500 and 300 trials, 8 workers, 20 null runs), cut to what a test can afford. Commands that need something
 optional or interactive (a GPU fine-tune, transcripts, other feature sources, the dashboard server, the
 shortcut-control study) are tested elsewhere and skipped here with their reason.
 """
@@ -52,8 +52,8 @@ def fresh_copy(target: Path) -> Path:
 
 def test_the_readme_workflow_runs_as_written_from_another_folder(synth_root, tiny_model, synth_cache_root, tmp_path):
     commands = workflow_commands()
-    assert [c.split()[1] for c in commands] == ["corpus", "extract", "cache", "search", "worker", "null", "export",
-                                                "evaluate", "predict"], commands
+    assert [c.split()[1] for c in commands] == ["corpus", "extract", "cache", "search", "worker", "search", "export",
+                                                "predict", "null", "export", "evaluate", "predict"], commands
     clone = fresh_copy(tmp_path / "clone")
     work = tmp_path / "work"  # not the repository: studies/default.yaml must be found from anywhere
     work.mkdir()
@@ -64,6 +64,7 @@ def test_the_readme_workflow_runs_as_written_from_another_folder(synth_root, tin
     test_audio = sorted((synth_root / "ADReSSo21" / "diagnosis" / "test-dist" / "audio").glob("*.wav"))[:2]
     substitute = {"~/data/adresso": str(synth_root), "~/data/task1.csv": str(synth_root / "task1.csv"),
                   "jonatasgrosman/wav2vec2-large-xlsr-53-english": str(tiny_model), "--trials 500": "--trials 8",
+                  "--trials 300": "--trials 6",
                   "--workers 8": "--workers 2", "--runs 20": "--runs 1", "new1.wav": str(test_audio[0]),
                   "new2.wav": str(test_audio[1]), "segments.csv": "corpus.csv"}
     env = {"PYTHONPATH": str(clone), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
@@ -81,4 +82,5 @@ def test_the_readme_workflow_runs_as_written_from_another_folder(synth_root, tin
         if args[1] == "evaluate":
             assert "reproduced exactly" in done.stdout, done.stdout
     assert (work / "best" / "report.html").is_file() and (work / "predictions.csv").read_text().count("\n") == 3
+    assert (work / "mmse-best" / "figures" / "test_predicted_vs_true.png").is_file()
     assert not (clone / "adsearch.db").exists()  # everything went to the working folder

@@ -45,6 +45,10 @@ class ScreenResult:
     seconds: float = 0.0
     enqueued: list[dict] = field(default_factory=list)
     sources: list[str | None] = field(default_factory=list)  # per row, for a multi-source study ([] = one cache)
+    # (layers, poolings): each probe's best ridge penalty, in the units of scikit-learn's Ridge / KernelRidge
+    # `alpha` on standardised features (empty for screens recorded before they were kept)
+    linear_alpha: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    kernel_alpha: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
     def row_source(self, i: int) -> str | None:
         return self.sources[i] if self.sources else None
@@ -59,7 +63,8 @@ class ScreenResult:
         return cls([layer for r in parts for layer in r.layers], parts[0].poolings, parts[0].metric,
                    np.concatenate([r.linear for r in parts]), np.concatenate([r.kernel for r in parts]),
                    np.concatenate([r.gamma for r in parts]), sum(r.seconds for r in parts), [],
-                   [name for name, r in results.items() for _ in r.layers])
+                   [name for name, r in results.items() for _ in r.layers],
+                   np.concatenate([r.linear_alpha for r in parts]), np.concatenate([r.kernel_alpha for r in parts]))
 
     @property
     def lower_is_better(self) -> bool:
@@ -79,20 +84,27 @@ class ScreenResult:
             rows.append({"row": int(i), "source": self.row_source(i), "layer": self.layers[i],
                          "pooling": self.poolings[j], "probe": probe,
                          "score": float(best[i, j]), "linear": float(self.linear[i, j]),
-                         "kernel": float(self.kernel[i, j]), "gamma": float(self.gamma[i, j])})
+                         "kernel": float(self.kernel[i, j]), "gamma": float(self.gamma[i, j]),
+                         "alpha": float(self._alpha(probe)[i, j]) if self._alpha(probe).size else None})
         return rows
+
+    def _alpha(self, probe: str) -> np.ndarray:
+        return self.linear_alpha if probe == "linear" else self.kernel_alpha
 
     def to_attr(self) -> dict:
         return {"layers": self.layers, "poolings": self.poolings, "metric": self.metric,
                 "linear": np.round(self.linear, 4).tolist(), "kernel": np.round(self.kernel, 4).tolist(),
                 "gamma": self.gamma.tolist(), "seconds": round(self.seconds, 2), "enqueued": self.enqueued,
+                "linear_alpha": self.linear_alpha.tolist(), "kernel_alpha": self.kernel_alpha.tolist(),
                 "sources": self.sources}
 
     @classmethod
     def from_attr(cls, attr: dict) -> ScreenResult:
         return cls(list(attr["layers"]), list(attr["poolings"]), attr["metric"], np.asarray(attr["linear"]),
                    np.asarray(attr["kernel"]), np.asarray(attr["gamma"]), attr.get("seconds", 0.0),
-                   list(attr.get("enqueued", [])), list(attr.get("sources") or []))
+                   list(attr.get("enqueued", [])), list(attr.get("sources") or []),
+                   np.asarray(attr.get("linear_alpha", np.zeros((0, 0)))),
+                   np.asarray(attr.get("kernel_alpha", np.zeros((0, 0)))))
 
 
 def _standardised(X: np.ndarray) -> np.ndarray:
@@ -178,13 +190,18 @@ def _regression_column_scores(y: np.ndarray, predictions: np.ndarray, metric: st
         return (centred.T @ (y - y.mean())) / (np.linalg.norm(centred, axis=0) * np.linalg.norm(y - y.mean()))
 
 
-def _probe_scores(K: np.ndarray, y: np.ndarray, labels: np.ndarray, folds: np.ndarray, metric: str) -> float:
+def _probe_scores(K: np.ndarray, y: np.ndarray, labels: np.ndarray, folds: np.ndarray, metric: str
+                  ) -> tuple[float, float]:
     """The mean fold score of the study metric at the best ridge factor (threshold 0 on +-1 targets, or the
-    MMSE predictions themselves)."""
+    MMSE predictions themselves), and that ridge as an absolute penalty: factor x the centred kernel's mean
+    eigenvalue (its trace over n), which is scikit-learn's `alpha` for a ridge on the same features."""
     scores = np.mean([column_scores(labels[rows], predictions, metric)
                       for rows, predictions in kfold_predictions(K, y, folds, RIDGE_GRID)], axis=0)
     scores = np.where(np.isnan(scores), np.inf if direction(metric) == "minimize" else -np.inf, scores)
-    return float(scores.min() if direction(metric) == "minimize" else scores.max())
+    best = int(np.argmin(scores) if direction(metric) == "minimize" else np.argmax(scores))
+    n = len(K)
+    mean_eigenvalue = (np.trace(K) - K.sum() / n) / n
+    return float(scores[best]), float(RIDGE_GRID[best] * (mean_eigenvalue if mean_eigenvalue > 0 else 1.0))
 
 
 def screen(source: FeatureSource, folds: np.ndarray, layers: tuple[int, ...], poolings: list[str], metric: str
@@ -198,6 +215,7 @@ def screen(source: FeatureSource, folds: np.ndarray, layers: tuple[int, ...], po
     y = labels.astype(np.float64) if metric in REGRESSION_METRICS else np.where(labels == 1, 1.0, -1.0)
     shape = (len(layers), len(poolings))
     linear, kernel, gamma = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    linear_alpha, kernel_alpha = np.zeros(shape), np.zeros(shape)
     for i, layer in enumerate(layers):
         grams: dict[str, np.ndarray] = {}
         for j, pooling in enumerate(poolings):
@@ -206,12 +224,14 @@ def screen(source: FeatureSource, folds: np.ndarray, layers: tuple[int, ...], po
                     X = _standardised(source.statistic(layer, statistic, "recording"))
                     grams[statistic] = X @ X.T
             gram = sum(grams[statistic] for statistic in POOLINGS[pooling])
-            linear[i, j] = _probe_scores(gram, y, labels, folds, metric)
+            linear[i, j], linear_alpha[i, j] = _probe_scores(gram, y, labels, folds, metric)
             norms = np.diag(gram)
             distances = np.maximum(norms[:, None] + norms[None, :] - 2 * gram, 0.0)
             gamma[i, j] = 1.0 / (float(np.median(distances[np.triu_indices(len(y), 1)])) or 1.0)
-            kernel[i, j] = _probe_scores(np.exp(-gamma[i, j] * distances), y, labels, folds, metric)
-    return ScreenResult(list(layers), list(poolings), metric, linear, kernel, gamma, time.perf_counter() - started)
+            kernel[i, j], kernel_alpha[i, j] = _probe_scores(np.exp(-gamma[i, j] * distances), y, labels, folds,
+                                                             metric)
+    return ScreenResult(list(layers), list(poolings), metric, linear, kernel, gamma, time.perf_counter() - started,
+                        linear_alpha=linear_alpha, kernel_alpha=kernel_alpha)
 
 
 def heatmap(result: ScreenResult, path) -> None:
@@ -254,7 +274,8 @@ def starting_points(result: ScreenResult, spec, n: int, source_layers: dict[str,
                     ) -> list[dict]:
     """Parameters for the study's first trials: the top `n` cells, each with recording-level features, no
     PCA, standard scaling and a classifier of the probe's kind: logistic regression with C = 1, or an RBF SVM
-    with the probe's kernel width and C = 10. (Measured on realistic caches: these C values were within a
+    with the probe's kernel width and C = 10; for MMSE, the probe itself: ridge (or RBF kernel ridge with the
+    probe's width) at the probe's best penalty. (Measured on realistic caches: these C values were within a
     point of the best of a grid at the planted cell, while translating the probe's ridge into C was not: a
     large ridge ranks well but makes an SVM with C = 1 / ridge predict one class.) Only settings that are
     parameters of the space are fixed; the sampler fills in the rest."""
@@ -278,8 +299,9 @@ def starting_points(result: ScreenResult, spec, n: int, source_layers: dict[str,
         if classifier is not None:
             if len(space.classifiers) > 1:
                 params["classifier"] = classifier
+            alpha = cell["alpha"] or 1.0  # the probe's own penalty: a ridge regressor is that probe, refitted
             wanted = {("logreg", "C"): 1.0, ("rbf_svm", "C"): 10.0, ("rbf_svm", "gamma"): cell["gamma"],
-                      ("ridge", "alpha"): 100.0, ("kernel_ridge", "alpha"): 0.1,
+                      ("ridge", "alpha"): alpha, ("kernel_ridge", "alpha"): alpha,
                       ("kernel_ridge", "gamma"): cell["gamma"], ("svr", "C"): 10.0, ("svr", "gamma"): cell["gamma"]}
             for param, (kind, span) in classifier_params(spec, classifier).items():
                 if kind == "range" and (classifier, param) in wanted:
