@@ -306,16 +306,16 @@ DEFAULT_SPACE = Path("studies/default.yaml")
 
 def load_spec(path: Path | str, plugins: list[str] | None = None, task: str | None = None) -> StudySpec:
     """Read and validate a space file, with `plugins` (`--plugins`) added to its own and `task` (`--task`)
-    instead of its own. The default
-    `studies/default.yaml` is also found outside the working folder: if there is none here, adsearch's own
-    copy (beside the package in a checkout) is used."""
+    instead of its own. adsearch's own spaces (`studies/default.yaml`, `studies/mmse.yaml`, ...) are also
+    found outside the working folder: a relative `studies/NAME.yaml` that is not here is read from adsearch's
+    copy (beside the package in a checkout)."""
     path = Path(path)
-    if path == DEFAULT_SPACE and not path.exists():
-        own = Path(__file__).resolve().parents[2] / DEFAULT_SPACE
+    if not path.exists() and not path.is_absolute() and path.parts[:1] == (DEFAULT_SPACE.parts[0],):
+        own = Path(__file__).resolve().parents[2] / path
         path = own if own.is_file() else path
     if not path.exists():
-        raise SpaceError(f"{path}: space file not found; pass --space FILE (adsearch's default space is "
-                         "studies/default.yaml in its repository)")
+        raise SpaceError(f"{path}: space file not found; pass --space FILE (adsearch's own spaces are "
+                         "studies/default.yaml and studies/mmse.yaml in its repository)")
     try:
         data = load_yaml(path, "search-space file")
     except YamlError as exc:
