@@ -230,3 +230,31 @@ def test_the_screen_hands_its_ridge_penalty_to_the_first_mmse_trials(mmse_study)
     first = study.trials[0]
     assert first.user_attrs["origin"] == "screen" and first.params["ridge.alpha"] == pytest.approx(best["alpha"])
     assert first.value == pytest.approx(best["linear"], rel=0.1)
+
+
+def test_an_mmse_study_over_two_sources_fuses_them_in_an_exported_ensemble(tmp_path):
+    """Two sources over the same recordings, each carrying the score with its own direction and noise: a joint
+    MMSE study, then a stacked ensemble exported over both (late fusion) and evaluated once on the test split."""
+    from adsearch.export_ensemble import export_ensemble, load_ensemble
+
+    from adsearch.embed.synthetic import planted_mmse
+
+    labels = np.random.default_rng(0).permutation(np.arange(120) % 2)
+    scores = planted_mmse(labels, 0)
+    caches = {name: open_cache(write_realistic_cache(tmp_path / name, target="mmse", n_train=90, n_test=30,
+                                                     n_layers=3, dim=24, strength=0.4, seed=seed, labels=labels,
+                                                     mmse=scores))
+              for name, seed in (("a", 1), ("b", 2))}
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = parse_spec({"task": "mmse", "space": {"pooling": ["mean"], "classifiers": {"ridge": {}, "pls": {}}}})
+    create_or_resume(make_storage(url), "fused", caches, spec, "s.yaml", 12)
+    run_worker("fused", url, worker_index=0)
+    exported = export_ensemble("fused", url, tmp_path / "ens", "stack", top=8, log=lambda _: None)
+    config, folder = load_ensemble(tmp_path / "ens")
+    from adsearch.export import load_config
+
+    sources = {load_config(folder / member.folder).features.source for member in config.members}
+    assert sources == {"a", "b"}
+    test = exported.test
+    assert test["n"] == 30 and test["comparison"]["method"] == "paired bootstrap over recordings"
+    assert test["ensemble"]["rmse"]["value"] < test["ensemble"]["mean_predictor"]["rmse"]

@@ -132,14 +132,15 @@ def write_realistic_cache(
     seed: int = 0,
     target: str = "label",
     labels: np.ndarray | None = None,
+    mmse: np.ndarray | None = None,
 ) -> Path:
     """Write a cache whose features behave like pooled wav2vec2 hidden states (see the module docstring).
 
     Every recording gets an MMSE score (controls about 29 +/- 1, AD about 20 +/- 5, as on ADReSSo).
     `target="label"` plants the label (a class shift), `target="mmse"` the score itself: the shift grows with
     the impairment (29 - MMSE), so a regressor can recover the score and not only the class.
-    `labels` (one per recording, train first) replaces the drawn ones: two caches written with the same labels
-    and different seeds are two feature sources over the same recordings with independent signals.
+    `labels` and `mmse` (one per recording, train first) replace the drawn ones: two caches written with the
+    same of both and different seeds are two feature sources over the same recordings with independent signals.
 
     `kind`: "mean" (a class shift of the window means along a dense direction: linear, seen by mean pooling),
     "spread" (class-dependent frame spread along that direction: seen by std pooling, not by means),
@@ -182,7 +183,7 @@ def write_realistic_cache(
     direction *= spread
     direction /= np.linalg.norm(direction) / np.sqrt(dim / 4)  # per-dim size about 1 where it is non-zero
     signs = rng.choice([-1.0, 1.0], n_items) if kind == "nonlinear" else np.ones(n_items)
-    mmse = planted_mmse(labels, seed)
+    mmse = planted_mmse(labels, seed) if mmse is None else np.asarray(mmse, np.float64)
     planted = labels if target == "label" else (29.0 - mmse) / 9.0  # about 0 for controls, 1 for a typical AD
     per_window = (planted * signs)[window_item][:, None]
     for layer in range(n_layers):
