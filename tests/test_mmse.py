@@ -235,9 +235,8 @@ def test_the_screen_hands_its_ridge_penalty_to_the_first_mmse_trials(mmse_study)
 def test_an_mmse_study_over_two_sources_fuses_them_in_an_exported_ensemble(tmp_path):
     """Two sources over the same recordings, each carrying the score with its own direction and noise: a joint
     MMSE study, then a stacked ensemble exported over both (late fusion) and evaluated once on the test split."""
-    from adsearch.export_ensemble import export_ensemble, load_ensemble
-
     from adsearch.embed.synthetic import planted_mmse
+    from adsearch.export_ensemble import export_ensemble, load_ensemble
 
     labels = np.random.default_rng(0).permutation(np.arange(120) % 2)
     scores = planted_mmse(labels, 0)
