@@ -405,3 +405,29 @@ def test_a_claim_is_exclusive_between_processes_and_dies_with_its_process(tmp_pa
     holder.kill()
     holder.wait()
     assert Claim(tmp_path / "x.lock").take()  # the kernel dropped the killed process's lock
+
+
+def test_a_model_folder_is_hashed_once_until_a_weight_file_changes(tmp_path, monkeypatch):
+    """resolve_model remembers the weights' content hash by the files' size and mtime: a second resolve of the
+    same folder reads no weight byte; rewriting a file (same name) is noticed and hashed again."""
+    import os
+
+    from adsearch.embed.model import resolve_model, save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "tiny")
+    first = resolve_model(str(folder)).revision
+    opened = []
+    real_open = Path.open
+
+    def spy(self, *args, **kwargs):
+        opened.append(self.name)
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", spy)
+    assert resolve_model(str(folder)).revision == first and not opened
+    weights = next(folder.glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit flipped, same size
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+    changed = resolve_model(str(folder)).revision
+    assert changed != first and weights.name in opened

@@ -29,17 +29,28 @@ class ModelSource:
     revision: str  # commit hash from the HF cache, or a content hash of a local directory
 
 
+# files_revision results by the files' (path, size, modification time, inode): hashing a large model's 1.26 GB
+# takes over a second, and one process resolves the same folder many times (a cross-fitted fine-tune's six
+# extractions, the layers of a screen, predict per file). A file rewritten in place changes its size or mtime.
+_REVISIONS: dict[tuple, str] = {}
+
+
 def files_revision(files: Iterable[Path]) -> str:
     """A content hash of `files` (names and bytes, in the order given; missing ones skipped): the revision of
-    a model that has no hub commit."""
+    a model that has no hub commit. Remembered for the process while no file's size or mtime changes."""
+    present = [file for file in files if file.is_file()]
+    key = tuple((str(file.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+                for file in present for stat in [file.stat()])
+    if key in _REVISIONS:
+        return _REVISIONS[key]
     digest = hashlib.sha256()
-    for file in files:
-        if file.is_file():
-            digest.update(file.name.encode())
-            with file.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-    return "sha256:" + digest.hexdigest()[:16]
+    for file in present:
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    _REVISIONS[key] = "sha256:" + digest.hexdigest()[:16]
+    return _REVISIONS[key]
 
 
 def _directory_revision(path: Path) -> str:
