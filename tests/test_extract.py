@@ -431,3 +431,40 @@ def test_a_model_folder_is_hashed_once_until_a_weight_file_changes(tmp_path, mon
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
     changed = resolve_model(str(folder)).revision
     assert changed != first and weights.name in opened
+
+
+def test_parallel_loaders_give_the_cache_of_one_loader_bit_for_bit(synth_manifest, tiny_model, tmp_path):
+    """Audio decoded by four threads, several groups ahead, gives exactly the cache one thread gives (the
+    groups and their windows come out in order), with a decoding failure reported as before."""
+    from adsearch.corpus import read_manifest, write_manifest
+
+    recordings = read_manifest(synth_manifest)
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunk")
+    from dataclasses import replace
+
+    manifest = write_manifest([*recordings[:6], replace(recordings[6], path=broken), *recordings[7:]],
+                              tmp_path / "corpus.csv")
+    settings = ExtractSettings(window_s=2.0)
+    one = extract(manifest, tmp_path / "one", str(tiny_model), settings, batch_size=2, loaders=1)
+    four = extract(manifest, tmp_path / "four", str(tiny_model), settings, batch_size=2, loaders=4)
+    assert [f.id for f in one.failures] == [f.id for f in four.failures] == [recordings[6].id]
+    assert "cannot decode" in four.failures[0].reason
+    _same_cache(one.cache_dir, four.cache_dir)
+
+
+def test_one_recording_and_hundreds_of_short_ones_extract_with_parallel_loaders(tiny_model, tmp_path):
+    rows = []
+    for i in range(200):
+        write_wav(tmp_path / f"r{i}.wav", speechlike(0.6 + (i % 5) * 0.1, seed=i))
+        rows.append([f"r{i}", f"r{i}.wav", i % 2, f"s{i}", "train", ""])
+    many = write_rows(tmp_path / "many.csv", ["id", "path", "label", "group", "split", "segments"], rows)
+    single = write_rows(tmp_path / "single.csv", ["id", "path", "label", "group", "split", "segments"], rows[:1])
+    settings = ExtractSettings(window_s=1.0, min_window_s=0.5)
+    cache = open_cache(extract(many, tmp_path / "c", str(tiny_model), settings, batch_size=8, loaders=3).cache_dir)
+    assert cache.ids == [f"r{i}" for i in range(200)]
+    assert (cache.window_item[1:] >= cache.window_item[:-1]).all()  # windows in recording order
+    alone = open_cache(extract(single, tmp_path / "c1", str(tiny_model), settings, loaders=3).cache_dir)
+    # alone it is a batch of one, among the others a padded batch of eight: equal up to float rounding
+    np.testing.assert_allclose(alone.recording_features(2, "mean"), cache.recording_features(2, "mean")[:1],
+                               rtol=1e-4, atol=1e-5)
