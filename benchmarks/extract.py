@@ -12,6 +12,14 @@ excluded), the ratio ours/naive, and peak RSS growth after the model is loaded.
 
 On CUDA it also reports the fraction of the GPU's dense bf16 peak reached (FLOPs counted with torch's
 FLOP counter on one window; give the peak with --peak-tflops, H100 SXM: 989).
+
+An ADReSSo-sized corpus (237 recordings of 40-90 s at 22.05 kHz, 15,745 s of speech-like audio), the
+measurement issue 18 starts from: `adsearch extract` end to end through the CLI (model loading included,
+GPU busy share from nvidia-smi), the model's forward pass alone on 20 s windows with the data already on the
+device (the ceiling), and forward plus the per-layer statistics:
+
+    python benchmarks/extract.py --corpus-like adresso --size large --device cuda --dtype bfloat16
+    python benchmarks/extract.py --corpus-like adresso --size tiny --corpus-scale 0.25   # CPU: a quarter
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import soundfile as sf
 SIZES = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-    "tiny": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64),
+    "tiny": {},  # adsearch's own tiny model (`adsearch model tiny`): what the demo and the tests extract with
 }
 
 
@@ -38,6 +46,10 @@ def make_model(size: str, out: Path) -> Path:
     import torch
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
+    if size == "tiny":
+        from adsearch.embed.model import save_tiny_model
+
+        return save_tiny_model(out)
     torch.manual_seed(0)
     config = Wav2Vec2Config(**SIZES[size], feat_extract_norm="layer", do_stable_layer_norm=True)
     Wav2Vec2Model(config).save_pretrained(out)
@@ -57,6 +69,122 @@ def make_audio(seconds: float, path: Path, seed: int) -> Path:
     audio = 0.2 * envelope * voiced + 0.02 * rng.standard_normal(len(t))
     sf.write(path, audio.astype(np.float32), rate, subtype="PCM_16")
     return path
+
+
+def make_adresso_like(work: Path, scale: float = 1.0, seed: int = 0) -> tuple[Path, float]:
+    """237 x `scale` recordings of 40-90 s (ADReSSo's 166 train + 71 test), one speaker each, with a manifest;
+    (manifest, audio seconds). The same seed gives the same corpus."""
+    from adsearch.corpus import Recording, write_manifest
+
+    rng = np.random.default_rng(seed)
+    n = max(1, round(237 * scale))
+    lengths = rng.uniform(40, 90, n)
+    recordings = []
+    for i, seconds in enumerate(lengths):
+        path = make_audio(float(seconds), work / f"rec{i:03d}.wav", seed * 1000 + i)
+        recordings.append(Recording(f"rec{i:03d}", path, i % 2, f"spk{i:03d}", "train" if i < 0.7 * n else "test"))
+    return write_manifest(recordings, work / "adresso-like.csv"), float(lengths.sum())
+
+
+class GpuBusy:
+    """The GPU's utilisation (nvidia-smi, 1 s samples) while a block runs: the share of time a kernel ran."""
+
+    def __init__(self, device: str):
+        self.samples: list[float] = []
+        self.active = device.startswith("cuda")
+
+    def __enter__(self):
+        import threading
+
+        self._stop = threading.Event()
+        if self.active:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(1.0):
+            done = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                   "-i", "0"], capture_output=True, text=True)
+            if done.returncode == 0 and done.stdout.strip():
+                self.samples.append(float(done.stdout.split()[0]))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.active:
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.samples)) if self.samples else None
+
+
+def forward_ceiling(model: Path, args: argparse.Namespace, seconds: float = 60.0) -> dict:
+    """audio-s/s of the forward pass alone, and of forward plus the per-layer statistics, on `--corpus-batch`
+    windows of `--window-s` already on the device, for about `seconds` of wall time each."""
+    import torch
+
+    from adsearch.embed.extract import masked_layer_stats
+    from adsearch.embed.model import load_model, resolve_model
+
+    cuda = args.device.startswith("cuda")
+    extractor, net = load_model(resolve_model(str(model)), args.device, getattr(torch, args.dtype))
+    audio = np.random.default_rng(0).standard_normal((args.corpus_batch, int(args.window_s * 16_000)))
+    values = extractor(list(audio.astype(np.float32)), sampling_rate=16_000, return_tensors="pt")["input_values"]
+    values = values.to(args.device, getattr(torch, args.dtype))
+    n_frames = torch.full((args.corpus_batch,), net._get_feat_extract_output_lengths(values.shape[1]),
+                          device=args.device)
+    out = {}
+    for name, with_stats in (("forward", False), ("forward + statistics", True)):
+        done, start = 0, None
+        with torch.inference_mode():
+            while True:
+                hidden = net(values, output_hidden_states=True).hidden_states
+                if with_stats:
+                    masked_layer_stats(hidden, n_frames)
+                if cuda:
+                    torch.cuda.synchronize()
+                if start is None:  # the first batch warms up (kernel selection), untimed
+                    start = time.perf_counter()
+                    continue
+                done += 1
+                if time.perf_counter() - start > seconds / 2 or done >= 200:
+                    break
+        out[name] = done * args.corpus_batch * args.window_s / (time.perf_counter() - start)
+    return out
+
+
+def corpus_like(args: argparse.Namespace) -> dict:
+    """The table of issue 18 for one machine and model size."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = make_model(args.size, work / f"{args.size}-model")
+        manifest, audio_seconds = make_adresso_like(work, args.corpus_scale)
+        command = [sys.executable, "-m", "adsearch.cli", "extract", str(manifest), "--model", str(model),
+                   "-o", str(work / "cache"), "--device", args.device, "--dtype", args.dtype,
+                   "--window-s", str(args.window_s)]
+        if args.batch_size:
+            command += ["--batch-size", str(args.batch_size)]
+        with GpuBusy(args.device) as busy:
+            started = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True)
+            wall = time.perf_counter() - started
+        if done.returncode != 0:
+            raise SystemExit(done.stderr[-2000:])
+        printed = next((line for line in done.stdout.splitlines() if "real time" in line), "")
+        ceiling = forward_ceiling(model, args)
+    rows = {"end to end (adsearch extract, loading included)": audio_seconds / wall, **ceiling}
+    result = {"size": args.size, "device": args.device, "dtype": args.dtype,
+              "recordings": max(1, round(237 * args.corpus_scale)), "audio_seconds": round(audio_seconds, 1),
+              "wall_seconds": round(wall, 1), "printed": printed,
+              "gpu_busy_percent": busy.mean, "audio_s_per_s": {k: round(v, 1) for k, v in rows.items()}}
+    print(f"{result['recordings']} recordings, {audio_seconds:,.0f} s of audio; {args.size} model on {args.device} "
+          f"({args.dtype}); extract printed: {printed.strip()}")
+    for name, value in rows.items():
+        print(f"  {name:<50} {value:10,.0f} audio-s/s")
+    if busy.mean is not None:
+        print(f"  GPU busy during extract: {busy.mean:.0f} % (nvidia-smi, mean of 1 s samples)")
+    return result
 
 
 def rss_mb(field: str) -> float:
@@ -171,6 +299,10 @@ def main() -> None:
     parser.add_argument("--skip-naive-above", type=float, default=float("inf"),
                         help="skip the naive loop for recordings longer than this (it may not fit)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--corpus-like", choices=["adresso"], help="an ADReSSo-sized corpus: end to end, forward "
+                                                                   "ceiling, forward + statistics, GPU busy share")
+    parser.add_argument("--corpus-scale", type=float, default=1.0, help="--corpus-like: share of its 237 recordings")
+    parser.add_argument("--corpus-batch", type=int, default=16, help="--corpus-like: windows per forward batch")
     # child-process arguments
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -181,6 +313,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         child(args)
+        return
+    if args.corpus_like:
+        result = corpus_like(args)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
         return
 
     with tempfile.TemporaryDirectory() as tmp:

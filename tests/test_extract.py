@@ -468,3 +468,26 @@ def test_one_recording_and_hundreds_of_short_ones_extract_with_parallel_loaders(
     # alone it is a batch of one, among the others a padded batch of eight: equal up to float rounding
     np.testing.assert_allclose(alone.recording_features(2, "mean"), cache.recording_features(2, "mean")[:1],
                                rtol=1e-4, atol=1e-5)
+
+
+def test_inputs_normalised_on_the_device_equal_the_feature_extractors(tiny_model):
+    """The GPU path pads and normalises windows on the device; run on the CPU here, it gives what the
+    wav2vec2 feature extractor gives (values and attention mask), and the same statistics up to rounding."""
+    from adsearch.embed.extract import WindowEncoder
+    from adsearch.embed.model import resolve_model
+
+    rng = np.random.default_rng(0)
+    windows = [speechlike(2.0, seed=1), 3 * speechlike(1.3, seed=2) + 0.1, rng.normal(0, 0.01, 8000).astype(np.float32)]
+    source = resolve_model(str(tiny_model))
+    on_device = WindowEncoder(source, "cpu", "float32", normalise_on_device=True)
+    assert on_device.normalise_on_device and not WindowEncoder(source, "cpu", "float32").normalise_on_device
+    values, mask = on_device.device_inputs(windows)
+    expected = on_device.extractor(windows, sampling_rate=16_000, padding=True, return_tensors="pt",
+                                   return_attention_mask=True)
+    np.testing.assert_allclose(values.numpy(), expected["input_values"].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(mask.numpy(), expected["attention_mask"].numpy())
+    frames, stats = on_device.encode(windows)
+    frames_cpu, stats_cpu = WindowEncoder(source, "cpu", "float32").encode(windows)
+    np.testing.assert_array_equal(frames, frames_cpu)
+    for name in stats:
+        np.testing.assert_allclose(stats[name], stats_cpu[name], rtol=1e-4, atol=1e-4)

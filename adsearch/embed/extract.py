@@ -131,7 +131,8 @@ def masked_layer_stats(hidden_states, n_frames) -> dict[str, np.ndarray]:
 class WindowEncoder:
     """Runs batches of 16 kHz windows through a model and returns per-window, per-layer statistics."""
 
-    def __init__(self, source: ModelSource, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, source: ModelSource, device: str = "auto", dtype: str = "auto",
+                 normalise_on_device: bool | None = None):
         import torch
 
         self.device = resolve_device(device)
@@ -141,6 +142,12 @@ class WindowEncoder:
         if self.whisper:  # the encoder alone (the decoder never runs); inputs are log-mel padded to 30 s
             self.model = self.model.get_encoder()
         self.masked = self.whisper or uses_attention_mask(self.model)
+        # A wav2vec2 feature extractor only pads and normalises each window: on a GPU that is done there (the
+        # CPU would otherwise feed the card one batch at a time), from pinned memory with a non-blocking copy.
+        # On the CPU the feature extractor itself runs, so CPU caches stay bit for bit what they were.
+        on_gpu = self.device.startswith("cuda")
+        self.normalise_on_device = (on_gpu if normalise_on_device is None else normalise_on_device) and (
+            not self.whisper and type(self.extractor).__name__ == "Wav2Vec2FeatureExtractor")
         self.n_layers = self.model.config.num_hidden_layers + 1
         self.dim = self.model.config.hidden_size
 
@@ -178,12 +185,15 @@ class WindowEncoder:
             raise ValueError("group-norm models can only batch equal-length windows")
         if self.whisper:
             return self._encode_whisper(windows, layers)
-        inputs = self.extractor(
-            list(windows), sampling_rate=SAMPLE_RATE, padding=True, return_tensors="pt",
-            return_attention_mask=self.masked,
-        )
-        values = inputs["input_values"].to(self.device, getattr(torch, self.dtype_name))
-        mask = inputs["attention_mask"].to(self.device) if self.masked else None
+        if self.normalise_on_device:
+            values, mask = self.device_inputs(windows)
+        else:
+            inputs = self.extractor(
+                list(windows), sampling_rate=SAMPLE_RATE, padding=True, return_tensors="pt",
+                return_attention_mask=self.masked,
+            )
+            values = inputs["input_values"].to(self.device, getattr(torch, self.dtype_name))
+            mask = inputs["attention_mask"].to(self.device) if self.masked else None
         n_frames = self.frame_counts(lengths)
         with torch.inference_mode():
             hidden = self.model(values, attention_mask=mask, output_hidden_states=True).hidden_states
@@ -192,6 +202,27 @@ class WindowEncoder:
             stats = masked_layer_stats(hidden, torch.as_tensor(n_frames, device=self.device))
         return n_frames, stats
 
+
+    def device_inputs(self, windows: Sequence[np.ndarray]):
+        """What the wav2vec2 feature extractor returns (windows padded with zeros to the longest, each
+        normalised to zero mean and unit variance over its own samples, `do_normalize`; the attention mask),
+        computed on the model's device in float32."""
+        import torch
+
+        lengths = torch.as_tensor([len(w) for w in windows])
+        host = torch.zeros((len(windows), int(lengths.max())), dtype=torch.float32,
+                           pin_memory=self.device.startswith("cuda"))
+        for row, window in zip(host, windows, strict=True):
+            row[:len(window)] = torch.from_numpy(np.ascontiguousarray(window, np.float32))
+        values = host.to(self.device, non_blocking=True)
+        lengths = lengths.to(self.device, non_blocking=True)
+        valid = torch.arange(values.shape[1], device=self.device)[None, :] < lengths[:, None]
+        if getattr(self.extractor, "do_normalize", False):
+            count = lengths.to(torch.float32)[:, None]
+            mean = values.sum(1, keepdim=True) / count  # the padding is zeros: it adds nothing
+            var = torch.where(valid, values - mean, 0).square().sum(1, keepdim=True) / count
+            values = torch.where(valid, (values - mean) / torch.sqrt(var + 1e-7), 0.0)
+        return values.to(getattr(torch, self.dtype_name)), valid.to(torch.long) if self.masked else None
 
     def _encode_whisper(self, windows: Sequence[np.ndarray], layers: Sequence[int] | None):
         import torch
