@@ -257,3 +257,19 @@ def test_an_mmse_study_over_two_sources_fuses_them_in_an_exported_ensemble(tmp_p
     test = exported.test
     assert test["n"] == 30 and test["comparison"]["method"] == "paired bootstrap over recordings"
     assert test["ensemble"]["rmse"]["value"] < test["ensemble"]["mean_predictor"]["rmse"]
+
+
+def test_the_layer_grid_sampler_tunes_on_the_lowest_rmse_layer(tmp_path):
+    from adsearch.search.samplers import LayerGridSampler
+
+    cache = open_cache(write_realistic_cache(tmp_path / "c", target="mmse", n_layers=4, dim=24, strength=0.4,
+                                             signal_layer=2, n_test=0, seed=3))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = parse_spec({"task": "mmse", "sampler": "layer-grid", "space": {"pooling": ["mean"]}})
+    create_or_resume(make_storage(url), "grid", cache, spec, "s.yaml", 6)
+    run_worker("grid", url, worker_index=0)
+    study = optuna.load_study(study_name="grid", storage=url)
+    grid = [t for t in study.trials if t.number < 4]
+    lowest = min(grid, key=lambda t: t.value).params["layer"]
+    assert LayerGridSampler(spec, (0, 1, 2, 3), 0)._best_grid(study)["layer"] == lowest
+    assert all(t.params["layer"] == lowest for t in study.trials[4:])

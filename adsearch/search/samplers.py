@@ -37,8 +37,10 @@ class LayerGridSampler(optuna.samplers.BaseSampler):
     def _best_grid(self, study) -> dict:
         grid = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if t.number < len(self.layers)]
-        best = max(grid, key=lambda t: t.value) if grid else None
-        return {"layer": best.params["layer"], "pooling": best.params["pooling"]} if best else {}
+        pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max  # RMSE: the lowest
+        best = pick(grid, key=lambda t: t.value) if grid else None
+        # a space with one pooling has no pooling parameter (a constant): only the layer is fixed then
+        return {key: best.params[key] for key in ("layer", "pooling") if key in best.params} if best else {}
 
     def infer_relative_search_space(self, study, trial):
         if self._grid_phase(trial):
