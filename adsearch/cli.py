@@ -595,8 +595,8 @@ def space_check(
     out.print(f"{space}: valid (hash {spec.digest()})", highlight=False)
     if spec.plugins:
         out.print(f"plugins {', '.join(spec.plugins)}", highlight=False)
-    out.print(f"cv {spec.cv.folds} folds x {spec.cv.repeats}, metric {spec.cv.metric}, sampler {spec.sampler}, "
-              f"pruner {spec.pruner}, seed {spec.seed}")
+    out.print(f"task {spec.task}; cv {spec.cv.folds} folds x {spec.cv.repeats}, metric {spec.cv.metric}, sampler "
+              f"{spec.sampler}, pruner {spec.pruner}, seed {spec.seed}")
     out.print(f"layers {_describe_layers(layers, spec.space.layers)}; pooling {', '.join(spec.space.pooling)}; "
               f"unit {', '.join(spec.space.unit)}; pca {', '.join(spec.space.pca)}", highlight=False)
     for name in spec.space.classifiers:
