@@ -157,6 +157,19 @@ def test_an_installed_entry_point_plugin_needs_no_option_and_is_recorded(plugin_
     assert spec.plugins == ["shrunken_centroid"]  # recorded, so workers import it by name
 
 
+def test_a_broken_installed_plugin_stops_only_the_spaces_that_look_for_a_model_it_might_hold(plugin_dir):
+    from adsearch.search.space import SpaceError, parse_spec
+
+    (plugin_dir / "broken_plugin.py").write_text("raise RuntimeError('half-installed')\n")
+    info = plugin_dir / "adsearch_broken-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: adsearch-broken\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[adsearch.classifiers]\nbroken = broken_plugin\n")
+    assert parse_spec({"space": {"classifiers": {"logreg": {}, "knn": {}}}}).plugins == []
+    with pytest.raises(SpaceError, match="importing 'broken_plugin' failed: RuntimeError: half-installed"):
+        parse_spec({"space": {"classifiers": {"my_model": {}}}})
+
+
 def test_only_estimator_classes_the_plugin_defines_are_trusted_in_a_model_file(plugin_dir):
     from adsearch.export import plugin_estimator_types
     from adsearch.search.plugins import load_plugins

@@ -293,7 +293,10 @@ def parse_spec(data: Any, source: str = "<space>") -> StudySpec:
                 break
         raise SpaceError("\n".join(lines)) from None
     try:
-        load_plugins([*spec.plugins, *installed_plugins()])
+        load_plugins(spec.plugins)
+        named = [*spec.space.classifiers, spec.layer_grid.classifier]
+        if any(name not in REGISTRY for name in named):  # installed plugins are imported only when needed,
+            load_plugins(installed_plugins())  # so a broken one stops only the spaces that look for a model
         _check_registry(spec)
     except (SpaceError, PluginError) as exc:
         raise SpaceError(f"{source}: {exc}") from None
