@@ -188,3 +188,26 @@ def test_the_scripted_example_runs_a_study_through_the_python_api(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.fullmatch(r"ran \d+ trials; best CV 0\.\d+; test balanced accuracy [01]\.\d+ \(\w+\)\n", done.stdout)
     assert {"config.yaml", "model.skops", "report.html"} <= {p.name for p in (tmp_path / "out" / "best").iterdir()}
+
+
+def test_a_plugin_regressor_serves_mmse_spaces_and_a_classifier_posing_as_one_is_refused(plugin_dir):
+    from adsearch.search.space import SpaceError, parse_spec
+
+    (plugin_dir / "broken_plugin.py").write_text('''
+from sklearn.dummy import DummyClassifier
+from sklearn.linear_model import Lasso
+from adsearch.search.classifiers import FloatRange, register
+
+@register("lasso", "L1-penalised least squares", {"alpha": FloatRange(0.01, 1.0, above=0)}, task="mmse")
+def _lasso(p, seed):
+    return Lasso(alpha=p["alpha"])
+
+@register("not_a_regressor", "a classifier", {"alpha": FloatRange(0.01, 1.0, above=0)}, task="mmse")
+def _classifier(p, seed):
+    return DummyClassifier()
+''')
+    with pytest.raises(SpaceError, match="plugin regressor 'not_a_regressor' .*not a scikit-learn regressor"):
+        parse_spec({"task": "mmse", "plugins": ["broken_plugin"]})
+    assert "lasso" in REGISTRY and "not_a_regressor" not in REGISTRY  # registered before the broken one
+    spec = parse_spec({"task": "mmse", "space": {"classifiers": {"lasso": {}}}})
+    assert spec.space.classifiers == {"lasso": {}} and spec.plugins == ["broken_plugin"]
