@@ -624,6 +624,7 @@ def _describe_param(kind: str, value) -> str:
 
 
 def _study_summary(study, budget: int) -> None:
+    from adsearch.search.protocol import direction
     from adsearch.search.study import StudySetup, best_summary, describe_config, fold_fits, trial_counts
 
     counts = trial_counts(study)
@@ -635,7 +636,7 @@ def _study_summary(study, budget: int) -> None:
               f"{counts['pruned']} pruned), {counts['failed']} failed, {counts['running']} running{saved}",
               highlight=False)
     if setup.spec.task == "mmse":
-        lower = ", lower is better" if setup.spec.cv.metric in ("rmse", "mae") else ""
+        lower = ", lower is better" if direction(setup.spec.cv.metric) == "minimize" else ""
         out.print(f"task mmse ({setup.spec.cv.metric}{lower}): {len(setup.train_ids)} train recordings with an MMSE "
                   f"score, {setup.left_out} without one left out", highlight=False)
     from adsearch.search.null import NULL_ATTR, describe, stale_floor

@@ -221,6 +221,13 @@ def item_features(cache: EmbeddingCache, config: TrialConfig, items: np.ndarray)
     return X, np.arange(len(items)) if config.unit == "recording" else cache.window_owner(items)
 
 
+def predict_items(cache: EmbeddingCache, config: TrialConfig, model, items: np.ndarray) -> tuple[np.ndarray, float]:
+    """One score per item of `items` (window scores averaged per recording) and the threshold that makes a
+    label of it; MMSE predictions with threshold 0."""
+    X, owner = item_features(cache, config, items)
+    return recording_scores(model, X, owner, len(items))
+
+
 def fit_on(cache: EmbeddingCache, config: TrialConfig, items: np.ndarray, seed: int, task: str = "classification"):
     X, owner = item_features(cache, config, items)
     return fit_pipeline(config, X, cache.targets(task)[items][owner], seed)
@@ -654,8 +661,7 @@ def _evaluate_test(cache: EmbeddingCache, config: TrialConfig, model, items: np.
                    task: str = "classification", train_mean: float | None = None):
     """The test report, and per recording what a comparison needs: correct or not (classification), or the
     predicted MMSE."""
-    X, owner = item_features(cache, config, items)
-    score, threshold = recording_scores(model, X, owner, len(items))
+    score, threshold = predict_items(cache, config, model, items)
     if task == "mmse":
         y = cache.mmse[items]
         report = mmse_test_report(y, score, train_mean, seed)

@@ -32,11 +32,11 @@ from adsearch.export import (
     cache_for,
     config_of_trial,
     fit_on,
-    item_features,
     load_config,
     mcnemar_exact,
     mmse_test_report,
     paired_bootstrap,
+    predict_items,
     reproduce_cv,
     save_model,
     test_report,
@@ -45,7 +45,6 @@ from adsearch.export import (
 from adsearch.outputs import check_new_folder, folder_written_whole
 from adsearch.safeyaml import YamlError, load_yaml
 from adsearch.search.ensemble import Combination, ensemble_cv
-from adsearch.search.objective import recording_scores
 
 MEMBERS_DIR = "members"
 
@@ -206,9 +205,7 @@ def _test_scores(cache, config, model, test_ids: list[str]) -> np.ndarray:
     if missing:
         raise ExportError(f"{cache.path}: lacks test recordings {missing[:3]} that another source has; the sources "
                           "of an ensemble must cover the same test split")
-    items = np.array([position[rec_id] for rec_id in test_ids])
-    X, owner = item_features(cache, config, items)
-    score, threshold = recording_scores(model, X, owner, len(items))
+    score, threshold = predict_items(cache, config, model, np.array([position[rec_id] for rec_id in test_ids]))
     return score - threshold
 
 

@@ -169,10 +169,11 @@ def _honesty_rows(exported, floor: dict | None, control: dict | None, baseline: 
     from adsearch.search.baseline import chance_level
     from adsearch.search.baseline import describe as describe_baseline
     from adsearch.search.null import describe
+    from adsearch.search.protocol import direction
 
     metric = exported.cv.metric
     chance = chance_level(baseline, metric)
-    if metric in ("rmse", "mae"):
+    if direction(metric) == "minimize":
         said = (f"{chance:.4f} ({metric} of predicting each training fold's mean MMSE, the study's folds)"
                 if chance is not None else f"the {metric} of predicting the training mean (not recorded)")
     else:
