@@ -17,6 +17,7 @@ ships its own binary: no system package, no torch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,12 @@ class EgemapsEncoder:
     def keep_layers(self, last: int) -> None:
         if last != 0:
             raise ModelError(f"eGeMAPS caches have one layer (0), not {last}")
+
+    def submit(self, windows: Sequence[np.ndarray], layers: Sequence[int] | None = None) -> Future:
+        """`encode` at once (openSMILE runs here, on the CPU), its result waiting as `WindowEncoder.submit`'s."""
+        done: Future = Future()
+        done.set_result(self.encode(windows, layers))
+        return done
 
     def encode(self, windows: Sequence[np.ndarray], layers: Sequence[int] | None = None
                ) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -110,8 +110,9 @@ def plan_windows(
 # Statistics
 
 
-def masked_layer_stats(hidden_states, n_frames) -> dict[str, np.ndarray]:
-    """Per layer and item: mean, M2, max, min over the first n_frames frames, float32 (L, B, D)."""
+def layer_stats(hidden_states, n_frames):
+    """Per layer and item: mean, M2, max, min over the first n_frames frames, as one float32 tensor
+    (stat, L, B, D) on the model's device (one copy back instead of four)."""
     import torch
 
     out: dict[str, list] = {stat: [] for stat in STATS}
@@ -125,7 +126,38 @@ def masked_layer_stats(hidden_states, n_frames) -> dict[str, np.ndarray]:
         out["m2"].append(torch.where(mask, h - mean[:, None], 0).square().sum(1))
         out["max"].append(torch.where(mask, h, -torch.inf).amax(1))
         out["min"].append(torch.where(mask, h, torch.inf).amin(1))
-    return {stat: torch.stack(values).cpu().numpy() for stat, values in out.items()}
+    return torch.stack([torch.stack(out[stat]) for stat in STATS])
+
+
+def masked_layer_stats(hidden_states, n_frames) -> dict[str, np.ndarray]:
+    """Per layer and item: mean, M2, max, min over the first n_frames frames, float32 (L, B, D)."""
+    return PendingStats(None, layer_stats(hidden_states, n_frames)).result()[1]
+
+
+class PendingStats:
+    """A batch's statistics on their way back from the device: on a GPU they are copied into pinned host
+    memory without waiting, so the card starts the next batch while this one's numbers travel; `result()`
+    waits for the copy. On the CPU they are ready at once."""
+
+    def __init__(self, n_frames: np.ndarray | None, stats):
+        import torch
+
+        self.n_frames = n_frames
+        self.ready = None
+        if stats.device.type == "cuda":
+            self.host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+            self.host.copy_(stats, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host = stats
+
+    def result(self) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+        """(n_frames (B,), {stat: (L, B, D)}) as `WindowEncoder.encode` returns them."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        values = self.host.numpy()
+        return self.n_frames, {stat: values[i] for i, stat in enumerate(STATS)}
 
 
 class WindowEncoder:
@@ -178,13 +210,18 @@ class WindowEncoder:
 
         Group-norm models need equal-length windows.
         """
+        return self.submit(windows, layers).result()
+
+    def submit(self, windows: Sequence[np.ndarray], layers: Sequence[int] | None = None) -> PendingStats:
+        """Start `encode` on one batch; on a GPU this returns before the card has finished, so the caller can
+        submit the next batch before collecting this one (`PendingStats.result`)."""
         import torch
 
         lengths = [len(w) for w in windows]
         if not self.masked and len(set(lengths)) > 1:
             raise ValueError("group-norm models can only batch equal-length windows")
         if self.whisper:
-            return self._encode_whisper(windows, layers)
+            return self._submit_whisper(windows, layers)
         if self.normalise_on_device:
             values, mask = self.device_inputs(windows)
         else:
@@ -199,9 +236,14 @@ class WindowEncoder:
             hidden = self.model(values, attention_mask=mask, output_hidden_states=True).hidden_states
             if layers is not None:
                 hidden = [hidden[i] for i in layers]
-            stats = masked_layer_stats(hidden, torch.as_tensor(n_frames, device=self.device))
-        return n_frames, stats
+            return PendingStats(n_frames, layer_stats(hidden, self.upload(torch.as_tensor(n_frames))))
 
+    def upload(self, tensor):
+        """`tensor` on the model's device; on a GPU through pinned memory without waiting (a copy from
+        ordinary memory would wait for the card to finish its queue first)."""
+        if self.device.startswith("cuda"):
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
 
     def device_inputs(self, windows: Sequence[np.ndarray]):
         """What the wav2vec2 feature extractor returns (windows padded with zeros to the longest, each
@@ -215,7 +257,7 @@ class WindowEncoder:
         for row, window in zip(host, windows, strict=True):
             row[:len(window)] = torch.from_numpy(np.ascontiguousarray(window, np.float32))
         values = host.to(self.device, non_blocking=True)
-        lengths = lengths.to(self.device, non_blocking=True)
+        lengths = self.upload(lengths)
         valid = torch.arange(values.shape[1], device=self.device)[None, :] < lengths[:, None]
         if getattr(self.extractor, "do_normalize", False):
             count = lengths.to(torch.float32)[:, None]
@@ -224,7 +266,7 @@ class WindowEncoder:
             values = torch.where(valid, (values - mean) / torch.sqrt(var + 1e-7), 0.0)
         return values.to(getattr(torch, self.dtype_name)), valid.to(torch.long) if self.masked else None
 
-    def _encode_whisper(self, windows: Sequence[np.ndarray], layers: Sequence[int] | None):
+    def _submit_whisper(self, windows: Sequence[np.ndarray], layers: Sequence[int] | None) -> PendingStats:
         import torch
 
         longest = max(len(w) for w in windows)
@@ -238,8 +280,7 @@ class WindowEncoder:
                                 output_hidden_states=True).hidden_states
             if layers is not None:
                 hidden = [hidden[i] for i in layers]
-            stats = masked_layer_stats(hidden, torch.as_tensor(n_frames, device=self.device))
-        return n_frames, stats
+            return PendingStats(n_frames, layer_stats(hidden, self.upload(torch.as_tensor(n_frames))))
 
 
 def resolve_device(device: str) -> str:
@@ -284,7 +325,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 @dataclass
 class Window:
-    item: int  # index into the group's recordings
+    item: int  # which recording: an index into the caller's list, or the extraction's running number
     start: int
     end: int
     audio: np.ndarray
@@ -545,41 +586,67 @@ def _extract_claimed(pending: list[Recording], parts: Path, encoder: WindowEncod
 
     computed = failed = 0
     audio_seconds = 0.0
-    try:
+    owner: dict[int, tuple[Recording, float]] = {}  # a running number per recording -> (recording, seconds)
+    rows: dict[int, list] = {}
+    left: dict[int, int] = {}  # windows of the recording not collected yet
+    numbers = itertools.count()
+
+    def batches() -> Iterator[list[Window]]:
+        nonlocal failed
         for group in _group_recordings(pending, 4 * batch_size, settings, claim, loaders):
             windows: list[Window] = []
-            for index, (rec, loaded, _) in enumerate(group):
+            for rec, loaded, seconds in group:
                 if isinstance(loaded, AudioError):
                     write_json_atomic(failure_path(parts, rec.id),
-                                       asdict(Failure(rec.id, str(rec.path), loaded.reason, rec.split, rec.label)))
+                                      asdict(Failure(rec.id, str(rec.path), loaded.reason, rec.split, rec.label)))
                     failed += 1
+                    claims.pop(rec.id).release()
+                    if progress:
+                        progress.advance(1, 0.0)
                     continue
+                number = next(numbers)
+                owner[number], rows[number], left[number] = (rec, seconds), [], len(loaded)
                 for window in loaded:
-                    window.item = index
+                    window.item = number
                 windows += loaded
-            results: dict[int, list] = {}
-            for batch in make_batches(windows, batch_size, equal_lengths=not encoder.masked):
-                n_frames, stats = encoder.encode([w.audio for w in batch])
-                for j, window in enumerate(batch):
-                    results.setdefault(window.item, []).append(
-                        (window.start, window.end, n_frames[j], {s: stats[s][:, j] for s in STATS})
-                    )
-            for index, (rec, loaded, seconds) in enumerate(group):
-                if not isinstance(loaded, AudioError):
-                    rows = sorted(results[index], key=lambda row: row[0])
-                    save_atomic_npz(
-                        part_path(parts, rec.id),
-                        start=np.array([r[0] for r in rows], np.int64),
-                        end=np.array([r[1] for r in rows], np.int64),
-                        n_frames=np.array([r[2] for r in rows], np.int64),
-                        device=np.array(encoder.device),
-                        **{s: np.stack([r[3][s] for r in rows], axis=1).astype(np.float32) for s in STATS},
-                    )
-                    computed += 1
-                    audio_seconds += seconds
-                claims.pop(rec.id).release()
+            yield from make_batches(windows, batch_size, equal_lengths=not encoder.masked)
+
+    def collect(batch: list[Window], stats_on_their_way) -> None:
+        """File a batch's statistics under their recordings; write each recording whose windows are all in."""
+        nonlocal computed, audio_seconds
+        n_frames, stats = stats_on_their_way.result()
+        for j, window in enumerate(batch):
+            rows[window.item].append((window.start, window.end, n_frames[j], {s: stats[s][:, j] for s in STATS}))
+            left[window.item] -= 1
+            if left[window.item]:
+                continue
+            rec, seconds = owner.pop(window.item)
+            done = sorted(rows.pop(window.item), key=lambda row: row[0])
+            save_atomic_npz(
+                part_path(parts, rec.id),
+                start=np.array([r[0] for r in done], np.int64),
+                end=np.array([r[1] for r in done], np.int64),
+                n_frames=np.array([r[2] for r in done], np.int64),
+                device=np.array(encoder.device),
+                **{s: np.stack([r[3][s] for r in done], axis=1).astype(np.float32) for s in STATS},
+            )
+            computed += 1
+            audio_seconds += seconds
+            claims.pop(rec.id).release()
             if progress:
-                progress.advance(len(group), sum(seconds for _, _, seconds in group))
+                progress.advance(1, seconds)
+
+    try:
+        # One batch in flight: the next batch is submitted before the last one's statistics are collected, so
+        # on a GPU the card never waits for the copy back, the part files or the next group's decoding.
+        in_flight = None
+        for batch in batches():
+            submitted = (batch, encoder.submit([w.audio for w in batch]))
+            if in_flight:
+                collect(*in_flight)
+            in_flight = submitted
+        if in_flight:
+            collect(*in_flight)
     finally:
         for lock in claims.values():
             lock.release()
