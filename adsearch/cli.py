@@ -496,8 +496,17 @@ def finetune(
     cache_root: Annotated[Path | None, typer.Option(help="Where the cross-fitted cache goes (default: OUTPUT/cache)."
                                                     )] = None,
     epochs: Annotated[int, typer.Option(help="Most epochs per model (early stopping may end sooner).")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Windows per step.")] = 4,
-    accumulate: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass on the CPU; an optimiser step takes "
+                                                 "--batch-size x --accumulate windows.")] = 4,
+    accumulate: Annotated[int, typer.Option(help="Passes per optimiser step (gradient accumulation).")] = 2,
+    micro_batch: Annotated[int, typer.Option(help="Windows per forward/backward pass. 0: on CUDA the fewest passes "
+                                                  "per step that fit the card's free memory (measured on it), on "
+                                                  "the CPU --batch-size. The loss is normalised over the whole "
+                                                  "step, so this changes memory and speed, not the optimisation; "
+                                                  "the choice is recorded in each model's done.json.")] = 0,
+    checkpointing: Annotated[str, typer.Option(help="Gradient checkpointing (recompute activations in the backward "
+                                                    "pass: less memory, about a third more compute): auto (only "
+                                                    "when the passes do not fit without it), on, off.")] = "auto",
     encoder_lr: Annotated[float, typer.Option(help="AdamW learning rate of the transformer.")] = 3e-5,
     head_lr: Annotated[float, typer.Option(help="AdamW learning rate of the linear head.")] = 1e-3,
     freeze_layers: Annotated[int, typer.Option(help="Lower transformer layers kept frozen.")] = 0,
@@ -522,6 +531,7 @@ def finetune(
     with user_errors():
         try:
             settings = FinetuneSettings(epochs=epochs, batch_size=batch_size, accumulate=accumulate,
+                                        micro_batch=micro_batch, checkpointing=checkpointing,
                                         encoder_lr=encoder_lr, head_lr=head_lr, freeze_layers=freeze_layers,
                                         window_s=window_s, patience=patience, seed=seed)
         except FinetuneError as exc:

@@ -15,7 +15,11 @@ train recording, then cross-validated on those recordings) the CV scores are inf
 Training: participant-speech windows of whole recordings (as `extract` cuts them), each labelled with its
 recording's label; pooled last hidden state -> linear head; CNN feature encoder frozen, optionally the lower
 transformer layers too; AdamW with linear warmup and decay, gradient accumulation, class-balanced loss, the
-model's own SpecAugment time masking; bf16 autocast and gradient checkpointing on CUDA. A fold's model is
+model's own SpecAugment time masking; bf16 autocast on CUDA. An optimiser step's windows (`--batch-size` x
+`--accumulate`) go through the model in as few passes as the card's free memory allows, without gradient
+checkpointing when they fit without it (measured on the card itself, recorded with each model: `PassPlan`);
+the loss is normalised over the whole step, so the split changes memory and speed, not the optimisation.
+A fold's model is
 saved with `save_pretrained` (usable by `extract` and `predict`); each epoch leaves a checkpoint, so a killed
 run resumes from its last epoch and finished folds are never redone.
 """
@@ -35,12 +39,24 @@ import numpy as np
 from adsearch import __version__
 from adsearch.audio import AudioError
 from adsearch.corpus import Recording, read_manifest, write_manifest
-from adsearch.embed.extract import ExtractSettings, Window, extract, recording_windows, resolve_device
+from adsearch.embed.extract import (
+    ExtractSettings,
+    Window,
+    extract,
+    inputs_on_device,
+    recording_windows,
+    resolve_device,
+    upload,
+)
 from adsearch.embed.model import uses_attention_mask
 
 
 class FinetuneError(ValueError):
     pass
+
+
+CHECKPOINTING = ("auto", "on", "off")
+MEMORY_SHARE = 0.9  # of the card's free memory a fine-tune plans to use (the rest: fragmentation, other work)
 
 
 @dataclass(frozen=True)
@@ -49,7 +65,9 @@ class FinetuneSettings:
 
     epochs: int = 10
     batch_size: int = 4
-    accumulate: int = 2  # gradient accumulation steps: effective batch = batch_size x accumulate
+    accumulate: int = 2  # optimiser step = batch_size x accumulate windows
+    micro_batch: int = 0  # windows per forward/backward pass; 0: from the card's free memory (CPU: batch_size)
+    checkpointing: str = "auto"  # gradient checkpointing: auto (only if the passes do not fit without), on, off
     encoder_lr: float = 3e-5
     head_lr: float = 1e-3
     weight_decay: float = 0.01
@@ -61,10 +79,20 @@ class FinetuneSettings:
     validation_share: float = 0.2  # speakers of each training part held out for early stopping
     seed: int = 0
 
+    @property
+    def step_windows(self) -> int:
+        """Windows per optimiser step: what the optimisation sees, whatever the passes."""
+        return self.batch_size * self.accumulate
+
     def __post_init__(self) -> None:
         problems = []
         if self.epochs < 1 or self.batch_size < 1 or self.accumulate < 1 or self.patience < 1:
             problems.append("--epochs, --batch-size, --accumulate and --patience must be at least 1")
+        if not 0 <= self.micro_batch <= self.batch_size * self.accumulate:
+            problems.append(f"--micro-batch {self.micro_batch}: between 1 and --batch-size x --accumulate "
+                            f"({self.batch_size * self.accumulate}), or 0 to choose from the free memory")
+        if self.checkpointing not in CHECKPOINTING:
+            problems.append(f"--checkpointing {str(self.checkpointing)[:20]!r}: choose {', '.join(CHECKPOINTING)}")
         if not (0 < self.encoder_lr < 1 and 0 < self.head_lr < 1):
             problems.append("learning rates must lie in (0, 1)")
         if not 0 <= self.warmup < 1 or not 0 < self.validation_share < 0.5:
@@ -136,8 +164,6 @@ def _build(model_path: Path, settings: FinetuneSettings, device: str):
         raise FinetuneError(f"--freeze-layers {settings.freeze_layers}: the model has {len(layers)} layers")
     for layer in layers[: settings.freeze_layers]:
         layer.requires_grad_(False)
-    if device.startswith("cuda"):
-        encoder.gradient_checkpointing_enable()
     torch.manual_seed(settings.seed)
     head = torch.nn.Linear(encoder.config.hidden_size, 2)
     return extractor, encoder, head.to(device)
@@ -149,16 +175,113 @@ def _logits(extractor, encoder, head, windows: list[np.ndarray], device: str):
     from adsearch.audio import SAMPLE_RATE
 
     masked = uses_attention_mask(encoder)
-    inputs = extractor(windows, sampling_rate=SAMPLE_RATE, padding=True, return_tensors="pt",
-                       return_attention_mask=masked)
-    values = inputs["input_values"].to(device)
-    mask = inputs["attention_mask"].to(device) if masked else None
+    if device.startswith("cuda"):  # padded and normalised on the card, as extraction does
+        values, mask = inputs_on_device(windows, device, getattr(extractor, "do_normalize", False), masked)
+    else:
+        inputs = extractor(windows, sampling_rate=SAMPLE_RATE, padding=True, return_tensors="pt",
+                           return_attention_mask=masked)
+        values = inputs["input_values"].to(device)
+        mask = inputs["attention_mask"].to(device) if masked else None
     with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
         hidden = encoder(values, attention_mask=mask).last_hidden_state
-    frames = encoder._get_feat_extract_output_lengths(torch.as_tensor([len(w) for w in windows])).to(device)
+    frames = upload(encoder._get_feat_extract_output_lengths(torch.as_tensor([len(w) for w in windows])), device)
     keep = (torch.arange(hidden.shape[1], device=device)[None, :] < frames[:, None])[:, :, None]
     pooled = torch.where(keep, hidden.float(), 0).sum(1) / frames[:, None].float()
     return head(pooled)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Passes: how an optimiser step's windows go through the card
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """Windows per forward/backward pass and gradient checkpointing, and how they were chosen (recorded)."""
+
+    micro_batch: int
+    checkpointing: bool
+    chosen: str  # one line: given, or what was measured
+    free_gb: float | None = None  # the card's free memory with the model loaded
+    peak_gb: float | None = None  # measured for the chosen passes, optimiser state included
+
+    def passes(self, step_windows: int) -> int:
+        return math.ceil(step_windows / self.micro_batch)
+
+
+def choose_passes(sizes: list[int], checkpointing: str, needs: Callable[[int, bool], float | None],
+                  budget: float) -> tuple[int, bool, float]:
+    """(windows per pass, checkpointing, bytes needed): the largest of `sizes` that fits in `budget` bytes.
+    'auto' runs without gradient checkpointing (which recomputes the forward pass: about a third more work)
+    unless that needs more than twice as many passes as with it (small passes leave a GPU idle).
+    `needs(size, checkpointing)` measures a pass (None: out of memory)."""
+    sizes = sorted(sizes, reverse=True)
+    tried: dict[bool, float | None] = {}
+
+    def largest(recompute: bool, above: int = 0) -> tuple[int, float] | None:
+        for size in (s for s in sizes if s > above):
+            tried[recompute] = needs(size, recompute)
+            if tried[recompute] is not None and tried[recompute] <= budget:
+                return size, tried[recompute]
+        return None
+
+    plain = largest(False) if checkpointing in ("auto", "off") else None
+    if checkpointing == "on" or (checkpointing == "auto" and (plain is None or plain[0] < sizes[0])):
+        recomputed = largest(True, 2 * plain[0] if plain and checkpointing == "auto" else 0)
+        if recomputed:
+            return recomputed[0], True, recomputed[1]
+    if plain:
+        return plain[0], False, plain[1]
+    measured = "; ".join(f"{'with' if on else 'without'} checkpointing: "
+                         + ("out of memory" if b is None else f"{b / 2**30:.1f} GB") for on, b in tried.items())
+    raise FinetuneError(f"a training pass of {sizes[-1]} window(s) does not fit in the card's free memory "
+                        f"({budget / 2**30:.1f} GB usable; {measured}). Use shorter windows (--window-s), a smaller "
+                        "--micro-batch, --freeze-layers, or free the card")
+
+
+def plan_passes(settings: FinetuneSettings, device: str, encoder, head, extractor, longest: np.ndarray) -> PassPlan:
+    """On CUDA, measure passes of the longest training window on the card (forward, backward, gradients, plus
+    AdamW's two moments) and choose with `choose_passes`; on the CPU take the settings as they are."""
+    import torch
+
+    if not device.startswith("cuda"):
+        size = settings.micro_batch or settings.batch_size
+        return PassPlan(size, settings.checkpointing == "on", "given (CPU: memory is not measured)")
+    trainable = sum(p.numel() for p in [*encoder.parameters(), *head.parameters()] if p.requires_grad)
+    optimiser_bytes = 2 * 4 * trainable  # AdamW's exp_avg and exp_avg_sq, float32
+    torch.cuda.empty_cache()
+    free = torch.cuda.mem_get_info(device)[0]
+
+    def needs(size: int, recompute: bool) -> float | None:
+        _set_checkpointing(encoder, recompute)
+        encoder.train()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        try:
+            _logits(extractor, encoder, head, [longest] * size, device).float().sum().backward()
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device) - base + optimiser_bytes
+        except torch.cuda.OutOfMemoryError:
+            return None
+        finally:
+            encoder.zero_grad(set_to_none=True)
+            head.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+    # every pass of a step equally full: the divisors of the step (or the size given)
+    step = settings.step_windows
+    sizes = [settings.micro_batch] if settings.micro_batch else [d for d in range(1, step + 1) if step % d == 0]
+    size, recompute, needed = choose_passes(sizes, settings.checkpointing, needs, MEMORY_SHARE * free)
+    return PassPlan(size, recompute, f"measured on {torch.cuda.get_device_name(device)}: {size} windows of "
+                    f"{len(longest) / 16_000:.1f} s per pass need {needed / 2**30:.1f} GB of "
+                    f"{free / 2**30:.1f} GB free", round(free / 2**30, 2), round(needed / 2**30, 2))
+
+
+def _set_checkpointing(encoder, on: bool) -> None:
+    # transformers renamed gradient_* to activation_checkpointing_* (5.2x) and deprecated the old names
+    enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+    disable = getattr(encoder, "activation_checkpointing_disable", None) or encoder.gradient_checkpointing_disable
+    enable() if on else disable()
 
 
 def _batches(windows: list[Window], size: int, equal_lengths: bool, rng: np.random.Generator):
@@ -227,60 +350,82 @@ def train_one(model_path: Path, recordings: list[Recording], out_dir: Path, sett
 
     extractor, encoder, head = _build(model_path, settings, device)
     masked = uses_attention_mask(encoder)
-    trainable = [p for p in encoder.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW([{"params": trainable, "lr": settings.encoder_lr},
-                                   {"params": head.parameters(), "lr": settings.head_lr}],
-                                  weight_decay=settings.weight_decay)
-    steps_per_epoch = math.ceil(math.ceil(len(train_windows) / settings.batch_size) / settings.accumulate)
-    total = steps_per_epoch * settings.epochs
-    warm = max(1, int(settings.warmup * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm))))
-    counts = np.bincount(labels[~valid], minlength=2)
-    weights = torch.as_tensor(counts.sum() / (2 * np.maximum(counts, 1)), dtype=torch.float32)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(device))  # class-balanced
-
-    state = {"epoch": 0, "best": -1.0, "stale": 0, "history": []}
     checkpoint = out_dir / "checkpoint.pt"
+    saved = None
     if checkpoint.is_file():  # weights_only: a checkpoint file cannot run code when loaded
         saved = torch.load(checkpoint, map_location=device, weights_only=True)
         encoder.load_state_dict(saved["encoder"])
         head.load_state_dict(saved["head"])
+    state = json.loads(saved["state"]) if saved else {"epoch": 0, "best": -1.0, "stale": 0, "history": []}
+    if "passes" in state:  # a resumed run goes on as it began
+        plan = PassPlan(**state["passes"])
+        _set_checkpointing(encoder, plan.checkpointing)
+    else:
+        longest = max((w.audio for w in train_windows), key=len)
+        plan = plan_passes(settings, device, encoder, head, extractor, longest)
+        _set_checkpointing(encoder, plan.checkpointing)
+        state["passes"] = asdict(plan)
+    trainable = [p for p in encoder.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW([{"params": trainable, "lr": settings.encoder_lr},
+                                   {"params": head.parameters(), "lr": settings.head_lr}],
+                                  weight_decay=settings.weight_decay, fused=device.startswith("cuda") or None)
+    steps_per_epoch = len(_batches(train_windows, settings.step_windows, not masked, np.random.default_rng(0)))
+    total = steps_per_epoch * settings.epochs
+    warm = max(1, int(settings.warmup * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm))))
+    if saved:
         optimiser.load_state_dict(saved["optimiser"])
         scheduler.load_state_dict(saved["scheduler"])
-        state = json.loads(saved["state"])
-    started = time.perf_counter()
+    del saved
+    counts = np.bincount(labels[~valid], minlength=2)
+    class_weight = torch.as_tensor(counts.sum() / (2 * np.maximum(counts, 1)), dtype=torch.float32).to(device)
+
+    seconds = {"training": 0.0, "validation": 0.0, "saving": 0.0}
     audio_seconds = 0.0
     for epoch in range(state["epoch"], settings.epochs):
         if state["stale"] >= settings.patience:
             break
+        clock = time.perf_counter()
         encoder.train()
         rng = np.random.default_rng([settings.seed, epoch])
         # transformers draws the SpecAugment masks from numpy's global generator: seeding torch alone left an
         # epoch's masks (and so its losses) depending on whatever ran before in the process
         set_seed(settings.seed * 1000 + epoch)
-        optimiser.zero_grad()
-        batches = _batches(train_windows, settings.batch_size, not masked, rng)
-        progress.epoch(name, epoch, settings.epochs, len(batches))
-        for index, batch in enumerate(batches):
-            chunk = [train_windows[i] for i in batch]
-            logits = _logits(extractor, encoder, head, [w.audio for w in chunk], device)
-            target = torch.as_tensor([labels[w.item] for w in chunk], device=device)
-            loss = loss_fn(logits.float(), target)
-            (loss / settings.accumulate).backward()
+        optimiser.zero_grad(set_to_none=True)
+        steps = _batches(train_windows, settings.step_windows, not masked, rng)
+        progress.epoch(name, epoch, settings.epochs, len(steps))
+        for step in steps:
+            chunk = [train_windows[i] for i in step]
+            target = torch.as_tensor([labels[w.item] for w in chunk]).to(device)
+            # the class-balanced mean over the whole step, summed pass by pass: the same gradient however the
+            # step is split into passes
+            step_weight = class_weight[target].sum()
+            step_loss = torch.zeros((), device=device)
+            for begin in range(0, len(chunk), plan.micro_batch):
+                logits = _logits(extractor, encoder, head, [w.audio for w in chunk[begin:begin + plan.micro_batch]],
+                                 device)
+                loss = torch.nn.functional.cross_entropy(
+                    logits.float(), target[begin:begin + plan.micro_batch], weight=class_weight,
+                    reduction="sum") / step_weight
+                loss.backward()
+                step_loss += loss.detach()
             audio_seconds += sum(len(w.audio) for w in chunk) / 16_000
-            if (index + 1) % settings.accumulate == 0 or index + 1 == len(batches):
-                torch.nn.utils.clip_grad_norm_([*trainable, *head.parameters()], 1.0)
-                optimiser.step()
-                scheduler.step()
-                optimiser.zero_grad()
-            progress.step(loss.item())
-            state["history"].append({"epoch": epoch, "loss": loss.item()})
+            torch.nn.utils.clip_grad_norm_([*trainable, *head.parameters()], 1.0)
+            optimiser.step()
+            scheduler.step()
+            optimiser.zero_grad(set_to_none=True)
+            progress.step(step_loss.item())
+            state["history"].append({"epoch": epoch, "loss": step_loss.item()})
+        seconds["training"] += time.perf_counter() - clock
+        clock = time.perf_counter()
         if valid_windows:
             valid_loss, score = _evaluate(extractor, encoder, head, valid_windows, labels, len(recordings), device,
-                                          settings.batch_size)
+                                          plan.micro_batch)
         else:  # too few speakers to hold any out: keep the last epoch
             valid_loss, score = float("nan"), float(epoch)
+        seconds["validation"] += time.perf_counter() - clock
+        clock = time.perf_counter()
         improved = score > state["best"]
         state.update({"epoch": epoch + 1, "stale": 0 if improved else state["stale"] + 1,
                       "best": max(score, state["best"])})
@@ -290,13 +435,15 @@ def train_one(model_path: Path, recordings: list[Recording], out_dir: Path, sett
             extractor.save_pretrained(out_dir / "best")
         progress.validated(name, epoch, valid_loss, score, state["best"])
         _save_checkpoint(checkpoint, encoder, head, optimiser, scheduler, state)
+        seconds["saving"] += time.perf_counter() - clock
         if on_epoch is not None:
             on_epoch(epoch)
     record = {"name": name, "trained_on": [r.id for r in recordings],
               "validation_ids": [recordings[i].id for i in valid_index], "epochs_run": state["epoch"],
               "best_validation": state["best"], "validation": state.get("validation", []),
-              "losses": [h["loss"] for h in state["history"]],
-              "audio_seconds_this_run": audio_seconds, "seconds_this_run": time.perf_counter() - started}
+              "losses": [h["loss"] for h in state["history"]], "passes": state["passes"],
+              "audio_seconds_this_run": audio_seconds, "seconds_this_run": sum(seconds.values()),
+              "seconds_by_part_this_run": seconds}
     (out_dir / "done.json").write_text(json.dumps(record))
     checkpoint.unlink(missing_ok=True)
     return record
@@ -355,6 +502,8 @@ def finetune(manifest: Path | str, model: str, out_dir: Path | str, settings: Fi
     }
     if record_file.is_file():
         previous = json.loads(record_file.read_text())
+        # settings added since a fine-tune began take their defaults (what that fine-tune ran with)
+        previous["settings"] = {**asdict(FinetuneSettings()), **previous.get("settings", {})}
         if {k: previous.get(k) for k in ("settings", "folds", "crossfit", "base_model")} != {
                 k: record[k] for k in ("settings", "folds", "crossfit", "base_model")}:
             raise FinetuneError(f"{out_dir} holds a fine-tune with other settings, folds or model; choose a new -o")

@@ -108,6 +108,7 @@ def test_a_killed_finetune_resumes_from_its_last_epoch_and_skips_finished_folds(
     monkeypatch.setattr(ft.FinetuneProgress, "epoch", lambda self, name, epoch, *a: started.append(epoch))
     record = train_one(tiny_model, train, tmp_path / "m", settings, "cpu")
     assert started == [2] and record["epochs_run"] == 3  # epochs 0 and 1 were not run again
+    assert record["passes"]["micro_batch"] == 4  # recorded at the start, kept through the resume
     assert not (tmp_path / "m" / "checkpoint.pt").exists()
     monkeypatch.setattr(ft.FinetuneProgress, "epoch", real)
     built = []
@@ -115,11 +116,75 @@ def test_a_killed_finetune_resumes_from_its_last_epoch_and_skips_finished_folds(
     assert train_one(tiny_model, train, tmp_path / "m", settings, "cpu") == record and not built
 
 
+def test_passes_fit_the_memory_without_checkpointing_when_they_can():
+    from adsearch.finetune import choose_passes
+
+    gb = 2**30
+    # a pass of n windows needs 2 + n GB without checkpointing, 2 + n/4 GB with; out of memory above 9 GB
+    def needs(size, recompute):
+        need = (2 + size / (4 if recompute else 1)) * gb
+        return None if need > 9 * gb else need
+
+    tried = []
+    logged = lambda size, recompute: tried.append((size, recompute)) or needs(size, recompute)  # noqa: E731
+    assert choose_passes([1, 2, 4, 8], "auto", logged, 8 * gb) == (4, False, 6 * gb)
+    assert tried == [(8, False), (4, False)]  # checkpointing would not halve the passes: not tried
+    tried.clear()
+    # 1 window per pass without checkpointing, 4 with: four times the passes; checkpointing pays
+    assert choose_passes([1, 2, 4, 8], "auto", logged, 3.5 * gb) == (4, True, 3 * gb)
+    assert tried == [(8, False), (4, False), (2, False), (1, False), (8, True), (4, True)]
+    assert choose_passes([1, 2, 4, 8], "on", needs, 20 * gb) == (8, True, 4 * gb)
+    assert choose_passes([1, 2, 4, 8], "off", needs, 3.5 * gb) == (1, False, 3 * gb)
+    assert choose_passes([4], "auto", needs, 20 * gb) == (4, False, 6 * gb)
+    with pytest.raises(FinetuneError, match=r"pass of 1 window.*2.0 GB usable; without checkpointing: 3.0 GB; "
+                                            r"with checkpointing: 2.2 GB.*--window-s"):
+        choose_passes([1, 2, 4, 8], "auto", needs, 2.0 * gb)
+
+
+def test_the_passes_change_memory_not_the_optimisation(synth_manifest, tiny_model, tmp_path):
+    """One step of 4 windows in 1, 2 or 4 passes gives the same model (dropout and SpecAugment off, so
+    only the split differs), and each records how its passes were chosen."""
+    import shutil
+
+    import torch
+
+    quiet = tmp_path / "quiet-model"
+    shutil.copytree(tiny_model, quiet)
+    config = json.loads((quiet / "config.json").read_text())
+    for key in ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout", "layerdrop"):
+        config[key] = 0.0
+    config["apply_spec_augment"] = False
+    (quiet / "config.json").write_text(json.dumps(config))
+    train = [r for r in read_manifest(synth_manifest) if r.split == "train"][:10]
+    weights, losses = {}, {}
+    for micro in (4, 2, 1):
+        settings = FinetuneSettings(**{**FAST, "micro_batch": micro, "encoder_lr": 1e-3})
+        record = train_one(quiet, train, tmp_path / f"m{micro}", settings, "cpu")
+        assert record["passes"] == {"micro_batch": micro, "checkpointing": False, "free_gb": None,
+                                    "peak_gb": None, "chosen": "given (CPU: memory is not measured)"}
+        assert set(record["seconds_by_part_this_run"]) == {"training", "validation", "saving"}
+        losses[micro] = record["losses"]
+        from safetensors.torch import load_file
+        weights[micro] = load_file(tmp_path / f"m{micro}" / "best" / "model.safetensors")
+    for micro in (2, 1):  # each step's class-balanced loss over its 4 windows, however many passes
+        np.testing.assert_allclose(losses[micro], losses[4], rtol=1e-4)
+        for key, value in weights[4].items():
+            if key.endswith("k_proj.bias"):  # its gradient is zero up to rounding (softmax ignores a key bias),
+                continue  # and AdamW scales rounding noise up to full steps
+            torch.testing.assert_close(weights[micro][key], value, rtol=1e-3, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")  # a step: ~1e-3
+    changed = [k for k, v in weights[4].items() if not torch.equal(v, load_file(tiny_model / "model.safetensors")[k])]
+    assert changed  # trained: the comparison is not between untouched weights
+
+
 def test_bad_settings_and_a_changed_rerun_are_refused(synth_manifest, tiny_model, tmp_path):
     with pytest.raises(FinetuneError, match="--epochs"):
         FinetuneSettings(epochs=0)
     with pytest.raises(FinetuneError, match="learning rates"):
         FinetuneSettings(encoder_lr=2.0)
+    with pytest.raises(FinetuneError, match=r"--micro-batch 9: between 1 and --batch-size x --accumulate \(8\)"):
+        FinetuneSettings(batch_size=4, accumulate=2, micro_batch=9)
+    with pytest.raises(FinetuneError, match="--checkpointing 'always': choose auto, on, off"):
+        FinetuneSettings(checkpointing="always")
     finetune(synth_manifest, str(tiny_model), tmp_path, FinetuneSettings(**FAST), folds=2, crossfit=False,
              device="cpu")
     with pytest.raises(FinetuneError, match="other settings, folds or model"):

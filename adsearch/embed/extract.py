@@ -148,7 +148,7 @@ class PendingStats:
             self.host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
             self.host.copy_(stats, non_blocking=True)
             self.ready = torch.cuda.Event()
-            self.ready.record()
+            self.ready.record(torch.cuda.current_stream(stats.device))
         else:
             self.host = stats
 
@@ -236,35 +236,15 @@ class WindowEncoder:
             hidden = self.model(values, attention_mask=mask, output_hidden_states=True).hidden_states
             if layers is not None:
                 hidden = [hidden[i] for i in layers]
-            return PendingStats(n_frames, layer_stats(hidden, self.upload(torch.as_tensor(n_frames))))
-
-    def upload(self, tensor):
-        """`tensor` on the model's device; on a GPU through pinned memory without waiting (a copy from
-        ordinary memory would wait for the card to finish its queue first)."""
-        if self.device.startswith("cuda"):
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor.to(self.device)
+            return PendingStats(n_frames, layer_stats(hidden, upload(torch.as_tensor(n_frames), self.device)))
 
     def device_inputs(self, windows: Sequence[np.ndarray]):
-        """What the wav2vec2 feature extractor returns (windows padded with zeros to the longest, each
-        normalised to zero mean and unit variance over its own samples, `do_normalize`; the attention mask),
-        computed on the model's device in float32."""
+        """The model's inputs for `windows`, prepared on its device (`inputs_on_device`), in its dtype."""
         import torch
 
-        lengths = torch.as_tensor([len(w) for w in windows])
-        host = torch.zeros((len(windows), int(lengths.max())), dtype=torch.float32,
-                           pin_memory=self.device.startswith("cuda"))
-        for row, window in zip(host, windows, strict=True):
-            row[:len(window)] = torch.from_numpy(np.ascontiguousarray(window, np.float32))
-        values = host.to(self.device, non_blocking=True)
-        lengths = self.upload(lengths)
-        valid = torch.arange(values.shape[1], device=self.device)[None, :] < lengths[:, None]
-        if getattr(self.extractor, "do_normalize", False):
-            count = lengths.to(torch.float32)[:, None]
-            mean = values.sum(1, keepdim=True) / count  # the padding is zeros: it adds nothing
-            var = torch.where(valid, values - mean, 0).square().sum(1, keepdim=True) / count
-            values = torch.where(valid, (values - mean) / torch.sqrt(var + 1e-7), 0.0)
-        return values.to(getattr(torch, self.dtype_name)), valid.to(torch.long) if self.masked else None
+        values, mask = inputs_on_device(windows, self.device, getattr(self.extractor, "do_normalize", False),
+                                        self.masked)
+        return values.to(getattr(torch, self.dtype_name)), mask
 
     def _submit_whisper(self, windows: Sequence[np.ndarray], layers: Sequence[int] | None) -> PendingStats:
         import torch
@@ -280,7 +260,38 @@ class WindowEncoder:
                                 output_hidden_states=True).hidden_states
             if layers is not None:
                 hidden = [hidden[i] for i in layers]
-            return PendingStats(n_frames, layer_stats(hidden, self.upload(torch.as_tensor(n_frames))))
+            return PendingStats(n_frames, layer_stats(hidden, upload(torch.as_tensor(n_frames), self.device)))
+
+
+def upload(tensor, device: str):
+    """`tensor` on `device`; on a GPU through pinned memory without waiting (a copy from ordinary memory waits
+    for the card to finish its queue first)."""
+    if device.startswith("cuda"):
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def inputs_on_device(windows: Sequence[np.ndarray], device: str, normalise: bool, masked: bool):
+    """What a wav2vec2 feature extractor returns (windows padded with zeros to the longest, each normalised
+    to zero mean and unit variance over its own samples if `normalise`, i.e. `do_normalize`; the attention
+    mask if `masked`), computed on `device` in float32: on a GPU the CPU would otherwise feed the card one
+    batch at a time."""
+    import torch
+
+    lengths = torch.as_tensor([len(w) for w in windows])
+    host = torch.zeros((len(windows), int(lengths.max())), dtype=torch.float32,
+                       pin_memory=device.startswith("cuda"))
+    for row, window in zip(host, windows, strict=True):
+        row[:len(window)] = torch.from_numpy(np.ascontiguousarray(window, np.float32))
+    values = host.to(device, non_blocking=True)
+    lengths = upload(lengths, device)
+    valid = torch.arange(values.shape[1], device=device)[None, :] < lengths[:, None]
+    if normalise:
+        count = lengths.to(torch.float32)[:, None]
+        mean = values.sum(1, keepdim=True) / count  # the padding is zeros: it adds nothing
+        var = torch.where(valid, values - mean, 0).square().sum(1, keepdim=True) / count
+        values = torch.where(valid, (values - mean) / torch.sqrt(var + 1e-7), 0.0)
+    return values, valid.to(torch.long) if masked else None
 
 
 def resolve_device(device: str) -> str:
