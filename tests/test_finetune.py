@@ -171,7 +171,8 @@ def test_the_passes_change_memory_not_the_optimisation(synth_manifest, tiny_mode
         for key, value in weights[4].items():
             if key.endswith("k_proj.bias"):  # its gradient is zero up to rounding (softmax ignores a key bias),
                 continue  # and AdamW scales rounding noise up to full steps
-            torch.testing.assert_close(weights[micro][key], value, rtol=1e-3, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")  # a step: ~1e-3
+            torch.testing.assert_close(weights[micro][key], value, rtol=1e-3, atol=1e-4,  # a step: ~1e-3
+                                       msg=lambda m, key=key: f"{key}: {m}")
     changed = [k for k, v in weights[4].items() if not torch.equal(v, load_file(tiny_model / "model.safetensors")[k])]
     assert changed  # trained: the comparison is not between untouched weights
 
