@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -335,6 +336,7 @@ def train_one(model_path: Path, recordings: list[Recording], out_dir: Path, sett
     done_file = out_dir / "done.json"
     if done_file.is_file():
         return json.loads(done_file.read_text())
+    began = time.perf_counter()
     progress = progress or FinetuneProgress()
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = np.array([r.label for r in recordings])
@@ -381,63 +383,70 @@ def train_one(model_path: Path, recordings: list[Recording], out_dir: Path, sett
     counts = np.bincount(labels[~valid], minlength=2)
     class_weight = torch.as_tensor(counts.sum() / (2 * np.maximum(counts, 1)), dtype=torch.float32).to(device)
 
-    seconds = {"training": 0.0, "validation": 0.0, "saving": 0.0}
+    seconds = {"setup": time.perf_counter() - began, "training": 0.0, "validation": 0.0, "saving": 0.0}
     audio_seconds = 0.0
-    for epoch in range(state["epoch"], settings.epochs):
-        if state["stale"] >= settings.patience:
-            break
-        clock = time.perf_counter()
-        encoder.train()
-        rng = np.random.default_rng([settings.seed, epoch])
-        # transformers draws the SpecAugment masks from numpy's global generator: seeding torch alone left an
-        # epoch's masks (and so its losses) depending on whatever ran before in the process
-        set_seed(settings.seed * 1000 + epoch)
-        optimiser.zero_grad(set_to_none=True)
-        steps = _batches(train_windows, settings.step_windows, not masked, rng)
-        progress.epoch(name, epoch, settings.epochs, len(steps))
-        for step in steps:
-            chunk = [train_windows[i] for i in step]
-            target = torch.as_tensor([labels[w.item] for w in chunk]).to(device)
-            # the class-balanced mean over the whole step, summed pass by pass: the same gradient however the
-            # step is split into passes
-            step_weight = class_weight[target].sum()
-            step_loss = torch.zeros((), device=device)
-            for begin in range(0, len(chunk), plan.micro_batch):
-                logits = _logits(extractor, encoder, head, [w.audio for w in chunk[begin:begin + plan.micro_batch]],
-                                 device)
-                loss = torch.nn.functional.cross_entropy(
-                    logits.float(), target[begin:begin + plan.micro_batch], weight=class_weight,
-                    reduction="sum") / step_weight
-                loss.backward()
-                step_loss += loss.detach()
-            audio_seconds += sum(len(w.audio) for w in chunk) / 16_000
-            torch.nn.utils.clip_grad_norm_([*trainable, *head.parameters()], 1.0)
-            optimiser.step()
-            scheduler.step()
+    writer = CheckpointWriter(checkpoint)
+    try:
+        for epoch in range(state["epoch"], settings.epochs):
+            if state["stale"] >= settings.patience:
+                break
+            clock = time.perf_counter()
+            encoder.train()
+            rng = np.random.default_rng([settings.seed, epoch])
+            # transformers draws the SpecAugment masks from numpy's global generator: seeding torch alone left an
+            # epoch's masks (and so its losses) depending on whatever ran before in the process
+            set_seed(settings.seed * 1000 + epoch)
             optimiser.zero_grad(set_to_none=True)
-            progress.step(step_loss.item())
-            state["history"].append({"epoch": epoch, "loss": step_loss.item()})
-        seconds["training"] += time.perf_counter() - clock
+            steps = _batches(train_windows, settings.step_windows, not masked, rng)
+            progress.epoch(name, epoch, settings.epochs, len(steps))
+            for step in steps:
+                chunk = [train_windows[i] for i in step]
+                target = torch.as_tensor([labels[w.item] for w in chunk]).to(device)
+                # the class-balanced mean over the whole step, summed pass by pass: the same gradient however the
+                # step is split into passes
+                step_weight = class_weight[target].sum()
+                step_loss = torch.zeros((), device=device)
+                for begin in range(0, len(chunk), plan.micro_batch):
+                    logits = _logits(extractor, encoder, head, [w.audio for w in chunk[begin:begin + plan.micro_batch]],
+                                     device)
+                    loss = torch.nn.functional.cross_entropy(
+                        logits.float(), target[begin:begin + plan.micro_batch], weight=class_weight,
+                        reduction="sum") / step_weight
+                    loss.backward()
+                    step_loss += loss.detach()
+                audio_seconds += sum(len(w.audio) for w in chunk) / 16_000
+                torch.nn.utils.clip_grad_norm_([*trainable, *head.parameters()], 1.0)
+                optimiser.step()
+                scheduler.step()
+                optimiser.zero_grad(set_to_none=True)
+                progress.step(step_loss.item())
+                state["history"].append({"epoch": epoch, "loss": step_loss.item()})
+            seconds["training"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            if valid_windows:
+                valid_loss, score = _evaluate(extractor, encoder, head, valid_windows, labels, len(recordings), device,
+                                              plan.micro_batch)
+            else:  # too few speakers to hold any out: keep the last epoch
+                valid_loss, score = float("nan"), float(epoch)
+            seconds["validation"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            improved = score > state["best"]
+            state.update({"epoch": epoch + 1, "stale": 0 if improved else state["stale"] + 1,
+                          "best": max(score, state["best"])})
+            state.setdefault("validation", []).append({"epoch": epoch, "loss": valid_loss, "score": score})
+            if improved:
+                encoder.save_pretrained(out_dir / "best")
+                extractor.save_pretrained(out_dir / "best")
+            progress.validated(name, epoch, valid_loss, score, state["best"])
+            if epoch + 1 < settings.epochs and state["stale"] < settings.patience:  # the last epoch ends in
+                writer.write(encoder, head, optimiser, scheduler, state)  # done.json, never in a resume
+            seconds["saving"] += time.perf_counter() - clock
+            if on_epoch is not None:
+                on_epoch(epoch)
+    finally:
         clock = time.perf_counter()
-        if valid_windows:
-            valid_loss, score = _evaluate(extractor, encoder, head, valid_windows, labels, len(recordings), device,
-                                          plan.micro_batch)
-        else:  # too few speakers to hold any out: keep the last epoch
-            valid_loss, score = float("nan"), float(epoch)
-        seconds["validation"] += time.perf_counter() - clock
-        clock = time.perf_counter()
-        improved = score > state["best"]
-        state.update({"epoch": epoch + 1, "stale": 0 if improved else state["stale"] + 1,
-                      "best": max(score, state["best"])})
-        state.setdefault("validation", []).append({"epoch": epoch, "loss": valid_loss, "score": score})
-        if improved:
-            encoder.save_pretrained(out_dir / "best")
-            extractor.save_pretrained(out_dir / "best")
-        progress.validated(name, epoch, valid_loss, score, state["best"])
-        _save_checkpoint(checkpoint, encoder, head, optimiser, scheduler, state)
+        writer.wait()  # the last epoch's checkpoint is on disk before anything else happens
         seconds["saving"] += time.perf_counter() - clock
-        if on_epoch is not None:
-            on_epoch(epoch)
     record = {"name": name, "trained_on": [r.id for r in recordings],
               "validation_ids": [recordings[i].id for i in valid_index], "epochs_run": state["epoch"],
               "best_validation": state["best"], "validation": state.get("validation", []),
@@ -449,13 +458,55 @@ def train_one(model_path: Path, recordings: list[Recording], out_dir: Path, sett
     return record
 
 
-def _save_checkpoint(path: Path, encoder, head, optimiser, scheduler, state: dict) -> None:
+class CheckpointWriter:
+    """Writes each epoch's checkpoint (weights, optimiser, scheduler, progress) in a thread while the next epoch
+    trains: a copy is taken at the epoch's end, then written and moved into place atomically, so a kill during
+    the write leaves the previous epoch's checkpoint. One write at a time; `wait` raises a write's error."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def write(self, encoder, head, optimiser, scheduler, state: dict) -> None:
+        self.wait()
+        snapshot = _detached({"encoder": encoder.state_dict(), "head": head.state_dict(),
+                              "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict()})
+        snapshot["state"] = json.dumps(state)
+        self.thread = threading.Thread(target=self._save, args=(snapshot,), name="checkpoint-writer")
+        self.thread.start()
+
+    def _save(self, snapshot: dict) -> None:
+        import torch
+
+        try:
+            partial = self.path.with_suffix(".partial")
+            torch.save(snapshot, partial)
+            os.replace(partial, self.path)
+        except BaseException as exc:  # handed to the training thread by wait()
+            self.error = exc
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise FinetuneError(f"writing the checkpoint {self.path} failed: {error}") from error
+
+
+def _detached(value):
+    """`value` (nested dicts and lists of tensors) with every tensor copied to host memory: the training goes on
+    changing the originals while the copy is written."""
     import torch
 
-    partial = path.with_suffix(".partial")
-    torch.save({"encoder": encoder.state_dict(), "head": head.state_dict(), "optimiser": optimiser.state_dict(),
-                "scheduler": scheduler.state_dict(), "state": json.dumps(state)}, partial)
-    os.replace(partial, path)  # a kill during the save leaves the previous checkpoint
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _detached(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_detached(item) for item in value)
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -64,7 +64,8 @@ def _peak_rss_mb() -> float:
     return int(line.split()[1]) / 1024
 
 
-def run(kind: str) -> dict:
+def run(kind: str, micro_batch: int | None = None, checkpointing: str | None = None,
+        recordings: int | None = None) -> dict:
     import torch
 
     from adsearch.finetune import FinetuneSettings, train_one
@@ -73,11 +74,13 @@ def run(kind: str) -> dict:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run `cpu` here")
     shape, n, seconds = ("large", 166, 60.0) if cuda else ("base", 12, 5.0)
+    n = recordings or n
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = _model(work / "model", shape)
         recordings = _corpus(work, n, seconds)
-        settings = FinetuneSettings(epochs=1, batch_size=8 if cuda else 2, accumulate=1, window_s=10.0)
+        passes = {k: v for k, v in (("micro_batch", micro_batch), ("checkpointing", checkpointing)) if v is not None}
+        settings = FinetuneSettings(epochs=1, batch_size=8 if cuda else 2, accumulate=1, window_s=10.0, **passes)
         Path("/proc/self/clear_refs").write_text("5")
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -90,6 +93,8 @@ def run(kind: str) -> dict:
             "peak_rss_mb": _peak_rss_mb(), "settings": {"batch_size": settings.batch_size, "window_s": 10.0,
                                                         "dtype": "bf16 autocast" if cuda else "float32"},
             "torch": torch.__version__, "threads": torch.get_num_threads(),
+            # what this adsearch chose and where the epoch went (absent from code older than issue 18)
+            "passes": record.get("passes"), "seconds_by_part": record.get("seconds_by_part_this_run"),
         }
         if cuda:
             result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -102,8 +107,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=["cpu", "cuda"])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--recordings", type=int, help="default: 166 (cuda), 12 (cpu)")
+    parser.add_argument("--micro-batch", type=int, help="windows per pass (default: adsearch's choice)")
+    parser.add_argument("--checkpointing", choices=["auto", "on", "off"], help="default: adsearch's choice")
     args = parser.parse_args()
-    result = run(args.kind)
+    result = run(args.kind, args.micro_batch, args.checkpointing, args.recordings)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

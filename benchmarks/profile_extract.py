@@ -3,8 +3,10 @@
 Timers wrap extract's own steps in this process (the real `extract()`, nothing replaced): resolving the model
 (the weight hash), loading it, audio decoding and resampling (loader threads: summed over threads), the
 main thread waiting for audio, the feature extractor's normalisation, the model's forward pass, the
-per-layer statistics, writing the parts, and consolidating the cache. On CUDA, `--torch-profiler` adds
-torch.profiler's table of the most expensive operators.
+per-layer statistics, waiting for them to come back, writing the parts, and consolidating the cache. The
+timers synchronise the GPU after the forward pass and the statistics (else they would time the launch
+alone), so on CUDA this run cannot overlap a batch with the next as `extract` does: its wall time is an
+upper bound. On CUDA, `--torch-profiler` adds torch.profiler's table of the most expensive operators.
 
     python benchmarks/profile_extract.py --size large --device cuda --dtype bfloat16
     python benchmarks/profile_extract.py --size tiny --corpus-scale 0.25          # CPU
@@ -88,7 +90,8 @@ def profile(args: argparse.Namespace) -> dict:
         timers.wrap(extract_module, "resolve_model", "resolve the model (weight hash)")
         timers.wrap(extract_module, "load_audio", "decode + resample audio (loader threads, summed)")
         timers.wrap_generator(extract_module, "_group_recordings", "main thread waiting for audio")
-        timers.wrap(extract_module, "masked_layer_stats", "per-layer statistics (incl. copy back)", synchronize)
+        timers.wrap(extract_module, "layer_stats", "per-layer statistics (on the device)", synchronize)
+        timers.wrap(extract_module.PendingStats, "result", "main thread waiting for statistics (copy back)")
         timers.wrap(extract_module, "save_atomic_npz", "write parts")
         timers.wrap(extract_module, "write_cache", "consolidate the cache")
         original_load = model_module.load_model

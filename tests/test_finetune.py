@@ -162,7 +162,7 @@ def test_the_passes_change_memory_not_the_optimisation(synth_manifest, tiny_mode
         record = train_one(quiet, train, tmp_path / f"m{micro}", settings, "cpu")
         assert record["passes"] == {"micro_batch": micro, "checkpointing": False, "free_gb": None,
                                     "peak_gb": None, "chosen": "given (CPU: memory is not measured)"}
-        assert set(record["seconds_by_part_this_run"]) == {"training", "validation", "saving"}
+        assert set(record["seconds_by_part_this_run"]) == {"setup", "training", "validation", "saving"}
         losses[micro] = record["losses"]
         from safetensors.torch import load_file
         weights[micro] = load_file(tmp_path / f"m{micro}" / "best" / "model.safetensors")
@@ -175,6 +175,21 @@ def test_the_passes_change_memory_not_the_optimisation(synth_manifest, tiny_mode
                                        msg=lambda m, key=key: f"{key}: {m}")
     changed = [k for k, v in weights[4].items() if not torch.equal(v, load_file(tiny_model / "model.safetensors")[k])]
     assert changed  # trained: the comparison is not between untouched weights
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_finetune_with_its_reason(synth_manifest, tiny_model,
+                                                                                  tmp_path, monkeypatch):
+    """Checkpoints are written by a thread while the next epoch trains; its failure is not lost there."""
+    import torch
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    train = [r for r in read_manifest(synth_manifest) if r.split == "train"]
+    with pytest.raises(FinetuneError, match=r"writing the checkpoint .*checkpoint.pt failed: .*No space left"):
+        train_one(tiny_model, train, tmp_path / "m", FinetuneSettings(**{**FAST, "epochs": 2}), "cpu")
+    assert not (tmp_path / "m" / "done.json").exists() and not (tmp_path / "m" / "checkpoint.pt").exists()
 
 
 def test_bad_settings_and_a_changed_rerun_are_refused(synth_manifest, tiny_model, tmp_path):
