@@ -65,7 +65,7 @@ def _peak_rss_mb() -> float:
 
 
 def run(kind: str, micro_batch: int | None = None, checkpointing: str | None = None,
-        recordings: int | None = None) -> dict:
+        recordings: int | None = None, torch_profiler: bool = False) -> dict:
     import torch
 
     from adsearch.finetune import FinetuneSettings, train_one
@@ -84,9 +84,19 @@ def run(kind: str, micro_batch: int | None = None, checkpointing: str | None = N
         Path("/proc/self/clear_refs").write_text("5")
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        profiler = None
+        if torch_profiler:  # where the GPU's time goes inside the steps (the profile slows the epoch itself)
+            from torch.profiler import ProfilerActivity, profile
+
+            profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+            profiler.__enter__()
         started = time.perf_counter()
         record = train_one(model, recordings, work / "out", settings, "cuda" if cuda else "cpu")
         wall = time.perf_counter() - started
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+            key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+            print(profiler.key_averages().table(sort_by=key, row_limit=20))
         result = {
             "kind": kind, "shape": shape, "recordings": n, "train_audio_s": record["audio_seconds_this_run"],
             "epoch_wall_s": wall, "audio_s_per_s": record["audio_seconds_this_run"] / wall,
@@ -110,8 +120,10 @@ def main() -> None:
     parser.add_argument("--recordings", type=int, help="default: 166 (cuda), 12 (cpu)")
     parser.add_argument("--micro-batch", type=int, help="windows per pass (default: adsearch's choice)")
     parser.add_argument("--checkpointing", choices=["auto", "on", "off"], help="default: adsearch's choice")
+    parser.add_argument("--torch-profiler", action="store_true", help="print torch.profiler's operator table (use "
+                                                                     "few --recordings: the profile holds every op)")
     args = parser.parse_args()
-    result = run(args.kind, args.micro_batch, args.checkpointing, args.recordings)
+    result = run(args.kind, args.micro_batch, args.checkpointing, args.recordings, args.torch_profiler)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 
