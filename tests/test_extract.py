@@ -453,7 +453,10 @@ def test_parallel_loaders_give_the_cache_of_one_loader_bit_for_bit(synth_manifes
     _same_cache(one.cache_dir, four.cache_dir)
 
 
-def test_one_recording_and_hundreds_of_short_ones_extract_with_parallel_loaders(tiny_model, tmp_path):
+def test_one_recording_and_hundreds_of_short_ones_extract_with_parallel_loaders(tiny_model, tmp_path,
+                                                                               monkeypatch):
+    from adsearch.embed.extract import WindowEncoder
+
     rows = []
     for i in range(200):
         write_wav(tmp_path / f"r{i}.wav", speechlike(0.6 + (i % 5) * 0.1, seed=i))
@@ -461,13 +464,41 @@ def test_one_recording_and_hundreds_of_short_ones_extract_with_parallel_loaders(
     many = write_rows(tmp_path / "many.csv", ["id", "path", "label", "group", "split", "segments"], rows)
     single = write_rows(tmp_path / "single.csv", ["id", "path", "label", "group", "split", "segments"], rows[:1])
     settings = ExtractSettings(window_s=1.0, min_window_s=0.5)
+    sizes = []
+    real_submit = WindowEncoder.submit
+    monkeypatch.setattr(WindowEncoder, "submit", lambda self, windows, *a: sizes.append(len(windows)) or
+                        real_submit(self, windows, *a))
     cache = open_cache(extract(many, tmp_path / "c", str(tiny_model), settings, batch_size=8, loaders=3).cache_dir)
+    # windows of several groups packed together: every batch full but the run's last
+    assert sum(sizes) == len(cache.window_item) and set(sizes[:-1]) == {8} and 1 <= sizes[-1] <= 8
     assert cache.ids == [f"r{i}" for i in range(200)]
     assert (cache.window_item[1:] >= cache.window_item[:-1]).all()  # windows in recording order
     alone = open_cache(extract(single, tmp_path / "c1", str(tiny_model), settings, loaders=3).cache_dir)
     # alone it is a batch of one, among the others a padded batch of eight: equal up to float rounding
     np.testing.assert_allclose(alone.recording_features(2, "mean"), cache.recording_features(2, "mean")[:1],
                                rtol=1e-4, atol=1e-5)
+
+
+def test_packed_batches_are_full_and_no_window_waits_twice():
+    from adsearch.embed.extract import Window, pack_batches
+
+    rng = np.random.default_rng(0)
+    for batch_size in (1, 3, 16):
+        carried, seen, batches = [], [], []
+        for group in range(40):
+            count = rng.integers(batch_size - 1, 4 * batch_size + 20)
+            new = [Window(group, 0, int(n), np.zeros(0)) for n in rng.integers(400, 32_000, count)]
+            full, carried = pack_batches(carried, new, batch_size)
+            assert len(carried) < batch_size and all(w.item == group for w in carried)  # only this group's wait
+            assert all(w.item >= group - 1 for batch in full for w in batch)  # a window waits one group at most
+            batches += full
+            seen += new
+        batches.append(carried)
+        # groups hold at least batch_size - 1 windows (extract's hold about four batches): all full but the last
+        assert all(len(b) == batch_size for b in batches[:-1])
+        assert sorted(map(id, (w for b in batches for w in b))) == sorted(map(id, seen))  # each window once
+        # inside a batch, similar lengths (longest first within each group's windows): padding stays small
+        assert np.mean([max(w.end for w in b) - min(w.end for w in b) for b in batches if b]) < 16_000
 
 
 def test_inputs_normalised_on_the_device_equal_the_feature_extractors(tiny_model):

@@ -355,6 +355,18 @@ def make_batches(windows: list[Window], batch_size: int, equal_lengths: bool) ->
         yield batch
 
 
+def pack_batches(carried: list[Window], new: list[Window], batch_size: int) -> tuple[list[list[Window]], list[Window]]:
+    """(full batches, windows left for the next group) from the windows the last group left and this group's:
+    while groups hold at least batch_size - 1 windows (extract's hold about four batches), every batch but the
+    run's last is full (on a GPU a half-empty batch costs almost a full one's time). What is
+    left is at most batch_size - 1 of this group's shortest windows, so no window waits twice and memory stays
+    bounded. For models that take an attention mask (any lengths in one batch)."""
+    spare = min((len(carried) + len(new)) % batch_size, len(new))
+    ordered = sorted(new, key=lambda w: w.end - w.start, reverse=True)
+    now, later = ordered[:len(ordered) - spare], ordered[len(ordered) - spare:]
+    return list(make_batches(carried + now, batch_size, equal_lengths=False)), later
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The extraction run
 
@@ -604,6 +616,7 @@ def _extract_claimed(pending: list[Recording], parts: Path, encoder: WindowEncod
 
     def batches() -> Iterator[list[Window]]:
         nonlocal failed
+        carried: list[Window] = []
         for group in _group_recordings(pending, 4 * batch_size, settings, claim, loaders):
             windows: list[Window] = []
             for rec, loaded, seconds in group:
@@ -620,7 +633,12 @@ def _extract_claimed(pending: list[Recording], parts: Path, encoder: WindowEncod
                 for window in loaded:
                     window.item = number
                 windows += loaded
-            yield from make_batches(windows, batch_size, equal_lengths=not encoder.masked)
+            if encoder.masked:
+                full, carried = pack_batches(carried, windows, batch_size)
+                yield from full
+            else:  # group-norm models batch equal lengths only: each group on its own
+                yield from make_batches(windows, batch_size, equal_lengths=True)
+        yield from make_batches(carried, batch_size, equal_lengths=False)
 
     def collect(batch: list[Window], stats_on_their_way) -> None:
         """File a batch's statistics under their recordings; write each recording whose windows are all in."""
