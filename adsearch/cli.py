@@ -496,9 +496,10 @@ def finetune(
     cache_root: Annotated[Path | None, typer.Option(help="Where the cross-fitted cache goes (default: OUTPUT/cache)."
                                                     )] = None,
     epochs: Annotated[int, typer.Option(help="Most epochs per model (early stopping may end sooner).")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass on the CPU; an optimiser step takes "
-                                                 "--batch-size x --accumulate windows.")] = 4,
-    accumulate: Annotated[int, typer.Option(help="Passes per optimiser step (gradient accumulation).")] = 2,
+    batch_size: Annotated[int, typer.Option(help="An optimiser step takes --batch-size x --accumulate windows; on "
+                                                 "the CPU --batch-size per forward pass.")] = 4,
+    accumulate: Annotated[int, typer.Option(help="See --batch-size (on the CPU: passes per optimiser step, "
+                                                 "gradient accumulation).")] = 2,
     micro_batch: Annotated[int, typer.Option(help="Windows per forward/backward pass. 0: on CUDA the fewest passes "
                                                   "per step that fit the card's free memory (measured on it), on "
                                                   "the CPU --batch-size. The loss is normalised over the whole "
