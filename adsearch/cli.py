@@ -1193,26 +1193,25 @@ def ensemble(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with user_errors():
-        loaded, setup = open_study(make_storage(storage, create=False), study, mask_url(storage))
-        metric = setup.spec.cv.metric
         if output is not None:
             exported = export_ensemble(study, storage, output, method, top, rounds,
                                        log=lambda message: out.print(message, highlight=False))
             record = exported.config.cv
-            result = (record.ensemble.fold_scores, record.best_single.fold_scores,
+            result = (record.metric, exported.study_best, record.ensemble.fold_scores, record.best_single.fold_scores,
                       [(m.trial, m.weight) for m in exported.config.members])
         else:
+            loaded, setup = open_study(make_storage(storage, create=False), study, mask_url(storage))
             labels = FeatureSource(load_cache_for(setup, study), setup.null_seed, task=setup.spec.task).labels
-            computed = ensemble_cv(loaded, labels, setup.folds, metric, top, rounds, method)
-            result = (computed.ensemble_folds, computed.single_folds,
+            computed = ensemble_cv(loaded, labels, setup.folds, setup.spec.cv.metric, top, rounds, method)
+            result = (setup.spec.cv.metric, loaded.best_value, computed.ensemble_folds, computed.single_folds,
                       list(zip(computed.trials, computed.weights, strict=True)))
-    ensemble_folds, single_folds, members = result
+    metric, study_best, ensemble_folds, single_folds, members = result
     weights = ", ".join(f"trial {number} x{weight:.3g}" for number, weight in members)
     out.print(f"{method} ensemble of the best {top} trials, built on all train recordings: {weights}",
               highlight=False)
     out.print(f"nested CV {metric} on {len(ensemble_folds)} folds: ensemble {np.mean(ensemble_folds):.4f} +/- "
               f"{np.std(ensemble_folds):.4f}; best single trial chosen the same way {np.mean(single_folds):.4f} +/- "
-              f"{np.std(single_folds):.4f} (the study's best CV, {loaded.best_value:.4f}, was chosen on "
+              f"{np.std(single_folds):.4f} (the study's best CV, {study_best:.4f}, was chosen on "
               "all folds and is optimistic)", highlight=False)
     if output is not None and exported.test:
         test = exported.test

@@ -128,6 +128,7 @@ class EnsembleExport:
     out_dir: Path
     config: EnsembleConfig
     test: dict | None
+    study_best: float  # the study's best CV: chosen on all folds, optimistic beside the nested figures
 
 
 def export_ensemble(study_name: str, storage_url: str, out_dir: Path | str, method: str = "caruana",
@@ -191,7 +192,7 @@ def export_ensemble(study_name: str, storage_url: str, out_dir: Path | str, meth
             log("no test targets in the cache: stopped after the refit (no held-out evaluation)")
         (work_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         (work_dir / "report.html").write_text(_report(config, test))
-    return EnsembleExport(out_dir, config, test)
+    return EnsembleExport(out_dir, config, test, study.best_value)
 
 
 def _nested(folds: list[float]) -> NestedCV:

@@ -525,6 +525,10 @@ def test_an_ensemble_exports_evaluates_and_predicts_like_a_single_model(study_en
     result = run("ensemble", "--study", "s", "--storage", study_env["url"], "--top", "4", "--method", method,
                  "-o", out)
     assert result.exit_code == 0, result.output
+    import optuna
+
+    best = optuna.load_study(study_name="s", storage=study_env["url"]).best_value
+    assert f"the study's best CV, {best:.4f}, was chosen on all folds" in " ".join(result.output.split())
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["kind"] == "ensemble" and config["method"] == method and config["members"]
     for member in config["members"]:
