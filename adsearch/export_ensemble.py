@@ -279,17 +279,23 @@ def reproduce_members(path: Path | str, cache: Path | str | None = None) -> list
 
 
 class EnsemblePredictor:
-    """Every member's own Predictor (its speech model, transcript source or eGeMAPS), combined."""
+    """Every member's own Predictor (its speech model, transcript source or eGeMAPS), combined. Members share
+    what they have in common: a speech model is loaded once and run once per window for all its members'
+    layers, a file is decoded, segmented and transcribed once."""
 
     def __init__(self, path: Path | str, device: str = "auto", vad: bool = True):
-        from adsearch.predict import Predictor
+        from adsearch.predict import Predictor, SharedModels
 
         self.config, folder = load_ensemble(path)
-        self.members = [Predictor(folder / member.folder, device, vad) for member in self.config.members]
+        self.shared = SharedModels()
+        self.members = [Predictor(folder / member.folder, device, vad, self.shared) for member in self.config.members]
+        self.shared.trim()
 
     def predict(self, path: Path | str, segments=None):
         regression = self.config.task == "mmse"
+        self.shared.forget()
         predictions = [member.predict(path, segments) for member in self.members]
+        self.shared.forget()
         first = predictions[0]
         failed = next((p for p in predictions if p.error), None)
         if failed is not None:

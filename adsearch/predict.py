@@ -11,8 +11,10 @@ import csv
 import math
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -20,6 +22,8 @@ from adsearch.audio import SAMPLE_RATE, AudioError, load_audio
 from adsearch.embed.cache import pool_recordings, pool_windows
 from adsearch.export import CONFIG_FILE, MODEL_FILE, ExportedConfig, ExportError, load_config, load_model
 from adsearch.outputs import file_written_whole, printable
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -69,14 +73,71 @@ def read_segments(path: Path | str) -> dict[str, list[tuple[float, float]]]:
     return {name: merge_segments(spans) for name, spans in found.items()}
 
 
+class SharedModels:
+    """Models loaded once, and each file's steps done once, for every Predictor that shares this: an
+    ensemble's members often run one speech model (at different layers), one recogniser or one VAD on the
+    same file. Keys say what a thing is (model folder, revision, device, dtype; the file and the span), so
+    sharing never changes a member's numbers. `forget()` between files."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple, object] = {}
+        self._layers: dict[tuple, set[int]] = defaultdict(set)
+        self._trimmed = False
+        self._steps: dict[tuple, object] = {}
+
+    def model(self, key: tuple, load: Callable[[], T]) -> T:
+        if key not in self._models:
+            self._models[key] = load()
+        return self._models[key]
+
+    def speech_encoder(self, source, device: str, dtype: str, layer: int):
+        """The speech model of `source`, to be cut down (`trim`) to the highest layer any sharer needs."""
+        from adsearch.embed.extract import WindowEncoder
+
+        key = ("speech", str(source.path), source.revision, device, dtype)
+        encoder = self.model(key, lambda: WindowEncoder(source, device, dtype))
+        if layer >= encoder.n_layers:
+            raise ExportError(f"features.layer {layer} does not exist: {source.name} has layers "
+                              f"0..{encoder.n_layers - 1}")
+        if self._trimmed:
+            raise ExportError("a speech model was shared after it was cut down to its layers; build every "
+                              "predictor before the first prediction")
+        self._layers[key].add(layer)
+        return encoder
+
+    def trim(self) -> None:
+        """Drop the layers above what the sharers need (a classifier on layer k needs only k layers run)."""
+        for key, layers in self._layers.items():
+            self._models[key].keep_layers(max(layers))
+        self._trimmed = True
+
+    def layers_of(self, encoder, layer: int) -> list[int]:
+        """Every layer the sharers of `encoder` need (one forward pass serves them all); [layer] for a model
+        that has no layers to choose from (eGeMAPS)."""
+        return sorted(next((found for key, found in self._layers.items() if self._models[key] is encoder), {layer}))
+
+    def once(self, key: tuple, compute: Callable[[], T]) -> T:
+        """A step of the current file (decoding, VAD, a window's statistics, a transcription), done once."""
+        if key not in self._steps:
+            self._steps[key] = compute()
+        return self._steps[key]
+
+    def forget(self) -> None:
+        self._steps.clear()
+
+
 class Predictor:
     """An exported classifier plus the speech model it needs, ready for recordings."""
 
-    def __init__(self, export_dir: Path | str, device: str = "auto", vad: bool = True):
-        from adsearch.embed.extract import WindowEncoder
+    def __init__(self, export_dir: Path | str, device: str = "auto", vad: bool = True,
+                 shared: SharedModels | None = None):
+        """`shared`: models and per-file steps shared with other predictors (an ensemble's members); whoever
+        passes it calls its `trim()` once every predictor is built, and `forget()` between files."""
         from adsearch.embed.model import resolve_model
 
         export_dir = Path(export_dir)
+        self.owns_shared = shared is None
+        self.shared = shared or SharedModels()
         self.config: ExportedConfig = load_config(export_dir / CONFIG_FILE)
         model_file = export_dir / MODEL_FILE
         if not model_file.is_file():
@@ -93,12 +154,16 @@ class Predictor:
         if self.config.transcripts is not None:  # a linguistic or text source: words first
             self._load_transcript_source(device)
             return
+        layer = self.config.features.layer
         if is_egemaps(self.config.model.name):  # an eGeMAPS source: openSMILE, not a speech model
             source = egemaps_source(self.config.model.name.removeprefix("opensmile/"))
             if source.revision != self.config.model.revision:
                 raise ExportError(f"the classifier was trained on {self.config.model.revision}; this machine has "
                                   f"{source.revision}: install that opensmile version")
-            self.encoder = EgemapsEncoder(source.name)
+            if layer != 0:
+                raise ExportError(f"{export_dir / CONFIG_FILE}: features.layer {layer} does not exist: eGeMAPS "
+                                  "caches have one layer (0)")
+            self.encoder = self.shared.model(("egemaps", source.name), lambda: EgemapsEncoder(source.name))
         else:
             source = resolve_model(self._model_location())
             if source.revision != self.config.model.revision:
@@ -106,12 +171,12 @@ class Predictor:
                     f"speech model {self.config.model.name!r} is revision {source.revision}, but the classifier was "
                     f"trained on features of revision {self.config.model.revision}; point the config's model.name "
                     "at that exact model")
-            self.encoder = WindowEncoder(source, device, self.config.features.dtype)
-        if self.config.features.layer >= self.encoder.n_layers:
-            raise ExportError(f"{export_dir / CONFIG_FILE}: features.layer {self.config.features.layer} does not "
-                              f"exist: {self.config.model.name} has layers 0..{self.encoder.n_layers - 1}")
-        if isinstance(self.encoder, WindowEncoder):
-            self.encoder.keep_layers(self.config.features.layer)
+            try:
+                self.encoder = self.shared.speech_encoder(source, device, self.config.features.dtype, layer)
+            except ExportError as exc:
+                raise ExportError(f"{export_dir / CONFIG_FILE}: {exc}") from None
+            if self.owns_shared:
+                self.shared.trim()
 
     def _model_location(self) -> str:
         """The model as the study's user named it where that still finds it (a hub id, a folder relative to
@@ -137,7 +202,8 @@ class Predictor:
         if asr.revision != ref.revision:
             raise ExportError(f"recogniser {ref.name!r} is revision {asr.revision}, but the classifier was trained on "
                               f"transcripts of revision {ref.revision}; install that exact model")
-        self.recogniser = load_recogniser(asr, device)
+        self.recogniser = self.shared.model(("asr", ref.backend, asr.name, asr.revision, device),
+                                            lambda: load_recogniser(asr, device))
         self.encoder = None
         computes = {"adsearch/linguistic": f"features-v{FEATURES_VERSION}+",
                     "adsearch/ngrams": f"ngrams-v{NGRAMS_VERSION}+"}
@@ -156,7 +222,8 @@ class Predictor:
         if source.revision != self.config.model.revision:
             raise ExportError(f"text model {self.config.model.name!r} is revision {source.revision}, but the "
                               f"classifier was trained on revision {self.config.model.revision}")
-        self.encoder = TextEncoder(source, resolve_device(device))
+        self.encoder = self.shared.model(("text", str(source.path), source.revision, device),
+                                         lambda: TextEncoder(source, resolve_device(device)))
 
     def _transcript_stats(self, audio: np.ndarray, segments) -> tuple[np.ndarray, dict, list]:
         from adsearch.embed.from_transcripts import one_vector_stats
@@ -166,7 +233,9 @@ class Predictor:
 
         duration = len(audio) / SAMPLE_RATE
         spans = tuple((b, min(e, duration)) for b, e in segments if b < duration) or ((0.0, duration),)
-        transcript = Transcript("new", tuple(self.recogniser.transcribe(audio, spans)), spans, duration)
+        words = self.shared.once(("transcribe", id(self.recogniser), spans),
+                                 lambda: tuple(self.recogniser.transcribe(audio, spans)))
+        transcript = Transcript("new", words, spans, duration)
         if self.encoder is None:
             vocabulary = self.config.features.vocabulary
             n_frames, stats = one_vector_stats(ngram_counts(transcript, vocabulary) if vocabulary is not None
@@ -186,12 +255,16 @@ class Predictor:
         spans = plan_windows(segments, len(audio), feats.window_s, feats.min_window_s)
         if not spans:
             raise AudioError("", f"too short: no speech span of at least {feats.min_window_s} s")
+        layers = self.shared.layers_of(self.encoder, feats.layer)
+        mine = layers.index(feats.layer)
         n_frames, stats = [], defaultdict(list)
         for begin, end in spans:  # one window at a time: the CPU default, and memory stays flat
-            frames, window_stats = self.encoder.encode([audio[begin:end]], layers=[feats.layer])
+            frames, window_stats = self.shared.once(
+                ("window", id(self.encoder), begin, end),  # every sharer's layers from one forward pass
+                lambda begin=begin, end=end: self.encoder.encode([audio[begin:end]], layers=layers))
             n_frames.append(frames[0])
             for name, values in window_stats.items():
-                stats[name].append(values[0, 0])
+                stats[name].append(values[mine, 0])
         arrays = {name: np.stack(values) for name, values in stats.items()}
         return self._pool(np.asarray(n_frames), arrays), len(spans), sum(e - b for b, e in spans) / SAMPLE_RATE
 
@@ -204,15 +277,22 @@ class Predictor:
     def predict(self, path: Path | str, segments=None) -> Prediction:
         """`segments`: participant speech in seconds; None (or empty) when the recording comes without a
         segmentation, which voice activity detection then finds (or the whole recording, vad=False)."""
+        try:
+            return self._predict(path, segments)
+        finally:
+            if self.owns_shared:
+                self.shared.forget()  # this file's audio and steps
+
+    def _predict(self, path: Path | str, segments) -> Prediction:
         from adsearch.search.objective import recording_scores
         from adsearch.vad import speech_segments
 
         prediction = Prediction(printable(path))
         try:
-            audio = load_audio(path)
+            audio = self.shared.once(("audio", str(path)), lambda: load_audio(path))
             prediction.segmentation = "given" if segments else "vad" if self.vad else "whole"
             if prediction.segmentation == "vad":
-                segments = speech_segments(audio)
+                segments = self.shared.once(("vad", str(path)), lambda: speech_segments(audio))
                 if not segments:
                     prediction.error = "no speech found by voice activity detection"
                     return prediction

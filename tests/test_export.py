@@ -233,12 +233,13 @@ def test_wilson_and_mcnemar_known_values():
 def test_a_margin_classifier_writes_a_decision_not_a_probability(tmp_path, monkeypatch):
     from sklearn.svm import LinearSVC
 
-    from adsearch.predict import Predictor, write_predictions
+    from adsearch.predict import Predictor, SharedModels, write_predictions
 
     predictor = object.__new__(Predictor)  # the speech model is not needed to score given features
     predictor.classifier = LinearSVC().fit(np.array([[0.0], [1.0], [2.0], [3.0]]), [0, 0, 1, 1])
     predictor.vad = False
     predictor.config = SimpleNamespace(task="classification")
+    predictor.owns_shared, predictor.shared = True, SharedModels()
     monkeypatch.setattr(predictor, "features", lambda audio, segments: (np.array([[2.9]]), 1, 1.0), raising=False)
     monkeypatch.setattr("adsearch.predict.load_audio", lambda path: np.zeros(16000, np.float32))
     prediction = predictor.predict(tmp_path / "x.wav")
@@ -552,3 +553,41 @@ def test_an_ensemble_exports_evaluates_and_predicts_like_a_single_model(study_en
         row = next(csv.DictReader(handle))
     assert float(row["decision"]) == pytest.approx(expected["ensemble"], abs=1e-3)
     assert row["label"] == ("AD" if expected["ensemble"] > 0 else "control") and row["prob_ad"] == ""
+
+
+def test_ensemble_members_share_their_speech_model_and_its_forward_passes(study_env, tmp_path, monkeypatch):
+    """Members on one speech model load it once and run it once per window for all their layers; each
+    member's prediction is exactly what it gives alone."""
+    from adsearch.embed.extract import WindowEncoder
+    from adsearch.export_ensemble import EnsemblePredictor
+    from adsearch.predict import Predictor, read_segments
+
+    url = f"sqlite:///{tmp_path / 'layers.db'}"  # three trials, one per layer, all members of a stack
+    space = {**SPACE, "space": {**SPACE["space"], "unit": ["recording"], "classifiers": {"logreg": {}}}}
+    study = create_or_resume(make_storage(url), "l", study_env["cache"], parse_spec(space), "space.yaml", 3)
+    for layer in (1, 2, 3):
+        study.enqueue_trial({"layer": layer})
+    run_worker("l", url, worker_index=0)
+    out = tmp_path / "ensemble"
+    result = run("ensemble", "--study", "l", "--storage", url, "--top", "3", "--method", "stack", "-o", out)
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    layers = {yaml.safe_load((out / "members" / f"trial-{m['trial']}" / "config.yaml").read_text())["features"]["layer"]
+              for m in config["members"]}
+    assert layers == {1, 2, 3}  # members on three layers of one model
+    built, windows = [], []
+    real_init, real_submit = WindowEncoder.__init__, WindowEncoder.submit
+    monkeypatch.setattr(WindowEncoder, "__init__", lambda self, *a, **k: built.append(1) or real_init(self, *a, **k))
+    monkeypatch.setattr(WindowEncoder, "submit", lambda self, w, *a: windows.append(len(w)) or real_submit(self, w, *a))
+    ensemble = EnsemblePredictor(out, "cpu")
+    assert len(built) == 1 and len(ensemble.members) == len(config["members"])
+    assert ensemble.shared.layers_of(ensemble.members[0].encoder, -1) == sorted(layers)
+    cache = study_env["cache"]
+    path = cache.meta["items"][0]["path"]
+    segments = read_segments(study_env["manifest"])[path]
+    shared = [member.predict(path, segments) for member in ensemble.members]
+    assert len(windows) == shared[0].n_windows  # one forward pass per window, whatever the number of members
+    ensemble.predict(path, segments)
+    for member, together in zip(config["members"], shared, strict=True):
+        alone = Predictor(out / "members" / f"trial-{member['trial']}", "cpu").predict(path, segments)
+        assert (alone.prob_ad, alone.decision, alone.label) == (together.prob_ad, together.decision, together.label)
