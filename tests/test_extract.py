@@ -522,3 +522,22 @@ def test_inputs_normalised_on_the_device_equal_the_feature_extractors(tiny_model
     np.testing.assert_array_equal(frames, frames_cpu)
     for name in stats:
         np.testing.assert_allclose(stats[name], stats_cpu[name], rtol=1e-4, atol=1e-4)
+
+
+def test_the_gpu_path_run_on_the_cpu_gives_the_default_cache(synth_manifest, tiny_model, tmp_path):
+    """What extraction does on CUDA (inputs normalised on the device, batches of several recordings'
+    windows packed full, one batch in flight, statistics collected later), run on the CPU: the cache of
+    the default path, up to float rounding."""
+    from adsearch.embed.extract import WindowEncoder
+    from adsearch.embed.model import resolve_model
+
+    settings = ExtractSettings(window_s=2.0)
+    default = open_cache(extract(synth_manifest, tmp_path / "a", str(tiny_model), settings).cache_dir)
+    gpu_like = WindowEncoder(resolve_model(str(tiny_model)), "cpu", "float32", normalise_on_device=True)
+    packed = open_cache(extract(synth_manifest, tmp_path / "b", str(tiny_model), settings, batch_size=5,
+                                encoder=gpu_like, loaders=2).cache_dir)
+    assert packed.ids == default.ids and (packed.window_item == default.window_item).all()
+    for layer in (0, default.n_layers - 1):
+        for pooling in ("mean+std", "min+max"):
+            np.testing.assert_allclose(packed.recording_features(layer, pooling),
+                                       default.recording_features(layer, pooling), rtol=1e-4, atol=1e-4)
