@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from adsearch.corpus import Recording
@@ -114,11 +115,15 @@ class TranscriptSet:
     def ids(self) -> list[str]:
         return [item["id"] for item in self.meta["items"]]
 
+    @cached_property
+    def _items(self) -> dict[str, dict]:
+        return {item["id"]: item for item in self.meta["items"]}
+
     def get(self, rec_id: str) -> Transcript | None:
         """The transcript of `rec_id`, or None when this folder has none (never transcribed, or failed)."""
         if rec_id in self._loaded:
             return self._loaded[rec_id]
-        item = next((i for i in self.meta["items"] if i["id"] == rec_id), None)
+        item = self._items.get(rec_id)
         if item is None:
             return None
         path = transcript_path(self.path, rec_id)
