@@ -222,6 +222,11 @@ def test_linguistic_source_wins_the_joint_study_and_predicts_from_wav(planted, t
     best = {s: max(t.value for t in trials if t.value is not None and t.params.get("source") == s)
             for s in ("acoustic", "linguistic")}
     assert best["linguistic"] > best["acoustic"] + 0.1, best
+    # one vector per recording: the linguistic trials choose no pooling or unit (each would give that vector)
+    assert planted["linguistic"].one_vector and not open_cache(acoustic).one_vector
+    by_source = {s: [t for t in trials if t.params.get("source") == s] for s in ("acoustic", "linguistic")}
+    assert not any({"pooling", "unit"} & set(t.params) for t in by_source["linguistic"])
+    assert all("pooling" in t.params for t in by_source["acoustic"])
 
     out = tmp_path / "best"
     result = run("export", "--study", "joint", "--storage", url, "-o", out)
@@ -230,6 +235,7 @@ def test_linguistic_source_wins_the_joint_study_and_predicts_from_wav(planted, t
 
     config = load_config(out)
     assert config.features.source == "linguistic" and config.transcripts.backend == "whisper"
+    assert (config.features.pooling, config.features.unit) == ("mean", "recording")
     report = (out / "report.html").read_text()
     assert "Features that separate the groups" in report and "filled_pauses_per_100w" in report
     result = run("evaluate", out, "--cache", planted["linguistic"].path)
@@ -353,3 +359,27 @@ def test_whisper_encoder_layers_pool_real_frames_only(tmp_path):
     result = run("search", "--cache", cache.path, "--space", Path(__file__).parents[1] / "studies" / "default.yaml",
                  "--study", "whisper", "--storage", f"sqlite:///{tmp_path / 'w.db'}", "--trials", 6)
     assert result.exit_code == 0 and "6/6 finished" in result.output, result.output
+
+
+def test_a_one_vector_source_is_screened_in_one_pooling_column(planted):
+    """Every pooling of one vector per recording is that vector (or zeros): the screen probes one column,
+    leaves the others NaN, never ranks them, and the study attribute keeps them (as null, JSON has no NaN)."""
+    from adsearch.search.objective import FeatureSource
+    from adsearch.search.protocol import assign_folds
+    from adsearch.search.screen import ScreenResult, screen, starting_points
+    from adsearch.search.space import parse_spec
+
+    source = FeatureSource(planted["linguistic"])
+    folds = assign_folds(source.labels, source.groups, 3, 1, 0)
+    poolings = ["std", "mean+std", "mean", "max"]
+    result = screen(source, folds, (0,), poolings, "balanced_accuracy", one_vector=True)
+    assert np.isfinite(result.linear[0]).tolist() == [False, False, True, False]
+    assert [cell["pooling"] for cell in result.top(4)] == ["mean"]
+    stored = json.loads(json.dumps(result.to_attr(), allow_nan=False))
+    again = ScreenResult.from_attr(stored)
+    np.testing.assert_array_equal(again.linear, np.round(result.linear, 4))
+    full = screen(source, folds, (0,), poolings, "balanced_accuracy")
+    assert full.linear[0, 2] == result.linear[0, 2] and np.isfinite(full.linear).all()
+    spec = parse_spec({"space": {"pooling": poolings, "unit": ["recording", "window"]}})
+    assert "pooling" in starting_points(result, spec, 1)[0]
+    assert not {"pooling", "unit"} & set(starting_points(result, spec, 1, one_vector=frozenset({None}))[0])

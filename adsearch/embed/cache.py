@@ -169,6 +169,12 @@ class EmbeddingCache:
     def window_frames(self) -> np.ndarray:
         return np.asarray(self.meta["windows"]["n_frames"], np.int64)
 
+    @cached_property
+    def one_vector(self) -> bool:
+        """One window of one frame per recording (linguistic features, n-gram counts): every pooling of it is
+        the vector itself (std 0) and a window is the recording, so a study does not search pooling or unit."""
+        return bool(len(self.window_item) == len(self.ids) and (self.window_frames == 1).all())
+
     # -- raw statistics -----------------------------------------------------------------------------------
     def stat_file(self, layer: int, stat: str) -> Path:
         """The array file of one statistic of one layer, verified against cache.json before its first use."""

@@ -51,7 +51,7 @@ def run_one(cache_path: str, spec_data: dict, sampler: str, seed: int, trials: i
     from adsearch.embed import open_cache
     from adsearch.search.space import parse_spec
     from adsearch.search.storage import make_storage
-    from adsearch.search.study import StudySetup, create_or_resume, fold_fits, load_screen
+    from adsearch.search.study import StudySetup, create_or_resume, fold_fits, load_screen, trial_config
     from adsearch.search.worker import run_worker
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -76,11 +76,11 @@ def run_one(cache_path: str, spec_data: dict, sampler: str, seed: int, trials: i
         values.append(value)
         best.append(so_far)
         cpu.append(spent)
-    top = study.best_trial.params
-    return asdict(Run(sampler, seed, values, best, cpu, int(top["layer"]),
-                      str(top.get("pooling", spec.space.pooling[0])),
+    setup = StudySetup.from_study(study)
+    top = trial_config(setup, study.best_trial.params)  # fixed settings (a one-option pooling) included
+    return asdict(Run(sampler, seed, values, best, cpu, top.layer, top.pooling,
                       sum(t.state == optuna.trial.TrialState.PRUNED for t in ordered),
-                      fold_fits(study, StudySetup.from_study(study))["saved"], metric))
+                      fold_fits(study, setup)["saved"], metric))
 
 
 def run_all(cache_path: Path, spec: StudySpec, samplers: list[str], seeds: list[int], trials: int, out: Path,

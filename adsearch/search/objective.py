@@ -327,7 +327,7 @@ class Objective:
             raise
 
     def _evaluate(self, trial: optuna.Trial) -> float:
-        config = suggest(trial, self.setup.spec, self.layers, self.setup.source_layers)
+        config = suggest(trial, self.setup.spec, self.layers, self.setup.source_layers, self.setup.one_vector_sources)
         if self.on_sampled is not None:
             self.on_sampled()
         spec = self.setup.spec

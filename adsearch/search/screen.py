@@ -76,7 +76,8 @@ class ScreenResult:
     def top(self, n: int) -> list[dict]:
         """The n best cells by the better of the two probes, each with the probe that scored it."""
         best = self.best()
-        order = np.argsort(best if self.lower_is_better else -best, axis=None, kind="stable")[:n]
+        order = np.argsort(best if self.lower_is_better else -best, axis=None, kind="stable")
+        order = order[np.isfinite(best.ravel()[order])][:n]  # cells not probed (a one-vector source's) are NaN
         rows = []
         for flat in order:
             i, j = np.unravel_index(flat, best.shape)
@@ -93,18 +94,25 @@ class ScreenResult:
 
     def to_attr(self) -> dict:
         return {"layers": self.layers, "poolings": self.poolings, "metric": self.metric,
-                "linear": np.round(self.linear, 4).tolist(), "kernel": np.round(self.kernel, 4).tolist(),
-                "gamma": self.gamma.tolist(), "seconds": round(self.seconds, 2), "enqueued": self.enqueued,
-                "linear_alpha": self.linear_alpha.tolist(), "kernel_alpha": self.kernel_alpha.tolist(),
+                "linear": _json(np.round(self.linear, 4)), "kernel": _json(np.round(self.kernel, 4)),
+                "gamma": _json(self.gamma), "seconds": round(self.seconds, 2), "enqueued": self.enqueued,
+                "linear_alpha": _json(self.linear_alpha), "kernel_alpha": _json(self.kernel_alpha),
                 "sources": self.sources}
 
     @classmethod
     def from_attr(cls, attr: dict) -> ScreenResult:
-        return cls(list(attr["layers"]), list(attr["poolings"]), attr["metric"], np.asarray(attr["linear"]),
-                   np.asarray(attr["kernel"]), np.asarray(attr["gamma"]), attr.get("seconds", 0.0),
+        def array(values) -> np.ndarray:  # None (a cell not probed) back to NaN
+            return np.asarray(values, dtype=np.float64)
+
+        return cls(list(attr["layers"]), list(attr["poolings"]), attr["metric"], array(attr["linear"]),
+                   array(attr["kernel"]), array(attr["gamma"]), attr.get("seconds", 0.0),
                    list(attr.get("enqueued", [])), list(attr.get("sources") or []),
-                   np.asarray(attr.get("linear_alpha", np.zeros((0, 0)))),
-                   np.asarray(attr.get("kernel_alpha", np.zeros((0, 0)))))
+                   array(attr.get("linear_alpha", np.zeros((0, 0)))), array(attr.get("kernel_alpha", np.zeros((0, 0)))))
+
+
+def _json(values: np.ndarray) -> list:
+    """Nested lists for a study attribute, NaN (a cell not probed) as None: JSON has no NaN."""
+    return np.where(np.isfinite(values), values, None).tolist()
 
 
 def _standardised(X: np.ndarray) -> np.ndarray:
@@ -204,21 +212,30 @@ def _probe_scores(K: np.ndarray, y: np.ndarray, labels: np.ndarray, folds: np.nd
     return float(scores[best]), float(RIDGE_GRID[best] * (mean_eigenvalue if mean_eigenvalue > 0 else 1.0))
 
 
-def screen(source: FeatureSource, folds: np.ndarray, layers: tuple[int, ...], poolings: list[str], metric: str
-           ) -> ScreenResult:
+def screen(source: FeatureSource, folds: np.ndarray, layers: tuple[int, ...], poolings: list[str], metric: str,
+           one_vector: bool = False) -> ScreenResult:
     """Both probes for every layer x pooling, on the train rows of `source` with the study's folds.
 
     A pooling concatenates statistics, each standardised column by column, so its Gram matrix is the sum of
-    its statistics' Gram matrices: each statistic of a layer is read and multiplied once."""
+    its statistics' Gram matrices: each statistic of a layer is read and multiplied once. A `one_vector`
+    source (one vector per recording) is probed in one pooling column only, the others left NaN: every
+    pooling of one vector is that vector (or zeros), and its trials do not choose one."""
     started = time.perf_counter()
     labels = source.labels
     y = labels.astype(np.float64) if metric in REGRESSION_METRICS else np.where(labels == 1, 1.0, -1.0)
     shape = (len(layers), len(poolings))
     linear, kernel, gamma = np.zeros(shape), np.zeros(shape), np.zeros(shape)
     linear_alpha, kernel_alpha = np.zeros(shape), np.zeros(shape)
+    columns = range(len(poolings))
+    usable = [j for j, pooling in enumerate(poolings) if pooling != "std"]
+    if one_vector and usable:
+        columns = [poolings.index("mean") if "mean" in poolings else usable[0]]
+        for values in (linear, kernel, gamma, linear_alpha, kernel_alpha):
+            values[:] = np.nan
     for i, layer in enumerate(layers):
         grams: dict[str, np.ndarray] = {}
-        for j, pooling in enumerate(poolings):
+        for j in columns:
+            pooling = poolings[j]
             for statistic in POOLINGS[pooling]:
                 if statistic not in grams:
                     X = _standardised(source.statistic(layer, statistic, "recording"))
@@ -270,15 +287,16 @@ LINEAR_CLASSIFIERS = ("logreg", "lda", "linear_svm", "ridge", "pls")
 KERNEL_CLASSIFIERS = ("rbf_svm", "knn", "kernel_ridge", "svr", "knn_regressor")
 
 
-def starting_points(result: ScreenResult, spec, n: int, source_layers: dict[str, tuple[int, ...]] | None = None
-                    ) -> list[dict]:
+def starting_points(result: ScreenResult, spec, n: int, source_layers: dict[str, tuple[int, ...]] | None = None,
+                    one_vector: frozenset[str | None] = frozenset()) -> list[dict]:
     """Parameters for the study's first trials: the top `n` cells, each with recording-level features, no
     PCA, standard scaling and a classifier of the probe's kind: logistic regression with C = 1, or an RBF SVM
     with the probe's kernel width and C = 10; for MMSE, the probe itself: ridge (or RBF kernel ridge with the
     probe's width) at the probe's best penalty. (Measured on realistic caches: these C values were within a
     point of the best of a grid at the planted cell, while translating the probe's ridge into C was not: a
     large ridge ranks well but makes an SVM with C = 1 / ridge predict one class.) Only settings that are
-    parameters of the space are fixed; the sampler fills in the rest."""
+    parameters of the space are fixed (a `one_vector` source's trials have no pooling or unit); the sampler
+    fills in the rest."""
     from adsearch.search.space import classifier_params
 
     space = spec.space
@@ -292,6 +310,8 @@ def starting_points(result: ScreenResult, spec, n: int, source_layers: dict[str,
         for name, options, value in (("pooling", space.pooling, cell["pooling"]), ("unit", space.unit, "recording"),
                                      ("scale", space.scale, "standard"), ("pca", space.pca, "none"),
                                      ("l2_normalize", space.l2_normalize, False)):
+            if name in ("pooling", "unit") and cell["source"] in one_vector:
+                continue  # not parameters of a one-vector source's trials
             if len(options) > 1 and value in options:
                 params[name] = value
         preferred = LINEAR_CLASSIFIERS if cell["probe"] == "linear" else KERNEL_CLASSIFIERS

@@ -35,6 +35,7 @@ class StudySetup:
     # empty for a study over one cache (cache_path and cache_hash are then its only source).
     sources: dict[str, dict] = field(default_factory=dict)
     left_out: int = 0  # an MMSE study: train recordings without an MMSE score, not in its folds
+    one_vector: bool = False  # the only cache holds one vector per recording (`EmbeddingCache.one_vector`)
 
     def __post_init__(self) -> None:
         self.sampler = self.sampler or self.spec.sampler
@@ -45,7 +46,8 @@ class StudySetup:
         return {"version": __version__,
                 "optimiser": {"sampler": self.sampler, "pruner": self.pruner, "sampler_seed": self.sampler_seed},
                 "null_seed": self.null_seed, "sources": self.sources, "left_out": self.left_out,
-                "cache": {"path": self.cache_path, "content_hash": self.cache_hash, "n_layers": self.n_layers},
+                "cache": {"path": self.cache_path, "content_hash": self.cache_hash, "n_layers": self.n_layers,
+                          "one_vector": self.one_vector},
                 "space": {"file": self.space_file, "hash": self.spec.digest(),
                           "spec": self.spec.model_dump(mode="json")},
                 "plugins": {module: module_digest(module) for module in self.spec.plugins},
@@ -70,7 +72,7 @@ class StudySetup:
                    spec, attr["space"]["file"], attr["folds"]["train_ids"],
                    np.asarray(attr["folds"]["assignment"]), optimiser.get("sampler", ""),
                    optimiser.get("pruner", ""), optimiser.get("sampler_seed"), attr.get("null_seed"),
-                   attr.get("sources") or {}, attr.get("left_out", 0))
+                   attr.get("sources") or {}, attr.get("left_out", 0), attr["cache"].get("one_vector", False))
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -82,3 +84,11 @@ class StudySetup:
         if not self.sources:
             return None
         return {name: source_layers(self.spec, source["n_layers"], name) for name, source in self.sources.items()}
+
+    @property
+    def one_vector_sources(self) -> frozenset[str | None]:
+        """The sources (None: the study's only cache) with one vector per recording, whose trials do not choose
+        pooling or unit. Studies created before adsearch recorded this choose them everywhere, as they did."""
+        if self.sources:
+            return frozenset(name for name, source in self.sources.items() if source.get("one_vector"))
+        return frozenset({None}) if self.one_vector else frozenset()

@@ -384,12 +384,14 @@ def _suggest_span(trial, name: str, span) -> Any:
     return trial.suggest_float(name, span.low, span.high, log=span.log)
 
 
-def suggest(trial, spec: StudySpec, layers: tuple[int, ...],
-            sources: dict[str, tuple[int, ...]] | None = None) -> TrialConfig:
+def suggest(trial, spec: StudySpec, layers: tuple[int, ...], sources: dict[str, tuple[int, ...]] | None = None,
+            one_vector: frozenset[str | None] = frozenset()) -> TrialConfig:
     """Ask `trial` for one configuration; conditional parameters are only asked when they apply.
 
     With several feature sources (`sources`: name -> its layers) the trial first picks `source`, then that
-    source's own layer (`layer.NAME`: sources differ in depth, and TPE models each one's layers apart)."""
+    source's own layer (`layer.NAME`: sources differ in depth, and TPE models each one's layers apart). A
+    source in `one_vector` (None: the study's only cache) holds one vector per recording: its trials take
+    pooling mean and unit recording (every other choice would give the same vector, or zeros)."""
     space = spec.space
     source, name = None, "layer"
     if sources and len(sources) > 1:
@@ -406,8 +408,9 @@ def suggest(trial, spec: StudySpec, layers: tuple[int, ...],
         # write per trial and add a column that never varies. The full config records it all the same.
         return options[0] if len(options) == 1 else trial.suggest_categorical(name, options)
 
-    pooling = choice("pooling", list(space.pooling))
-    unit = choice("unit", list(space.unit))
+    single = source in one_vector
+    pooling = "mean" if single else choice("pooling", list(space.pooling))
+    unit = "recording" if single else choice("unit", list(space.unit))
     scale = choice("scale", list(space.scale))
     pca = choice("pca", list(space.pca))
     components = _suggest_span(trial, "pca_components", space.pca_components) if pca == "components" else None

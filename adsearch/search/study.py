@@ -96,11 +96,12 @@ def new_setup(cache: Caches, spec: StudySpec, space_file: str, sampler: str | No
     folds = assignments[0][1] if assignments else assign_folds(reference.labels, reference.groups, spec.cv.folds,
                                                                spec.cv.repeats, spec.seed, spec.task)
     sources = {} if len(caches) == 1 and "" in caches else {
-        name: {"path": str(one.path.resolve()), "content_hash": one.content_hash, "n_layers": one.n_layers}
+        name: {"path": str(one.path.resolve()), "content_hash": one.content_hash, "n_layers": one.n_layers,
+               "one_vector": one.one_vector}
         for name, one in caches.items()}
     return StudySetup(str(primary.path.resolve()), primary.content_hash, primary.n_layers, spec, space_file,
                       reference.ids, folds, sampler or "", pruner or "", sampler_seed, sources=sources,
-                      left_out=reference.left_out)
+                      left_out=reference.left_out, one_vector=not sources and primary.one_vector)
 
 
 def crossfit_folds(cache: EmbeddingCache, train_ids: list[str], spec: StudySpec, space_file: str
@@ -347,9 +348,11 @@ def _screen_and_enqueue(study: optuna.Study, cache: Caches, setup: StudySetup, b
         log(f"screening {rows} {'source layers' if setup.sources else 'layers'} x {len(spec.space.pooling)} poolings "
             "with a linear and a kernel probe (closed form, the study's folds, train rows only)")
     results = {name: screen(FeatureSource(one, setup.null_seed, task=spec.task), setup.folds, layers[name],
-                            list(spec.space.pooling), spec.cv.metric) for name, one in caches.items()}
+                            list(spec.space.pooling), spec.cv.metric, name in setup.one_vector_sources)
+               for name, one in caches.items()}
     result = ScreenResult.stacked(results) if setup.sources else results[None]
-    result.enqueued = starting_points(result, spec, min(spec.screen.top, budget), setup.source_layers)
+    result.enqueued = starting_points(result, spec, min(spec.screen.top, budget), setup.source_layers,
+                                      setup.one_vector_sources)
     for params in result.enqueued:
         study.enqueue_trial(params, user_attrs={"origin": "screen"})
     study._storage.set_study_system_attr(study._study_id, SCREEN_ATTR, result.to_attr())
@@ -449,7 +452,8 @@ def fold_fits(study: optuna.Study, setup: StudySetup) -> dict[str, int]:
 
 def trial_config(setup: StudySetup, params: dict) -> TrialConfig:
     """Rebuild a trial's full configuration (fixed values included) by replaying the space on its params."""
-    return suggest(optuna.trial.FixedTrial(params), setup.spec, setup.layers, setup.source_layers)
+    return suggest(optuna.trial.FixedTrial(params), setup.spec, setup.layers, setup.source_layers,
+                   setup.one_vector_sources)
 
 
 def best_summary(study: optuna.Study, setup: StudySetup) -> dict | None:
