@@ -45,6 +45,7 @@ from adsearch.export import (
 from adsearch.outputs import check_new_folder, folder_written_whole
 from adsearch.safeyaml import YamlError, load_yaml
 from adsearch.search.ensemble import Combination, ensemble_cv
+from adsearch.search.protocol import regression_metrics
 
 MEMBERS_DIR = "members"
 
@@ -137,9 +138,10 @@ def export_ensemble(study_name: str, storage_url: str, out_dir: Path | str, meth
     trial, and write the folder whole (or not at all)."""
     import optuna
 
+    from adsearch.search.baseline import load_duration_baseline
     from adsearch.search.objective import FeatureSource
     from adsearch.search.storage import make_storage, mask_url
-    from adsearch.search.study import StudyError, load_caches_for, open_study, trial_config
+    from adsearch.search.study import StudyError, describe_config, load_caches_for, open_study, trial_config
 
     out_dir = check_new_folder(out_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -165,10 +167,11 @@ def export_ensemble(study_name: str, storage_url: str, out_dir: Path | str, meth
                           ensemble=_nested(result.ensemble_folds), best_single=_nested(result.single_folds)))
     test_ids = [first.ids[i] for i in first.with_target("test", task)]
     with folder_written_whole(out_dir) as work_dir:
-        test_scores = {}
+        test_scores, described = {}, {}
         for number in dict.fromkeys([*result.trials, result.best_single]):
             chosen = trials[number]
             trial_cfg = trial_config(setup, chosen.params)
+            described[number] = describe_config(trial_cfg.model_dump(mode="json"))
             cache = caches[trial_cfg.source]
             model = fit_on(cache, trial_cfg, cache.with_target("train", task), spec.seed, task)
             if number in result.trials:
@@ -191,7 +194,7 @@ def export_ensemble(study_name: str, storage_url: str, out_dir: Path | str, meth
         else:
             log("no test targets in the cache: stopped after the refit (no held-out evaluation)")
         (work_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-        (work_dir / "report.html").write_text(_report(config, test))
+        (work_dir / "report.html").write_text(_report(config, test, described, load_duration_baseline(study)))
     return EnsembleExport(out_dir, config, test, study.best_value)
 
 
@@ -222,50 +225,82 @@ def _evaluate(config: EnsembleConfig, cache, test_ids: list[str], scores: dict[i
         train_mean = float(cache.mmse[cache.with_target("train", "mmse")].mean())
         ensemble, best = mmse_test_report(y, combined, train_mean, seed), mmse_test_report(y, single, train_mean, seed)
         comparison = paired_bootstrap(y, combined, single, config.cv.metric, seed=seed)
+        chance = {**regression_metrics(y, np.full(len(y), train_mean)), "pearson_r": 0.0,
+                  "how": f"predicting the training split's mean MMSE ({train_mean:.2f}) for every recording"}
     else:
         y = cache.labels[items]
         ensemble, best = test_report(y, combined, 0.0, seed), test_report(y, single, 0.0, seed)
         comparison = {**mcnemar_exact((combined > 0).astype(int) == y, (single > 0).astype(int) == y),
                       "method": "exact McNemar (only_best_right: only the ensemble right)"}
+        share = float(np.mean(y == 1))
+        chance = {"accuracy": max(share, 1 - share), "balanced_accuracy": 0.5, "f1": 2 * share / (1 + share),
+                  "roc_auc": 0.5, "how": "a constant prediction: the majority class (accuracy), AD for every "
+                                         "recording (F1); any constant (balanced accuracy, ROC AUC)"}
     return {"n": len(items), "metric": config.cv.metric, "ensemble": ensemble, "best_single": best,
-            "best_single_trial": config.study.trial, "comparison": comparison,
+            "chance": chance, "best_single_trial": config.study.trial, "comparison": comparison,
             "predictions": [{"id": rec_id, "ensemble": float(c), "best_single": float(s)}
                             for rec_id, c, s in zip(test_ids, combined, single, strict=True)]}
 
 
-def _report(config: EnsembleConfig, test: dict | None) -> str:
-    """One HTML page: the members, the nested CV beside the best single trial, the test comparison."""
+def _report(config: EnsembleConfig, test: dict | None, members: dict[int, str], baseline: dict | None) -> str:
+    """One HTML page: the members (what each is), the nested CV beside the best single trial, chance and the
+    duration-only baseline, and the test comparison with each figure's chance level."""
     import html
 
     from adsearch.report import html_table
+    from adsearch.search.baseline import chance_level
+    from adsearch.search.baseline import describe as describe_baseline
 
     metric = config.cv.metric
-    rows = [(f"trial {m.trial}", f"{m.weight:+.4f}", f"{m.scale:.4g}") for m in config.members]
+    rows = [(f"trial {m.trial}", html.escape(members.get(m.trial, "")), f"{m.weight:+.4f}", f"{m.scale:.4g}")
+            for m in config.members]
+    chance = chance_level(baseline, metric)
     parts = [f"<h1>adsearch ensemble: study {html.escape(config.study.name)} ({config.method})</h1>",
              f"<p>Combined score = {config.intercept:+.4f} + sum of weight x member score / scale"
              + (", clipped to 0-30" if config.task == "mmse" else ", AD above 0") + ".</p>",
-             html_table([("member", "weight", "scale")] + rows),
+             html_table([("member", "features and model", "weight", "scale")] + rows),
              "<h2>Nested CV (members chosen and weighted on the other folds only)</h2>",
              html_table([("", f"CV {metric}"),
-                     ("ensemble", f"{config.cv.ensemble.mean:.4f} +/- {config.cv.ensemble.std:.4f}"),
-                     ("best single trial, chosen the same way", f"{config.cv.best_single.mean:.4f} +/- "
-                                                                 f"{config.cv.best_single.std:.4f}")])]
+                         ("ensemble", f"{config.cv.ensemble.mean:.4f} +/- {config.cv.ensemble.std:.4f}"),
+                         ("best single trial, chosen the same way", f"{config.cv.best_single.mean:.4f} +/- "
+                                                                     f"{config.cv.best_single.std:.4f}"),
+                         ("chance", "not recorded" if chance is None else f"{chance:.4f}" + (
+                             " (predicting each training fold's mean MMSE, the study's folds)"
+                             if config.task == "mmse" else "")),
+                         ("duration-only baseline", f"{describe_baseline(baseline)}, the study's folds" if baseline
+                          else "not recorded")])]
     if test:
         names = ("rmse", "mae", "r2", "pearson_r") if config.task == "mmse" else (
             "accuracy", "balanced_accuracy", "f1", "roc_auc")
         header = ("metric", "ensemble", "95 % interval", f"best single (trial {test['best_single_trial']})",
-                  "95 % interval")
+                  "95 % interval", "chance")
+        by_chance = test.get("chance", {})
         parts += [f"<h2>Held-out test ({test['n']} recordings; evaluated once)</h2>",
                   html_table([header] + [(name, f"{test['ensemble'][name]['value']:.4f}",
                                           "[{:.3f}, {:.3f}]".format(*test["ensemble"][name]["ci95"]),
                                           f"{test['best_single'][name]['value']:.4f}",
-                                          "[{:.3f}, {:.3f}]".format(*test["best_single"][name]["ci95"]))
+                                          "[{:.3f}, {:.3f}]".format(*test["best_single"][name]["ci95"]),
+                                          f"{by_chance[name]:.4f}" if name in by_chance else "")
                                          for name in names]),
-                  f"<p>Paired comparison: {html.escape(json.dumps(test['comparison']))}</p>"]
+                  f"<p>Chance: {html.escape(by_chance.get('how', ''))}.</p>",
+                  f"<p>{_comparison_sentence(test['comparison'], config.task)}</p>"]
     else:
         parts.append("<p>No test targets: no held-out evaluation.</p>")
     style = "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}td{padding:2px 10px}</style>"
     return f"<!doctype html><meta charset='utf-8'>{style}" + "\n".join(parts)
+
+
+def _comparison_sentence(comparison: dict, task: str) -> str:
+    """The paired test of ensemble vs best single trial, in words."""
+    import html
+
+    p_value = comparison.get("p_value")
+    method = html.escape(str(comparison.get("method", "")))
+    if task != "mmse" and "only_best_right" in comparison:
+        return (f"Paired comparison on the same recordings ({method}): the ensemble alone right on "
+                f"{comparison['only_best_right']}, the best single trial alone right on "
+                f"{comparison.get('only_other_right', '?')}; p = {p_value:.3f}.")
+    return f"Paired comparison on the same recordings ({method}): p = {p_value:.3f}."
 
 
 def reproduce_members(path: Path | str, cache: Path | str | None = None) -> list[tuple[int, bool]]:

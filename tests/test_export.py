@@ -539,6 +539,13 @@ def test_an_ensemble_exports_evaluates_and_predicts_like_a_single_model(study_en
     test = json.loads((out / "test.json").read_text())
     assert test["n"] == 4 and "only_best_right" in test["comparison"]
     assert 0 <= test["comparison"]["p_value"] <= 1
+    labels = [study_env["cache"].labels[study_env["cache"].ids.index(p["id"])] for p in test["predictions"]]
+    share = np.mean(labels)
+    assert test["chance"]["accuracy"] == max(share, 1 - share) and test["chance"]["balanced_accuracy"] == 0.5
+    page = (out / "report.html").read_text()
+    assert "layer " in page and ("logreg(" in page or "knn(" in page)  # what each member is
+    assert "duration-only baseline" in page and "<td>chance</td><td>0.5000</td>" in page.replace("\n", "")
+    assert "Chance: a constant prediction" in page and "alone right on" in page
     assert len(config["cv"]["ensemble"]["fold_scores"]) == 3
 
     evaluated = run("evaluate", out)

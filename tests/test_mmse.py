@@ -257,6 +257,11 @@ def test_an_mmse_study_over_two_sources_fuses_them_in_an_exported_ensemble(tmp_p
     test = exported.test
     assert test["n"] == 30 and test["comparison"]["method"] == "paired bootstrap over recordings"
     assert test["ensemble"]["rmse"]["value"] < test["ensemble"]["mean_predictor"]["rmse"]
+    assert test["chance"]["rmse"] == test["ensemble"]["mean_predictor"]["rmse"] and test["chance"]["pearson_r"] == 0
+    import html
+
+    page = html.unescape((tmp_path / "ens" / "report.html").read_text())
+    assert "source a, layer" in page and "source b, layer" in page and "training split's mean MMSE" in page
 
 
 def test_the_layer_grid_sampler_tunes_on_the_lowest_rmse_layer(tmp_path):
