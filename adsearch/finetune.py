@@ -27,7 +27,6 @@ run resumes from its last epoch and finished folds are never redone.
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 import time
@@ -205,9 +204,6 @@ class PassPlan:
     free_gb: float | None = None  # the card's free memory with the model loaded
     peak_gb: float | None = None  # measured for the chosen passes, optimiser state included
 
-    def passes(self, step_windows: int) -> int:
-        return math.ceil(step_windows / self.micro_batch)
-
 
 def choose_passes(sizes: list[int], checkpointing: str, needs: Callable[[int, bool], float | None],
                   budget: float) -> tuple[int, bool, float]:
@@ -361,12 +357,10 @@ def train_one(model_path: Path, recordings: list[Recording], out_dir: Path, sett
     state = json.loads(saved["state"]) if saved else {"epoch": 0, "best": -1.0, "stale": 0, "history": []}
     if "passes" in state:  # a resumed run goes on as it began
         plan = PassPlan(**state["passes"])
-        _set_checkpointing(encoder, plan.checkpointing)
     else:
-        longest = max((w.audio for w in train_windows), key=len)
-        plan = plan_passes(settings, device, encoder, head, extractor, longest)
-        _set_checkpointing(encoder, plan.checkpointing)
+        plan = plan_passes(settings, device, encoder, head, extractor, max((w.audio for w in train_windows), key=len))
         state["passes"] = asdict(plan)
+    _set_checkpointing(encoder, plan.checkpointing)
     trainable = [p for p in encoder.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW([{"params": trainable, "lr": settings.encoder_lr},
                                    {"params": head.parameters(), "lr": settings.head_lr}],
