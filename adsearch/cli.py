@@ -556,8 +556,11 @@ def finetune(
             record = run_finetune(manifest, model, output, settings, folds, assignment, crossfit, device,
                                   _RichFinetuneProgress(progress))
         for name, done in record["models"].items():
+            passes = done.get("passes")
+            how = (f"; {passes['micro_batch']} window(s) per pass, checkpointing "
+                   f"{'on' if passes['checkpointing'] else 'off'} ({passes['chosen']})" if passes else "")
             out.print(f"{name}: {done['epochs_run']} epoch(s), best validation balanced accuracy "
-                      f"{done['best_validation']:.3f}, trained on {len(done['trained_on'])} recordings -> "
+                      f"{done['best_validation']:.3f}, trained on {len(done['trained_on'])} recordings{how} -> "
                       f"{done['path']}", highlight=False)
         with _bar(_AudioSpeedColumn()) as progress:
             cache_dir = extract_crossfit(manifest, output, cache_root or output / "cache", ExtractSettings(),

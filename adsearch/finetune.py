@@ -274,6 +274,17 @@ def plan_passes(settings: FinetuneSettings, device: str, encoder, head, extracto
                     f"{free / 2**30:.1f} GB free", round(free / 2**30, 2), round(needed / 2**30, 2))
 
 
+def _still_fits(plan: PassPlan, device: str) -> bool:
+    """Whether passes measured on a card fit the free memory of the one a fine-tune resumes on (the split
+    does not change the optimisation, so a resume may choose another)."""
+    import torch
+
+    if not device.startswith("cuda") or plan.peak_gb is None:
+        return True
+    torch.cuda.empty_cache()
+    return plan.peak_gb * 2**30 <= MEMORY_SHARE * torch.cuda.mem_get_info(device)[0]
+
+
 def _set_checkpointing(encoder, on: bool) -> None:
     # transformers renamed gradient_* to activation_checkpointing_* (5.2x) and deprecated the old names
     enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
@@ -355,9 +366,8 @@ def train_one(model_path: Path, recordings: list[Recording], out_dir: Path, sett
         encoder.load_state_dict(saved["encoder"])
         head.load_state_dict(saved["head"])
     state = json.loads(saved["state"]) if saved else {"epoch": 0, "best": -1.0, "stale": 0, "history": []}
-    if "passes" in state:  # a resumed run goes on as it began
-        plan = PassPlan(**state["passes"])
-    else:
+    plan = PassPlan(**state["passes"]) if "passes" in state else None  # a resumed run goes on as it began,
+    if plan is None or not _still_fits(plan, device):  # unless the card it resumes on is too small for that
         plan = plan_passes(settings, device, encoder, head, extractor, max((w.audio for w in train_windows), key=len))
         state["passes"] = asdict(plan)
     _set_checkpointing(encoder, plan.checkpointing)

@@ -325,6 +325,7 @@ def test_the_finetune_command_without_crossfit_marks_everything_cv_optimistic(sy
                                       "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "full: 1 epoch(s)" in result.output and "CV optimistic" in result.output
+    assert "4 window(s) per pass, checkpointing off (given (CPU" in " ".join(result.output.split())
     assert "full model extracting 16/16 recordings" in result.output  # each model's bar says which it is
     cache = open_cache(tmp_path / "ft" / "cache")
     assert cache.meta["crossfit"]["enabled"] is False and {i["producer"] for i in cache.meta["items"]} == {"full"}
