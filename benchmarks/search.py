@@ -8,6 +8,7 @@ BENCHMARKS.md).
     python benchmarks/search.py memory     # peak worker RSS on a 25 x 1024 x 10,000-window cache
     python benchmarks/search.py mmse       # MMSE regression: default vs random to 95 % of the oracle's R2
     python benchmarks/search.py ensemble   # two sources with independent signals: ensemble vs best single trial
+    python benchmarks/search.py mmse-stack # the MMSE stack's ridge penalty: adsearch's alpha = 1 vs leave-one-out
     python benchmarks/search.py all --json benchmarks/results/search-cpu.json
 
 Every part runs the real worker (`adsearch.search.worker.run_worker`) against an SQLite file.
@@ -454,6 +455,59 @@ def ensemble(work: Path, trials: int = 60, seeds: int = 3) -> dict:
     return {"trials": trials, "seeds": seeds, "rows": rows}
 
 
+def mmse_stack(work: Path, trials: int = 40, seeds: int = 3) -> dict:
+    """The MMSE stack's ridge penalty: adsearch's fixed alpha = 1 against one chosen by leave-one-out
+    (RidgeCV), on joint MMSE studies over two sources carrying the same planted score; nested CV RMSE beside
+    the best single trial chosen the same way and Caruana's selection, and each stack's most negative weight."""
+    import numpy as np
+    import optuna
+    from sklearn.linear_model import RidgeCV
+
+    import adsearch.search.ensemble as ensemble_module
+    from adsearch.embed.synthetic import planted_mmse, write_realistic_cache
+    from adsearch.search.objective import FeatureSource
+    from adsearch.search.study import open_study
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    adsearch_stack = ensemble_module.stack
+
+    def leave_one_out(scores, y, regression, seed=0):
+        model = RidgeCV(alphas=np.logspace(-2, 5, 15)).fit(scores.T, y)
+        return ensemble_module.Combination(np.asarray(model.coef_, np.float64), float(model.intercept_))
+
+    rows = []
+    for seed in range(seeds):
+        labels = np.random.default_rng(seed).permutation(np.arange(237) % 2)
+        scores = planted_mmse(labels, seed)
+        caches = {name: open_cache(write_realistic_cache(work / f"mmse-stack-{seed}-{name}", target="mmse",
+                                                         n_train=166, n_test=71, n_layers=4, dim=64, strength=0.4,
+                                                         seed=offset + 10 * seed, labels=labels, mmse=scores))
+                  for name, offset in (("a", 1), ("b", 2))}
+        url = f"sqlite:///{work / f'mmse-stack-{seed}.db'}"
+        spec = parse_spec({"task": "mmse", "seed": seed,
+                           "space": {"pooling": ["mean"], "classifiers": {"ridge": {}, "pls": {}, "svr": {}}}})
+        create_or_resume(make_storage(url), "fused", caches, spec, "mmse-stack", trials)
+        run_worker("fused", url, worker_index=0)
+        study, setup = open_study(make_storage(url), "fused", url)
+        y = FeatureSource(caches["a"], task="mmse").labels
+        row = {"seed": seed}
+        for name, stack in (("alpha_1", adsearch_stack), ("leave_one_out", leave_one_out)):
+            ensemble_module.stack = stack
+            try:
+                result = ensemble_module.ensemble_cv(study, y, setup.folds, "rmse", 20, 20, "stack")
+            finally:
+                ensemble_module.stack = adsearch_stack
+            row[name] = round(float(np.mean(result.ensemble_folds)), 3)
+            row[f"{name}_most_negative_weight"] = round(float(np.min(result.weights)), 3)
+        row["best_single"] = round(float(np.mean(result.single_folds)), 3)
+        caruana = ensemble_module.ensemble_cv(study, y, setup.folds, "rmse", 20, 20, "caruana")
+        row["caruana"] = round(float(np.mean(caruana.ensemble_folds)), 3)
+        rows.append(row)
+        print(f"mmse stack seed {seed}: nested CV RMSE alpha=1 {row['alpha_1']}, leave-one-out "
+              f"{row['leave_one_out']}; best single {row['best_single']}, caruana {row['caruana']}", flush=True)
+    return {"trials": trials, "seeds": seeds, "rows": rows}
+
+
 # ru_maxrss survives fork and exec on Linux (a child would report its parent's peak, here the parent that
 # wrote a 4 GB cache), so the child resets its high-water mark first and reads VmHWM at the end. It also
 # resets the mark around every trial's cross-validation, to tell which configurations need the most.
@@ -512,7 +566,8 @@ def memory(work: Path, trials: int = 20) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["overhead", "scaling", "quality", "memory", "mmse", "ensemble", "all"])
+    parser.add_argument("part", choices=["overhead", "scaling", "quality", "memory", "mmse", "ensemble", "mmse-stack",
+                                         "all"])
     parser.add_argument("--trials", type=int, help="override the part's trial budget")
     parser.add_argument("--seeds", type=int, help="quality, mmse, ensemble: caches (and runs) per planted kind")
     parser.add_argument("--workers", type=int, help="quality, mmse: runs at a time (default: every core)")
@@ -525,9 +580,9 @@ def main() -> None:
             options = {"trials": args.trials} if args.trials else {}
             if part in ("quality", "mmse"):
                 options.update({k: v for k, v in (("seeds", args.seeds), ("workers", args.workers)) if v})
-            elif part == "ensemble" and args.seeds:
+            elif part in ("ensemble", "mmse-stack") and args.seeds:
                 options["seeds"] = args.seeds
-            results[part] = globals()[part](Path(tmp), **options)
+            results[part] = globals()[part.replace("-", "_")](Path(tmp), **options)
     results["max_rss_mb_of_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
