@@ -307,7 +307,9 @@ def mmse_test_report(y: np.ndarray, predicted: np.ndarray, train_mean: float, se
     floor = regression_metrics(y, np.full(len(y), train_mean))
     return {"n": len(y), **{name: {"value": values[name], "ci95": intervals[name], "method": "bootstrap"}
                             for name in values},
-            "mean_predictor": {"train_mean": train_mean, "rmse": floor["rmse"], "mae": floor["mae"]}}
+            "mean_predictor": {"train_mean": train_mean, "rmse": floor["rmse"], "mae": floor["mae"]},
+            "chance": {**floor, "pearson_r": 0.0,  # a constant has no correlation (scipy: NaN)
+                       "how": f"predicting the training split's mean MMSE ({train_mean:.2f}) for every recording"}}
 
 
 def test_report(y: np.ndarray, score: np.ndarray, threshold: float, seed: int) -> dict:
@@ -329,7 +331,17 @@ def test_report(y: np.ndarray, score: np.ndarray, threshold: float, seed: int) -
         "roc_auc": {"value": values["roc_auc"], "ci95": bootstrap_interval(y, score, threshold, "roc_auc", seed=seed),
                     "method": "bootstrap"},
         "confusion": {"labels": ["control", "AD"], "matrix": [[tn, fp], [fn, tp]]},
+        "chance": classification_chance(y),
     }
+
+
+def classification_chance(y: np.ndarray) -> dict:
+    """What the test metrics score with no information: the best constant prediction for each (the majority
+    class for accuracy, AD for F1), 0.5 for the metrics no constant can move."""
+    share = float(np.mean(y == 1))
+    return {"accuracy": max(share, 1 - share), "balanced_accuracy": 0.5, "f1": 2 * share / (1 + share),
+            "roc_auc": 0.5, "how": "a constant prediction: the majority class (accuracy), AD for every recording "
+                                   "(F1); any constant (balanced accuracy, ROC AUC)"}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -45,7 +45,6 @@ from adsearch.export import (
 from adsearch.outputs import check_new_folder, folder_written_whole
 from adsearch.safeyaml import YamlError, load_yaml
 from adsearch.search.ensemble import Combination, ensemble_cv
-from adsearch.search.protocol import regression_metrics
 
 MEMBERS_DIR = "members"
 
@@ -225,19 +224,13 @@ def _evaluate(config: EnsembleConfig, cache, test_ids: list[str], scores: dict[i
         train_mean = float(cache.mmse[cache.with_target("train", "mmse")].mean())
         ensemble, best = mmse_test_report(y, combined, train_mean, seed), mmse_test_report(y, single, train_mean, seed)
         comparison = paired_bootstrap(y, combined, single, config.cv.metric, seed=seed)
-        chance = {**regression_metrics(y, np.full(len(y), train_mean)), "pearson_r": 0.0,
-                  "how": f"predicting the training split's mean MMSE ({train_mean:.2f}) for every recording"}
     else:
         y = cache.labels[items]
         ensemble, best = test_report(y, combined, 0.0, seed), test_report(y, single, 0.0, seed)
         comparison = {**mcnemar_exact((combined > 0).astype(int) == y, (single > 0).astype(int) == y),
                       "method": "exact McNemar (only_best_right: only the ensemble right)"}
-        share = float(np.mean(y == 1))
-        chance = {"accuracy": max(share, 1 - share), "balanced_accuracy": 0.5, "f1": 2 * share / (1 + share),
-                  "roc_auc": 0.5, "how": "a constant prediction: the majority class (accuracy), AD for every "
-                                         "recording (F1); any constant (balanced accuracy, ROC AUC)"}
     return {"n": len(items), "metric": config.cv.metric, "ensemble": ensemble, "best_single": best,
-            "chance": chance, "best_single_trial": config.study.trial, "comparison": comparison,
+            "chance": ensemble["chance"], "best_single_trial": config.study.trial, "comparison": comparison,
             "predictions": [{"id": rec_id, "ensemble": float(c), "best_single": float(s)}
                             for rec_id, c, s in zip(test_ids, combined, single, strict=True)]}
 

@@ -310,14 +310,16 @@ def write_report(study, setup, cache, exported, test: dict | None, top_k: list[d
     if test and exported.task == "mmse":
         parts += _mmse_test_parts(test, top_k)
     elif test:
+        chance = test.get("chance", {})  # exports older than the chance column have none
         rows = [(name, f"{test[name]['value']:.4f}", f"[{test[name]['ci95'][0]:.3f}, {test[name]['ci95'][1]:.3f}]",
-                 test[name]["method"])
+                 test[name]["method"], f"{chance[name]:.4f}" if name in chance else "")
                 for name in ("accuracy", "balanced_accuracy", "f1", "roc_auc", "sensitivity", "specificity")]
         missing = (f", {len(test['unreadable'])} unreadable: "
                    + ", ".join(u["id"] for u in test["unreadable"])) if test.get("unreadable") else ""
         parts += [f"<h2>Held-out test ({test['n']} of {test.get('labelled', test['n'])} labelled recordings"
                   f"{html.escape(missing)}; evaluated once)</h2>",
-                  html_table([("metric", "value", "95 % interval", "interval")] + rows),
+                  html_table([("metric", "value", "95 % interval", "interval", "chance")] + rows),
+                  f"<p>Chance: {html.escape(chance.get('how', 'not recorded'))}.</p>",
                   "<p>Confusion counts:</p>", _confusion_table(test["confusion"]),
                   _calibration_paragraph(test.get("calibration")),
                   f"<p>CV {html.escape(test['cv_metric'])} {test['cv_mean']:.4f} vs test "

@@ -64,12 +64,17 @@ def test_export_writes_config_model_test_evaluation_and_report(exported, study_e
         low, high = test[name]["ci95"]
         assert low <= test[name]["value"] <= high
     assert sum(map(sum, test["confusion"]["matrix"])) == 4
+    (tn, fp), (fn, tp) = test["confusion"]["matrix"]
+    share = (fn + tp) / 4  # every test figure beside what a constant prediction scores
+    assert test["chance"]["accuracy"] == max(share, 1 - share) and test["chance"]["f1"] == 2 * share / (1 + share)
+    assert test["chance"]["balanced_accuracy"] == test["chance"]["roc_auc"] == 0.5
     assert test["cv_minus_test"] == pytest.approx(config.cv.mean - test["balanced_accuracy"]["value"])
     assert config.cv.fresh.optimism == pytest.approx(config.cv.mean - config.cv.fresh.mean)  # read the same way
     assert test["labelled"] == test["n"] and test["unreadable"] == []
     assert len(result.top_k) == 2 and all(0 <= r["mcnemar"]["p_value"] <= 1 for r in result.top_k)
     html = (out / "report.html").read_text()
     assert "`" not in html and "<code>adsearch null" in html  # commands set as code, not literal backticks
+    assert "<td>interval</td><td>chance</td>" in html and "Chance: a constant prediction" in html
     assert not re.search(r"=\d\.\d{6,}", html)  # hyperparameters to 4 significant digits
     labels = test["confusion"]["labels"]
     assert f"<td>true {labels[1]}</td><td>{test['confusion']['matrix'][1][0]}</td>" in html
