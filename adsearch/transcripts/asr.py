@@ -122,8 +122,7 @@ class WhisperRecogniser:
             return []
         segments, _ = self.model.transcribe(
             joined, language="en", task="transcribe", beam_size=WHISPER_BEAM, word_timestamps=True,
-            condition_on_previous_text=False, vad_filter=False,
-            temperature=0.0)  # no sampling fallback: the same audio gives the same words, run after run
+            condition_on_previous_text=False, vad_filter=False)
         words = []
         for segment in segments:
             for w in segment.words or ():

@@ -162,5 +162,5 @@ def _versions(source: dict) -> dict:
 
 def source_of(asr: AsrSource) -> dict:
     """What made the transcripts, recorded in the folder (and part of its key)."""
-    decoding = f"beam {WHISPER_BEAM}, temperature 0" if asr.backend == "whisper" else "greedy"
+    decoding = f"beam {WHISPER_BEAM}" if asr.backend == "whisper" else "greedy"
     return {**asdict(asr), "language": "en", "decoding": decoding}
