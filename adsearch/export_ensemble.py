@@ -321,9 +321,10 @@ class EnsemblePredictor:
 
     def predict(self, path: Path | str, segments=None):
         regression = self.config.task == "mmse"
-        self.shared.forget()
-        predictions = [member.predict(path, segments) for member in self.members]
-        self.shared.forget()
+        try:
+            predictions = [member.predict(path, segments) for member in self.members]
+        finally:
+            self.shared.forget()  # this file's audio and steps, whatever a member raised
         first = predictions[0]
         failed = next((p for p in predictions if p.error), None)
         if failed is not None:
