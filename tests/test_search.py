@@ -781,3 +781,37 @@ def test_the_ensemble_command_reports_a_nested_cv_beside_the_best_single_trial(t
     assert re.search(r"caruana ensemble of the best 6 trials, built on all train recordings: trial \d+ x[\d.]+", said)
     missing = CliRunner().invoke(app, ["ensemble", "--study", "nope", "--storage", url])
     assert missing.exit_code == 2 and "ens" in missing.output
+
+
+@pytest.mark.parametrize("task", ["classification", "mmse"])
+def test_one_two_and_three_named_sources_search_like_an_unnamed_one(task, tmp_path):
+    """`--cache NAME=PATH` once is a study over one source (no `source` parameter, every trial completes,
+    as without the name); twice or three times, `source` is searched. Classification and MMSE alike."""
+    import optuna
+    from typer.testing import CliRunner
+
+    from adsearch.cli import app
+    from adsearch.embed.synthetic import planted_mmse, write_realistic_cache
+
+    labels = np.random.default_rng(0).permutation(np.arange(60) % 2)
+    scores = planted_mmse(labels, 0)
+    paths = [write_realistic_cache(tmp_path / name, target="label" if task == "classification" else "mmse",
+                                   n_train=48, n_test=12, n_layers=2, dim=12, strength=0.4, seed=seed,
+                                   labels=labels, mmse=scores)
+             for seed, name in enumerate(("a", "b", "c"))]
+    space = tmp_path / "space.yaml"
+    models = "{logreg: {}, knn: {}}" if task == "classification" else "{ridge: {}, knn_regressor: {}}"
+    space.write_text(f"task: {task}\ncv: {{folds: 3}}\nscreen: {{top: 2}}\n"
+                     f"space: {{pooling: [mean, max], classifiers: {models}}}\n")
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    for n in (1, 2, 3):
+        caches = [option for name, path in zip("abc"[:n], paths, strict=False)
+                  for option in ("--cache", f"{name}={path}")]
+        result = CliRunner().invoke(app, ["search", *caches, "--space", str(space), "--study", f"s{n}",
+                                          "--storage", url, "--trials", "4"])
+        assert result.exit_code == 0, result.output
+        study = optuna.load_study(study_name=f"s{n}", storage=url)
+        states = [t.state for t in study.trials]
+        assert states == [optuna.trial.TrialState.COMPLETE] * 4, [t.user_attrs.get("error") for t in study.trials]
+        sources = {t.params.get("source") for t in study.trials}
+        assert sources == {None} if n == 1 else sources <= set("abc"[:n])

@@ -485,17 +485,19 @@ SOURCE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}"
 
 
 def name_sources(caches: list[tuple[str | None, EmbeddingCache]]) -> EmbeddingCache | dict[str, EmbeddingCache]:
-    """One cache as is; several as name -> cache, named as given (NAME=PATH) or after what produced them
-    (the model's last path component, `egemaps`, `finetuned`), made unique with -2, -3 ..."""
+    """One cache as is, named or not (a study over one source has no `source` parameter, whatever it is
+    called); several as name -> cache, named as given (NAME=PATH) or after what produced them (the model's
+    last path component, `egemaps`, `finetuned`), made unique with -2, -3 ..."""
     import re
 
-    if len(caches) == 1 and caches[0][0] is None:
-        return caches[0][1]
-    named: dict[str, EmbeddingCache] = {}
-    for given, cache in caches:
+    for given, _ in caches:
         if given is not None and not re.fullmatch(SOURCE_NAME, given):
             raise StudyError(f"--cache {given}=...: a source name is 1-40 letters, digits, '_', '-' or '.', "
                              "starting with a letter or digit")
+    if len(caches) == 1:
+        return caches[0][1]
+    named: dict[str, EmbeddingCache] = {}
+    for given, cache in caches:
         model = cache.meta.get("model", {}).get("name", "cache")
         default = "finetuned" if cache.meta.get("crossfit") else model.rstrip("/").split("/")[-1]
         name = given or re.sub(r"[^A-Za-z0-9_.-]", "-", default)[:40] or "cache"
