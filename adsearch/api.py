@@ -10,7 +10,7 @@
 
 Every function takes the same storage URL as the CLI's `--storage` (default: ./adsearch.db) and raises the
 same errors the CLI turns into messages (ValueError and its subclasses: bad input a user can fix). The
-modules behind them (`adsearch.search`, `adsearch.export`, `adsearch.predict`) are the longer API.
+modules behind them (`adsearch.search`, `adsearch.results.export`, `adsearch.results.predict`) are the longer API.
 """
 
 from __future__ import annotations
@@ -58,14 +58,14 @@ def run_worker(name: str, storage: str = DEFAULT_STORAGE, cache: Path | str | No
 def export(name: str, out_dir: Path | str, storage: str = DEFAULT_STORAGE, trial: int | None = None, top_k: int = 0):
     """Freeze the best (or the given) trial, evaluate it once on the held-out test split and write the report
     (`adsearch export`); returns the exported config, test metrics and warnings."""
-    from adsearch.export import export_trial
+    from adsearch.results.export import export_trial
 
     return export_trial(name, storage, out_dir, trial, top_k, log=lambda message: None)
 
 
 def predict(export_dir: Path | str, recordings: list[Path | str], device: str = "auto") -> list:
     """P(AD) and the label of new recordings with an exported model (`adsearch predict`, whole recordings)."""
-    from adsearch.predict import Predictor
+    from adsearch.results.predict import Predictor
 
     predictor = Predictor(export_dir, device)
     return [predictor.predict(path) for path in recordings]

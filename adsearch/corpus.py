@@ -20,8 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from adsearch.audio import AudioError, audio_duration
-from adsearch.outputs import file_written_whole, printable
+from adsearch.io.audio import AudioError, audio_duration
+from adsearch.io.outputs import file_written_whole, printable
 
 MANIFEST_COLUMNS = ("id", "path", "label", "group", "split", "mmse", "segments", "segmentation")
 # Where a recording's segments came from: a speaker segmentation's participant speech (DementiaBank's), the

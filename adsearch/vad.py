@@ -13,8 +13,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from adsearch.audio import SAMPLE_RATE
 from adsearch.corpus import Recording, Segment, merge_segments
+from adsearch.io.audio import SAMPLE_RATE
 
 VAD_CAVEAT = ("voice activity detection finds the speech of every speaker: the interviewer's speech cannot be "
               "told from the participant's without a diarisation, so it is included")
@@ -78,7 +78,7 @@ def segment_unsegmented(recordings: list[Recording], advance=lambda: None) -> tu
     (segmentation "vad"); warnings for those it finds none in or cannot read (they stay whole)."""
     from dataclasses import replace
 
-    from adsearch.audio import AudioError, load_audio
+    from adsearch.io.audio import AudioError, load_audio
 
     load_vad()
     done, warnings = [], []

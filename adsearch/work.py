@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from adsearch.audio import AudioError, audio_duration
 from adsearch.corpus import Recording
+from adsearch.io.audio import AudioError, audio_duration
 
 
 class ExtractProgress(Protocol):

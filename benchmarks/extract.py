@@ -206,10 +206,10 @@ def child(args: argparse.Namespace) -> None:
     """One measured case in this process; prints one JSON line."""
     import torch
 
-    from adsearch.audio import load_audio
     from adsearch.corpus import Recording, write_manifest
     from adsearch.embed.extract import ExtractSettings, WindowEncoder, extract
     from adsearch.embed.model import resolve_model
+    from adsearch.io.audio import load_audio
 
     wavs = [Path(p) for p in args.wavs]
     cuda = args.device.startswith("cuda")

@@ -6,7 +6,7 @@
 The models are randomly initialised with the real architectures (no weights can be downloaded here); speed
 and memory depend on the shape, not on the weights. The corpus is synthetic harmonic noise: `cpu` one
 minute of audio in 12 recordings, `cuda` an ADReSSo-sized train split (166 recordings, about a minute each,
-2.8 h). One epoch of `adsearch.finetune.train_one` (training windows, backward passes, the validation pass,
+2.8 h). One epoch of `adsearch.finetune.train.train_one` (training windows, backward passes, the validation pass,
 checkpointing) is timed; audio seconds counted are those trained on.
 """
 
@@ -68,7 +68,7 @@ def run(kind: str, micro_batch: int | None = None, checkpointing: str | None = N
         recordings: int | None = None, torch_profiler: bool = False) -> dict:
     import torch
 
-    from adsearch.finetune import FinetuneSettings, train_one
+    from adsearch.finetune.train import FinetuneSettings, train_one
 
     cuda = kind == "cuda"
     if cuda and not torch.cuda.is_available():

@@ -426,8 +426,8 @@ def ensemble(work: Path, trials: int = 60, seeds: int = 3) -> dict:
     both on the 71 test recordings with McNemar's test."""
     import optuna
 
-    from adsearch.export import load_config
-    from adsearch.export_ensemble import export_ensemble
+    from adsearch.results.ensemble import export_ensemble
+    from adsearch.results.export import load_config
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = []

@@ -3,7 +3,7 @@ import pytest
 import soundfile as sf
 from conftest import write_wav
 
-from adsearch.audio import SAMPLE_RATE, AudioError, audio_duration, load_audio
+from adsearch.io.audio import SAMPLE_RATE, AudioError, audio_duration, load_audio
 
 
 def tone(freq: float, seconds: float, rate: int) -> np.ndarray:

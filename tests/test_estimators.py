@@ -6,7 +6,7 @@ from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from adsearch.export import load_model, save_model
+from adsearch.results.export import load_model, save_model
 from adsearch.search.estimators import (
     BlockwiseStandardScaler,
     CenteredKernelRidge,
@@ -107,7 +107,7 @@ def test_calibration_metrics_match_scikit_learns():
     from sklearn.calibration import calibration_curve
     from sklearn.metrics import brier_score_loss
 
-    from adsearch.calibration import calibration_report
+    from adsearch.results.calibration import calibration_report
 
     rng = np.random.default_rng(4)
     probability = np.concatenate([rng.uniform(size=200), [0.0, 1.0, 0.1, 0.2, 0.5, 0.9999]])

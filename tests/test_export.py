@@ -14,8 +14,8 @@ from adsearch.cli import app
 from adsearch.embed import open_cache
 from adsearch.embed.cache import seal
 from adsearch.embed.extract import ExtractSettings, extract
-from adsearch.export import ExportError, export_trial, load_config, load_model, mcnemar_exact, wilson
-from adsearch.outputs import OutputError
+from adsearch.io.outputs import OutputError
+from adsearch.results.export import ExportError, export_trial, load_config, load_model, mcnemar_exact, wilson
 from adsearch.search.space import parse_spec
 from adsearch.search.storage import make_storage
 from adsearch.search.study import create_or_resume
@@ -90,7 +90,7 @@ def test_refit_model_loads_from_skops_and_matches(exported, study_env):
     out, _ = exported
     model = load_model(out / "model.skops")
     config = load_config(out).trial_config()
-    from adsearch.export import fit_on, item_features
+    from adsearch.results.export import fit_on, item_features
 
     cache = study_env["cache"]
     test = np.flatnonzero(cache.splits == "test")
@@ -165,9 +165,9 @@ def test_export_without_test_labels_stops_after_refit(study_env, tmp_path):
 
 
 def test_predicting_a_training_recording_reproduces_the_cached_features(exported, study_env):
-    from adsearch.audio import load_audio
     from adsearch.corpus import read_manifest
-    from adsearch.predict import Predictor
+    from adsearch.io.audio import load_audio
+    from adsearch.results.predict import Predictor
 
     out, _ = exported
     predictor = Predictor(out, device="cpu")
@@ -238,7 +238,7 @@ def test_wilson_and_mcnemar_known_values():
 def test_a_margin_classifier_writes_a_decision_not_a_probability(tmp_path, monkeypatch):
     from sklearn.svm import LinearSVC
 
-    from adsearch.predict import Predictor, SharedModels, write_predictions
+    from adsearch.results.predict import Predictor, SharedModels, write_predictions
 
     predictor = object.__new__(Predictor)  # the speech model is not needed to score given features
     predictor.classifier = LinearSVC().fit(np.array([[0.0], [1.0], [2.0], [3.0]]), [0, 0, 1, 1])
@@ -246,7 +246,7 @@ def test_a_margin_classifier_writes_a_decision_not_a_probability(tmp_path, monke
     predictor.config = SimpleNamespace(task="classification")
     predictor.owns_shared, predictor.shared = True, SharedModels()
     monkeypatch.setattr(predictor, "features", lambda audio, segments: (np.array([[2.9]]), 1, 1.0), raising=False)
-    monkeypatch.setattr("adsearch.predict.load_audio", lambda path: np.zeros(16000, np.float32))
+    monkeypatch.setattr("adsearch.results.predict.load_audio", lambda path: np.zeros(16000, np.float32))
     prediction = predictor.predict(tmp_path / "x.wav")
     assert prediction.prob_ad is None and prediction.decision > 0 and prediction.label == "AD"
     write_predictions([prediction], tmp_path / "p.csv")
@@ -340,7 +340,7 @@ def test_an_unreadable_labelled_test_recording_is_counted_and_named(tiny_model, 
 def test_report_says_what_a_layer_is_and_rounds_hyperparameters():
     from types import SimpleNamespace
 
-    from adsearch.report import format_params, layer_axis_label
+    from adsearch.results.report import format_params, layer_axis_label
 
     egemaps = SimpleNamespace(n_layers=1, meta={"layers": {"meaning": {"0": "eGeMAPS low-level descriptors"}}})
     assert layer_axis_label(egemaps) == "layer (one layer: eGeMAPS low-level descriptors)"
@@ -392,7 +392,7 @@ def test_an_exported_folder_works_from_any_directory(synth_manifest, tmp_path, m
 def test_the_artifact_store_is_given_once_at_search_and_found_by_export_and_dashboard(tmp_path, monkeypatch):
     """`--artifacts` was needed on search, export and dashboard alike; the study records it now."""
     from adsearch.embed.synthetic import write_synthetic_cache
-    from adsearch.report import ARTIFACTS_ATTR, recorded_stores
+    from adsearch.results.report import ARTIFACTS_ATTR, recorded_stores
 
     cache = write_synthetic_cache(tmp_path / "cache", n_train=30, n_test=10, n_layers=3, dim=8, signal_layer=1)
     space = tmp_path / "space.yaml"
@@ -451,8 +451,8 @@ def test_every_study_reports_its_duration_only_baseline(exported, study_env):
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score
 
-    from adsearch.audio import audio_duration
     from adsearch.corpus import read_manifest
+    from adsearch.io.audio import audio_duration
     from adsearch.search.baseline import DURATION_ATTR
     from adsearch.search.setup import StudySetup
 
@@ -571,8 +571,8 @@ def test_ensemble_members_share_their_speech_model_and_its_forward_passes(study_
     """Members on one speech model load it once and run it once per window for all their layers; each
     member's prediction is exactly what it gives alone."""
     from adsearch.embed.extract import WindowEncoder
-    from adsearch.export_ensemble import EnsemblePredictor
-    from adsearch.predict import Predictor, read_segments
+    from adsearch.results.ensemble import EnsemblePredictor
+    from adsearch.results.predict import Predictor, read_segments
 
     url = f"sqlite:///{tmp_path / 'layers.db'}"  # three trials, one per layer, all members of a stack
     space = {**SPACE, "space": {**SPACE["space"], "unit": ["recording"], "classifiers": {"logreg": {}}}}

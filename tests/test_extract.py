@@ -11,7 +11,6 @@ import pytest
 import torch
 from conftest import speechlike, write_rows, write_wav
 
-from adsearch.audio import SAMPLE_RATE, load_audio
 from adsearch.corpus import read_manifest
 from adsearch.embed import open_cache
 from adsearch.embed.cache import CacheError, stat_path
@@ -24,6 +23,7 @@ from adsearch.embed.extract import (
     plan_windows,
 )
 from adsearch.embed.model import ModelError, resolve_model
+from adsearch.io.audio import SAMPLE_RATE, load_audio
 
 
 @pytest.fixture(scope="module")

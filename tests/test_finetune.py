@@ -7,7 +7,7 @@ import pytest
 
 from adsearch.corpus import read_manifest, write_manifest
 from adsearch.embed import open_cache
-from adsearch.finetune import FinetuneError, FinetuneSettings, extract_crossfit, finetune, train_one
+from adsearch.finetune.train import FinetuneError, FinetuneSettings, extract_crossfit, finetune, train_one
 
 FAST = dict(epochs=1, batch_size=4, accumulate=1, window_s=4.0, patience=5, seed=0)
 
@@ -91,7 +91,7 @@ def test_a_study_on_a_crossfitted_cache_uses_its_folds_and_refuses_others(crossf
 
 def test_a_killed_finetune_resumes_from_its_last_epoch_and_skips_finished_folds(synth_manifest, tiny_model,
                                                                                 tmp_path, monkeypatch):
-    import adsearch.finetune as ft
+    import adsearch.finetune.train as ft
 
     train = [r for r in read_manifest(synth_manifest) if r.split == "train"]
     settings = FinetuneSettings(**{**FAST, "epochs": 3})
@@ -117,7 +117,7 @@ def test_a_killed_finetune_resumes_from_its_last_epoch_and_skips_finished_folds(
 
 
 def test_passes_fit_the_memory_without_checkpointing_when_they_can():
-    from adsearch.finetune import choose_passes
+    from adsearch.finetune.train import choose_passes
 
     gb = 2**30
     # a pass of n windows needs 2 + n GB without checkpointing, 2 + n/4 GB with; out of memory above 9 GB
@@ -215,8 +215,8 @@ def test_bad_settings_and_a_changed_rerun_are_refused(synth_manifest, tiny_model
 @pytest.mark.parametrize("features, dim", [("egemaps", 25), ("egemaps-functionals", 88)])
 def test_egemaps_caches_have_the_cache_format_and_predict(synth_manifest, tmp_path, features, dim):
     from adsearch.embed.extract import extract
-    from adsearch.export import export_trial
-    from adsearch.predict import Predictor
+    from adsearch.results.export import export_trial
+    from adsearch.results.predict import Predictor
     from adsearch.search.space import parse_spec
     from adsearch.search.storage import make_storage
     from adsearch.search.study import create_or_resume
@@ -256,8 +256,8 @@ def test_a_study_over_pretrained_finetuned_and_egemaps_sources_exports_each(cros
     from optuna.trial import TrialState
 
     from adsearch.embed.extract import extract
-    from adsearch.export import export_trial, load_config, reproduce_cv
-    from adsearch.predict import Predictor
+    from adsearch.results.export import export_trial, load_config, reproduce_cv
+    from adsearch.results.predict import Predictor
     from adsearch.search.null import create_null_studies
     from adsearch.search.space import parse_spec
     from adsearch.search.storage import make_storage
@@ -314,7 +314,7 @@ def test_the_finetune_command_without_crossfit_marks_everything_cv_optimistic(sy
     from typer.testing import CliRunner
 
     from adsearch.cli import app
-    from adsearch.export import export_trial
+    from adsearch.results.export import export_trial
     from adsearch.search.space import parse_spec
     from adsearch.search.storage import make_storage
     from adsearch.search.study import create_or_resume

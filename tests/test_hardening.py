@@ -26,7 +26,7 @@ from adsearch.corpus import CorpusError, check_id, parse_segments, read_manifest
 from adsearch.embed import open_cache
 from adsearch.embed.cache import CacheError
 from adsearch.embed.synthetic import write_synthetic_cache
-from adsearch.safeyaml import YamlError, load_yaml
+from adsearch.io.safeyaml import YamlError, load_yaml
 from adsearch.search.space import SpaceError, parse_spec
 
 runner = CliRunner()
@@ -108,7 +108,7 @@ def test_adresso_file_names_that_cannot_be_ids_are_refused(synth_root, tmp_path)
 
 
 def test_truncated_and_silent_recordings_are_refused_not_scored(tmp_path):
-    from adsearch.audio import AudioError, load_audio
+    from adsearch.io.audio import AudioError, load_audio
 
     whole = write_wav(tmp_path / "whole.wav", speechlike(2.0))
     data = whole.read_bytes()
@@ -159,7 +159,7 @@ def test_bad_space_is_refused_by_key(tmp_path, case):
 
 
 def test_alias_bomb_is_refused_in_well_under_a_second_and_a_few_megabytes(tmp_path):
-    script = (f"import resource, time; from adsearch.safeyaml import load_yaml, YamlError\n"
+    script = (f"import resource, time; from adsearch.io.safeyaml import load_yaml, YamlError\n"
               f"t = time.perf_counter()\n"
               f"before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
               f"try:\n    load_yaml({str(_space(tmp_path, BOMB))!r}, 'space')\n"
@@ -247,7 +247,7 @@ def test_an_edited_cache_array_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def exported_dir(tmp_path_factory):
     """A real export of a tiny study (logistic regression)."""
-    from adsearch.export import export_trial
+    from adsearch.results.export import export_trial
     from adsearch.search.storage import make_storage
     from adsearch.search.study import create_or_resume
     from adsearch.search.worker import run_worker
@@ -294,7 +294,7 @@ def _crafted_model(path: Path, function) -> Path:
 def test_a_crafted_model_file_is_refused(exported_dir, tmp_path, function):
     import shutil
 
-    from adsearch.export import ExportError, load_model
+    from adsearch.results.export import ExportError, load_model
 
     with pytest.raises(ExportError, match="refused: the file holds types adsearch never exports"):
         load_model(_crafted_model(tmp_path / "evil.skops", function))
@@ -311,7 +311,7 @@ def test_every_model_adsearch_exports_loads_with_the_exact_allow_list(tmp_path):
     no less."""
     import skops.io as sio
 
-    from adsearch.export import TRUSTED_TYPES, load_model, save_model
+    from adsearch.results.export import TRUSTED_TYPES, load_model, save_model
     from adsearch.search.classifiers import REGISTRY, Choice, IntRange
     from adsearch.search.objective import fit_pipeline
     from adsearch.search.space import TrialConfig
@@ -354,7 +354,7 @@ def test_predict_output_folder_is_checked_before_any_prediction(exported_dir, tm
 
 
 def test_an_export_killed_midway_leaves_no_half_written_folder(exported_dir, tmp_path, monkeypatch):
-    from adsearch import export
+    from adsearch.results import export
 
     study_dir = exported_dir.parent
     url = f"sqlite:///{study_dir / 's.db'}"
@@ -491,7 +491,7 @@ def test_json_roundtrip_of_the_default_space_still_validates():
                                                       (100, 1, "declares a sample rate of 100 Hz"),
                                                       (16000, 1024, "declares 1024 channels")])
 def test_absurd_audio_headers_are_refused_before_decoding(tmp_path, tiny_model, rate, channels, expected):
-    from adsearch.audio import AudioError, load_audio
+    from adsearch.io.audio import AudioError, load_audio
 
     bad = write_raw_wav(tmp_path / "bad.wav", rate, channels, 4000 if channels == 1 else 10)
     started = time.perf_counter()
@@ -523,7 +523,7 @@ def test_option_values_beyond_their_range_are_refused(tmp_path, exported_dir):
 
 
 def test_export_top_k_below_zero_never_looks_at_the_test_split(exported_dir, tmp_path):
-    from adsearch.export import ExportError, export_trial
+    from adsearch.results.export import ExportError, export_trial
 
     url = f"sqlite:///{exported_dir.parent / 's.db'}"
     looks = optuna.load_study(study_name="s", storage=url).user_attrs.get("adsearch_test_looks")
@@ -776,8 +776,8 @@ def test_search_worker_export_and_evaluate_refuse_an_edited_cache(exported_dir, 
 
 EXPORT_AT_ONCE = """
 import sys
-from adsearch.export import export_trial
-from adsearch.outputs import OutputError
+from adsearch.results.export import export_trial
+from adsearch.io.outputs import OutputError
 try:
     export_trial("s", sys.argv[1], sys.argv[2], trial_number=int(sys.argv[3]), artifacts=sys.argv[4],
                  log=lambda _: None)

@@ -236,7 +236,7 @@ def test_an_mmse_study_over_two_sources_fuses_them_in_an_exported_ensemble(tmp_p
     """Two sources over the same recordings, each carrying the score with its own direction and noise: a joint
     MMSE study, then a stacked ensemble exported over both (late fusion) and evaluated once on the test split."""
     from adsearch.embed.synthetic import planted_mmse
-    from adsearch.export_ensemble import export_ensemble, load_ensemble
+    from adsearch.results.ensemble import export_ensemble, load_ensemble
 
     labels = np.random.default_rng(0).permutation(np.arange(120) % 2)
     scores = planted_mmse(labels, 0)
@@ -250,7 +250,7 @@ def test_an_mmse_study_over_two_sources_fuses_them_in_an_exported_ensemble(tmp_p
     run_worker("fused", url, worker_index=0)
     exported = export_ensemble("fused", url, tmp_path / "ens", "stack", top=8, log=lambda _: None)
     config, folder = load_ensemble(tmp_path / "ens")
-    from adsearch.export import load_config
+    from adsearch.results.export import load_config
 
     sources = {load_config(folder / member.folder).features.source for member in config.members}
     assert sources == {"a", "b"}

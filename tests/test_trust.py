@@ -270,7 +270,7 @@ def test_null_command_records_the_floor_and_export_reports_it_with_fresh_folds(t
     from typer.testing import CliRunner
 
     from adsearch.cli import app
-    from adsearch.export import ExportError, export_trial
+    from adsearch.results.export import ExportError, export_trial
 
     cache = open_cache(write_realistic_cache(tmp_path / "c", kind="mean", n_layers=3, dim=32, n_test=20, seed=1))
     url = f"sqlite:///{tmp_path / 's.db'}"
@@ -365,7 +365,7 @@ def test_null_studies_never_read_test_items(tmp_path, monkeypatch):
 
 
 def test_the_floor_warning_tells_too_few_null_runs_from_a_score_inside_the_floor():
-    from adsearch.export import honesty_warnings
+    from adsearch.results.export import honesty_warnings
 
     class Exported:
         class cv:  # noqa: N801 - stands in for the pydantic record

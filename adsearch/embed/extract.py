@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from adsearch import __version__
-from adsearch.audio import SAMPLE_RATE, AudioError, load_audio
 from adsearch.corpus import Recording, manifest_digest, read_manifest, segmentation_counts
 from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, CacheError, file_hashes, seal, stat_path
 from adsearch.embed.model import ModelSource, load_model, resolve_model, uses_attention_mask
+from adsearch.io.audio import SAMPLE_RATE, AudioError, load_audio
 from adsearch.work import Claim, ExtractProgress, shard_of, speech_seconds, write_json_atomic
 
 WHISPER_LAYERS = {"0": "input to the first encoder layer (log-mel convolutions + positions)",

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from adsearch.audio import SAMPLE_RATE
 from adsearch.corpus import manifest_digest, read_manifest
 from adsearch.embed.cache import META_FILE, CacheError
 from adsearch.embed.extract import (
@@ -34,6 +33,7 @@ from adsearch.embed.extract import (
 )
 from adsearch.embed.linguistic import linguistic_features
 from adsearch.embed.model import ModelSource
+from adsearch.io.audio import SAMPLE_RATE
 from adsearch.transcripts.store import Transcript, open_transcripts
 from adsearch.work import Claim, write_json_atomic
 

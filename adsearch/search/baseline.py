@@ -40,7 +40,7 @@ def duration_features(cache: EmbeddingCache, items: np.ndarray) -> tuple[np.ndar
 
 
 def _recording_seconds(cache: EmbeddingCache, items: np.ndarray) -> np.ndarray | None:
-    from adsearch.audio import AudioError, audio_duration
+    from adsearch.io.audio import AudioError, audio_duration
 
     try:
         return np.array([audio_duration(cache.meta["items"][i]["path"]) for i in items])

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adsearch.embed.cache import POOLINGS
-from adsearch.safeyaml import YamlError, load_yaml, short
+from adsearch.io.safeyaml import YamlError, load_yaml, short
 from adsearch.search import regressors  # noqa: F401  (registers the MMSE regressors)
 from adsearch.search.classifiers import REGISTRY, Choice, FloatRange, IntRange, models_for
 from adsearch.search.plugins import PluginError, installed_plugins, load_plugins, plugin_of

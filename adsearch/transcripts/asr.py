@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adsearch.audio import SAMPLE_RATE
+from adsearch.io.audio import SAMPLE_RATE
 from adsearch.transcripts.store import Word
 
 BACKENDS = ("whisper", "ctc")

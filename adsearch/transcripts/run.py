@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from adsearch import __version__
-from adsearch.audio import SAMPLE_RATE, AudioError, load_audio
 from adsearch.corpus import Recording, manifest_digest, read_manifest
+from adsearch.io.audio import SAMPLE_RATE, AudioError, load_audio
 from adsearch.transcripts.asr import WHISPER_BEAM, AsrSource, load_recogniser, resolve_asr
 from adsearch.transcripts.store import (
     FORMAT_VERSION,

@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 
 from adsearch import __version__
-from adsearch.audio import AudioError
 from adsearch.corpus import Recording, read_manifest, write_manifest
 from adsearch.embed.extract import (
     ExtractSettings,
@@ -49,6 +48,7 @@ from adsearch.embed.extract import (
     upload,
 )
 from adsearch.embed.model import uses_attention_mask
+from adsearch.io.audio import AudioError
 
 
 class FinetuneError(ValueError):
@@ -172,7 +172,7 @@ def _build(model_path: Path, settings: FinetuneSettings, device: str):
 def _logits(extractor, encoder, head, windows: list[np.ndarray], device: str):
     import torch
 
-    from adsearch.audio import SAMPLE_RATE
+    from adsearch.io.audio import SAMPLE_RATE
 
     masked = uses_attention_mask(encoder)
     if device.startswith("cuda"):  # padded and normalised on the card, as extraction does

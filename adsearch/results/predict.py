@@ -18,10 +18,10 @@ from typing import TypeVar
 
 import numpy as np
 
-from adsearch.audio import SAMPLE_RATE, AudioError, load_audio
 from adsearch.embed.cache import pool_recordings, pool_windows
-from adsearch.export import CONFIG_FILE, MODEL_FILE, ExportedConfig, ExportError, load_config, load_model
-from adsearch.outputs import file_written_whole, printable
+from adsearch.io.audio import SAMPLE_RATE, AudioError, load_audio
+from adsearch.io.outputs import file_written_whole, printable
+from adsearch.results.export import CONFIG_FILE, MODEL_FILE, ExportedConfig, ExportError, load_config, load_model
 
 T = TypeVar("T")
 

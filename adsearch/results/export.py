@@ -18,10 +18,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adsearch import __version__
-from adsearch.calibration import calibration_report
 from adsearch.embed.cache import POOLINGS, EmbeddingCache
-from adsearch.outputs import check_new_folder, folder_written_whole
-from adsearch.safeyaml import YamlError, load_yaml
+from adsearch.io.outputs import check_new_folder, folder_written_whole
+from adsearch.io.safeyaml import YamlError, load_yaml
+from adsearch.results.calibration import calibration_report
 from adsearch.search.baseline import duration_warning, load_duration_baseline
 from adsearch.search.objective import (
     cross_validate,
@@ -515,7 +515,7 @@ def _write_export(study, setup, caches, cache, config: TrialConfig, chosen, comp
                   work_dir: Path, out_dir: Path, top_k: int, artifacts, control, log, result: ExportResult) -> list:
     """Config, refit model, one held-out test evaluation (with the top-k comparison) and the report, into
     `work_dir`; returns the report's figures."""
-    from adsearch.report import write_report
+    from adsearch.results.report import write_report
     from adsearch.search.null import NULL_ATTR, stale_floor
     from adsearch.search.study import trial_config, trial_counts
 

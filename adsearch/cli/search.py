@@ -79,10 +79,10 @@ def user_errors(interrupted: str = "run the same command again to resume; finish
     """Turn expected input errors into one red message and exit code 2, without a traceback. Errors of the
     operating system (a full disk, a read-only folder, a name too long) say which path and what to do.
     Ctrl-C is one line saying what happens next (`interrupted`), exit code 130."""
-    from adsearch.audio import AudioError
     from adsearch.corpus import CorpusError
     from adsearch.embed.cache import CacheError
-    from adsearch.outputs import describe_os_error
+    from adsearch.io.audio import AudioError
+    from adsearch.io.outputs import describe_os_error
 
     expected: tuple[type[Exception], ...] = (AudioError, CorpusError, CacheError, ValueError)
     with contextlib.suppress(ImportError):
@@ -526,8 +526,8 @@ def finetune(
     import optuna
 
     from adsearch.embed.extract import ExtractSettings
-    from adsearch.finetune import FinetuneError, FinetuneSettings, extract_crossfit
-    from adsearch.finetune import finetune as run_finetune
+    from adsearch.finetune.train import FinetuneError, FinetuneSettings, extract_crossfit
+    from adsearch.finetune.train import finetune as run_finetune
 
     with user_errors():
         try:
@@ -717,7 +717,7 @@ def search(
     """
     import time as _time
 
-    from adsearch.report import upload_screen
+    from adsearch.results.report import upload_screen
     from adsearch.search.space import load_spec
     from adsearch.search.storage import make_storage, mask_url
     from adsearch.search.study import (
@@ -1019,7 +1019,7 @@ def export(
     R2 and Pearson r with bootstrap intervals, beside predicting the training mean. Without test
     labels (scores) the export stops after the refit.
     """
-    from adsearch.export import export_trial
+    from adsearch.results.export import export_trial
 
     with user_errors():
         result = export_trial(study, storage, output, trial, top_k, str(cache) if cache else None, artifacts,
@@ -1077,8 +1077,8 @@ def evaluate(
 ) -> None:
     """Re-run the cross-validation of an exported config (of each member of an exported ensemble) and check it
     reproduces the study's score."""
-    from adsearch.export import cache_for, load_config, reproduce_cv
-    from adsearch.export_ensemble import is_ensemble, reproduce_members
+    from adsearch.results.ensemble import is_ensemble, reproduce_members
+    from adsearch.results.export import cache_for, load_config, reproduce_cv
 
     if is_ensemble(config):
         with user_errors():
@@ -1124,8 +1124,8 @@ def predict(
     Only as many transformer layers run as the chosen layer needs. A file that cannot be read gets an
     error row; the others are still predicted. The `segmentation` column says which speech each file used.
     """
-    from adsearch.export_ensemble import EnsemblePredictor, is_ensemble
-    from adsearch.predict import Predictor, check_output, read_segments, write_predictions
+    from adsearch.results.ensemble import EnsemblePredictor, is_ensemble
+    from adsearch.results.predict import Predictor, check_output, read_segments, write_predictions
     from adsearch.vad import VAD_CAVEAT
 
     with user_errors():
@@ -1188,7 +1188,7 @@ def ensemble(
     """
     import optuna
 
-    from adsearch.export_ensemble import export_ensemble
+    from adsearch.results.ensemble import export_ensemble
     from adsearch.search.ensemble import ensemble_cv
     from adsearch.search.objective import FeatureSource
     from adsearch.search.storage import make_storage, mask_url
@@ -1281,7 +1281,7 @@ def dashboard(
         store = make_storage(storage)
         _check_port_free(host, port)
     if artifacts is None:
-        from adsearch.report import DEFAULT_ARTIFACTS, recorded_stores
+        from adsearch.results.report import DEFAULT_ARTIFACTS, recorded_stores
 
         stores = recorded_stores(store)
         artifacts = Path(stores[0] if stores else DEFAULT_ARTIFACTS)

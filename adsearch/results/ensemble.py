@@ -24,7 +24,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adsearch import __version__
-from adsearch.export import (
+from adsearch.io.outputs import check_new_folder, folder_written_whole
+from adsearch.io.safeyaml import YamlError, load_yaml
+from adsearch.results.export import (
     CONFIG_FILE,
     MODEL_FILE,
     ExportError,
@@ -42,8 +44,6 @@ from adsearch.export import (
     test_report,
     validation_details,
 )
-from adsearch.outputs import check_new_folder, folder_written_whole
-from adsearch.safeyaml import YamlError, load_yaml
 from adsearch.search.ensemble import Combination, ensemble_cv
 
 MEMBERS_DIR = "members"
@@ -240,7 +240,7 @@ def _report(config: EnsembleConfig, test: dict | None, members: dict[int, str], 
     duration-only baseline, and the test comparison with each figure's chance level."""
     import html
 
-    from adsearch.report import html_table
+    from adsearch.results.report import html_table
     from adsearch.search.baseline import chance_level
     from adsearch.search.baseline import describe as describe_baseline
 
@@ -312,7 +312,7 @@ class EnsemblePredictor:
     layers, a file is decoded, segmented and transcribed once."""
 
     def __init__(self, path: Path | str, device: str = "auto", vad: bool = True):
-        from adsearch.predict import Predictor, SharedModels
+        from adsearch.results.predict import Predictor, SharedModels
 
         self.config, folder = load_ensemble(path)
         self.shared = SharedModels()

@@ -1,0 +1,1 @@
+"""Decoding audio, reading user YAML, writing files whole."""

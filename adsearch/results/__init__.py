@@ -1,0 +1,1 @@
+"""Results out of a study: export, evaluation, prediction, reports."""
