@@ -3,7 +3,6 @@ item, and JSON files that appear whole. `extract` and `transcribe` both split a 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -27,12 +26,6 @@ def speech_seconds(rec: Recording) -> float:
         return sum(e - b for b, e in rec.segments) or audio_duration(rec.path)
     except AudioError:
         return 0.0
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two extractions of one folder write settings.json
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 class Claim:

@@ -124,7 +124,7 @@ def forward_ceiling(model: Path, args: argparse.Namespace, seconds: float = 60.0
     windows of `--window-s` already on the device, for about `seconds` of wall time each."""
     import torch
 
-    from adsearch.embed.extract import masked_layer_stats
+    from adsearch.embed.encoder import masked_layer_stats
     from adsearch.embed.model import load_model, resolve_model
 
     cuda = args.device.startswith("cuda")
@@ -207,7 +207,8 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from adsearch.corpus import Recording, write_manifest
-    from adsearch.embed.extract import ExtractSettings, WindowEncoder, extract
+    from adsearch.embed.encoder import WindowEncoder
+    from adsearch.embed.extract import ExtractSettings, extract
     from adsearch.embed.model import resolve_model
     from adsearch.io.audio import load_audio
 

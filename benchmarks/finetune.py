@@ -68,7 +68,8 @@ def run(kind: str, micro_batch: int | None = None, checkpointing: str | None = N
         recordings: int | None = None, torch_profiler: bool = False) -> dict:
     import torch
 
-    from adsearch.finetune.train import FinetuneSettings, train_one
+    from adsearch.finetune.settings import FinetuneSettings
+    from adsearch.finetune.train import train_one
 
     cuda = kind == "cuda"
     if cuda and not torch.cuda.is_available():

@@ -77,6 +77,7 @@ class Timers:
 def profile(args: argparse.Namespace) -> dict:
     import torch
 
+    import adsearch.embed.encoder as encoder_module
     import adsearch.embed.extract as extract_module
     import adsearch.embed.model as model_module
 
@@ -90,8 +91,8 @@ def profile(args: argparse.Namespace) -> dict:
         timers.wrap(extract_module, "resolve_model", "resolve the model (weight hash)")
         timers.wrap(extract_module, "load_audio", "decode + resample audio (loader threads, summed)")
         timers.wrap_generator(extract_module, "_group_recordings", "main thread waiting for audio")
-        timers.wrap(extract_module, "layer_stats", "per-layer statistics (on the device)", synchronize)
-        timers.wrap(extract_module.PendingStats, "result", "main thread waiting for statistics (copy back)")
+        timers.wrap(encoder_module, "layer_stats", "per-layer statistics (on the device)", synchronize)
+        timers.wrap(encoder_module.PendingStats, "result", "main thread waiting for statistics (copy back)")
         timers.wrap(extract_module, "save_atomic_npz", "write parts")
         timers.wrap(extract_module, "write_cache", "consolidate the cache")
         original_load = model_module.load_model
@@ -102,8 +103,8 @@ def profile(args: argparse.Namespace) -> dict:
             timers.wrap(net, "forward", "model forward", synchronize)
             return extractor, net
 
-        extract_module.load_model = load_and_wrap
-        timers.wrap(extract_module, "load_model", "load the model")
+        encoder_module.load_model = load_and_wrap
+        timers.wrap(encoder_module, "load_model", "load the model")
         settings = extract_module.ExtractSettings(window_s=args.window_s, dtype=args.dtype)
         profiler = None
         if args.torch_profiler:

@@ -427,7 +427,7 @@ def ensemble(work: Path, trials: int = 60, seeds: int = 3) -> dict:
     import optuna
 
     from adsearch.results.ensemble import export_ensemble
-    from adsearch.results.export import load_config
+    from adsearch.results.schema import load_config
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = []

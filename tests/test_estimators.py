@@ -6,7 +6,7 @@ from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from adsearch.results.export import load_model, save_model
+from adsearch.results.model_files import load_model, save_model
 from adsearch.search.estimators import (
     BlockwiseStandardScaler,
     CenteredKernelRidge,

@@ -15,7 +15,10 @@ from adsearch.embed import open_cache
 from adsearch.embed.cache import seal
 from adsearch.embed.extract import ExtractSettings, extract
 from adsearch.io.outputs import OutputError
-from adsearch.results.export import ExportError, export_trial, load_config, load_model, mcnemar_exact, wilson
+from adsearch.results.export import export_trial
+from adsearch.results.model_files import load_model
+from adsearch.results.schema import ExportError, load_config
+from adsearch.results.statistics import mcnemar_exact, wilson
 from adsearch.search.space import parse_spec
 from adsearch.search.storage import make_storage
 from adsearch.search.study import create_or_resume
@@ -173,11 +176,12 @@ def test_predicting_a_training_recording_reproduces_the_cached_features(exported
     predictor = Predictor(out, device="cpu")
     config = predictor.config
     cache = study_env["cache"]
-    assert len(predictor.encoder.model.encoder.layers) == max(config.features.layer, 1)  # only the layers needed
+    layers = predictor.features.encoder.model.encoder.layers
+    assert len(layers) == max(config.features.layer, 1)  # only the layers needed
     recordings = {r.id: r for r in read_manifest(study_env["manifest"])}
     for index in (0, 5):
         rec = recordings[cache.ids[index]]
-        X, n_windows, _ = predictor.features(load_audio(rec.path), rec.segments)
+        X, n_windows, _ = predictor.features.of(load_audio(rec.path), rec.segments)
         if config.features.unit == "recording":
             expected = cache.recording_features(config.features.layer, config.features.pooling)[index][None]
         else:
@@ -190,7 +194,7 @@ def test_predicting_a_training_recording_reproduces_the_cached_features(exported
 def test_keep_layers_reproduces_every_hidden_state(tiny_model, layer):
     from conftest import speechlike
 
-    from adsearch.embed.extract import WindowEncoder
+    from adsearch.embed.encoder import WindowEncoder
     from adsearch.embed.model import resolve_model
 
     full = WindowEncoder(resolve_model(str(tiny_model)), "cpu", "float32")
@@ -238,14 +242,15 @@ def test_wilson_and_mcnemar_known_values():
 def test_a_margin_classifier_writes_a_decision_not_a_probability(tmp_path, monkeypatch):
     from sklearn.svm import LinearSVC
 
-    from adsearch.results.predict import Predictor, SharedModels, write_predictions
+    from adsearch.results.predict import Predictor, write_predictions
+    from adsearch.results.shared import SharedModels
 
     predictor = object.__new__(Predictor)  # the speech model is not needed to score given features
     predictor.classifier = LinearSVC().fit(np.array([[0.0], [1.0], [2.0], [3.0]]), [0, 0, 1, 1])
     predictor.vad = False
     predictor.config = SimpleNamespace(task="classification")
     predictor.owns_shared, predictor.shared = True, SharedModels()
-    monkeypatch.setattr(predictor, "features", lambda audio, segments: (np.array([[2.9]]), 1, 1.0), raising=False)
+    predictor.features = SimpleNamespace(of=lambda audio, segments: (np.array([[2.9]]), 1, 1.0))
     monkeypatch.setattr("adsearch.results.predict.load_audio", lambda path: np.zeros(16000, np.float32))
     prediction = predictor.predict(tmp_path / "x.wav")
     assert prediction.prob_ad is None and prediction.decision > 0 and prediction.label == "AD"
@@ -570,7 +575,7 @@ def test_an_ensemble_exports_evaluates_and_predicts_like_a_single_model(study_en
 def test_ensemble_members_share_their_speech_model_and_its_forward_passes(study_env, tmp_path, monkeypatch):
     """Members on one speech model load it once and run it once per window for all their layers; each
     member's prediction is exactly what it gives alone."""
-    from adsearch.embed.extract import WindowEncoder
+    from adsearch.embed.encoder import WindowEncoder
     from adsearch.results.ensemble import EnsemblePredictor
     from adsearch.results.predict import Predictor, read_segments
 
@@ -593,7 +598,7 @@ def test_ensemble_members_share_their_speech_model_and_its_forward_passes(study_
     monkeypatch.setattr(WindowEncoder, "submit", lambda self, w, *a: windows.append(len(w)) or real_submit(self, w, *a))
     ensemble = EnsemblePredictor(out, "cpu")
     assert len(built) == 1 and len(ensemble.members) == len(config["members"])
-    assert ensemble.shared.layers_of(ensemble.members[0].encoder, -1) == sorted(layers)
+    assert ensemble.shared.layers_of(ensemble.members[0].features.encoder, -1) == sorted(layers)
     cache = study_env["cache"]
     path = cache.meta["items"][0]["path"]
     segments = read_segments(study_env["manifest"])[path]

@@ -14,15 +14,10 @@ from conftest import speechlike, write_rows, write_wav
 from adsearch.corpus import read_manifest
 from adsearch.embed import open_cache
 from adsearch.embed.cache import CacheError, stat_path
-from adsearch.embed.extract import (
-    ExtractSettings,
-    Window,
-    WindowEncoder,
-    extract,
-    make_batches,
-    plan_windows,
-)
+from adsearch.embed.encoder import WindowEncoder
+from adsearch.embed.extract import ExtractSettings, extract
 from adsearch.embed.model import ModelError, resolve_model
+from adsearch.embed.windows import Window, make_batches, plan_windows
 from adsearch.io.audio import SAMPLE_RATE, load_audio
 
 
@@ -455,7 +450,7 @@ def test_parallel_loaders_give_the_cache_of_one_loader_bit_for_bit(synth_manifes
 
 def test_one_recording_and_hundreds_of_short_ones_extract_with_parallel_loaders(tiny_model, tmp_path,
                                                                                monkeypatch):
-    from adsearch.embed.extract import WindowEncoder
+    from adsearch.embed.encoder import WindowEncoder
 
     rows = []
     for i in range(200):
@@ -480,7 +475,7 @@ def test_one_recording_and_hundreds_of_short_ones_extract_with_parallel_loaders(
 
 
 def test_packed_batches_are_full_and_no_window_waits_twice():
-    from adsearch.embed.extract import Window, pack_batches
+    from adsearch.embed.windows import Window, pack_batches
 
     rng = np.random.default_rng(0)
     for batch_size in (1, 3, 16):
@@ -504,7 +499,7 @@ def test_packed_batches_are_full_and_no_window_waits_twice():
 def test_inputs_normalised_on_the_device_equal_the_feature_extractors(tiny_model):
     """The GPU path pads and normalises windows on the device; run on the CPU here, it gives what the
     wav2vec2 feature extractor gives (values and attention mask), and the same statistics up to rounding."""
-    from adsearch.embed.extract import WindowEncoder
+    from adsearch.embed.encoder import WindowEncoder
     from adsearch.embed.model import resolve_model
 
     rng = np.random.default_rng(0)
@@ -528,7 +523,7 @@ def test_the_gpu_path_run_on_the_cpu_gives_the_default_cache(synth_manifest, tin
     """What extraction does on CUDA (inputs normalised on the device, batches of several recordings'
     windows packed full, one batch in flight, statistics collected later), run on the CPU: the cache of
     the default path, up to float rounding."""
-    from adsearch.embed.extract import WindowEncoder
+    from adsearch.embed.encoder import WindowEncoder
     from adsearch.embed.model import resolve_model
 
     settings = ExtractSettings(window_s=2.0)

@@ -7,7 +7,9 @@ import pytest
 
 from adsearch.corpus import read_manifest, write_manifest
 from adsearch.embed import open_cache
-from adsearch.finetune.train import FinetuneError, FinetuneSettings, extract_crossfit, finetune, train_one
+from adsearch.finetune.crossfit import extract_crossfit, finetune
+from adsearch.finetune.settings import FinetuneError, FinetuneSettings
+from adsearch.finetune.train import train_one
 
 FAST = dict(epochs=1, batch_size=4, accumulate=1, window_s=4.0, patience=5, seed=0)
 
@@ -112,12 +114,12 @@ def test_a_killed_finetune_resumes_from_its_last_epoch_and_skips_finished_folds(
     assert not (tmp_path / "m" / "checkpoint.pt").exists()
     monkeypatch.setattr(ft.FinetuneProgress, "epoch", real)
     built = []
-    monkeypatch.setattr(ft, "_build", lambda *a: built.append(a))
+    monkeypatch.setattr(ft, "build", lambda *a: built.append(a))
     assert train_one(tiny_model, train, tmp_path / "m", settings, "cpu") == record and not built
 
 
 def test_passes_fit_the_memory_without_checkpointing_when_they_can():
-    from adsearch.finetune.train import choose_passes
+    from adsearch.finetune.passes import choose_passes
 
     gb = 2**30
     # a pass of n windows needs 2 + n GB without checkpointing, 2 + n/4 GB with; out of memory above 9 GB
@@ -256,8 +258,9 @@ def test_a_study_over_pretrained_finetuned_and_egemaps_sources_exports_each(cros
     from optuna.trial import TrialState
 
     from adsearch.embed.extract import extract
-    from adsearch.results.export import export_trial, load_config, reproduce_cv
+    from adsearch.results.export import export_trial, reproduce_cv
     from adsearch.results.predict import Predictor
+    from adsearch.results.schema import load_config
     from adsearch.search.null import create_null_studies
     from adsearch.search.space import parse_spec
     from adsearch.search.storage import make_storage

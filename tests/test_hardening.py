@@ -294,7 +294,8 @@ def _crafted_model(path: Path, function) -> Path:
 def test_a_crafted_model_file_is_refused(exported_dir, tmp_path, function):
     import shutil
 
-    from adsearch.results.export import ExportError, load_model
+    from adsearch.results.model_files import load_model
+    from adsearch.results.schema import ExportError
 
     with pytest.raises(ExportError, match="refused: the file holds types adsearch never exports"):
         load_model(_crafted_model(tmp_path / "evil.skops", function))
@@ -311,7 +312,7 @@ def test_every_model_adsearch_exports_loads_with_the_exact_allow_list(tmp_path):
     no less."""
     import skops.io as sio
 
-    from adsearch.results.export import TRUSTED_TYPES, load_model, save_model
+    from adsearch.results.model_files import TRUSTED_TYPES, load_model, save_model
     from adsearch.search.classifiers import REGISTRY, Choice, IntRange
     from adsearch.search.objective import fit_pipeline
     from adsearch.search.space import TrialConfig
@@ -523,7 +524,8 @@ def test_option_values_beyond_their_range_are_refused(tmp_path, exported_dir):
 
 
 def test_export_top_k_below_zero_never_looks_at_the_test_split(exported_dir, tmp_path):
-    from adsearch.results.export import ExportError, export_trial
+    from adsearch.results.export import export_trial
+    from adsearch.results.schema import ExportError
 
     url = f"sqlite:///{exported_dir.parent / 's.db'}"
     looks = optuna.load_study(study_name="s", storage=url).user_attrs.get("adsearch_test_looks")

@@ -250,7 +250,7 @@ def test_an_mmse_study_over_two_sources_fuses_them_in_an_exported_ensemble(tmp_p
     run_worker("fused", url, worker_index=0)
     exported = export_ensemble("fused", url, tmp_path / "ens", "stack", top=8, log=lambda _: None)
     config, folder = load_ensemble(tmp_path / "ens")
-    from adsearch.results.export import load_config
+    from adsearch.results.schema import load_config
 
     sources = {load_config(folder / member.folder).features.source for member in config.members}
     assert sources == {"a", "b"}

@@ -66,7 +66,8 @@ def test_the_example_plugin_passes_scikit_learns_own_estimator_checks(plugin_dir
 
 
 def test_a_plugin_classifier_is_searched_recorded_exported_and_loaded_like_a_built_in(plugin_dir, tmp_path):
-    from adsearch.results.export import load_config, load_model
+    from adsearch.results.model_files import load_model
+    from adsearch.results.schema import load_config
     from adsearch.search.setup import StudySetup
 
     url = f"sqlite:///{tmp_path / 's.db'}"
@@ -91,7 +92,7 @@ def test_a_plugin_classifier_is_searched_recorded_exported_and_loaded_like_a_bui
 
 
 def test_a_study_and_an_export_refuse_plugin_code_that_changed(plugin_dir, tmp_path):
-    from adsearch.results.export import load_config
+    from adsearch.results.schema import load_config
     from adsearch.search.setup import StudySetup
 
     url = f"sqlite:///{tmp_path / 's.db'}"
@@ -171,7 +172,7 @@ def test_a_broken_installed_plugin_stops_only_the_spaces_that_look_for_a_model_i
 
 
 def test_only_estimator_classes_the_plugin_defines_are_trusted_in_a_model_file(plugin_dir):
-    from adsearch.results.export import plugin_estimator_types
+    from adsearch.results.model_files import plugin_estimator_types
     from adsearch.search.plugins import load_plugins
 
     digests = load_plugins(["shrunken_centroid"])

@@ -15,8 +15,9 @@ from conftest import MARIADB, POSTGRES, server_available
 from optuna.trial import TrialState
 
 from adsearch.embed import open_cache
-from adsearch.embed.cache import file_digest, seal
+from adsearch.embed.cache import seal
 from adsearch.embed.synthetic import write_synthetic_cache
+from adsearch.io.digest import file_digest
 from adsearch.search import objective as objective_module
 from adsearch.search.budget import TrialBudget
 from adsearch.search.errors import StudyError
@@ -139,7 +140,7 @@ def test_window_level_cv_keeps_all_windows_of_a_recording_on_one_side(small_cach
 SCORE_SCRIPT = """
 import json, sys
 from adsearch.embed import open_cache
-from adsearch.embed.cache import file_digest
+from adsearch.io.digest import file_digest
 from adsearch.search.objective import FeatureSource, cross_validate
 from adsearch.search.protocol import assign_folds
 from adsearch.search.space import TrialConfig

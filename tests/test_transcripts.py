@@ -231,7 +231,7 @@ def test_linguistic_source_wins_the_joint_study_and_predicts_from_wav(planted, t
     out = tmp_path / "best"
     result = run("export", "--study", "joint", "--storage", url, "-o", out)
     assert result.exit_code == 0, result.output
-    from adsearch.results.export import load_config
+    from adsearch.results.schema import load_config
 
     config = load_config(out)
     assert config.features.source == "linguistic" and config.transcripts.backend == "whisper"
@@ -270,7 +270,8 @@ def test_ngram_source_weighs_counts_inside_the_folds_and_predicts_from_wav(plant
     assert result.exit_code == 0 and "6/6 finished (6 complete" in result.output, result.output
     out = tmp_path / "best"
     assert run("export", "--study", "ngrams", "--storage", url, "-o", out).exit_code == 0
-    from adsearch.results.export import load_config, load_model
+    from adsearch.results.model_files import load_model
+    from adsearch.results.schema import load_config
 
     config = load_config(out)
     assert config.features.vocabulary == vocabulary and config.pipeline.scale == "tfidf"
@@ -333,7 +334,8 @@ def test_whisper_encoder_layers_pool_real_frames_only(tmp_path):
     """A tiny random Whisper: its encoder layers become a cache; the 30 s padding never enters a statistic."""
     import torch
 
-    from adsearch.embed.extract import ExtractSettings, WindowEncoder, extract
+    from adsearch.embed.encoder import WindowEncoder
+    from adsearch.embed.extract import ExtractSettings, extract
     from adsearch.embed.model import resolve_model
 
     assert run("model", "tiny", tmp_path / "whisper", "--kind", "whisper").exit_code == 0

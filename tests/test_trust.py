@@ -270,7 +270,8 @@ def test_null_command_records_the_floor_and_export_reports_it_with_fresh_folds(t
     from typer.testing import CliRunner
 
     from adsearch.cli import app
-    from adsearch.results.export import ExportError, export_trial
+    from adsearch.results.export import export_trial
+    from adsearch.results.schema import ExportError
 
     cache = open_cache(write_realistic_cache(tmp_path / "c", kind="mean", n_layers=3, dim=32, n_test=20, seed=1))
     url = f"sqlite:///{tmp_path / 's.db'}"

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from adsearch.io.digest import file_digest
+
 FORMAT_VERSION = 2  # 2: the content hash covers cache.json's defining fields (1 covered the arrays alone)
 META_FILE = "cache.json"
 STATS = ("mean", "m2", "max", "min")
@@ -48,15 +50,6 @@ class CacheError(RuntimeError):
 
 def stat_path(cache_dir: Path, stat: str, layer: int) -> Path:
     return cache_dir / "stats" / stat / f"L{layer:02d}.npy"
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in 4 MB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(4 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_hashes(cache_dir: Path, n_layers: int) -> dict[str, str]:

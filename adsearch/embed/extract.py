@@ -1,8 +1,7 @@
 """Every recording through the speech model once; every layer's pooled statistics to the cache.
 
-Correctness first: the model's own feature extractor normalises each window, layer-norm models get an
-`attention_mask` (so padding does not change their outputs), group-norm models only ever see batches of
-equal-length windows, and frames past a window's true length never enter a statistic.
+The model runs in `encoder.py`, windows and batches are made in `windows.py`; this module runs the whole:
+claims, decoding ahead of the model, one batch in flight, per-recording parts, consolidation.
 
 Nothing is lost on a crash: each finished recording is written atomically to `parts/{id}.npz`; a rerun
 skips those and recomputes nothing. The final layer-major arrays and `cache.json` are written only once
@@ -31,14 +30,16 @@ import numpy as np
 from adsearch import __version__
 from adsearch.corpus import Recording, manifest_digest, read_manifest, segmentation_counts
 from adsearch.embed.cache import FORMAT_VERSION, META_FILE, STATS, CacheError, file_hashes, seal, stat_path
-from adsearch.embed.model import ModelSource, load_model, resolve_model, uses_attention_mask
+from adsearch.embed.encoder import WindowEncoder, default_batch_size, resolve_device, resolve_dtype
+from adsearch.embed.model import ModelSource, resolve_model
+from adsearch.embed.windows import MIN_WINDOW_SAMPLES, Window, make_batches, pack_batches, plan_windows
 from adsearch.io.audio import SAMPLE_RATE, AudioError, load_audio
-from adsearch.work import Claim, ExtractProgress, shard_of, speech_seconds, write_json_atomic
+from adsearch.io.outputs import save_atomic_npz, write_json_atomic
+from adsearch.work import Claim, ExtractProgress, shard_of, speech_seconds
 
 WHISPER_LAYERS = {"0": "input to the first encoder layer (log-mel convolutions + positions)",
                   "i (1..N)": "output of encoder layer i, over the window's real frames only (Whisper pads every "
                               "window to 30 s; padded frames are never pooled)"}
-MIN_WINDOW_SAMPLES = 400  # the CNN front end needs 400 samples for its first frame
 
 
 @dataclass(frozen=True)
@@ -81,293 +82,6 @@ class ExtractResult:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Windows
-
-
-def plan_windows(
-    segments: Sequence[tuple[float, float]], n_samples: int, window_s: float, min_window_s: float
-) -> list[tuple[int, int]]:
-    """Split each speech segment evenly into windows of at most `window_s` (none spans two segments).
-
-    Even splitting avoids a tiny tail window; windows under `min_window_s` are dropped.
-    """
-    spans = [(round(b * SAMPLE_RATE), min(round(e * SAMPLE_RATE), n_samples)) for b, e in segments]
-    if not segments:
-        spans = [(0, n_samples)]
-    max_len = int(window_s * SAMPLE_RATE)
-    min_len = max(int(min_window_s * SAMPLE_RATE), MIN_WINDOW_SAMPLES)
-    windows = []
-    for begin, end in spans:
-        if end - begin < min_len:
-            continue
-        pieces = math.ceil((end - begin) / max_len)
-        bounds = np.linspace(begin, end, pieces + 1).round().astype(int)
-        windows += [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b - a >= min_len]
-    return windows
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Statistics
-
-
-def layer_stats(hidden_states, n_frames):
-    """Per layer and item: mean, M2, max, min over the first n_frames frames, as one float32 tensor
-    (stat, L, B, D) on the model's device (one copy back instead of four)."""
-    import torch
-
-    out: dict[str, list] = {stat: [] for stat in STATS}
-    t = hidden_states[0].shape[1]
-    mask = (torch.arange(t, device=n_frames.device)[None, :] < n_frames[:, None])[:, :, None]
-    count = n_frames.to(torch.float32)[:, None]
-    for h in hidden_states:
-        h = h.to(torch.float32)
-        mean = torch.where(mask, h, 0).sum(1) / count
-        out["mean"].append(mean)
-        out["m2"].append(torch.where(mask, h - mean[:, None], 0).square().sum(1))
-        out["max"].append(torch.where(mask, h, -torch.inf).amax(1))
-        out["min"].append(torch.where(mask, h, torch.inf).amin(1))
-    return torch.stack([torch.stack(out[stat]) for stat in STATS])
-
-
-def masked_layer_stats(hidden_states, n_frames) -> dict[str, np.ndarray]:
-    """Per layer and item: mean, M2, max, min over the first n_frames frames, float32 (L, B, D)."""
-    return PendingStats(None, layer_stats(hidden_states, n_frames)).result()[1]
-
-
-class PendingStats:
-    """A batch's statistics on their way back from the device: on a GPU they are copied into pinned host
-    memory without waiting, so the card starts the next batch while this one's numbers travel; `result()`
-    waits for the copy. On the CPU they are ready at once."""
-
-    def __init__(self, n_frames: np.ndarray | None, stats):
-        import torch
-
-        self.n_frames = n_frames
-        self.ready = None
-        if stats.device.type == "cuda":
-            self.host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
-            self.host.copy_(stats, non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record(torch.cuda.current_stream(stats.device))
-        else:
-            self.host = stats
-
-    def result(self) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
-        """(n_frames (B,), {stat: (L, B, D)}) as `WindowEncoder.encode` returns them."""
-        if self.ready is not None:
-            self.ready.synchronize()
-        values = self.host.numpy()
-        return self.n_frames, {stat: values[i] for i, stat in enumerate(STATS)}
-
-
-class WindowEncoder:
-    """Runs batches of 16 kHz windows through a model and returns per-window, per-layer statistics."""
-
-    def __init__(self, source: ModelSource, device: str = "auto", dtype: str = "auto",
-                 normalise_on_device: bool | None = None):
-        import torch
-
-        self.device = resolve_device(device)
-        self.dtype_name = resolve_dtype(dtype, self.device)
-        self.extractor, self.model = load_model(source, self.device, getattr(torch, self.dtype_name))
-        self.whisper = self.model.config.model_type == "whisper"
-        if self.whisper:  # the encoder alone (the decoder never runs); inputs are log-mel padded to 30 s
-            self.model = self.model.get_encoder()
-        self.masked = self.whisper or uses_attention_mask(self.model)
-        # A wav2vec2 feature extractor only pads and normalises each window: on a GPU that is done there (the
-        # CPU would otherwise feed the card one batch at a time), from pinned memory with a non-blocking copy.
-        # On the CPU the feature extractor itself runs, so CPU caches stay bit for bit what they were.
-        on_gpu = self.device.startswith("cuda")
-        self.normalise_on_device = (on_gpu if normalise_on_device is None else normalise_on_device) and (
-            not self.whisper and type(self.extractor).__name__ == "Wav2Vec2FeatureExtractor")
-        self.n_layers = self.model.config.num_hidden_layers + 1
-        self.dim = self.model.config.hidden_size
-
-    def frame_counts(self, n_samples: Sequence[int]) -> np.ndarray:
-        import torch
-
-        samples = torch.as_tensor(list(n_samples))
-        if self.whisper:  # encoder frames of the real log-mel frames: padding beyond them is never pooled
-            samples = samples // self.extractor.hop_length
-        lengths = self.model._get_feat_extract_output_lengths(samples)
-        return lengths.cpu().numpy().astype(np.int64)
-
-    def keep_layers(self, last: int) -> None:
-        """Drop the transformer layers above `last`: a classifier on layer k needs only k layers run.
-
-        One layer always stays: transformers 5 captures hidden states through the layers, so a model with
-        none returns no hidden state at all, not even layer 0.
-        """
-        kept = max(last, 1)
-        encoder = self.model if self.whisper else self.model.encoder
-        encoder.layers = encoder.layers[:kept]
-        self.model.config.num_hidden_layers = kept
-        self.n_layers = kept + 1
-
-    def encode(self, windows: Sequence[np.ndarray], layers: Sequence[int] | None = None
-               ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(n_frames (B,), stats {stat: (L, B, D)}) for one batch, for all hidden states or `layers`.
-
-        Group-norm models need equal-length windows.
-        """
-        return self.submit(windows, layers).result()
-
-    def submit(self, windows: Sequence[np.ndarray], layers: Sequence[int] | None = None) -> PendingStats:
-        """Start `encode` on one batch; on a GPU this returns before the card has finished, so the caller can
-        submit the next batch before collecting this one (`PendingStats.result`)."""
-        import torch
-
-        lengths = [len(w) for w in windows]
-        if not self.masked and len(set(lengths)) > 1:
-            raise ValueError("group-norm models can only batch equal-length windows")
-        if self.whisper:
-            return self._submit_whisper(windows, layers)
-        if self.normalise_on_device:
-            values, mask = self.device_inputs(windows)
-        else:
-            inputs = self.extractor(
-                list(windows), sampling_rate=SAMPLE_RATE, padding=True, return_tensors="pt",
-                return_attention_mask=self.masked,
-            )
-            values = inputs["input_values"].to(self.device, getattr(torch, self.dtype_name))
-            mask = inputs["attention_mask"].to(self.device) if self.masked else None
-        n_frames = self.frame_counts(lengths)
-        with torch.inference_mode():
-            hidden = self.model(values, attention_mask=mask, output_hidden_states=True).hidden_states
-            if layers is not None:
-                hidden = [hidden[i] for i in layers]
-            return PendingStats(n_frames, layer_stats(hidden, upload(torch.as_tensor(n_frames), self.device)))
-
-    def device_inputs(self, windows: Sequence[np.ndarray]):
-        """The model's inputs for `windows`, prepared on its device (`inputs_on_device`), in its dtype."""
-        import torch
-
-        values, mask = inputs_on_device(windows, self.device, getattr(self.extractor, "do_normalize", False),
-                                        self.masked)
-        return values.to(getattr(torch, self.dtype_name)), mask
-
-    def _submit_whisper(self, windows: Sequence[np.ndarray], layers: Sequence[int] | None) -> PendingStats:
-        import torch
-
-        longest = max(len(w) for w in windows)
-        if longest > self.extractor.n_samples:
-            raise ValueError(f"a window of {longest / SAMPLE_RATE:.1f} s: Whisper's encoder takes at most "
-                             f"{self.extractor.n_samples / SAMPLE_RATE:.0f} s; extract with --window-s 30 or less")
-        features = self.extractor(list(windows), sampling_rate=SAMPLE_RATE, return_tensors="pt")["input_features"]
-        n_frames = self.frame_counts([len(w) for w in windows])
-        with torch.inference_mode():
-            hidden = self.model(features.to(self.device, getattr(torch, self.dtype_name)),
-                                output_hidden_states=True).hidden_states
-            if layers is not None:
-                hidden = [hidden[i] for i in layers]
-            return PendingStats(n_frames, layer_stats(hidden, upload(torch.as_tensor(n_frames), self.device)))
-
-
-def upload(tensor, device: str):
-    """`tensor` on `device`; on a GPU through pinned memory without waiting (a copy from ordinary memory waits
-    for the card to finish its queue first)."""
-    if device.startswith("cuda"):
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
-def inputs_on_device(windows: Sequence[np.ndarray], device: str, normalise: bool, masked: bool):
-    """What a wav2vec2 feature extractor returns (windows padded with zeros to the longest, each normalised
-    to zero mean and unit variance over its own samples if `normalise`, i.e. `do_normalize`; the attention
-    mask if `masked`), computed on `device` in float32: on a GPU the CPU would otherwise feed the card one
-    batch at a time."""
-    import torch
-
-    lengths = torch.as_tensor([len(w) for w in windows])
-    host = torch.zeros((len(windows), int(lengths.max())), dtype=torch.float32,
-                       pin_memory=device.startswith("cuda"))
-    for row, window in zip(host, windows, strict=True):
-        row[:len(window)] = torch.from_numpy(np.ascontiguousarray(window, np.float32))
-    values = host.to(device, non_blocking=True)
-    lengths = upload(lengths, device)
-    valid = torch.arange(values.shape[1], device=device)[None, :] < lengths[:, None]
-    if normalise:
-        count = lengths.to(torch.float32)[:, None]
-        mean = values.sum(1, keepdim=True) / count  # the padding is zeros: it adds nothing
-        var = torch.where(valid, values - mean, 0).square().sum(1, keepdim=True) / count
-        values = torch.where(valid, (values - mean) / torch.sqrt(var + 1e-7), 0.0)
-    return values, valid.to(torch.long) if masked else None
-
-
-def resolve_device(device: str) -> str:
-    """auto, cpu, cuda or cuda:N, checked against what torch sees (a clear error, not a CUDA traceback)."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d{1,3})?", device):
-        raise ValueError(f"--device {device[:40]!r}: choose auto, cpu, cuda or cuda:N")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device} asked for, but torch sees no CUDA device (a CPU build of torch, or "
-                             "no driver); use --device cpu")
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s), "
-                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    return device
-
-
-def default_batch_size(device: str) -> int:
-    """Batching pays on a GPU; on a CPU the matrices are already large and bigger batches only cost memory."""
-    return 16 if device.startswith("cuda") else 1
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    import torch
-
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype {dtype!r}: choose auto, float32, bfloat16 or float16")
-    return dtype
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Batching
-
-
-@dataclass
-class Window:
-    item: int  # which recording: an index into the caller's list, or the extraction's running number
-    start: int
-    end: int
-    audio: np.ndarray
-
-
-def make_batches(windows: list[Window], batch_size: int, equal_lengths: bool) -> Iterator[list[Window]]:
-    """Longest first, so padding inside a batch stays small; optionally only equal lengths together."""
-    ordered = sorted(windows, key=lambda w: w.end - w.start, reverse=True)
-    batch: list[Window] = []
-    for window in ordered:
-        if batch and (len(batch) == batch_size or (equal_lengths and len(window.audio) != len(batch[0].audio))):
-            yield batch
-            batch = []
-        batch.append(window)
-    if batch:
-        yield batch
-
-
-def pack_batches(carried: list[Window], new: list[Window], batch_size: int) -> tuple[list[list[Window]], list[Window]]:
-    """(full batches, windows left for the next group) from the windows the last group left and this group's:
-    while groups hold at least batch_size - 1 windows (extract's hold about four batches), every batch but the
-    run's last is full (on a GPU a half-empty batch costs almost a full one's time). What is
-    left is at most batch_size - 1 of this group's shortest windows, so no window waits twice and memory stays
-    bounded. For models that take an attention mask (any lengths in one batch)."""
-    spare = min((len(carried) + len(new)) % batch_size, len(new))
-    ordered = sorted(new, key=lambda w: w.end - w.start, reverse=True)
-    now, later = ordered[:len(ordered) - spare], ordered[len(ordered) - spare:]
-    return list(make_batches(carried + now, batch_size, equal_lengths=False)), later
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The extraction run
 
 
@@ -386,12 +100,6 @@ def cache_dir_for(out_root: Path, source: ModelSource, key: str, manifest: Path 
     model = Path(source.name).name if Path(source.name).is_dir() else source.name
     slugs = [re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")[:40] for name in (Path(manifest).stem, model)]
     return out_root / "-".join([*(slug for slug in slugs if slug), key])
-
-
-def save_atomic_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # one writer per name, whatever the race
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 def part_path(parts: Path, rec_id: str) -> Path:

@@ -28,14 +28,14 @@ from adsearch.embed.extract import (
     failure_path,
     finished_result,
     part_path,
-    save_atomic_npz,
     write_cache,
 )
 from adsearch.embed.linguistic import linguistic_features
 from adsearch.embed.model import ModelSource
 from adsearch.io.audio import SAMPLE_RATE
+from adsearch.io.outputs import save_atomic_npz, write_json_atomic
 from adsearch.transcripts.store import Transcript, open_transcripts
-from adsearch.work import Claim, write_json_atomic
+from adsearch.work import Claim
 
 TRANSCRIPT_FEATURES = ("linguistic", "ngrams", "text")
 # One window per recording (or per text chunk): the window settings of these caches say so.
@@ -82,7 +82,7 @@ def extract_from_transcripts(manifest: Path | str, out_root: Path | str, feature
     else:
         import torch
 
-        from adsearch.embed.extract import resolve_device
+        from adsearch.embed.encoder import resolve_device
         from adsearch.embed.model import resolve_model
         from adsearch.embed.text import TextEncoder
 

@@ -46,7 +46,7 @@ class TextEncoder:
 
     def encode_text(self, text: str, layers: list[int] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(tokens per chunk (W,), {stat: (L, W, dim)}) for one transcript."""
-        from adsearch.embed.extract import masked_layer_stats
+        from adsearch.embed.encoder import masked_layer_stats
 
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         chunks = [ids[i:i + self.chunk] for i in range(0, len(ids), self.chunk)] or [[]]

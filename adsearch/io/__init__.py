@@ -1,1 +1,2 @@
-"""Decoding audio, reading user YAML, writing files whole."""
+"""The lowest floor: decoding audio, reading user YAML, writing files whole, hashing files. Imports nothing
+else of adsearch, so every other package may import it."""

@@ -7,12 +7,15 @@ disk, a kill or a second process writing the same target never leaves something 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
 
 
 class OutputError(ValueError):
@@ -122,3 +125,18 @@ def file_written_whole(path: Path | str) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Replace `path` by `data` as JSON in one rename: readers see the old file or the new one, never half.
+    The temporary name carries the process id: two extractions of one folder write settings.json at once."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def save_atomic_npz(path: Path, **arrays: np.ndarray) -> None:
+    """`np.savez` into `path` in one rename (one writer per name, whatever the race)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)

@@ -1,1 +1,0 @@
-"""Results out of a study: export, evaluation, prediction, reports."""

@@ -26,24 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from adsearch import __version__
 from adsearch.io.outputs import check_new_folder, folder_written_whole
 from adsearch.io.safeyaml import YamlError, load_yaml
-from adsearch.results.export import (
-    CONFIG_FILE,
-    MODEL_FILE,
-    ExportError,
-    StudyRef,
-    cache_for,
-    config_of_trial,
-    fit_on,
-    load_config,
-    mcnemar_exact,
-    mmse_test_report,
-    paired_bootstrap,
-    predict_items,
-    reproduce_cv,
-    save_model,
-    test_report,
-    validation_details,
-)
+from adsearch.results.export import cache_for, config_of_trial, fit_on, predict_items, reproduce_cv
+from adsearch.results.model_files import save_model
+from adsearch.results.schema import CONFIG_FILE, MODEL_FILE, ExportError, StudyRef, load_config, validation_details
+from adsearch.results.statistics import mcnemar_exact, mmse_test_report, paired_bootstrap, test_report
 from adsearch.search.ensemble import Combination, ensemble_cv
 
 MEMBERS_DIR = "members"
@@ -312,7 +298,8 @@ class EnsemblePredictor:
     layers, a file is decoded, segmented and transcribed once."""
 
     def __init__(self, path: Path | str, device: str = "auto", vad: bool = True):
-        from adsearch.results.predict import Predictor, SharedModels
+        from adsearch.results.predict import Predictor
+        from adsearch.results.shared import SharedModels
 
         self.config, folder = load_ensemble(path)
         self.shared = SharedModels()

@@ -11,205 +11,34 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adsearch import __version__
-from adsearch.embed.cache import POOLINGS, EmbeddingCache
+from adsearch.embed.cache import EmbeddingCache
 from adsearch.io.outputs import check_new_folder, folder_written_whole
-from adsearch.io.safeyaml import YamlError, load_yaml
 from adsearch.results.calibration import calibration_report
+from adsearch.results.model_files import save_model
+from adsearch.results.schema import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    CacheRef,
+    CVRecord,
+    ExportedConfig,
+    ExportError,
+    Features,
+    FreshCV,
+    ModelRef,
+    StudyRef,
+    transcripts_ref,
+)
+from adsearch.results.statistics import mcnemar_exact, mmse_test_report, paired_bootstrap, test_report
 from adsearch.search.baseline import duration_warning, load_duration_baseline
-from adsearch.search.objective import (
-    cross_validate,
-    fit_pipeline,
-    metrics,
-    oof_predictions,
-    read_features,
-    recording_scores,
-)
-from adsearch.search.plugins import PluginError, check_digests, module_digest, plugin_of
-from adsearch.search.protocol import (
-    CHANCE,
-    assign_folds,
-    better,
-    direction,
-    improvement,
-    null_best,
-    regression_metrics,
-)
-from adsearch.search.space import PipelineSettings, TrialConfig, fixed_params_problems
-
-CONFIG_FILE = "config.yaml"
-MODEL_FILE = "model.skops"
-# The exact types beyond skops' own safe defaults that a model adsearch exports can hold: measured with
-# `skops.io.get_untrusted_types` over every registry classifier, every categorical option, every preprocessing
-# (tests/test_hardening.py re-measures it). Never a module prefix: `builtins.`, `numpy.` or `scipy.` would
-# admit eval, exec, numpy.load and the numpy.testing helpers, which run code when a model is loaded.
-TRUSTED_TYPES = frozenset({
-    "adsearch.search.estimators.BlockwiseStandardScaler",
-    "adsearch.search.estimators.CenteredKernelRidge",  # MMSE regressors
-    "adsearch.search.estimators.CovariancePCA",
-    "adsearch.search.estimators.PLSRegressor",
-    "adsearch.search.estimators.ShrinkageLDA",
-    "adsearch.search.estimators.TfidfWeighting",
-    "catboost.core.CatBoostClassifier",
-    "catboost.core.CatBoostRegressor",
-    "sklearn.calibration._CalibratedClassifier",  # calibration inside the folds (space.calibration)
-    "sklearn.calibration._SigmoidCalibration",
-    "sklearn.metrics._dist_metrics.EuclideanDistance64",  # kNN's KD tree (few dims, euclidean)
-    "sklearn.neighbors._kd_tree.KDTree",
-    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
-    "sklearn.tree._tree.Tree",
-    "xgboost.core.Booster",
-    "xgboost.sklearn.XGBClassifier",
-    "xgboost.sklearn.XGBRegressor",
-})
-
-
-class ExportError(ValueError):
-    pass
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelRef(_Strict):
-    name: str  # as the study's user typed it (a hub id, or a folder relative to where they were)
-    revision: str
-    path: str | None = None  # the absolute folder it was loaded from: predict finds it from any directory
-
-
-class Features(_Strict):
-    source: str | None = None  # the feature source a multi-source study picked (its cache and model are below)
-    layer: int = Field(ge=0)  # a negative index would silently pick another layer
-    pooling: str
-    unit: Literal["recording", "window"]
-    window_s: float = Field(gt=0, le=600)
-    min_window_s: float = Field(ge=0)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    sample_rate: Literal[16_000] = 16_000
-    vocabulary: list[str] | None = None  # an n-gram source's columns: predict counts these in a new transcript
-
-
-class CVRecord(_Strict):
-    folds: int
-    repeats: int
-    metric: Literal["balanced_accuracy", "accuracy", "f1", "roc_auc", "rmse", "mae", "r2", "pearson_r"]
-    seed: int
-    mean: float
-    std: float
-    fold_scores: list[float]
-    fresh: FreshCV | None = None
-    # P(AD)'s calibration on the trial's out-of-fold predictions (probability classifiers only)
-    calibration: dict | None = None
-
-
-class FreshCV(_Strict):
-    """The exported configuration re-scored on fold assignments the search never saw: the study's best CV
-    was selected as a maximum over many trials on one assignment, this one was not."""
-
-    repeats: int
-    seed: int
-    mean: float
-    std: float  # across the repeats' means
-    optimism: float  # how much better the study CV is than the fresh mean: what selecting the best trial added
-
-
-class StudyRef(_Strict):
-    name: str
-    trial: int
-    storage: str
-
-
-class CacheRef(_Strict):
-    path: str
-    content_hash: str
-
-
-class TranscriptsRef(_Strict):
-    """The recogniser whose transcripts a linguistic or text source was computed from: predict runs it again
-    on new audio (`backend` chat or csv: imported transcripts, which no recording can be turned into)."""
-
-    backend: str
-    name: str
-    revision: str
-    content_hash: str  # of the training transcripts
-
-
-class ExportedConfig(_Strict):
-    """config.yaml: everything needed to rebuild the classifier without the study."""
-
-    adsearch_version: str
-    task: Literal["classification", "mmse"] = "classification"  # mmse: the model predicts the MMSE score
-    study: StudyRef
-    model: ModelRef
-    features: Features
-    pipeline: PipelineSettings
-    cv: CVRecord
-    seed: int
-    cache: CacheRef
-    versions: dict[str, str]
-    transcripts: TranscriptsRef | None = None
-    plugins: dict[str, str] = {}  # the plugin module of the classifier -> SHA-256 of its source
-
-    def trial_config(self) -> TrialConfig:
-        # the exported cache is the chosen source's own: as a one-cache config, its source is None
-        return TrialConfig(layer=self.features.layer, pooling=self.features.pooling, unit=self.features.unit,
-                           **self.pipeline.model_dump())
-
-
-def _transcripts_ref(meta: dict) -> TranscriptsRef | None:
-    if "transcripts" not in meta:
-        return None
-    source = meta["transcripts"]["source"]
-    return TranscriptsRef(backend=source["backend"], name=source["name"], revision=source["revision"],
-                          content_hash=meta["transcripts"]["content_hash"])
-
-
-def validation_details(exc: ValidationError | TypeError) -> str:
-    """Each key of a hand-edited config that fails validation, with what is wrong with it."""
-    if isinstance(exc, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-    return str(exc)
-
-
-def load_config(path: Path | str) -> ExportedConfig:
-    """Read and validate config.yaml; a hand edit that breaks it is reported by key."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CONFIG_FILE
-    if not path.is_file():
-        raise ExportError(f"{path}: exported config not found (run `adsearch export` first)")
-    try:
-        data = load_yaml(path, "exported config")
-        if not isinstance(data, dict):
-            raise ExportError(f"{path}: the top level must be a mapping (an exported config.yaml)")
-        config = ExportedConfig(**data)
-    except YamlError as exc:
-        raise ExportError(str(exc)) from None
-    except (ValidationError, TypeError) as exc:
-        raise ExportError(f"{path}: invalid config: {validation_details(exc)}") from None
-    try:
-        check_digests(config.plugins, str(path))  # the classifier's own code, as it was at export
-    except PluginError as exc:
-        raise ExportError(str(exc)) from None
-    pipeline = config.pipeline
-    problems = fixed_params_problems(pipeline.classifier, pipeline.params, "pipeline")
-    if config.features.pooling not in POOLINGS:
-        problems.append(f"features.pooling: {config.features.pooling!r} is not one of {list(POOLINGS)}")
-    if pipeline.pca == "components" and not (pipeline.pca_components or 0) >= 1:
-        problems.append("pipeline.pca_components: needs a positive integer when pca is 'components'")
-    if pipeline.pca == "variance" and not 0 < (pipeline.pca_variance or 0) < 1:
-        problems.append("pipeline.pca_variance: needs a share in (0, 1) when pca is 'variance'")
-    if problems:
-        raise ExportError(f"{path}: invalid config: " + "; ".join(problems))
-    return config
-
+from adsearch.search.objective import cross_validate, fit_pipeline, oof_predictions, read_features, recording_scores
+from adsearch.search.plugins import module_digest, plugin_of
+from adsearch.search.protocol import CHANCE, assign_folds, better, direction, improvement, null_best
+from adsearch.search.space import PipelineSettings, TrialConfig
 
 # ----------------------------------------------------------------------------------------------------------
 # Features and predictions
@@ -231,117 +60,6 @@ def predict_items(cache: EmbeddingCache, config: TrialConfig, model, items: np.n
 def fit_on(cache: EmbeddingCache, config: TrialConfig, items: np.ndarray, seed: int, task: str = "classification"):
     X, owner = item_features(cache, config, items)
     return fit_pipeline(config, X, cache.targets(task)[items][owner], seed)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Statistics for a small test set
-
-
-def wilson(successes: int, n: int) -> tuple[float, float]:
-    """Wilson score interval for a proportion (good at n = 71 and near 0 or 1, unlike the normal one)."""
-    if n == 0:
-        return float("nan"), float("nan")
-    from scipy.stats import binomtest
-
-    interval = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
-    return float(interval.low), float(interval.high)
-
-
-def bootstrap_interval(y: np.ndarray, score: np.ndarray, threshold: float, metric: str, n: int = 2000,
-                       seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap over recordings (resamples lacking a class are redrawn)."""
-    rng = np.random.default_rng(seed)
-    values = []
-    while len(values) < n:
-        pick = rng.integers(0, len(y), len(y))
-        if len(set(y[pick])) == 2:
-            values.append(metrics(y[pick], score[pick], threshold)[metric])
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(low), float(high)
-
-
-def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
-    """Exact (binomial) McNemar test on the recordings where exactly one system is right."""
-    from scipy.stats import binomtest
-
-    only_a = int(np.sum(correct_a & ~correct_b))
-    only_b = int(np.sum(~correct_a & correct_b))
-    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
-    return {"only_best_right": only_a, "only_other_right": only_b, "p_value": float(p)}
-
-
-def regression_bootstrap(y: np.ndarray, predicted: np.ndarray, n: int = 2000, seed: int = 0
-                         ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals over recordings of every regression metric at once."""
-    rng = np.random.default_rng(seed)
-    values = [regression_metrics(y[pick], predicted[pick])
-              for pick in (rng.integers(0, len(y), len(y)) for _ in range(n))]
-    return {name: tuple(float(v) for v in np.nanpercentile([v[name] for v in values], [2.5, 97.5]))
-            for name in values[0]}
-
-
-def paired_bootstrap(y: np.ndarray, predicted_a: np.ndarray, predicted_b: np.ndarray, metric: str,
-                     n: int = 2000, seed: int = 0) -> dict:
-    """How much better system a is than b on the same recordings (`improvement` in the metric's units), with
-    a percentile interval and a two-sided bootstrap p-value (twice the share of resamples on the other side
-    of 0): the regression counterpart of McNemar's test."""
-    rng = np.random.default_rng(seed)
-
-    def gain(pick):
-        return improvement(regression_metrics(y[pick], predicted_a[pick])[metric],
-                           regression_metrics(y[pick], predicted_b[pick])[metric], metric)
-
-    observed = gain(np.arange(len(y)))
-    draws = np.array([gain(rng.integers(0, len(y), len(y))) for _ in range(n)])
-    low, high = np.nanpercentile(draws, [2.5, 97.5])
-    side = np.mean(draws <= 0) if observed > 0 else np.mean(draws >= 0)
-    return {"metric": metric, "improvement": float(observed), "ci95": (float(low), float(high)),
-            "p_value": float(min(1.0, 2 * side)), "method": "paired bootstrap over recordings"}
-
-
-def mmse_test_report(y: np.ndarray, predicted: np.ndarray, train_mean: float, seed: int) -> dict:
-    """RMSE, MAE, R2 and Pearson r of MMSE predictions with bootstrap intervals, beside the floor: the same
-    metrics for predicting the training mean for every recording."""
-    values = regression_metrics(y, predicted)
-    intervals = regression_bootstrap(y, predicted, seed=seed)
-    floor = regression_metrics(y, np.full(len(y), train_mean))
-    return {"n": len(y), **{name: {"value": values[name], "ci95": intervals[name], "method": "bootstrap"}
-                            for name in values},
-            "mean_predictor": {"train_mean": train_mean, "rmse": floor["rmse"], "mae": floor["mae"]},
-            "chance": {**floor, "pearson_r": 0.0,  # a constant has no correlation (scipy: NaN)
-                       "how": f"predicting the training split's mean MMSE ({train_mean:.2f}) for every recording"}}
-
-
-def test_report(y: np.ndarray, score: np.ndarray, threshold: float, seed: int) -> dict:
-    predicted = (score > threshold).astype(int)
-    tp, tn = int(np.sum((predicted == 1) & (y == 1))), int(np.sum((predicted == 0) & (y == 0)))
-    fp, fn = int(np.sum((predicted == 1) & (y == 0))), int(np.sum((predicted == 0) & (y == 1)))
-    values = metrics(y, score, threshold)
-    n = len(y)
-    return {
-        "n": n,
-        "accuracy": {"value": values["accuracy"], "ci95": wilson(tp + tn, n), "method": "Wilson"},
-        "sensitivity": {"value": tp / max(tp + fn, 1), "ci95": wilson(tp, tp + fn), "method": "Wilson"},
-        "specificity": {"value": tn / max(tn + fp, 1), "ci95": wilson(tn, tn + fp), "method": "Wilson"},
-        "balanced_accuracy": {"value": values["balanced_accuracy"],
-                              "ci95": bootstrap_interval(y, score, threshold, "balanced_accuracy", seed=seed),
-                              "method": "bootstrap"},
-        "f1": {"value": values["f1"], "ci95": bootstrap_interval(y, score, threshold, "f1", seed=seed),
-               "method": "bootstrap"},
-        "roc_auc": {"value": values["roc_auc"], "ci95": bootstrap_interval(y, score, threshold, "roc_auc", seed=seed),
-                    "method": "bootstrap"},
-        "confusion": {"labels": ["control", "AD"], "matrix": [[tn, fp], [fn, tp]]},
-        "chance": classification_chance(y),
-    }
-
-
-def classification_chance(y: np.ndarray) -> dict:
-    """What the test metrics score with no information: the best constant prediction for each (the majority
-    class for accuracy, AD for F1), 0.5 for the metrics no constant can move."""
-    share = float(np.mean(y == 1))
-    return {"accuracy": max(share, 1 - share), "balanced_accuracy": 0.5, "f1": 2 * share / (1 + share),
-            "roc_auc": 0.5, "how": "a constant prediction: the majority class (accuracy), AD for every recording "
-                                   "(F1); any constant (balanced accuracy, ROC AUC)"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -368,50 +86,6 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return found
-
-
-def save_model(model, path: Path) -> None:
-    import skops.io as sio
-
-    sio.dump(model, path)
-
-
-def load_model(path: Path, plugins: dict[str, str] | None = None):
-    """Load with skops, trusting its safe defaults, the exact types in TRUSTED_TYPES and the estimator classes
-    the config's (already imported, hash-checked) `plugins` modules define themselves, nothing else."""
-    import skops.io as sio
-
-    try:
-        untrusted = sio.get_untrusted_types(file=path)
-    except Exception as exc:  # not a zip, no schema, a schema of another version ...
-        raise ExportError(f"{path}: not a model file adsearch can read ({type(exc).__name__}: "
-                          f"{str(exc)[:200]}); export again") from None
-    unexpected = sorted(set(untrusted) - TRUSTED_TYPES - plugin_estimator_types(untrusted, plugins or {}))
-    if unexpected:
-        listed = ", ".join(unexpected)[:500]
-        raise ExportError(f"{path}: refused: the file holds types adsearch never exports ({listed}); it may run "
-                          "code when loaded. Only load models written by `adsearch export`")
-    try:
-        return sio.load(path, trusted=sorted(untrusted))
-    except Exception as exc:
-        raise ExportError(f"{path}: cannot load the model ({type(exc).__name__}: {str(exc)[:200]}); export again"
-                          ) from None
-
-
-def plugin_estimator_types(names: list[str], plugins: dict[str, str]) -> set[str]:
-    """Of the type names in a model file, those that are scikit-learn estimator classes defined in one of the
-    plugin modules (not a function or class the module merely imports, such as os.system)."""
-    import sys
-
-    from sklearn.base import BaseEstimator
-
-    trusted = set()
-    for name in names:
-        module, _, attribute = name.rpartition(".")
-        found = getattr(sys.modules.get(module), attribute, None) if module in plugins else None
-        if isinstance(found, type) and found.__module__ == module and issubclass(found, BaseEstimator):
-            trusted.add(name)
-    return trusted
 
 
 def export_trial(
@@ -506,7 +180,7 @@ def config_of_trial(study_name: str, storage_url: str, setup, chosen, cache: Emb
         seed=spec.seed,
         cache=CacheRef(path=str(Path(cache.path).resolve()), content_hash=cache.content_hash),
         versions=_versions(),
-        transcripts=_transcripts_ref(cache.meta),
+        transcripts=transcripts_ref(cache.meta),
         plugins={module: module_digest(module) for module in [plugin_of(config.classifier)] if module},
     )
 

@@ -185,7 +185,7 @@ class CtcRecogniser:
         self.torch = torch
 
     def transcribe(self, audio: np.ndarray, spans: Sequence[tuple[float, float]]) -> list[Word]:
-        from adsearch.embed.extract import plan_windows
+        from adsearch.embed.windows import plan_windows
 
         words = []
         for begin, end in plan_windows(spans, len(audio), CTC_WINDOW_S, MIN_SPAN_S):
@@ -215,6 +215,6 @@ def load_recogniser(source: AsrSource, device: str = "auto") -> WhisperRecognise
 
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
         return WhisperRecogniser(source, device)
-    from adsearch.embed.extract import resolve_device
+    from adsearch.embed.encoder import resolve_device
 
     return CtcRecogniser(source, resolve_device(device))

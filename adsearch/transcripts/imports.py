@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adsearch.corpus import Recording, manifest_digest, read_manifest
+from adsearch.io.digest import file_digest
+from adsearch.io.outputs import write_json_atomic
 from adsearch.transcripts.run import finish_folder, folder_for
 from adsearch.transcripts.store import (
     MAX_TRANSCRIPT_BYTES,
@@ -35,7 +37,6 @@ from adsearch.transcripts.store import (
     tokens,
     transcript_path,
 )
-from adsearch.work import write_json_atomic
 
 _TIME_MARK = re.compile("\x15(\\d+)_(\\d+)\x15")
 _FILLED = {"uh", "um", "er", "ah", "hm", "hmm", "mm", "eh", "uhm"}
@@ -124,11 +125,11 @@ def import_transcripts(manifest: Path | str, out_root: Path | str, chat_dir: Pat
             raise TranscriptError(f"--from-chat {chat_dir}: folder not found")
         files = {p.stem: p for p in chat_dir.rglob("*.cha")}
         found = {r.id: read_chat(files[r.id], r.id) for r in recordings if r.id in files}
-        origin, digests = str(chat_dir.resolve()), sorted(_digest(p) for p in files.values())
+        origin, digests = str(chat_dir.resolve()), sorted(file_digest(p) for p in files.values())
     else:
         csv_file = Path(csv_file)
         found = read_csv_transcripts(csv_file)
-        origin, digests = str(csv_file.resolve()), [_digest(csv_file)]
+        origin, digests = str(csv_file.resolve()), [file_digest(csv_file)]
     unknown = sorted(set(found) - {r.id for r in recordings})
     if chat_dir is None and unknown:
         raise TranscriptError(f"{csv_file}: ids not in the manifest: {', '.join(unknown[:5])}")
@@ -163,6 +164,3 @@ def _missing(recordings: Sequence[Recording], found: dict) -> list[dict]:
     return [{"id": r.id, "path": str(r.path), "reason": "no transcript for this recording in the import",
              "split": r.split, "label": r.label} for r in recordings if r.id not in found]
 
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

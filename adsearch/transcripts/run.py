@@ -21,6 +21,7 @@ from pathlib import Path
 from adsearch import __version__
 from adsearch.corpus import Recording, manifest_digest, read_manifest
 from adsearch.io.audio import SAMPLE_RATE, AudioError, load_audio
+from adsearch.io.outputs import write_json_atomic
 from adsearch.transcripts.asr import WHISPER_BEAM, AsrSource, load_recogniser, resolve_asr
 from adsearch.transcripts.store import (
     FORMAT_VERSION,
@@ -33,7 +34,7 @@ from adsearch.transcripts.store import (
     open_transcripts,
     transcript_path,
 )
-from adsearch.work import Claim, ExtractProgress, shard_of, speech_seconds, write_json_atomic
+from adsearch.work import Claim, ExtractProgress, shard_of, speech_seconds
 
 
 @dataclass

@@ -19,7 +19,7 @@ from functools import cached_property
 from pathlib import Path
 
 from adsearch.corpus import Recording
-from adsearch.embed.cache import file_digest
+from adsearch.io.digest import file_digest
 
 FORMAT_VERSION = 1
 META_FILE = "transcripts.json"
