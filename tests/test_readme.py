@@ -1,6 +1,8 @@
-"""The README's workflow, run as written, from a fresh copy of the repository and another working folder.
+"""The README's workflow and every page under docs/, run as written, from a fresh copy of the repository and
+another working folder.
 
-The commands are read from the README's own code blocks under "The workflow with the real data", in order.
+The commands are read from the code blocks of README.md, then of the docs/ pages in the order the README
+links them (a command shown on two pages runs once, where it first appears).
 Only what cannot exist here is substituted, each substitution listed in SUBSTITUTE: the ADReSSo archives
 (a synthetic corpus in the same layout), the XLSR model (a tiny random wav2vec2 saved the same way), and the
 budgets (500 and 300 trials, 8 workers, 20 null runs), cut to what a test can afford. Commands that need something
@@ -28,15 +30,24 @@ SKIP = {"finetune": "fine-tuning: tests/test_finetune.py", "transcribe": "transc
         "--keep": "the shortcut control: tests/test_trust.py", "control": "the shortcut control: tests/test_trust.py"}
 
 
+def pages() -> list[Path]:
+    """README.md, then every docs/ page in the order the README first links it (each page once)."""
+    readme = ROOT / "README.md"
+    linked = re.findall(r"\]\((docs/[\w-]+\.md)[#)]", readme.read_text())
+    found = [ROOT / name for name in dict.fromkeys(linked)]
+    missing = sorted(set((ROOT / "docs").glob("*.md")) - set(found))
+    assert not missing, f"docs pages the README does not link: {missing}"
+    return [readme, *found]
+
+
 def workflow_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## The workflow with the real data"):text.index("### 6. ")]
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
-        for line in re.sub(r"\\\n\s*", "", block).splitlines():
-            line = line.split("  #")[0].strip()
-            if line.startswith("adsearch ") and not any(mark in line for mark in SKIP):
-                commands.append(line)
+    for page in pages():
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S):
+            for line in re.sub(r"\\\n\s*", "", block).splitlines():
+                line = line.split("  #")[0].strip()
+                if line.startswith("adsearch ") and not any(mark in line for mark in SKIP) and line not in commands:
+                    commands.append(line)
     return commands
 
 
@@ -52,8 +63,8 @@ def fresh_copy(target: Path) -> Path:
 
 def test_the_readme_workflow_runs_as_written_from_another_folder(synth_root, tiny_model, synth_cache_root, tmp_path):
     commands = workflow_commands()
-    assert [c.split()[1] for c in commands] == ["corpus", "extract", "cache", "search", "worker", "search", "export",
-                                                "predict", "null", "export", "evaluate", "predict"], commands
+    assert [c.split()[1] for c in commands] == ["corpus", "extract", "search", "null", "export", "predict", "cache",
+                                                "worker", "evaluate", "search", "export", "predict"], commands
     clone = fresh_copy(tmp_path / "clone")
     work = tmp_path / "work"  # not the repository: studies/default.yaml must be found from anywhere
     work.mkdir()
