@@ -21,16 +21,21 @@ import optuna
 
 from adsearch.embed.cache import EmbeddingCache, open_cache
 from adsearch.search.storage import DEFAULT_STORAGE
+from adsearch.threads import quiet_openmp
 
 __all__ = ["create_study", "export", "extract", "open_cache", "predict", "run_worker"]
 
 
-def extract(manifest: Path | str, out_root: Path | str, model: str, device: str = "auto") -> EmbeddingCache:
+def extract(manifest: Path | str, out_root: Path | str, model: str, device: str = "auto",
+            threads: int | None = None) -> EmbeddingCache:
     """Run every recording of a manifest through a speech model once (needs `adsearch[extract]`), or resume;
-    return the cache (one folder under `out_root`, as `adsearch extract` writes it)."""
+    return the cache (one folder under `out_root`, as `adsearch extract` writes it). `threads` as `--threads`."""
+    quiet_openmp()
     from adsearch.embed.extract import extract as run_extraction
+    from adsearch.threads import choose_threads
 
-    return open_cache(run_extraction(manifest, out_root, model, device=device).cache_dir)
+    return open_cache(run_extraction(manifest, out_root, model, device=device,
+                                     threads=choose_threads(threads)).cache_dir)
 
 
 def create_study(name: str, cache: EmbeddingCache | Path | str | dict[str, EmbeddingCache | Path | str],
@@ -63,9 +68,12 @@ def export(name: str, out_dir: Path | str, storage: str = DEFAULT_STORAGE, trial
     return export_trial(name, storage, out_dir, trial, top_k, log=lambda message: None)
 
 
-def predict(export_dir: Path | str, recordings: list[Path | str], device: str = "auto") -> list:
+def predict(export_dir: Path | str, recordings: list[Path | str], device: str = "auto",
+            threads: int | None = None) -> list:
     """P(AD) and the label of new recordings with an exported model (`adsearch predict`, whole recordings)."""
+    quiet_openmp()
     from adsearch.results.predict import Predictor
+    from adsearch.threads import choose_threads
 
-    predictor = Predictor(export_dir, device)
+    predictor = Predictor(export_dir, device, threads=choose_threads(threads).threads)
     return [predictor.predict(path) for path in recordings]

@@ -20,6 +20,16 @@ device (the ceiling), and forward plus the per-layer statistics:
 
     python benchmarks/extract.py --corpus-like adresso --size large --device cuda --dtype bfloat16
     python benchmarks/extract.py --corpus-like adresso --size tiny --corpus-scale 0.25   # CPU: a quarter
+
+A shared CPU node (issue 27): `adsearch extract` end to end, quiet and with K busy processes on the machine,
+with its default threads, with OMP_NUM_THREADS=1, and (--before TREE, a checkout of the older code put first
+on PYTHONPATH) the older code's default, alternated in one run; and single-threaded and quiet, `adsearch
+extract --threads 1` against a bare Hugging Face loop on the same windows (`benchmarks/bare_loop.py`), whole
+processes both:
+
+    git archive HEAD~ adsearch | (mkdir -p /tmp/before && tar -x -C /tmp/before)   # the code to compare with
+    python benchmarks/extract.py --background-load 2 --before /tmp/before --sizes tiny,base
+    python benchmarks/extract.py --bare-loop --sizes tiny,base
 """
 
 from __future__ import annotations
@@ -187,6 +197,104 @@ def corpus_like(args: argparse.Namespace) -> dict:
     return result
 
 
+CORPUS_SCALE = {"tiny": 0.25, "base": 0.02, "large": 0.01}  # about 15 s of extraction each on 2 quiet cores
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed_extract(manifest: Path, model: Path, out: Path, tree: Path, env: dict, extra: list[str],
+                  clean: bool = False) -> float:
+    """Wall seconds of one `adsearch extract` process (imports and model loading included), with the adsearch
+    package of `tree` first on PYTHONPATH; `clean`: `env` is the whole environment, not additions to this one's."""
+    import os
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "adsearch.cli", "extract", str(manifest), "--model", str(model), "-o", str(out),
+               "--device", "cpu", *extra]
+    started = time.perf_counter()
+    base = {} if clean else dict(os.environ)
+    done = subprocess.run(command, env={**base, **env, "PYTHONPATH": str(tree)}, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(done.stderr[-2000:])
+    return time.perf_counter() - started
+
+
+def busy_processes(k: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(k)]
+
+
+def under_load(args: argparse.Namespace) -> dict:
+    """Per size: wall time of `adsearch extract` quiet and with --background-load busy processes, per variant,
+    variants alternated within each repeat (the machine's other load drifts; ratios in one run hold)."""
+    import os
+    import statistics
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    variants = {"default": (ROOT, {}), "OMP_NUM_THREADS=1": (ROOT, {"OMP_NUM_THREADS": "1"})}
+    if args.before:
+        variants["before (its default)"] = (args.before.resolve(), {})
+    result = {"cpus": os.cpu_count(), "background_load": args.background_load, "repeats": args.repeats, "sizes": {}}
+    for size in args.sizes.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            model = make_model(size, work / "model")
+            manifest, audio_seconds = make_adresso_like(work, CORPUS_SCALE[size])
+            walls: dict = {load: {name: [] for name in variants} for load in (0, args.background_load)}
+            for repeat in range(args.repeats):
+                for load in walls:
+                    spinners = busy_processes(load)
+                    try:
+                        order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
+                        for name in order:
+                            tree, env = variants[name]
+                            walls[load][name].append(timed_extract(manifest, model, work / "cache", tree,
+                                                                   {**clean, **env}, [], clean=True))
+                            print(f"{size} load {load} {name:<22} {walls[load][name][-1]:6.1f} s", flush=True)
+                    finally:
+                        for spinner in spinners:
+                            spinner.kill()
+            rows = {f"load {load}": {name: {"median_s": round(statistics.median(w), 1),
+                                            "runs_s": [round(x, 1) for x in w],
+                                            "audio_s_per_s": round(audio_seconds / statistics.median(w), 1)}
+                                     for name, w in by_variant.items()} for load, by_variant in walls.items()}
+            result["sizes"][size] = {"audio_seconds": round(audio_seconds, 1), **rows}
+            for load, by_variant in rows.items():
+                line = ", ".join(f"{name} {row['median_s']} s" for name, row in by_variant.items())
+                print(f"{size}, {load} busy process(es): {line}", flush=True)
+    return result
+
+
+def against_bare_loop(args: argparse.Namespace) -> dict:
+    """Single-threaded and quiet: `adsearch extract --threads 1` and the bare loop, whole processes, alternated."""
+    import os
+    import statistics
+
+    result = {"repeats": args.repeats, "sizes": {}}
+    for size in args.sizes.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            model = make_model(size, work / "model")
+            manifest, audio_seconds = make_adresso_like(work, CORPUS_SCALE[size])
+            ours, bare = [], []
+            for repeat in range(args.repeats):
+                for name in (("ours", "bare") if repeat % 2 == 0 else ("bare", "ours")):
+                    if name == "ours":
+                        ours.append(timed_extract(manifest, model, work / "cache", ROOT, {}, ["--threads", "1"]))
+                    else:
+                        started = time.perf_counter()
+                        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bare_loop.py"), str(manifest),
+                                        str(model), "--threads", "1"], check=True, capture_output=True,
+                                       env={**os.environ, "PYTHONPATH": ""})
+                        bare.append(time.perf_counter() - started)
+            ratio = statistics.median(ours) / statistics.median(bare)
+            result["sizes"][size] = {"audio_seconds": round(audio_seconds, 1),
+                                     "adsearch_s": [round(x, 2) for x in ours], "bare_s": [round(x, 2) for x in bare],
+                                     "ratio_of_medians": round(ratio, 3)}
+            print(f"{size}: adsearch extract --threads 1 {statistics.median(ours):.1f} s, bare loop "
+                  f"{statistics.median(bare):.1f} s: {ratio:.2f}x of the bare loop's wall time", flush=True)
+    return result
+
+
 def rss_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -307,6 +415,13 @@ def main() -> None:
     parser.add_argument("--ceiling-seconds", type=float, default=60.0,
                         help="--corpus-like: wall time of the forward ceiling's two measurements; 0 skips them (the "
                              "ceiling is the model's own code: measure it once in a before/after comparison)")
+    parser.add_argument("--background-load", type=int, help="busy processes beside `adsearch extract` (and none): "
+                                                            "default vs OMP_NUM_THREADS=1 vs --before")
+    parser.add_argument("--before", type=Path, help="--background-load: a checkout of older adsearch code to compare")
+    parser.add_argument("--bare-loop", action="store_true", help="single-threaded and quiet: adsearch extract vs a "
+                                                                 "bare Hugging Face loop on the same windows")
+    parser.add_argument("--sizes", default="tiny,base", help="--background-load / --bare-loop: model shapes")
+    parser.add_argument("--repeats", type=int, default=3, help="--background-load / --bare-loop: runs per variant")
     # child-process arguments
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -317,6 +432,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         child(args)
+        return
+    if args.background_load is not None or args.bare_loop:
+        result = under_load(args) if args.background_load is not None else against_bare_loop(args)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
         return
     if args.corpus_like:
         result = corpus_like(args)

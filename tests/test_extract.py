@@ -536,3 +536,71 @@ def test_the_gpu_path_run_on_the_cpu_gives_the_default_cache(synth_manifest, tin
         for pooling in ("mean+std", "min+max"):
             np.testing.assert_allclose(packed.recording_features(layer, pooling),
                                        default.recording_features(layer, pooling), rtol=1e-4, atol=1e-4)
+
+
+def test_the_cgroup_quota_and_the_affinity_mask_cap_the_threads(tmp_path, monkeypatch):
+    from adsearch import threads
+
+    # cgroup v2: a quota of 1.5 CPUs on the process's own group, none above it
+    (tmp_path / "v2" / "job").mkdir(parents=True)
+    (tmp_path / "v2" / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "v2" / "job" / "cpu.max").write_text("150000 100000\n")
+    (tmp_path / "self-v2").write_text("0::/job\n")
+    assert threads.cgroup_cpu_limit(tmp_path / "self-v2", tmp_path / "v2") == 1.5
+    # cgroup v1: the cpu controller's quota, -1 (none) on the root
+    (tmp_path / "v1" / "cpu,cpuacct" / "slurm").mkdir(parents=True)
+    for folder, quota in (("", -1), ("slurm", 300000)):
+        (tmp_path / "v1" / "cpu,cpuacct" / folder / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+        (tmp_path / "v1" / "cpu,cpuacct" / folder / "cpu.cfs_period_us").write_text("100000\n")
+    (tmp_path / "self-v1").write_text("4:memory:/x\n3:cpu,cpuacct:/slurm\n")
+    assert threads.cgroup_cpu_limit(tmp_path / "self-v1", tmp_path / "v1") == 3.0
+    (tmp_path / "self-none").write_text("0::/\n")
+    assert threads.cgroup_cpu_limit(tmp_path / "self-none", tmp_path / "v2") is None
+
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: 1.5)
+    assert threads.usable_cpus()[0] == min(2, len(os.sched_getaffinity(0)))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads.choose_threads(3).threads == 3 == torch.get_num_threads()
+    with pytest.raises(ValueError, match="--threads 0"):
+        threads.choose_threads(0)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads.choose_threads().how == "OMP_NUM_THREADS=1"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    threads.choose_threads()  # back to the default for the tests after this one
+
+
+def test_openmp_waits_briefly_unless_the_user_chose_how(monkeypatch):
+    from adsearch.threads import SPIN_COUNT, quiet_openmp
+
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+    quiet_openmp()
+    assert os.environ["GOMP_SPINCOUNT"] == SPIN_COUNT
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    quiet_openmp()
+    assert "GOMP_SPINCOUNT" not in os.environ
+
+
+@pytest.mark.slow
+def test_the_default_threads_keep_the_cache_and_are_printed_and_recorded(synth_manifest, tiny_model,
+                                                                          synth_cache_root, tmp_path):
+    """On a process that may use every core, the default is torch's own thread count: the cache is the same
+    bit for bit as before threads were chosen; one CPU in the affinity mask gives one thread."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    probe = "import torch; print(torch.get_num_threads())"
+    torch_default = int(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                       check=True).stdout)
+    done = subprocess.run([sys.executable, "-m", "adsearch.cli", "extract", str(synth_manifest), "--model",
+                           str(tiny_model), "-o", str(tmp_path / "given"), "--threads", str(torch_default)],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and f"threads: {torch_default} (--threads" in done.stderr, done.stderr
+    default = open_cache(synth_cache_root)
+    _same_cache(default.path, open_cache(tmp_path / "given").path)
+    assert default.meta["runtime"] == {"intra_op_threads": [torch_default]}
+
+    one_cpu = subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "adsearch.cli", "extract",
+                              str(synth_manifest), "--model", str(tiny_model), "-o", str(tmp_path / "one")],
+                             env=env, capture_output=True, text=True)
+    assert one_cpu.returncode == 0 and "threads: 1 (1 CPU(s) in the affinity mask" in one_cpu.stderr, one_cpu.stderr
+    assert open_cache(tmp_path / "one").meta["runtime"] == {"intra_op_threads": [1]}

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from adsearch.cli.console import out
+from adsearch.threads import quiet_openmp
 
 app = typer.Typer(
     help="AutoML hyperparameter search over layer-wise wav2vec2 embeddings for speech-based dementia "
@@ -38,6 +39,9 @@ PLUGINS_HELP = ("A Python module (importable here and on every worker machine) t
 ARTIFACTS_HELP = ("Artifact store for the study's figures (screen heat map, report), which the dashboard "
                    "shows. Recorded on the study at its first figure, so later commands find it; default: the "
                    "recorded one, else ./adsearch-artifacts.")
+THREADS_HELP = ("CPU threads of the model (intra-op). Default: torch's own, one per core, capped by the CPUs this "
+                "process may use (affinity, cgroup quota); OMP_NUM_THREADS is respected. Printed, and recorded "
+                "with a cache.")
 STORAGE_HELP = ("SQLAlchemy URL of the study database: the default is an embedded SQLite file in the working "
                  "directory; use postgresql+psycopg://user@host/db for workers on several machines. A password may "
                  "sit in the URL, in PGPASSWORD or ~/.pgpass (PostgreSQL's own), or in the file named by "
@@ -55,7 +59,9 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _main(version: Annotated[bool, typer.Option("--version", help="Print adsearch's version and exit.",
                                                 callback=_print_version, is_eager=True)] = False) -> None:
-    """Output never breaks on a file name that is not UTF-8 (shown with \\x escapes instead)."""
+    """Output never breaks on a file name that is not UTF-8 (shown with \\x escapes instead). OpenMP threads
+    of any torch a command loads wait briefly, then sleep (`threads.quiet_openmp`), set before torch loads."""
+    quiet_openmp()
 
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):

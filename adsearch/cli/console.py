@@ -61,6 +61,17 @@ def user_errors(interrupted: str = "run the same command again to resume; finish
         raise typer.Exit(130) from None
 
 
+def print_threads(requested: int | None):
+    """Choose the model's CPU threads (`threads.choose_threads`: --threads, else OMP_NUM_THREADS, else torch's
+    default capped by the usable CPUs) and say so: a run on a shared node shows what it took."""
+    from adsearch.threads import choose_threads
+
+    with user_errors():
+        plan = choose_threads(requested)
+    err.print(f"threads: {plan.threads} ({plan.how})", highlight=False)
+    return plan
+
+
 def print_warnings(warnings: list[str], limit: int = 20) -> None:
     for warning in warnings[:limit]:
         err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from adsearch.cli.app import app, corpus_app, model_app
-from adsearch.cli.console import bar, complete, out, print_warnings, user_errors
+from adsearch.cli.app import THREADS_HELP, app, corpus_app, model_app
+from adsearch.cli.console import bar, complete, out, print_threads, print_warnings, user_errors
 
 
 def _summarise_corpus(recordings, manifest: Path) -> None:
@@ -62,6 +62,7 @@ def corpus_csv(
     vad: Annotated[bool, typer.Option("--vad/--no-vad", help="Give recordings without segments the speech that "
                                                              "voice activity detection (silero-vad) finds; "
                                                              "interviewer speech is kept too.")] = False,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP, min=1, max=1024)] = None,
 ) -> None:
     """Validate a manifest of another corpus and write it in canonical form.
 
@@ -77,6 +78,7 @@ def corpus_csv(
         if vad:
             from adsearch.vad import VAD_CAVEAT, segment_unsegmented
 
+            print_threads(threads)
             todo = sum(1 for rec in recordings if not rec.segments and rec.segmentation != "whole")
             with bar() as progress:
                 task = progress.add_task("voice activity detection", total=todo)

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.progress import TextColumn
 
-from adsearch.cli.app import STORAGE_HELP, app, cache_app
+from adsearch.cli.app import STORAGE_HELP, THREADS_HELP, app, cache_app
 from adsearch.cli.console import (
     AudioSpeedColumn,
     CountProgress,
@@ -19,6 +19,7 @@ from adsearch.cli.console import (
     complete,
     err,
     out,
+    print_threads,
     print_warnings,
     user_errors,
 )
@@ -58,6 +59,7 @@ def extract(
                                                    "same -o (shared file system), e.g. --shard "
                                                    "$SLURM_ARRAY_TASK_ID/8 or $JOB_COMPLETION_INDEX/8. The last "
                                                    "shard to finish consolidates the cache.")] = None,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP, min=1, max=1024)] = None,
 ) -> None:
     """Run every recording through the speech model once and cache every layer's pooled statistics.
 
@@ -72,17 +74,20 @@ def extract(
     if features in ("linguistic", "ngrams", "text") or transcripts is not None or text_model is not None:
         from adsearch.embed.from_transcripts import extract_from_transcripts
 
+        if features == "text":
+            print_threads(threads)
         with user_errors(), bar() as progress:
             result = extract_from_transcripts(manifest, output, features, transcripts, text_model, device,
                                               CountProgress(progress, "features"))
             complete(progress)
         _print_extract_result(result, shard)
         return
+    plan = print_threads(threads) if features == "model" else None
     with user_errors(), bar(AudioSpeedColumn()) as progress:
         result = run_extract(manifest, output, model, ExtractSettings(window_s, min_window_s, dtype),
                              batch_size=batch_size, device=device, revision=revision,
                              progress=RichExtractProgress(progress), shard=parse_shard(shard) if shard else None,
-                             features=features)
+                             features=features, threads=plan)
         if not result.remaining:
             complete(progress)
     _print_extract_result(result, shard)
@@ -124,6 +129,7 @@ def transcribe(
                                                         "folder instead of running a recogniser.")] = None,
     from_csv: Annotated[Path | None, typer.Option(help="Import a CSV id,text[,words] instead of running a "
                                                        "recogniser (words: JSON [[word, start, end], ...]).")] = None,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP, min=1, max=1024)] = None,
 ) -> None:
     """Transcribe the participant's speech of every recording once (or import transcripts you have).
 
@@ -142,9 +148,10 @@ def transcribe(
             folder, n_items, failures = found.path, len(found.meta["items"]), found.meta["failures"]
             seconds = compute = 0.0
         else:
+            plan = print_threads(threads)
             with bar(AudioSpeedColumn()) as progress:
                 result = run_transcribe(manifest, output, asr, model, device, parse_shard(shard) if shard else None,
-                                        progress=RichExtractProgress(progress, "transcribing"))
+                                        progress=RichExtractProgress(progress, "transcribing"), threads=plan.threads)
                 if not result.remaining:
                     complete(progress)
             if result.remaining:
@@ -199,6 +206,7 @@ def finetune(
     patience: Annotated[int, typer.Option(help="Epochs without a better validation score before stopping.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of folds, validation split, initialisation and batches.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda or cuda:N.")] = "auto",
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP, min=1, max=1024)] = None,
 ) -> None:
     """Fine-tune the speech model on the AD labels, cross-fitted, and extract a cache from it.
 
@@ -214,6 +222,7 @@ def finetune(
     from adsearch.finetune.crossfit import finetune as run_finetune
     from adsearch.finetune.settings import FinetuneError, FinetuneSettings
 
+    plan = print_threads(threads)
     with user_errors():
         try:
             settings = FinetuneSettings(epochs=epochs, batch_size=batch_size, accumulate=accumulate,
@@ -249,7 +258,7 @@ def finetune(
                       f"{done['path']}", highlight=False)
         with bar(AudioSpeedColumn()) as progress:
             cache_dir = extract_crossfit(manifest, output, cache_root or output / "cache", ExtractSettings(),
-                                         device=device, progress_for=lambda name: RichExtractProgress(
+                                         device=device, threads=plan, progress_for=lambda name: RichExtractProgress(
                                              progress, f"{name} model extracting"))
     out.print(f"cache: {cache_dir}" + ("" if crossfit else "  (CV optimistic: --no-crossfit)"), highlight=False)
 

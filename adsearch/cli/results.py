@@ -9,8 +9,8 @@ import numpy as np
 import typer
 from rich.markup import escape
 
-from adsearch.cli.app import ARTIFACTS_HELP, STORAGE_HELP, app
-from adsearch.cli.console import err, out, user_errors
+from adsearch.cli.app import ARTIFACTS_HELP, STORAGE_HELP, THREADS_HELP, app
+from adsearch.cli.console import err, out, print_threads, user_errors
 
 # ----------------------------------------------------------------------------------------------------------
 # finishing a study
@@ -139,6 +139,7 @@ def predict(
                                                              "the whole recording.")] = True,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write predictions CSV here.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP, min=1, max=1024)] = None,
 ) -> None:
     """Probability of AD (or, from an MMSE model, the MMSE score) for new recordings, through the exported
     speech model layer, pooling and pipeline.
@@ -154,8 +155,9 @@ def predict(
         if output:
             check_output(output)
         spans = read_segments(segments) if segments else {}
-        predictor = (EnsemblePredictor(export_dir, device, vad) if is_ensemble(export_dir)
-                     else Predictor(export_dir, device, vad))
+        plan = print_threads(threads)
+        predictor = (EnsemblePredictor(export_dir, device, vad, plan.threads) if is_ensemble(export_dir)
+                     else Predictor(export_dir, device, vad, threads=plan.threads))
     unsegmented = [path for path in audio
                    if not spans.get(str(path), spans.get(str(path.resolve()), spans.get(path.name)))]
     if unsegmented:

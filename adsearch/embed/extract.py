@@ -35,6 +35,7 @@ from adsearch.embed.model import ModelSource, resolve_model
 from adsearch.embed.windows import MIN_WINDOW_SAMPLES, Window, make_batches, pack_batches, plan_windows
 from adsearch.io.audio import SAMPLE_RATE, AudioError, load_audio
 from adsearch.io.outputs import save_atomic_npz, write_json_atomic
+from adsearch.threads import ThreadPlan, choose_threads
 from adsearch.work import Claim, ExtractProgress, shard_of, speech_seconds
 
 WHISPER_LAYERS = {"0": "input to the first encoder layer (log-mel convolutions + positions)",
@@ -216,6 +217,7 @@ def extract(
     poll_seconds: float = 1.0,
     features: str = "model",
     loaders: int | None = None,
+    threads: ThreadPlan | None = None,
 ) -> ExtractResult:
     """Extract (or resume extracting) the cache for `manifest` under `out_root`; return where it is.
 
@@ -227,7 +229,9 @@ def extract(
     Pass `encoder` to reuse a model already loaded from the same `model` (the benchmarks do). `loaders`:
     threads decoding audio ahead of the model (default: `default_loaders()`); the cache does not depend on it.
     `features="egemaps"` or `"egemaps-functionals"` computes openSMILE eGeMAPS features instead of a speech
-    model's layers, in the same format (`adsearch/embed/egemaps.py`; `model` is then ignored).
+    model's layers, in the same format (`adsearch/embed/egemaps.py`; `model` is then ignored). `threads`: the
+    model's intra-op threads as the command chose them (default: `choose_threads()`); each part records its
+    count and cache.json's "runtime" the counts (they may change the last bits, never the content hash).
     """
     settings = settings or ExtractSettings()
     if batch_size is not None and batch_size < 1:
@@ -243,6 +247,7 @@ def extract(
         import torch
 
         source = resolve_model(model, revision)
+        threads = threads or choose_threads()
     dev = "cpu" if torch is None else resolve_device(device)  # openSMILE runs on the CPU
     batch_size = batch_size or default_batch_size(dev)
     settings = ExtractSettings(settings.window_s, settings.min_window_s, resolve_dtype(settings.dtype, dev))
@@ -255,7 +260,7 @@ def extract(
     parts.mkdir(parents=True, exist_ok=True)
     write_json_atomic(cache_dir / "settings.json", {
         "model": source.name, "revision": source.revision, "manifest": str(Path(manifest).resolve()),
-        "manifest_hash": manifest_hash, **asdict(settings),
+        "manifest_hash": manifest_hash, **asdict(settings), "threads": threads.to_json() if threads else None,
     })
     mine = shard_of(recordings, shard)
     redone = _drop_damaged_parts(parts, mine)
@@ -270,7 +275,7 @@ def extract(
         if encoder is None:
             encoder = WindowEncoder(source, dev, settings.dtype)
         done = _extract_claimed(pending, parts, encoder, settings, batch_size, progress,
-                                loaders or default_loaders())
+                                loaders or default_loaders(), threads.threads if threads else 0)
         n_computed, n_failed, audio_seconds = n_computed + done[0], n_failed + done[1], audio_seconds + done[2]
         if done[0] + done[1] == 0:
             time.sleep(poll_seconds)
@@ -298,8 +303,10 @@ def extract(
 
 
 def _extract_claimed(pending: list[Recording], parts: Path, encoder: WindowEncoder, settings: ExtractSettings,
-                     batch_size: int, progress: ExtractProgress | None, loaders: int = 1) -> tuple[int, int, float]:
-    """Extract the recordings of `pending` that this process can claim; (computed, failed, audio seconds)."""
+                     batch_size: int, progress: ExtractProgress | None, loaders: int = 1, threads: int = 0
+                     ) -> tuple[int, int, float]:
+    """Extract the recordings of `pending` that this process can claim; (computed, failed, audio seconds).
+    `threads`: the intra-op threads computing them (0: none of torch's), recorded in each part."""
     claims: dict[str, Claim] = {}
 
     def claim(rec: Recording) -> bool:
@@ -365,6 +372,7 @@ def _extract_claimed(pending: list[Recording], parts: Path, encoder: WindowEncod
                 end=np.array([r[1] for r in done], np.int64),
                 n_frames=np.array([r[2] for r in done], np.int64),
                 device=np.array(encoder.device),
+                threads=np.array(threads),
                 **{s: np.stack([r[3][s] for r in done], axis=1).astype(np.float32) for s in STATS},
             )
             computed += 1
@@ -399,7 +407,9 @@ def write_cache(cache_dir: Path, recordings: list[Recording], source: ModelSourc
                 manifest: Path | str, manifest_hash: str, torch, extra: dict | None = None,
                 layer_meaning: dict | None = None) -> None:
     """Consolidate every part into the cache; cache.json goes last, so its presence means complete.
-    `extra` adds metadata and `layer_meaning` says what the layers are (a transcript source's)."""
+    `extra` adds metadata and `layer_meaning` says what the layers are (a transcript source's). "runtime" (how
+    many intra-op threads computed the parts) is not part of the content hash: like "created", it says how the
+    cache was made, not what it holds."""
     parts = cache_dir / "parts"
     done = [r for r in recordings if part_path(parts, r.id).is_file()]
     failures = sorted((json.loads(failure_path(parts, r.id).read_text()) for r in recordings
@@ -411,6 +421,8 @@ def write_cache(cache_dir: Path, recordings: list[Recording], source: ModelSourc
     with np.load(part_path(parts, done[0].id)) as part:
         n_layers, dim = part["mean"].shape[0], part["mean"].shape[2]
     meta = _consolidate(cache_dir, done, n_layers, dim)
+    if not meta["runtime"]["intra_op_threads"]:
+        del meta["runtime"]  # no torch model computed the parts (eGeMAPS, transcript features)
     meta.update({
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -452,7 +464,7 @@ def _consolidate(cache_dir: Path, done: list[Recording], n_layers: int, dim: int
             target.parent.mkdir(parents=True, exist_ok=True)
             arrays[stat, layer] = np.lib.format.open_memmap(target, "w+", np.float32, (n_windows, dim))
     windows: dict[str, list] = {"item": [], "start_sample": [], "end_sample": [], "n_frames": []}
-    items, devices = [], set()
+    items, devices, threads = [], set(), set()
     offset = 0
     for index, (rec, count) in enumerate(zip(done, window_counts, strict=True)):
         with np.load(part_path(parts, rec.id)) as part:
@@ -465,6 +477,7 @@ def _consolidate(cache_dir: Path, done: list[Recording], n_layers: int, dim: int
             windows["end_sample"] += part["end"].tolist()
             windows["n_frames"] += part["n_frames"].tolist()
             devices.add(str(part["device"]) if "device" in part.files else "unknown")
+            threads.add(int(part["threads"]) if "threads" in part.files else 0)
         items.append({"id": rec.id, "label": rec.label, "group": rec.group, "split": rec.split,
                       "mmse": rec.mmse, "path": str(rec.path), "n_windows": count})
         offset += count
@@ -472,7 +485,7 @@ def _consolidate(cache_dir: Path, done: list[Recording], n_layers: int, dim: int
         array.flush()
     del arrays
     return {"items": items, "windows": windows, "n_windows": n_windows, "files": file_hashes(cache_dir, n_layers),
-            "devices": sorted(devices)}
+            "devices": sorted(devices), "runtime": {"intra_op_threads": sorted(threads - {0})}}
 
 
 def _layer_meaning(source: ModelSource, features: str) -> dict | None:

@@ -29,6 +29,7 @@ from adsearch.embed.encoder import resolve_device
 from adsearch.embed.extract import extract
 from adsearch.finetune.settings import FinetuneError, FinetuneProgress, FinetuneSettings
 from adsearch.finetune.train import train_one
+from adsearch.threads import ThreadPlan
 
 
 def finetune(manifest: Path | str, model: str, out_dir: Path | str, settings: FinetuneSettings | None = None,
@@ -93,7 +94,8 @@ def finetune(manifest: Path | str, model: str, out_dir: Path | str, settings: Fi
 
 
 def extract_crossfit(manifest: Path | str, finetuned: Path | str, out_root: Path | str, extract_settings=None,
-                     device: str = "auto", batch_size: int | None = None, progress_for=None) -> Path:
+                     device: str = "auto", batch_size: int | None = None, progress_for=None,
+                     threads: ThreadPlan | None = None) -> Path:
     """Extract each fold's train recordings with the model that never saw them and the test recordings with
     the full model; merge into one cache that records the folds and each item's producer.
     `progress_for(model name)` gives each model's extraction its own progress (a labelled bar)."""
@@ -119,7 +121,7 @@ def extract_crossfit(manifest: Path | str, finetuned: Path | str, out_root: Path
         subset = [r for r in recordings if producer[r.id] == name]
         sub_manifest = write_manifest(subset, parts_root / f"{name}.csv")
         result = extract(sub_manifest, parts_root, record["models"][name]["path"], extract_settings,
-                         batch_size=batch_size, device=device,
+                         batch_size=batch_size, device=device, threads=threads,
                          progress=progress_for(name) if progress_for else None)
         caches[name] = open_cache(result.cache_dir)
     for name, model in record["models"].items() if record["crossfit"] else ():

@@ -297,13 +297,14 @@ class EnsemblePredictor:
     what they have in common: a speech model is loaded once and run once per window for all its members'
     layers, a file is decoded, segmented and transcribed once."""
 
-    def __init__(self, path: Path | str, device: str = "auto", vad: bool = True):
+    def __init__(self, path: Path | str, device: str = "auto", vad: bool = True, threads: int | None = None):
         from adsearch.results.predict import Predictor
         from adsearch.results.shared import SharedModels
 
         self.config, folder = load_ensemble(path)
         self.shared = SharedModels()
-        self.members = [Predictor(folder / member.folder, device, vad, self.shared) for member in self.config.members]
+        self.members = [Predictor(folder / member.folder, device, vad, self.shared, threads)
+                        for member in self.config.members]
         self.shared.trim()
 
     def predict(self, path: Path | str, segments=None):

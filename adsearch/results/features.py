@@ -18,15 +18,17 @@ from adsearch.results.shared import SharedModels
 class FileFeatures:
     """The features an exported model was fitted on, for new audio."""
 
-    def __init__(self, config: ExportedConfig, where: Path, device: str, shared: SharedModels):
-        """`where`: the config file, named in errors; `shared`: models shared with other predictors."""
+    def __init__(self, config: ExportedConfig, where: Path, device: str, shared: SharedModels,
+                 threads: int | None = None):
+        """`where`: the config file, named in errors; `shared`: models shared with other predictors; `threads`:
+        a recogniser's CPU threads (torch's models take what the command set)."""
         from adsearch.embed.egemaps import EgemapsEncoder, egemaps_source, is_egemaps
         from adsearch.embed.model import resolve_model
 
         self.config, self.where, self.shared = config, where, shared
         self.recogniser = None
         if self.config.transcripts is not None:  # a linguistic or text source: words first
-            self._load_transcript_source(device)
+            self._load_transcript_source(device, threads)
             return
         layer = config.features.layer
         if is_egemaps(self.config.model.name):  # an eGeMAPS source: openSMILE, not a speech model
@@ -58,7 +60,7 @@ class FileFeatures:
             return name
         return path
 
-    def _load_transcript_source(self, device: str) -> None:
+    def _load_transcript_source(self, device: str, threads: int | None) -> None:
         """The recogniser the training transcripts came from (the same revision), and the text encoder of a
         text source: a WAV file goes through exactly the steps its training recordings went through."""
         from adsearch.embed.linguistic import FEATURES_VERSION
@@ -75,7 +77,7 @@ class FileFeatures:
             raise ExportError(f"recogniser {ref.name!r} is revision {asr.revision}, but the classifier was trained on "
                               f"transcripts of revision {ref.revision}; install that exact model")
         self.recogniser = self.shared.model(("asr", ref.backend, asr.name, asr.revision, device),
-                                            lambda: load_recogniser(asr, device))
+                                            lambda: load_recogniser(asr, device, threads))
         self.encoder = None
         computes = {"adsearch/linguistic": f"features-v{FEATURES_VERSION}+",
                     "adsearch/ngrams": f"ngrams-v{NGRAMS_VERSION}+"}

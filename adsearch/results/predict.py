@@ -71,7 +71,7 @@ class Predictor:
     """An exported classifier plus the feature models it needs, ready for recordings."""
 
     def __init__(self, export_dir: Path | str, device: str = "auto", vad: bool = True,
-                 shared: SharedModels | None = None):
+                 shared: SharedModels | None = None, threads: int | None = None):
         """`shared`: models and per-file steps shared with other predictors (an ensemble's members); whoever
         passes it calls its `trim()` once every predictor is built, and `forget()` between files."""
         export_dir = Path(export_dir)
@@ -87,7 +87,7 @@ class Predictor:
             from adsearch.vad import check_vad
 
             check_vad()  # loaded when a file needs it; missing, it is said before any file is read
-        self.features = FileFeatures(self.config, export_dir / CONFIG_FILE, device, self.shared)
+        self.features = FileFeatures(self.config, export_dir / CONFIG_FILE, device, self.shared, threads)
         if self.owns_shared:
             self.shared.trim()
 

@@ -205,8 +205,11 @@ class CtcRecogniser:
         return words
 
 
-def load_recogniser(source: AsrSource, device: str = "auto") -> WhisperRecogniser | CtcRecogniser:
-    """The recogniser on `device` (auto: CUDA when its runtime sees a GPU)."""
+def load_recogniser(source: AsrSource, device: str = "auto", threads: int | None = None
+                    ) -> WhisperRecogniser | CtcRecogniser:
+    """The recogniser on `device` (auto: CUDA when its runtime sees a GPU). `threads`: CTranslate2's CPU threads
+    (default: the CPUs this process may use; CTranslate2's own default is 4, whatever the machine); a CTC
+    model runs on torch's threads, which the command chose."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", device):
         raise AsrError(f"--device {device[:40]!r}: choose auto, cpu, cuda or cuda:N")
     if source.backend == "whisper":
@@ -214,7 +217,9 @@ def load_recogniser(source: AsrSource, device: str = "auto") -> WhisperRecognise
             import ctranslate2
 
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
-        return WhisperRecogniser(source, device)
+        from adsearch.threads import usable_cpus
+
+        return WhisperRecogniser(source, device, threads=threads or usable_cpus()[0])
     from adsearch.embed.encoder import resolve_device
 
     return CtcRecogniser(source, resolve_device(device))

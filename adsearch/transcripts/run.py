@@ -59,9 +59,10 @@ def folder_for(out_root: Path, source: dict, manifest_hash: str) -> Path:
 def transcribe(manifest: Path | str, out_root: Path | str, backend: str = "whisper", model: str | None = None,
                device: str = "auto", shard: tuple[int, int] | None = None,
                progress: ExtractProgress | None = None, poll_seconds: float = 1.0,
-               recogniser=None) -> TranscribeResult:
+               recogniser=None, threads: int | None = None) -> TranscribeResult:
     """Transcribe (or resume) `manifest` into a folder under `out_root`; return where it is.
-    `progress` is told recordings and seconds of speech, as `extract`'s."""
+    `progress` is told recordings and seconds of speech, as `extract`'s; `threads`: the recogniser's CPU
+    threads (`load_recogniser`)."""
     recordings = read_manifest(manifest)
     asr = resolve_asr(backend, model)
     source = source_of(asr)
@@ -85,7 +86,7 @@ def transcribe(manifest: Path | str, out_root: Path | str, backend: str = "whisp
             try:
                 if _done(folder, rec.id):
                     continue
-                recogniser = recogniser or load_recogniser(asr, device)
+                recogniser = recogniser or load_recogniser(asr, device, threads)
                 seconds = _transcribe_one(recogniser, rec, folder)
                 audio_seconds += seconds
                 done_here += 1
