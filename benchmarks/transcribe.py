@@ -3,6 +3,12 @@
     python benchmarks/transcribe.py corpus                      # CPU int8: speed, WER, effect sizes
     python benchmarks/transcribe.py corpus --device cuda        # float16 on a CUDA machine
     python benchmarks/transcribe.py voices                      # WER per synthetic voice (one description each)
+    python benchmarks/transcribe.py batched --before /tmp/before  # batched vs one at a time (the older code)
+
+`batched` transcribes the same two planted corpora with this tree's batched decoding (`--batch-sizes`), with
+the older code of --before (a checkout put first on PYTHONPATH: its one-recording-at-a-time decoding and its
+default threads) and with faster-whisper's own `BatchedInferencePipeline` run directly on the same chunks, one
+recording per call; each in a fresh process, alternated, model loading excluded: speed and WER.
 
 `corpus` synthesises two corpora with the same seed: one where only the linguistic markers differ between
 the groups (fillers, repetitions, empty phrases) and one where only the acoustic ones do (rate, hesitation
@@ -98,6 +104,99 @@ def voices(args: argparse.Namespace) -> None:
         print(f"{voice:<16} WER at pitch 30: {rates[0]:.2f}, at pitch 70: {rates[1]:.2f}")
 
 
+def _child(args: argparse.Namespace) -> None:
+    """One timed transcription of a manifest in this process; prints one JSON line."""
+    import inspect
+
+    import jiwer
+
+    from adsearch.corpus import read_manifest
+    from adsearch.transcripts.asr import load_recogniser, resolve_asr
+    from adsearch.transcripts.store import tokens
+
+    recordings = read_manifest(args.manifest)
+    spoken = {row["id"]: row["spoken"] for row in csv.DictReader(Path(args.markers).open())}
+    recogniser = load_recogniser(resolve_asr("whisper", None), args.device)
+    hyps = {}
+    if args.variant == "direct":
+        words, speech, seconds = _direct(recogniser, recordings, args.batch_size)
+        hyps = {rec_id: " ".join(found) for rec_id, found in words.items()}
+    else:
+        from adsearch.transcripts.run import transcribe
+        from adsearch.transcripts.store import open_transcripts
+
+        extra = {"batch_size": args.batch_size} if "batch_size" in inspect.signature(transcribe).parameters else {}
+        started = time.perf_counter()
+        result = transcribe(args.manifest, Path(args.out), device=args.device, recogniser=recogniser, **extra)
+        seconds, speech = time.perf_counter() - started, result.audio_seconds
+        found = open_transcripts(result.folder)
+        hyps = {r.id: found.get(r.id).text for r in recordings}
+    refs = [" ".join(tokens(spoken[r.id])) for r in recordings]
+    wer = jiwer.wer(refs, [" ".join(tokens(hyps[r.id])) for r in recordings])
+    print(json.dumps({"variant": args.variant, "batch_size": args.batch_size, "speech_s": speech,
+                      "compute_s": seconds, "speed": speech / seconds, "wer": wer}))
+
+
+def _direct(recogniser, recordings, batch_size: int) -> tuple[dict, float, float]:
+    """faster-whisper's BatchedInferencePipeline on each recording's joined participant speech, cut into the same
+    chunks: the pipeline as its users run it, one recording per call."""
+    from faster_whisper import BatchedInferencePipeline
+
+    from adsearch.io.audio import SAMPLE_RATE, load_audio
+    from adsearch.transcripts.asr import join_spans, whisper_chunks
+
+    pipeline = BatchedInferencePipeline(recogniser.model)
+    inputs = []
+    for rec in recordings:
+        audio = load_audio(rec.path)
+        duration = len(audio) / SAMPLE_RATE
+        joined, pieces = join_spans(audio, [(b, min(e, duration)) for b, e in rec.segments if b < duration])
+        inputs.append((rec.id, joined, [{"start": a, "end": b} for a, b in whisper_chunks(pieces)]))
+    started = time.perf_counter()
+    words = {}
+    for rec_id, joined, chunks in inputs:
+        segments, _ = pipeline.transcribe(joined, language="en", beam_size=5, word_timestamps=True,
+                                          clip_timestamps=chunks, batch_size=batch_size, temperature=0.0)
+        words[rec_id] = [w.word.strip() for segment in segments for w in segment.words or ()]
+    return words, sum(len(joined) for _, joined, _ in inputs) / SAMPLE_RATE, time.perf_counter() - started
+
+
+def batched(args: argparse.Namespace) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from adsearch.corpus import import_adresso, write_manifest
+    from adsearch.synth import synthesize_corpus
+
+    root = Path(__file__).resolve().parents[1]
+    variants = [("after", root, size) for size in args.batch_sizes] + [("direct", root, args.batch_sizes[-1])]
+    if args.before:
+        variants.append(("before", args.before.resolve(), 1))
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for markers in ("linguistic", "acoustic"):
+            folder = Path(tmp) / markers
+            synthesize_corpus(folder / "syn", args.n_train, args.n_test, args.effect, args.seed, markers=markers)
+            manifest = write_manifest(import_adresso(folder / "syn", folder / "syn" / "task1.csv").recordings,
+                                      folder / "corpus.csv")
+            for repeat in range(args.repeats):
+                for name, tree, size in (variants if repeat % 2 == 0 else variants[::-1]):
+                    out = folder / f"t-{name}-{size}-{repeat}"
+                    done = subprocess.run([sys.executable, __file__, "child", "--variant", name, "--manifest",
+                                           str(manifest), "--markers", str(folder / "syn" / "markers.csv"), "--out",
+                                           str(out), "--batch-size", str(size), "--device", args.device],
+                                          env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True)
+                    if done.returncode != 0:
+                        raise SystemExit(done.stderr[-2000:])
+                    row = {"markers": markers, "repeat": repeat, **json.loads(done.stdout.strip().splitlines()[-1])}
+                    results.append(row)
+                    print(f"{markers:<10} {name:<7} batch {size:>2}: {row['speed']:6.1f} s of speech per s, "
+                          f"WER {row['wer']:.3f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -111,8 +210,23 @@ def main() -> None:
     two = commands.add_parser("voices", help="WER per synthetic voice")
     two.add_argument("voices", nargs="*")
     two.add_argument("--device", default="cpu")
+    three = commands.add_parser("batched", help="batched vs one at a time (--before) vs faster-whisper directly")
+    three.add_argument("--before", type=Path, help="a checkout of older adsearch code (one recording at a time)")
+    three.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
+    three.add_argument("--repeats", type=int, default=2)
+    three.add_argument("--n-train", type=int, default=20)
+    three.add_argument("--n-test", type=int, default=6)
+    three.add_argument("--effect", type=float, default=1.0)
+    three.add_argument("--seed", type=int, default=0)
+    three.add_argument("--device", default="cpu")
+    three.add_argument("--json", help="also write the figures here")
+    child = commands.add_parser("child", help=argparse.SUPPRESS)
+    for name in ("--variant", "--manifest", "--markers", "--out"):
+        child.add_argument(name)
+    child.add_argument("--batch-size", type=int, default=8)
+    child.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    corpus(args) if args.command == "corpus" else voices(args)
+    {"corpus": corpus, "voices": voices, "batched": batched, "child": _child}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,28 @@ def test_whisper_transcribes_synthetic_speech_with_low_word_error_rate(planted):
     assert wer < 0.35, wer
 
 
+def test_a_recording_gets_the_same_words_alone_as_batched_with_others(planted):
+    """The folder was transcribed in batches of several recordings' chunks; decoded alone (as predict decodes a
+    new file) or in other groups and batch sizes, every recording gets exactly the same words and times."""
+    from adsearch.io.audio import load_audio
+    from adsearch.transcripts.asr import load_recogniser, resolve_asr
+
+    found = planted["transcripts"]
+    assert found.source["decoding"].startswith("batched beam 5, temperature 0")
+    recordings = read_manifest(planted["manifest"])[:4]
+    items = []
+    for rec in recordings:
+        audio = load_audio(rec.path)
+        duration = len(audio) / 16_000
+        items.append((audio, tuple((b, min(e, duration)) for b, e in rec.segments if b < duration)))
+    recogniser = load_recogniser(resolve_asr("whisper", None), "cpu", batch_size=1)
+    alone = [recogniser.transcribe(audio, spans) for audio, spans in items]
+    recogniser.batch_size = 3
+    together = recogniser.transcribe_many(items[::-1])[::-1]
+    for rec, one, other in zip(recordings, alone, together, strict=True):
+        assert tuple(one) == tuple(other) == found.get(rec.id).words, rec.id
+
+
 class _Fake:
     """A recogniser that says each recording's id (and can stop after `stop_after` recordings)."""
 
@@ -80,11 +102,14 @@ class _Fake:
         begin = spans[0][0]
         return [Word("the", begin, begin + 0.2, 0.9), Word("boy", begin + 0.6, begin + 0.9, 0.4)]
 
+    def transcribe_many(self, recordings):
+        return [self.transcribe(audio, spans) for audio, spans in recordings]
+
 
 def test_transcribe_resumes_and_shards_share_one_folder(synth_manifest, tmp_path):
     n = len(read_manifest(synth_manifest))
     with pytest.raises(KeyboardInterrupt):
-        transcribe(synth_manifest, tmp_path / "a", recogniser=_Fake(stop_after=3))
+        transcribe(synth_manifest, tmp_path / "a", recogniser=_Fake(stop_after=3), batch_size=1)
     (folder,) = (tmp_path / "a").iterdir()
     assert len(list((folder / "recordings").glob("*.json"))) == 3 and not (folder / "transcripts.json").exists()
     again = _Fake()

@@ -130,6 +130,9 @@ def transcribe(
     from_csv: Annotated[Path | None, typer.Option(help="Import a CSV id,text[,words] instead of running a "
                                                        "recogniser (words: JSON [[word, start, end], ...]).")] = None,
     threads: Annotated[int | None, typer.Option(help=THREADS_HELP, min=1, max=1024)] = None,
+    batch_size: Annotated[int, typer.Option(help="Whisper: chunks of participant speech (of several recordings) "
+                                                 "decoded at once; every size gives the same words.", min=1,
+                                            max=256)] = 8,
 ) -> None:
     """Transcribe the participant's speech of every recording once (or import transcripts you have).
 
@@ -151,7 +154,8 @@ def transcribe(
             plan = print_threads(threads)
             with bar(AudioSpeedColumn()) as progress:
                 result = run_transcribe(manifest, output, asr, model, device, parse_shard(shard) if shard else None,
-                                        progress=RichExtractProgress(progress, "transcribing"), threads=plan.threads)
+                                        progress=RichExtractProgress(progress, "transcribing"), threads=plan.threads,
+                                        batch_size=batch_size)
                 if not result.remaining:
                     complete(progress)
             if result.remaining:

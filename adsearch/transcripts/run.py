@@ -22,7 +22,16 @@ from adsearch import __version__
 from adsearch.corpus import Recording, manifest_digest, read_manifest
 from adsearch.io.audio import SAMPLE_RATE, AudioError, load_audio
 from adsearch.io.outputs import write_json_atomic
-from adsearch.transcripts.asr import WHISPER_BEAM, AsrSource, load_recogniser, resolve_asr
+from adsearch.transcripts.asr import (
+    CHUNK_S,
+    DEFAULT_BATCH,
+    FALLBACK_NGRAM,
+    WHISPER_BEAM,
+    AsrError,
+    AsrSource,
+    load_recogniser,
+    resolve_asr,
+)
 from adsearch.transcripts.store import (
     FORMAT_VERSION,
     META_FILE,
@@ -59,10 +68,13 @@ def folder_for(out_root: Path, source: dict, manifest_hash: str) -> Path:
 def transcribe(manifest: Path | str, out_root: Path | str, backend: str = "whisper", model: str | None = None,
                device: str = "auto", shard: tuple[int, int] | None = None,
                progress: ExtractProgress | None = None, poll_seconds: float = 1.0,
-               recogniser=None, threads: int | None = None) -> TranscribeResult:
+               recogniser=None, threads: int | None = None, batch_size: int = DEFAULT_BATCH) -> TranscribeResult:
     """Transcribe (or resume) `manifest` into a folder under `out_root`; return where it is.
     `progress` is told recordings and seconds of speech, as `extract`'s; `threads`: the recogniser's CPU
-    threads (`load_recogniser`)."""
+    threads (`load_recogniser`); `batch_size`: Whisper chunks decoded at once, and the recordings this process
+    claims at a time (their chunks are batched together; a recording's words do not depend on it)."""
+    if batch_size < 1:
+        raise AsrError(f"--batch-size {batch_size}: at least 1")
     recordings = read_manifest(manifest)
     asr = resolve_asr(backend, model)
     source = source_of(asr)
@@ -79,22 +91,29 @@ def transcribe(manifest: Path | str, out_root: Path | str, backend: str = "whisp
         progress.start(len(mine), sum(speech_seconds(r) for r in todo), len(mine) - len(todo))
     done_here, audio_seconds, started = 0, 0.0, time.perf_counter()
     while not (folder / META_FILE).is_file() and (pending := [r for r in mine if not _done(folder, r.id)]):
-        for rec in pending:
-            claim = Claim(folder / "recordings" / f"{rec.id}.lock")
-            if not claim.take():
-                continue
-            try:
-                if _done(folder, rec.id):
+        claimed: list[tuple[Recording, Claim]] = []
+        try:
+            for rec in pending:
+                claim = Claim(folder / "recordings" / f"{rec.id}.lock")
+                if not claim.take():
                     continue
-                recogniser = recogniser or load_recogniser(asr, device, threads)
-                seconds = _transcribe_one(recogniser, rec, folder)
+                if _done(folder, rec.id):
+                    claim.release()
+                    continue
+                claimed.append((rec, claim))
+                if len(claimed) == batch_size:
+                    break
+            if claimed:
+                recogniser = recogniser or load_recogniser(asr, device, threads, batch_size)
+                seconds = _transcribe_group(recogniser, [rec for rec, _ in claimed], folder)
                 audio_seconds += seconds
-                done_here += 1
+                done_here += len(claimed)
                 if progress:
-                    progress.advance(1, seconds)
-            finally:
+                    progress.advance(len(claimed), seconds)
+        finally:
+            for _, claim in claimed:
                 claim.release()
-        if done_here == 0:
+        if not claimed:
             time.sleep(poll_seconds)
     compute_seconds = time.perf_counter() - started
     others = [r for r in recordings if not _done(folder, r.id)]
@@ -109,20 +128,25 @@ def _done(folder: Path, rec_id: str) -> bool:
     return transcript_path(folder, rec_id).is_file() or failure_path(folder, rec_id).is_file()
 
 
-def _transcribe_one(recogniser, rec: Recording, folder: Path) -> float:
-    """Transcribe one recording into its file (or its failure file); the seconds of speech decoded."""
-    try:
-        audio = load_audio(rec.path)
-    except AudioError as exc:
-        write_json_atomic(failure_path(folder, rec.id), {"id": rec.id, "path": str(rec.path), "reason": exc.reason,
-                                                         "split": rec.split, "label": rec.label})
-        return 0.0
-    duration = len(audio) / SAMPLE_RATE
-    spans = tuple((b, min(e, duration)) for b, e in rec.segments if b < duration) or ((0.0, duration),)
-    words = recogniser.transcribe(audio, spans)
-    write_json_atomic(transcript_path(folder, rec.id),
-                      Transcript(rec.id, tuple(words), spans, round(duration, 3)).to_json())
-    return sum(e - b for b, e in spans)
+def _transcribe_group(recogniser, recordings: list[Recording], folder: Path) -> float:
+    """Transcribe recordings together into their files (or failure files); the seconds of speech decoded."""
+    readable = []
+    for rec in recordings:
+        try:
+            audio = load_audio(rec.path)
+        except AudioError as exc:
+            write_json_atomic(failure_path(folder, rec.id), {"id": rec.id, "path": str(rec.path),
+                                                             "reason": exc.reason, "split": rec.split,
+                                                             "label": rec.label})
+            continue
+        duration = len(audio) / SAMPLE_RATE
+        spans = tuple((b, min(e, duration)) for b, e in rec.segments if b < duration) or ((0.0, duration),)
+        readable.append((rec, audio, spans, duration))
+    found = recogniser.transcribe_many([(audio, spans) for _, audio, spans, _ in readable])
+    for (rec, _, spans, duration), words in zip(readable, found, strict=True):
+        write_json_atomic(transcript_path(folder, rec.id),
+                          Transcript(rec.id, tuple(words), spans, round(duration, 3)).to_json())
+    return sum(e - b for _, _, spans, _ in readable for b, e in spans)
 
 
 def finish_folder(folder: Path, recordings: Sequence[Recording], source: dict, manifest: Path | str | None,
@@ -164,5 +188,7 @@ def _versions(source: dict) -> dict:
 
 def source_of(asr: AsrSource) -> dict:
     """What made the transcripts, recorded in the folder (and part of its key)."""
-    decoding = f"beam {WHISPER_BEAM}" if asr.backend == "whisper" else "greedy"
+    decoding = (f"batched beam {WHISPER_BEAM}, temperature 0, chunks of at most {CHUNK_S:g} s at span boundaries, "
+                f"failed chunks again without repeated {FALLBACK_NGRAM}-grams, early ends decoded on"
+                if asr.backend == "whisper" else "greedy")
     return {**asdict(asr), "language": "en", "decoding": decoding}
