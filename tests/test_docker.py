@@ -1,12 +1,13 @@
 """docker/: no Docker engine runs on the build machines, so the deployment is checked statically: the compose
 file against the Compose specification's JSON schema, every command it runs through adsearch's own CLI
-parser, the security-relevant settings, and each image's install step against the README's."""
+parser, the security-relevant settings, and each image's install step against docs/distributed.md (containers)."""
 
 from __future__ import annotations
 
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,6 @@ import yaml
 from adsearch.cli import app
 
 DOCKER = Path(__file__).parents[1] / "docker"
-README = Path(__file__).parents[1] / "README.md"
 
 
 def _env_example() -> dict[str, str]:
@@ -37,8 +37,8 @@ def _interpolate(value, env: dict[str, str]):
             raise KeyError(f"{name}: {argument}")
         return argument
 
-    if isinstance(value, str):
-        return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", one, value)
+    if isinstance(value, str):  # $$ is a literal $ (a shell's, in the prepare service's script)
+        return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", one, value).replace("$$", "$")
     if isinstance(value, list):
         return [_interpolate(v, env) for v in value]
     if isinstance(value, dict):
@@ -57,7 +57,9 @@ def compose() -> dict:
 
 @pytest.fixture(scope="module")
 def worker_compose() -> dict:
-    return _compose("compose.worker.yaml", _env_example())
+    """As on a worker host, whose docker/.env sets the database host's URL (.env.example leaves it unset)."""
+    return _compose("compose.worker.yaml", {**_env_example(),
+                                            "ADSEARCH_STORAGE": "postgresql+psycopg://adsearch@dbhost:5432/adsearch"})
 
 
 @pytest.mark.parametrize("name", ["compose.yaml", "compose.worker.yaml"])
@@ -70,7 +72,8 @@ def test_compose_file_follows_the_compose_specification(name):
 
 def test_every_adsearch_command_in_compose_parses_with_the_cli(compose, worker_compose, monkeypatch):
     cli = typer.main.get_command(app)
-    services = {name: s for name, s in compose["services"].items() if "adsearch" in s.get("image", "")}
+    services = {name: s for name, s in compose["services"].items()
+                if "adsearch" in s.get("image", "") and "entrypoint" not in s}  # prepare runs a shell
     assert {"create-study", "worker", "dashboard", "extract", "tools"} <= set(services)
     services["worker-host worker"] = worker_compose["services"]["worker"]
     for service in services.values():
@@ -102,13 +105,13 @@ def test_compose_keeps_the_dashboard_local_the_cache_read_only_and_passwords_out
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.extract"])
-def test_each_image_installs_what_the_readme_says(dockerfile):
+def test_each_image_installs_what_the_containers_guide_says(dockerfile):
     text = (DOCKER / dockerfile).read_text()
     installs = [line for line in re.findall(r"^RUN (.+)$", text, flags=re.M) if "pip install" in line]
     assert installs, f"{dockerfile} installs nothing"
-    readme = README.read_text()
+    guide = (DOCKER.parent / "docs" / "distributed.md").read_text()
     for install in installs:
-        assert install in readme, f"README.md does not show `{install}` ({dockerfile})"
+        assert install in guide, f"docs/distributed.md does not show `{install}` ({dockerfile})"
     for source in re.findall(r"^COPY (.+) \S+$", text, flags=re.M):
         for path in shlex.split(source):
             assert (DOCKER.parent / path).exists(), path
@@ -118,9 +121,12 @@ def test_each_image_installs_what_the_readme_says(dockerfile):
 
 
 def test_the_env_example_names_every_variable_compose_uses():
+    text = (DOCKER / ".env.example").read_text()
+    named = set(_env_example()) | set(re.findall(r"^#(\w+)=", text, flags=re.M))  # #NAME=: shown, left unset
     for name in ("compose.yaml", "compose.worker.yaml"):
         used = set(re.findall(r"\$\{(\w+)", (DOCKER / name).read_text()))
-        assert used <= set(_env_example()), (name, used - set(_env_example()))
+        assert used <= named, (name, used - named)
+    assert "ADSEARCH_STORAGE" not in _env_example()  # unset, so a worker host without it is stopped by compose
     assert os.path.basename(_env_example()["ADSEARCH_DB_PASSWORD_FILE"]) == "db_password.txt"
 
 
@@ -146,6 +152,26 @@ def test_no_adsearch_container_is_restarted_for_ever(compose, worker_compose):
         if "adsearch" in service.get("image", "") and name != "extract":
             policy = service.get("restart", "no")
             assert policy == "no" or re.fullmatch(r"on-failure:[1-5]", policy), (name, policy)
+
+
+def test_the_services_run_as_one_user_and_root_owned_mount_folders_are_handed_to_it(compose, worker_compose):
+    services = compose["services"]
+    for name in ("create-study", "worker", "dashboard", "tools", "extract"):
+        assert services[name]["user"] == "1000:1000", name
+        if name != "worker":  # the worker waits for create-study, which waits for prepare
+            assert services[name]["depends_on"]["prepare"]["condition"] == "service_completed_successfully", name
+    assert worker_compose["services"]["worker"]["user"] == "1000:1000"
+    prepare = services["prepare"]
+    assert prepare["user"] == "0:0" and prepare["entrypoint"] == ["sh", "-c"] and prepare["restart"] == "no"
+    targets = {volume.split(":")[1] for volume in prepare["volumes"]}
+    assert targets == {"/cache", "/artifacts", "/output", "/models/hf"}
+    script = prepare["command"][0]
+    assert '"$(stat -c %u $d)" = 0' in script and "chown 1000:1000 $d" in script
+    other = _compose("compose.yaml", {**_env_example(), "ADSEARCH_UID": "1234", "ADSEARCH_GID": "99"})
+    assert other["services"]["worker"]["user"] == "1234:99" and "chown -R 1234:99 /models/hf" in \
+        other["services"]["prepare"]["command"][0]
+    for name in ("compose.yaml", "compose.worker.yaml"):
+        assert "Docker Compose v2" in (DOCKER / name).read_text()  # 1.x rejects the top-level `name:`
 
 
 def test_results_and_figures_have_volumes_the_dashboard_and_tools_share(compose):
@@ -175,7 +201,10 @@ class PlainContainer:
                     for key, value in spec.get("environment", {}).items()}
         self.argv = [self._map(arg) for arg in spec["command"]]
         self.host, self.workdir = host, workdir
+        self.user = spec.get("user")  # "uid:gid", as the container runs; None: the image's user
         workdir.mkdir(parents=True, exist_ok=True)
+        if self.user:  # the image's WORKDIR (/home/adsearch) belongs to its user
+            os.chown(workdir, *map(int, self.user.split(":")))
 
     def _map(self, value: str) -> str:
         for target in sorted(self.mounts, key=len, reverse=True):
@@ -184,11 +213,24 @@ class PlainContainer:
         return value
 
     def start(self, *extra: str) -> subprocess.Popen:
-        """The image's entry point (`adsearch`) with the service's command, inside the host's namespace."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ADSEARCH_")} | self.env
-        return subprocess.Popen(["ip", "netns", "exec", self.host.namespace, sys.executable, "-m", "adsearch.cli",
-                                 *self.argv, *extra], env=env, cwd=self.workdir, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        """The image's entry point (`adsearch`) with the service's command, inside the host's namespace, as the
+        service's user."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ADSEARCH_")} | self.env | {
+            "HOME": str(self.workdir)}
+        as_user = []
+        if self.user:
+            uid, gid = self.user.split(":")
+            as_user = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+        return subprocess.Popen(["ip", "netns", "exec", self.host.namespace, *as_user, sys.executable, "-m",
+                                 "adsearch.cli", *self.argv, *extra], env=env, cwd=self.workdir,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def shell(self) -> subprocess.CompletedProcess:
+        """A service whose entry point is `sh -c` (prepare), as root, its mount targets mapped in the script."""
+        script = self.argv[0]
+        for target in sorted(self.mounts, key=len, reverse=True):
+            script = re.sub(rf"{re.escape(target)}\b", self.mounts[target], script)
+        return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60)
 
 
 def _in_namespace(host, url: str) -> dict:
@@ -206,9 +248,12 @@ def _in_namespace(host, url: str) -> dict:
 def test_the_compose_stack_runs_as_plain_processes_on_a_database_host_and_two_worker_hosts(tmp_path):
     """PostgreSQL as the db service configures it (user, database, password file, SCRAM over the network);
     create-study and the dashboard on the database host; workers on two other hosts from compose.worker.yaml,
-    each with its own copy of the cache and only the URL it is given."""
+    each with its own copy of the cache and only the URL it is given. Every adsearch process runs as the
+    compose files' user (uid 1000), against the artifacts and output folders as Docker creates missing bind
+    mounts (root's), after the prepare service's script ran as root."""
     import secrets
     import socket
+    import tempfile
     import time
 
     from hosts import Network, why_no_namespaces
@@ -221,10 +266,17 @@ def test_the_compose_stack_runs_as_plain_processes_on_a_database_host_and_two_wo
             pytest.fail(f"CI must run the compose stack test: {reason}")
         print(f"skipped: {reason}")
         pytest.skip(reason)
+    # pytest's own folders are root's alone (0700): the stack lives where uid 1000 can reach it, as a project
+    # folder on a Docker host would be
+    tmp_path = Path(tempfile.mkdtemp(prefix="adsearch-stack-"))
+    tmp_path.chmod(0o755)
     cache = write_synthetic_cache(tmp_path / "origin", n_train=40, n_test=8, n_layers=3, dim=16, signal_layer=1)
     password = tmp_path / "secrets" / "db_password.txt"
     password.parent.mkdir()
     password.write_text(secrets.token_hex(24) + "\n")
+    password.chmod(0o644)  # readable by the containers' user, as .env.example says
+    for folder in ("artifacts", "output"):  # what Docker makes of a missing bind-mount source: root's, 0755
+        (tmp_path / folder).mkdir()
     base = {**_env_example(), "ADSEARCH_STUDY": "stack", "ADSEARCH_TRIALS": "8",
             "ADSEARCH_DB_PASSWORD_FILE": str(password), "ADSEARCH_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
             "ADSEARCH_OUTPUT_DIR": str(tmp_path / "output")}
@@ -235,6 +287,12 @@ def test_the_compose_stack_runs_as_plain_processes_on_a_database_host_and_two_wo
         db_host, *worker_hosts = network.hosts
         db_at = f"{db_host.db_address}:{network.port}"
         main = _compose("compose.yaml", {**base, "ADSEARCH_CACHE_DIR": str(db_host.cache)})
+        (tmp_path / "hf").mkdir()  # the named volume hf-cache, as a folder
+        main["services"]["prepare"]["volumes"] = [v.replace("hf-cache:", f"{tmp_path / 'hf'}:")
+                                                  for v in main["services"]["prepare"]["volumes"]]
+        prepared = PlainContainer(main, "prepare", db_host, db_at, tmp_path / "prepare").shell()
+        assert prepared.returncode == 0, prepared.stderr
+        assert all((tmp_path / name).stat().st_uid == 1000 for name in ("artifacts", "output", "hf"))
         create = PlainContainer(main, "create-study", db_host, db_at, tmp_path / "create").start()
         out, _ = create.communicate(timeout=300)
         assert create.returncode == 0, out
@@ -276,12 +334,14 @@ def test_the_compose_stack_runs_as_plain_processes_on_a_database_host_and_two_wo
         assert [a["filename"] for a in detail["artifacts"]] == [p.name for p in (tmp_path / "artifacts").glob("*.png")]
         with pytest.raises(OSError):  # published inside the host only
             socket.create_connection(("127.0.0.1", 8080), timeout=1).close()
+        assert all(p.stat().st_uid == 1000 for p in (tmp_path / "artifacts").rglob("*"))  # the heat map: uid 1000's
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
                 process.wait(timeout=10)
         network.close()
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def test_the_worker_image_installs_xgboost_cpu_instead_of_xgboost():
