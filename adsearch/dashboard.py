@@ -19,6 +19,7 @@ never run scripts with the dashboard's origin.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
@@ -44,12 +45,36 @@ def _host_name(netloc: str) -> str:
         return ""
 
 
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\.?")
+
+
+def check_allowed_host(name: str) -> str:
+    """An --allowed-host value as the guard compares it (lower case, no brackets), or ValueError saying why:
+    a host name or an IP address, without a port or a scheme (a Host header's port is not compared)."""
+    plain = name.strip().lower()
+    if plain.startswith("[") and plain.endswith("]"):
+        plain = plain[1:-1]
+    try:
+        ipaddress.ip_address(plain)
+        return plain
+    except ValueError:
+        pass
+    if not plain:
+        raise ValueError("--allowed-host '': give a host name (dashboard.example.org) or an address")
+    if "://" in plain or "/" in plain or ":" in plain:
+        raise ValueError(f"--allowed-host {name!r}: give the host name alone, without scheme, port or path "
+                         "(the port of a request's Host header is not compared)")
+    if not _HOST_NAME.fullmatch(plain):
+        raise ValueError(f"--allowed-host {name!r} is not a host name or an IP address")
+    return plain
+
+
 class HostGuard:
     """WSGI middleware: see the module's docstring."""
 
     def __init__(self, app: Callable, allowed_hosts: Iterable[str], read_only: bool):
         self.app = app
-        self.allowed = {name.lower().strip("[]") for name in allowed_hosts} | LOOPBACK_NAMES
+        self.allowed = {check_allowed_host(name) for name in allowed_hosts} | LOOPBACK_NAMES
         self.read_only = read_only
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
@@ -67,6 +92,7 @@ class HostGuard:
                 return _refuse(start_response, f"a write from another site ({origin}) is refused")
             if environ.get("HTTP_SEC_FETCH_SITE", "same-origin") not in ("same-origin", "none"):
                 return _refuse(start_response, "a cross-site write is refused")
+        environ.setdefault("HTTP_ACCEPT_ENCODING", "")  # optuna-dashboard's static files read it unguarded
         if environ.get("PATH_INFO", "").startswith("/artifacts/"):
             def sandboxed(status: str, headers: list, exc_info=None):
                 headers = [h for h in headers if h[0].lower() not in ("content-security-policy",

@@ -145,3 +145,20 @@ def record_feature_reads(monkeypatch) -> list[set[int]]:
 
         monkeypatch.setattr(EmbeddingCache, method, spy)
     return read
+
+
+def interrupt_extraction(command: list[str], cache_root: Path) -> tuple[int, str, str]:
+    """Run an `adsearch extract` command, press Ctrl-C once its first recording's part is written, and return
+    (exit code, stdout, stderr). As from a terminal: a shell that starts jobs in the background (CI) passes
+    SIGINT on as ignored, and Python then never raises KeyboardInterrupt, so the child restores it."""
+    import signal
+    import time
+
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(cache_root.glob("*/parts/*.npz")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    return process.returncode, out, err

@@ -1,6 +1,6 @@
 """The commands as a user types them (in-process through typer's runner, same code path as the script)."""
 
-from conftest import speechlike, write_rows, write_wav
+from conftest import interrupt_extraction, speechlike, write_rows, write_wav
 from typer.testing import CliRunner
 
 from adsearch.cli import app
@@ -125,10 +125,8 @@ def test_studies_lists_what_a_storage_holds_and_a_typo_shows_it(tmp_path):
 
 
 def test_ctrl_c_during_extract_is_one_line_and_the_rerun_resumes(tmp_path, tiny_model):
-    import signal
     import subprocess
     import sys
-    import time
 
     rows = []
     for i in range(160):  # about 10 s of extraction at 100x real time: SIGINT lands well before the end
@@ -137,16 +135,8 @@ def test_ctrl_c_during_extract_is_one_line_and_the_rerun_resumes(tmp_path, tiny_
     manifest = write_rows(tmp_path / "m.csv", ["id", "path", "label", "group", "split"], rows)
     command = [sys.executable, "-m", "adsearch.cli", "extract", str(manifest), "--model", str(tiny_model), "-o",
                str(tmp_path / "c"), "--window-s", "1"]
-    # As from a terminal: a shell that starts jobs in the background (CI) passes SIGINT on as ignored, and
-    # Python then never raises KeyboardInterrupt.
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list((tmp_path / "c").glob("*/parts/*.npz")):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
-    assert process.returncode == 130, out + err
+    returncode, out, err = interrupt_extraction(command, tmp_path / "c")
+    assert returncode == 130, out + err
     assert "interrupted: run the same command again to resume" in err and "Traceback" not in err
     assert err.count("\n") < 10  # the progress bar and one line, no worker tracebacks
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)

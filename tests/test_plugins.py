@@ -39,7 +39,8 @@ def plugin_dir(tmp_path, monkeypatch):
     yield folder
     REGISTRY.clear()
     REGISTRY.update(before)
-    for name in [m for m in sys.modules if m in ("shrunken_centroid", "broken_plugin")]:
+    for name in [m for m in sys.modules if m in ("shrunken_centroid", "broken_plugin", "takes_logreg",
+                                                 "with_helper", "helper_scale")]:
         del sys.modules[name]
 
 
@@ -78,7 +79,8 @@ def test_a_plugin_classifier_is_searched_recorded_exported_and_loaded_like_a_bui
     setup = StudySetup.from_study(study)
     assert setup.spec.plugins == ["shrunken_centroid"]
     attr = study._storage.get_study_system_attrs(study._study_id)["adsearch"]
-    assert set(attr["plugins"]) == {"shrunken_centroid"} and len(attr["plugins"]["shrunken_centroid"]) == 64
+    assert set(attr["plugins"]) == {"shrunken_centroid"}
+    assert re.fullmatch(r"files:[0-9a-f]{64}", attr["plugins"]["shrunken_centroid"])
     chosen = [t for t in study.trials if t.params.get("classifier") == "shrunken_centroid" and t.state.is_finished()]
     assert chosen, "the plugin classifier was never tried"
     result = run("export", "--study", "p", "--storage", url, "-o", tmp_path / "best", "--trial", chosen[0].number)
@@ -143,6 +145,36 @@ def _build(p, seed):
     assert "PYTHONPATH" in result.output
     result = run("space", "check", space, "--plugins", "os; rm -rf /")
     assert result.exit_code == 2 and "is not a Python module name" in result.output
+
+
+def test_a_plugin_cannot_take_a_built_in_name(plugin_dir, tmp_path):
+    (plugin_dir / "takes_logreg.py").write_text('''
+from sklearn.dummy import DummyClassifier
+from adsearch.search.classifiers import Choice, register
+
+@register("logreg", "not adsearch's logreg", {"strategy": Choice(("prior",))})
+def _build(p, seed):
+    return DummyClassifier(strategy=p["strategy"])
+''')
+    own = REGISTRY["logreg"]
+    result = run("space", "check", _space(tmp_path), "--plugins", "takes_logreg")
+    assert result.exit_code == 2, result.output
+    assert "the name 'logreg' belongs to adsearch's own classifier" in " ".join(result.output.split())
+    assert REGISTRY["logreg"] is own
+
+
+def test_a_change_in_a_module_the_plugin_imports_is_refused_like_one_in_the_plugin(plugin_dir, tmp_path):
+    from adsearch.search.plugins import PluginError, check_digests, load_plugins
+
+    (plugin_dir / "helper_scale.py").write_text("FACTOR = 1.0\n")
+    (plugin_dir / "with_helper.py").write_text(EXAMPLE.read_text().replace(
+        "shrunken_centroid", "helper_centroid").replace("from __future__ import annotations",
+                                                        "from __future__ import annotations\nimport helper_scale"))
+    recorded = load_plugins(["with_helper"])
+    check_digests(recorded, "study 's'")  # unchanged: accepted
+    (plugin_dir / "helper_scale.py").write_text("FACTOR = -1.0\n")
+    with pytest.raises(PluginError, match="with_helper"):
+        check_digests(recorded, "study 's'")
 
 
 def test_an_installed_entry_point_plugin_needs_no_option_and_is_recorded(plugin_dir):

@@ -183,6 +183,21 @@ def test_chat_import_keeps_disfluencies_and_the_participant_only(synth_manifest,
     assert features["asr_confidence_mean"] == 0  # CHAT has no ASR probabilities: 0, and said so in the cache
 
 
+def test_a_hostile_20_mb_chat_file_is_read_in_linear_time(tmp_path):
+    """One 20 MB line of unclosed brackets: the bracket regex took minutes on 200 kB (quadratic); the scanner
+    reads it like any other line. A generous bound: the linear scan takes about a second, the old one hours."""
+    import re
+    import time
+
+    for text in ("a [/] b [: x] c", "[a[b]c", "x [ y", "[]]", "<the boy> [/] the boy [* m]", ""):
+        assert chat_words(text) == chat_words(re.sub(r"\[[^\]]*\]", " ", text))
+    path = tmp_path / "hostile.cha"
+    path.write_text("@Begin\n*PAR:\t" + "[" * 20_000_000 + " .\n@End\n")
+    started = time.perf_counter()
+    read_chat(path, "hostile")
+    assert time.perf_counter() - started < 60
+
+
 def test_csv_import_with_word_times_and_line_numbers_in_errors(synth_manifest, tmp_path):
     ids = [r.id for r in read_manifest(synth_manifest)]
     rows = [{"id": i, "text": "the boy is on the stool", "words": json.dumps([["the", 1.0, 1.2], ["boy", 1.3, 1.6]])}

@@ -71,10 +71,11 @@ def corpus_csv(
     (empty = whole recording); segmentation (optional) says where they came from. Relative paths are taken
     relative to FILE's folder.
     """
-    from adsearch.corpus import read_manifest, write_manifest
+    from adsearch.corpus import label_conflicts, read_manifest, write_manifest
 
     with user_errors():
         recordings = read_manifest(file)
+        print_warnings(label_conflicts(recordings))
         if vad:
             from adsearch.vad import VAD_CAVEAT, segment_unsegmented
 
@@ -143,6 +144,9 @@ def model_tiny(
     """
     from adsearch.embed.model import save_tiny_model
 
+    if output.exists() and not output.is_dir():
+        raise typer.BadParameter(f"{output} is a file; name a folder for the model (it is created)",
+                                 param_hint="OUTPUT")
     with user_errors():
         save_tiny_model(output, seed, hidden_size, layers, kind)
     out.print(f"saved a tiny random {kind} ({layers} layers, hidden size {hidden_size}) to {output}")

@@ -35,11 +35,16 @@ def dashboard(
     Only requests naming a loopback host, the bound address or an --allowed-host are answered (other web pages
     in your browser cannot read or change studies), and writes must come from the dashboard's own page.
     """
-    from adsearch.dashboard import guarded_app, is_loopback, serve
+    from adsearch.dashboard import check_allowed_host, guarded_app, is_loopback, serve
     from adsearch.search.storage import make_storage
 
+    for name in allowed_host or []:
+        try:
+            check_allowed_host(name)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--allowed-host") from None
     with user_errors():
-        store = make_storage(storage)
+        store = make_storage(storage, create=False, read_only_where_unwritable=True)
         _check_port_free(host, port)
     if artifacts is None:
         from adsearch.results.report import DEFAULT_ARTIFACTS, recorded_stores
@@ -52,7 +57,10 @@ def dashboard(
                       "--artifacts for another)", highlight=False)
     artifacts.mkdir(parents=True, exist_ok=True)
     loopback = is_loopback(host)
-    read_only = not loopback if writable is None else not writable
+    read_only = (not loopback if writable is None else not writable) or store.read_only
+    if store.read_only:
+        err.print("[yellow]note:[/] the study database cannot be written by this user or on this mount: serving it "
+                  "read-only", highlight=False)
     allowed = list(allowed_host or []) + ([host] if host not in ("0.0.0.0", "::") else [])
     if not loopback:
         err.print(f"[yellow]warning:[/] serving on {escape(host)} without authentication: anyone who reaches it can "

@@ -67,10 +67,13 @@ def extract(
     cache keeps frame count, mean, M2, max and min, from which every pooling is derived exactly.
     Interrupted runs resume where they stopped; unreadable or too-short files are reported and skipped.
     """
+    from adsearch.corpus import label_conflicts, read_manifest
     from adsearch.embed.extract import ExtractSettings
     from adsearch.embed.extract import extract as run_extract
     from adsearch.work import parse_shard
 
+    with user_errors():
+        print_warnings(label_conflicts(read_manifest(manifest, check_files=False)))
     if features in ("linguistic", "ngrams", "text") or transcripts is not None or text_model is not None:
         from adsearch.embed.from_transcripts import extract_from_transcripts
 

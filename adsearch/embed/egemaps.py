@@ -16,8 +16,11 @@ ships its own binary: no system package, no torch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,24 @@ def egemaps_source(features: str) -> ModelSource:
     opensmile = _opensmile()
     return ModelSource(f"{PREFIX}{features}", Path(opensmile.__file__).parent,
                        f"opensmile-{opensmile.__version__}-eGeMAPSv02")
+
+
+@contextmanager
+def _ctrl_c_between_calls() -> Iterator[Callable[[], bool]]:
+    """openSMILE's C callback swallows the KeyboardInterrupt that Ctrl-C raises inside it, so Ctrl-C did not
+    stop `extract --features egemaps`: here Ctrl-C is noted, the running call finishes, and KeyboardInterrupt
+    is raised between calls (main thread only; elsewhere signals are not Python's to handle)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield lambda: bool(caught)
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _opensmile():
@@ -80,8 +101,10 @@ class EgemapsEncoder:
         if layers is not None and list(layers) != [0]:
             raise ModelError("eGeMAPS caches have one layer (0)")
         frames, stats = [], {"mean": [], "m2": [], "max": [], "min": []}
-        for audio in windows:
-            values = self.smile.process_signal(np.asarray(audio, np.float32), 16_000).to_numpy(np.float64)
+        with _ctrl_c_between_calls() as interrupted:
+            computed = [self.smile.process_signal(np.asarray(audio, np.float32), 16_000).to_numpy(np.float64)
+                        for audio in windows if not interrupted()]
+        for values in computed:
             values = np.nan_to_num(values)
             if len(values) == 0:
                 values = np.zeros((1, self.dim))

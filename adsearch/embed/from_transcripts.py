@@ -33,8 +33,8 @@ from adsearch.embed.extract import (
 from adsearch.embed.linguistic import linguistic_features
 from adsearch.embed.model import ModelSource
 from adsearch.io.audio import SAMPLE_RATE
-from adsearch.io.outputs import save_atomic_npz, write_json_atomic
-from adsearch.transcripts.store import Transcript, open_transcripts
+from adsearch.io.outputs import NonFiniteError, save_atomic_npz, write_json_atomic
+from adsearch.transcripts.store import Transcript, mismatched_recordings, open_transcripts
 from adsearch.work import Claim
 
 TRANSCRIPT_FEATURES = ("linguistic", "ngrams", "text")
@@ -66,6 +66,10 @@ def extract_from_transcripts(manifest: Path | str, out_root: Path | str, feature
         raise CacheError("--text-model goes with --features text (a Hugging Face text encoder: id or folder)")
     recordings = read_manifest(manifest)
     found = open_transcripts(transcripts)
+    if mismatched := mismatched_recordings(found, recordings):
+        raise CacheError(f"--transcripts {found.path}: {len(mismatched)} transcript(s) belong to other audio than "
+                         f"the manifest's: " + "; ".join(mismatched[:5]) + ("; ..." if len(mismatched) > 5 else "")
+                         + ". Transcribe this manifest (`adsearch transcribe`), or fix the manifest")
     transcripts_hash = found.meta["content_hash"]
     torch = None
     encoder, vocabulary = None, None
@@ -90,6 +94,8 @@ def extract_from_transcripts(manifest: Path | str, out_root: Path | str, feature
     key = cache_key(source, f"{manifest_digest(recordings)}+{transcripts_hash}", WHOLE_RECORDING)
     cache_dir = cache_dir_for(Path(out_root), source, key, manifest)
     if (cache_dir / META_FILE).is_file():
+        for rec in recordings:  # an edited transcript file is refused, not silently ignored by a finished cache
+            found.get(rec.id)
         return finished_result(cache_dir)
     parts = cache_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
@@ -120,9 +126,15 @@ def extract_from_transcripts(manifest: Path | str, out_root: Path | str, feature
                     encoder = TextEncoder(source, resolve_device(device))
                 n_frames, stats = encoder.encode_text(transcript.text)
             begin, end = _extent(transcript)
-            save_atomic_npz(part_path(parts, rec.id), start=np.full(len(n_frames), begin, np.int64),
-                            end=np.full(len(n_frames), end, np.int64), n_frames=n_frames,
-                            device=np.array(getattr(encoder, "device", "cpu")), **stats)
+            try:
+                save_atomic_npz(part_path(parts, rec.id), start=np.full(len(n_frames), begin, np.int64),
+                                end=np.full(len(n_frames), end, np.int64), n_frames=n_frames,
+                                device=np.array(getattr(encoder, "device", "cpu")), **stats)
+            except NonFiniteError as exc:  # e.g. word times beyond float32: the recording fails, not the cache
+                write_json_atomic(failure_path(parts, rec.id),
+                                  asdict(Failure(rec.id, str(rec.path), f"features not finite ({exc}): check its "
+                                                 "transcript's word times", rec.split, rec.label)))
+                continue
             computed += 1
         finally:
             claim.release()

@@ -7,10 +7,13 @@ disk, a kill or a second process writing the same target never leaves something 
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +51,14 @@ def printable(text: str | os.PathLike) -> str:
     """A path or name as text that any terminal and UTF-8 file can take: bytes that are not UTF-8 (a file
     name from another system) are shown as \\xNN escapes instead of breaking the output."""
     return os.fspath(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def shortened(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters at a word boundary, with an ellipsis where it was cut."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 1]
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip(" ,;:(") + "…"
 
 
 def check_new_folder(path: Path | str, option: str = "-o") -> Path:
@@ -88,9 +99,14 @@ def folder_written_whole(path: Path | str, option: str = "-o") -> Iterator[Path]
                           "wait for it, or choose another") from None
     try:
         check_new_folder(path, option)  # as seen under the lock
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):  # of a writer killed outright
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
         try:
-            yield work
+            with sigterm_as_interrupt():
+                yield work
+            _umask_modes(work)
             if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
                 path.rmdir()
             try:
@@ -108,6 +124,40 @@ def folder_written_whole(path: Path | str, option: str = "-o") -> Iterator[Path]
         os.close(lock)
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _umask_modes(folder: Path) -> None:
+    """The modes a plain `mkdir` and `open` would have given (mkdtemp and mkstemp make 0700 and 0600): what is
+    written whole is shared like anything else the user writes."""
+    mask = current_umask()
+    for root, dirs, _ in os.walk(folder):
+        for name in dirs:
+            os.chmod(Path(root) / name, 0o777 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's or `kill`'s stop) unwinds like Ctrl-C while a folder is written, so its partial
+    folder and lock are removed; outside the main thread, signals cannot be handled and nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 @contextmanager
 def file_written_whole(path: Path | str) -> Iterator[Path]:
     """Yield a hidden temporary file beside `path`; it replaces `path` when the block ends without error and
@@ -121,6 +171,7 @@ def file_written_whole(path: Path | str) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would hide it from colleagues and containers
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -135,8 +186,18 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+class NonFiniteError(ValueError):
+    """An array meant for a cache holds NaN or infinity: a search would read it as a number."""
+
+
 def save_atomic_npz(path: Path, **arrays: np.ndarray) -> None:
-    """`np.savez` into `path` in one rename (one writer per name, whatever the race)."""
+    """`np.savez` into `path` in one rename (one writer per name, whatever the race); refuses (NonFiniteError)
+    a floating-point array with a NaN or an infinity, so no cache part ever holds one."""
+    for name, array in arrays.items():
+        array = np.asarray(array)
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+            raise NonFiniteError(f"{name}: {bad} of {array.size} values are NaN or infinite")
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)

@@ -28,9 +28,18 @@ from adsearch.io.outputs import check_new_folder, folder_written_whole
 from adsearch.io.safeyaml import YamlError, load_yaml
 from adsearch.results.export import cache_for, config_of_trial, fit_on, predict_items, reproduce_cv
 from adsearch.results.model_files import save_model
-from adsearch.results.schema import CONFIG_FILE, MODEL_FILE, ExportError, StudyRef, load_config, validation_details
+from adsearch.results.schema import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    ExportError,
+    StudyRef,
+    check_export_digests,
+    load_config,
+    validation_details,
+    write_digests,
+)
 from adsearch.results.statistics import mcnemar_exact, mmse_test_report, paired_bootstrap, test_report
-from adsearch.search.ensemble import Combination, ensemble_cv
+from adsearch.search.ensemble import Combination, describe_left_out, ensemble_cv
 
 MEMBERS_DIR = "members"
 
@@ -94,6 +103,7 @@ def load_ensemble(path: Path | str) -> tuple[EnsembleConfig, Path]:
     """The ensemble's config and folder; every member's folder must hold a valid single-trial export."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
+    check_export_digests(folder)
     try:
         data = load_yaml(folder / CONFIG_FILE, "exported config")
         config = EnsembleConfig(**data)
@@ -123,7 +133,7 @@ def export_ensemble(study_name: str, storage_url: str, out_dir: Path | str, meth
     trial, and write the folder whole (or not at all)."""
     import optuna
 
-    from adsearch.search.baseline import load_duration_baseline
+    from adsearch.search.baseline import load_nuisance_baseline
     from adsearch.search.objective import FeatureSource
     from adsearch.search.storage import make_storage, mask_url
     from adsearch.search.study import StudyError, describe_config, load_caches_for, open_study, trial_config
@@ -141,6 +151,8 @@ def export_ensemble(study_name: str, storage_url: str, out_dir: Path | str, meth
     first = next(iter(caches.values()))
     labels = FeatureSource(first, task=task).labels
     result = ensemble_cv(study, labels, setup.folds, spec.cv.metric, top, rounds, method)
+    if left_out := describe_left_out(result.left_out):
+        log(left_out)
     members = [Member(trial=t, weight=w, scale=s) for t, w, s in zip(result.trials, result.weights, result.scales,
                                                                     strict=True)]
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -179,7 +191,8 @@ def export_ensemble(study_name: str, storage_url: str, out_dir: Path | str, meth
         else:
             log("no test targets in the cache: stopped after the refit (no held-out evaluation)")
         (work_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-        (work_dir / "report.html").write_text(_report(config, test, described, load_duration_baseline(study)))
+        (work_dir / "report.html").write_text(_report(config, test, described, load_nuisance_baseline(study)))
+        write_digests(work_dir)
     return EnsembleExport(out_dir, config, test, study.best_value)
 
 
@@ -223,7 +236,7 @@ def _evaluate(config: EnsembleConfig, cache, test_ids: list[str], scores: dict[i
 
 def _report(config: EnsembleConfig, test: dict | None, members: dict[int, str], baseline: dict | None) -> str:
     """One HTML page: the members (what each is), the nested CV beside the best single trial, chance and the
-    duration-only baseline, and the test comparison with each figure's chance level."""
+    nuisance-only baseline, and the test comparison with each figure's chance level."""
     import html
 
     from adsearch.results.report import html_table
@@ -246,7 +259,7 @@ def _report(config: EnsembleConfig, test: dict | None, members: dict[int, str], 
                          ("chance", "not recorded" if chance is None else f"{chance:.4f}" + (
                              " (predicting each training fold's mean MMSE, the study's folds)"
                              if config.task == "mmse" else "")),
-                         ("duration-only baseline", f"{describe_baseline(baseline)}, the study's folds" if baseline
+                         ("nuisance-only baseline", f"{describe_baseline(baseline)}, the study's folds" if baseline
                           else "not recorded")])]
     if test:
         names = ("rmse", "mae", "r2", "pearson_r") if config.task == "mmse" else (

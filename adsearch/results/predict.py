@@ -19,6 +19,15 @@ from adsearch.results.model_files import load_model
 from adsearch.results.schema import CONFIG_FILE, MODEL_FILE, ExportedConfig, ExportError, load_config
 from adsearch.results.shared import SharedModels
 
+# Why a score without the participant's segmentation is not the study's kind of score (the study's features
+# came from the participant's speech only): said per file, in the CSV and on the terminal.
+NOT_COMPARABLE = {
+    "vad": "not comparable with the study's scores: voice activity detection keeps the interviewer's speech too; "
+           "pass --segments with this file's participant speech (a CSV file,begin,end or the corpus manifest)",
+    "whole": "not comparable with the study's scores: the whole recording was used, interviewer and pauses "
+             "included; pass --segments with this file's participant speech (a CSV or the corpus manifest)",
+}
+
 
 @dataclass
 class Prediction:
@@ -31,6 +40,7 @@ class Prediction:
     speech_seconds: float = 0.0
     segmentation: str = ""  # given (--segments), vad (voice activity detection) or whole
     error: str | None = None
+    note: str = ""  # why a score is not comparable with the study's (no participant segmentation)
 
 
 def read_segments(path: Path | str) -> dict[str, list[tuple[float, float]]]:
@@ -108,6 +118,8 @@ class Predictor:
         try:
             audio = self.shared.once(("audio", str(path)), lambda: load_audio(path))
             prediction.segmentation = "given" if segments else "vad" if self.vad else "whole"
+            if prediction.segmentation != "given":
+                prediction.note = NOT_COMPARABLE[prediction.segmentation]
             if prediction.segmentation == "vad":
                 segments = self.shared.once(("vad", str(path)), lambda: speech_segments(audio))
                 if not segments:
@@ -150,7 +162,8 @@ def check_output(path: Path | str) -> Path:
 def write_predictions(predictions: list[Prediction], path: Path | str) -> None:
     """Write the CSV atomically (a crash or a full disk never leaves half a file). Text cells that a
     spreadsheet would run as a formula (starting with =, +, -, @, tab or CR) get a leading apostrophe."""
-    fields = ["file", "prob_ad", "decision", "mmse", "label", "n_windows", "speech_seconds", "segmentation", "error"]
+    fields = ["file", "prob_ad", "decision", "mmse", "label", "n_windows", "speech_seconds", "segmentation", "error",
+              "note"]
     with file_written_whole(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()

@@ -21,7 +21,7 @@ is scored the same way (chosen on the other folds), so the two numbers compare l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,6 +43,15 @@ class Combination:
         return np.clip(combined, *MMSE_RANGE) if regression else combined
 
 
+def describe_left_out(left_out: list[int]) -> str | None:
+    """One line for the trials an ensemble could not consider, or None."""
+    if not left_out:
+        return None
+    shown = ", ".join(str(n) for n in left_out[:10]) + (", ..." if len(left_out) > 10 else "")
+    return (f"{len(left_out)} complete trial(s) left out of the candidates (no out-of-fold scores: run before "
+            f"adsearch kept them): {shown}")
+
+
 @dataclass
 class EnsembleCV:
     """Nested CV of the ensemble and of the best single trial, per fold; the ensemble built on all folds."""
@@ -55,6 +64,7 @@ class EnsembleCV:
     scales: list[float]  # each member's score spread (1 for MMSE predictions)
     intercept: float
     best_single: int  # the trial ranked first on all folds: what the ensemble is compared with
+    left_out: list[int] = field(default_factory=list)  # complete trials without out-of-fold scores: no candidates
 
     @property
     def ensemble(self) -> float:
@@ -77,7 +87,9 @@ def candidate_scores(trials, regression: bool = False) -> tuple[list[int], np.nd
         numbers.append(trial.number)
         rows.append(oof[0] / spread)
         scales.append(spread)
-    return numbers, np.asarray(rows, np.float64).reshape(len(rows), -1), np.asarray(scales)
+    if not rows:
+        return numbers, np.zeros((0, 0)), np.asarray(scales)
+    return numbers, np.asarray(rows, np.float64), np.asarray(scales)
 
 
 def _metric(y: np.ndarray, scores: np.ndarray, metric: str) -> float:
@@ -159,13 +171,18 @@ def ensemble_cv(study, labels: np.ndarray, folds: np.ndarray, metric: str, top: 
     complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: sign * t.value)
     regression = metric in REGRESSION_METRICS
     numbers, scores, scales = candidate_scores(complete, regression)
+    left_out = [t.number for t in complete if t.number not in set(numbers)]
     if len(numbers) < 2:
         raise ValueError(f"study {study.study_name!r}: an ensemble needs at least two completed trials with "
-                         "out-of-fold scores (trials run before adsearch kept them have none)")
+                         f"out-of-fold scores; {len(numbers)} of {len(complete)} have them ({len(left_out)} left out: "
+                         "trials run before adsearch kept out-of-fold scores, or with a repeat that did not run)")
     ensemble_folds, single_folds = nested_cv(scores, labels, folds[0], metric, top, rounds, method)
     ranking = _ranking(scores, labels, metric, top)
     combination = build(method, scores[ranking], labels, metric, rounds)
+    if not (np.isfinite(combination.weights).all() and np.isfinite(combination.intercept)):
+        raise ValueError(f"study {study.study_name!r}: the {method} ensemble's weights are not finite (its members' "
+                         "out-of-fold scores hold extreme values); try --method caruana or fewer members")
     kept = [k for k, weight in enumerate(combination.weights) if weight != 0]
     return EnsembleCV(method, ensemble_folds, single_folds, [numbers[ranking[k]] for k in kept],
                       [float(combination.weights[k]) for k in kept], [float(scales[ranking[k]]) for k in kept],
-                      combination.intercept, numbers[ranking[0]])
+                      combination.intercept, numbers[ranking[0]], left_out)

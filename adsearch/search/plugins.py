@@ -19,7 +19,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from adsearch.search.classifiers import REGISTRY, Choice, ClassifierSpec, FloatRange, IntRange
+from adsearch.search.classifiers import OWN_MODULES, REGISTRY, Choice, ClassifierSpec, FloatRange, IntRange
 
 ENTRY_POINT_GROUP = "adsearch.classifiers"
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -50,6 +50,10 @@ def load_plugins(modules: list[str]) -> dict[str, str]:
                                   "holds it on PYTHONPATH (on every machine that runs workers)") from None
             except Exception as exc:
                 raise PluginError(f"plugins: importing {module!r} failed: {type(exc).__name__}: {exc}") from None
+            finally:
+                for name in set(REGISTRY) - before:  # a failed import leaves none of its classifiers behind
+                    if sys.modules.get(module) is None:
+                        del REGISTRY[name]
             for name in sorted(set(REGISTRY) - before):
                 try:
                     check_classifier(REGISTRY[name])
@@ -60,25 +64,52 @@ def load_plugins(modules: list[str]) -> dict[str, str]:
     return digests
 
 
-def module_digest(module: str) -> str:
-    """SHA-256 of a module's source file: a study refuses a plugin whose code changed since it was created."""
+DIGEST_VERSION = "files:"  # digests of every source file of the plugin's package; older ones: its file alone
+
+
+def module_digest(module: str, legacy: bool = False) -> str:
+    """SHA-256 over the source of a plugin module and of every module of its own code: the whole top-level
+    package it belongs to, or, for a module outside any package, the modules of its folder that it imported.
+    A study refuses a plugin whose code changed since it was created, also in a helper it imports.
+    `legacy`: the module's own file only (how studies made before recorded it)."""
     path = getattr(sys.modules[module], "__file__", None)
     if path is None:
         raise PluginError(f"plugins: {module!r} has no source file (a namespace package?); name the module that "
                           "calls register()")
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if legacy:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for name, source in sorted(_own_sources(module, Path(path))):
+        digest.update(name.encode() + b"\0" + source.read_bytes() + b"\0")
+    return DIGEST_VERSION + digest.hexdigest()
+
+
+def _own_sources(module: str, path: Path) -> list[tuple[str, Path]]:
+    top = sys.modules.get(module.split(".")[0])
+    top_file = getattr(top, "__file__", None)
+    if "." in module and top_file and Path(top_file).name == "__init__.py":  # a package: all of its files
+        root = Path(top_file).parent
+        return [(str(p.relative_to(root)), p) for p in sorted(root.rglob("*.py"))[:5000]]
+    folder = path.resolve().parent  # a lone module: itself and what it imported from its own folder
+    found = [(path.name, path)]
+    for other in list(sys.modules.values()):
+        other_file = getattr(other, "__file__", None)
+        if other_file and other_file != str(path) and Path(other_file).resolve().parent == folder:
+            found.append((Path(other_file).name, Path(other_file)))
+    return found
 
 
 def plugin_of(classifier: str) -> str | None:
     """The plugin module that registered `classifier`, or None for adsearch's own."""
     module = REGISTRY[classifier].build.__module__
-    return None if module in ("adsearch.search.classifiers", "adsearch.search.regressors") else module
+    return None if module in OWN_MODULES else module
 
 
 def check_digests(recorded: dict[str, str], where: str) -> None:
     """Refuse plugin code that differs from what `where` (a study, an exported model) was made with."""
-    current = load_plugins(sorted(recorded))
-    changed = sorted(module for module in recorded if current[module] != recorded[module])
+    load_plugins(sorted(recorded))
+    changed = sorted(module for module in recorded if module_digest(
+        module, legacy=not recorded[module].startswith(DIGEST_VERSION)) != recorded[module])
     if changed:
         raise PluginError(f"{where} was made with other code of the plugin module(s) {', '.join(changed)} (source "
                           "hash recorded); install the same version on this machine, or start a new study")

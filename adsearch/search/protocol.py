@@ -85,6 +85,10 @@ def assign_folds(labels: np.ndarray, groups: np.ndarray, folds: int, repeats: in
         labels = mmse_strata(labels, groups, folds)
     for label in np.unique(labels) if task == "mmse" else (0, 1):
         speakers = len(set(groups[labels == label]))
+        if speakers < 2 and task != "mmse":
+            name = "AD (1)" if label == 1 else "control (0)"
+            raise ProtocolError(f"the train split has {speakers} speaker(s) labelled {name}: a classifier needs "
+                                "both classes, each from at least two speakers; check the manifest's labels")
         if speakers < folds:
             raise ProtocolError(f"only {speakers} speaker(s) with label {label} in the train split: "
                                 f"lower cv.folds to at most {speakers}")

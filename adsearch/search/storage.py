@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -134,12 +135,14 @@ def check_heartbeat(heartbeat_interval: int, grace_period: int) -> None:
 
 def make_storage(
     url: str = DEFAULT_STORAGE, heartbeat_interval: int = 10, grace_period: int = 30, max_retry: int = 3,
-    coalesce_seconds: float = 0.0, create: bool = True,
+    coalesce_seconds: float = 0.0, create: bool = True, read_only_where_unwritable: bool = False,
 ) -> AdsearchStorage:
     """The storage of a study: heartbeats, stale-trial retry, SQLite set up for many local workers.
     `coalesce_seconds > 0` (workers) groups a running trial's reports and attributes, see `AdsearchStorage`.
     `create=False` (commands that only use existing studies) refuses an SQLite file that does not exist
-    instead of leaving an empty database behind. An SQLite file of another application is never touched."""
+    instead of leaving an empty database behind. An SQLite file of another application is never touched.
+    `read_only_where_unwritable` (the dashboard): an SQLite file this process may not write is opened read-only
+    (the storage's `read_only` is then True)."""
     import sqlalchemy as sa
 
     check_url(url)
@@ -152,22 +155,29 @@ def make_storage(
             raise StorageError(f"--storage {url}: no study database at {path}; pass the --storage that "
                                "`adsearch search` used")
         _check_not_foreign(path, url)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _enable_wal(path)
-        except Exception as exc:
-            raise StorageError(f"--storage {url}: cannot open or create the database file ({exc}); check the "
-                               "folder exists and is writable") from None
+        if read_only_where_unwritable and path.is_file() and not (
+                os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
+            # a study database on a read-only mount or owned by someone else: read it as it is, never write
+            url = f"sqlite:///file:{path.resolve()}?mode=ro&immutable=1&uri=true"
+        else:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _enable_wal(path)
+            except Exception as exc:
+                raise StorageError(f"--storage {url}: cannot open or create the database file ({exc}); check the "
+                                   "folder exists and is writable") from None
     attempts = 3
     for attempt in range(attempts):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return AdsearchStorage(
+                storage = AdsearchStorage(
                     url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval,
                     grace_period=grace_period, heartbeat_stale_trial_callback=StaleTrialHandler(url, max_retry),
                     coalesce_seconds=coalesce_seconds,
                 )
+                storage.read_only = "mode=ro" in url
+                return storage
         except Exception as exc:
             # Two processes that create Optuna's tables in a new database at once: the loser finds them there.
             if attempt + 1 < attempts and isinstance(exc, sa.exc.SQLAlchemyError) and created_concurrently(exc):
@@ -186,7 +196,9 @@ def _check_not_foreign(path: Path, url: str) -> None:
     if not path.is_file() or path.stat().st_size == 0:
         return
     try:
-        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=SQLITE_LOCK_TIMEOUT_S)
+        # immutable where it cannot be written: a WAL database on a read-only mount opens no other way
+        flags = "mode=ro" if os.access(path.parent, os.W_OK) else "mode=ro&immutable=1"
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?{flags}", uri=True, timeout=SQLITE_LOCK_TIMEOUT_S)
         try:
             tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         finally:
@@ -194,7 +206,7 @@ def _check_not_foreign(path: Path, url: str) -> None:
     except sqlite3.DatabaseError as exc:
         raise StorageError(f"--storage {url}: {path} is not an SQLite database ({exc}); name a study database "
                            "or a new file") from None
-    if tables and "studies" not in tables:
+    if tables and not {"studies", "version_info"} <= tables:  # Optuna's schema has both
         raise StorageError(f"--storage {url}: {path} is another application's database (tables "
                            f"{', '.join(sorted(tables)[:5])}{', ...' if len(tables) > 5 else ''}); it was not "
                            "changed. Name a study database or a new file")
@@ -239,6 +251,8 @@ class AdsearchStorage(optuna.storages.RDBStorage):
 
     Pickling keeps the contract too: waiting writes are sent first, and the copy sets up its own engine.
     """
+
+    read_only = False  # opened read-only (`make_storage(read_only_where_unwritable=True)`)
 
     def __init__(self, *args: Any, coalesce_seconds: float = 0.0, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
+from adsearch.io.outputs import sigterm_as_interrupt
 from adsearch.search.budget import TrialBudget
 from adsearch.search.database import unreachable_errors
 from adsearch.search.errors import StudyError
@@ -128,7 +129,9 @@ def run_worker(
 
     suspect: tuple[int, int, float] | None = None  # (reserved, holders, since) while they disagree
     outage = _Outage(mask_url(storage_url), max_outage_seconds)
-    with trial_conditions():
+    # SIGTERM (the parent stopping its workers, a scheduler, `kill`) unwinds like Ctrl-C: Optuna then fails the
+    # running trial on the way out instead of leaving it RUNNING until another worker's grace expires.
+    with trial_conditions(), sigterm_as_interrupt():
         while True:
             try:
                 if budget.reserve():

@@ -342,6 +342,11 @@ class CtcRecogniser:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        folder = Path(source.path)
+        if folder.is_dir() and not any((folder / name).is_file() for name in ("vocab.json", "tokenizer.json")):
+            raise AsrError(f"{source.name}: {folder} has no CTC vocabulary (vocab.json or tokenizer.json), so it "
+                           "cannot spell words: it gives layers, not words. Use a checkpoint fine-tuned for CTC "
+                           "(such as jonatasgrosman/wav2vec2-large-xlsr-53-english) or --asr whisper")
         try:
             self.processor = AutoProcessor.from_pretrained(source.path)
             self.model, report = AutoModelForCTC.from_pretrained(source.path, output_loading_info=True)
@@ -388,10 +393,15 @@ def load_recogniser(source: AsrSource, device: str = "auto", threads: int | None
     if not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", device):
         raise AsrError(f"--device {device[:40]!r}: choose auto, cpu, cuda or cuda:N")
     if source.backend == "whisper":
-        if device == "auto":
-            import ctranslate2
+        import ctranslate2
 
-            device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+        cards = ctranslate2.get_cuda_device_count()
+        if device == "auto":
+            device = "cuda" if cards > 0 else "cpu"
+        elif device.startswith("cuda") and int(device.partition(":")[2] or 0) >= cards:
+            raise AsrError(f"--device {device}: " + (f"this machine has {cards} CUDA device(s) CTranslate2 can use"
+                                                     if cards else "CTranslate2 finds no CUDA device here")
+                           + "; use --device cpu (or auto)")
         from adsearch.threads import usable_cpus
 
         return WhisperRecogniser(source, device, threads=threads or usable_cpus()[0], batch_size=batch_size)

@@ -18,6 +18,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,10 +43,21 @@ _TIME_MARK = re.compile("\x15(\\d+)_(\\d+)\x15")
 _FILLED = {"uh", "um", "er", "ah", "hm", "hmm", "mm", "eh", "uhm"}
 
 
+def _without_brackets(text: str) -> str:
+    """Every `[...]` (from a `[` to the next `]`) replaced by a space, in one pass: the regular expression
+    `\\[[^\\]]*\\]` took quadratic time on a line of unclosed brackets (a 200 kB line ran for minutes)."""
+    parts, start = [], 0
+    while (opening := text.find("[", start)) >= 0 and (closing := text.find("]", opening + 1)) >= 0:
+        parts += [text[start:opening], " "]
+        start = closing + 1
+    parts.append(text[start:])
+    return "".join(parts)
+
+
 def chat_words(main_tier: str) -> list[str]:
     """The words of one CHAT main tier as spoken (see the module docstring for what stays and what goes)."""
     text = _TIME_MARK.sub(" ", main_tier)
-    text = re.sub(r"\[[^\]]*\]", " ", text)  # [/], [//], [: target], [* error], [+ exc] ...
+    text = _without_brackets(text)  # [/], [//], [: target], [* error], [+ exc] ...
     text = re.sub(r"[<>]", " ", text)  # <the boy> [/] scopes
     words = []
     for token in text.split():
@@ -130,6 +142,9 @@ def import_transcripts(manifest: Path | str, out_root: Path | str, chat_dir: Pat
         csv_file = Path(csv_file)
         found = read_csv_transcripts(csv_file)
         origin, digests = str(csv_file.resolve()), [file_digest(csv_file)]
+    for rec in recordings:
+        if rec.id in found and (problem := _times_outside(found[rec.id], rec)):
+            raise TranscriptError(f"{csv_file if chat_dir is None else files[rec.id]}: {rec.id}: {problem}")
     unknown = sorted(set(found) - {r.id for r in recordings})
     if chat_dir is None and unknown:
         raise TranscriptError(f"{csv_file}: ids not in the manifest: {', '.join(unknown[:5])}")
@@ -145,6 +160,27 @@ def import_transcripts(manifest: Path | str, out_root: Path | str, chat_dir: Pat
             write_json_atomic(transcript_path(folder, rec.id), found[rec.id].to_json())
     missing = _missing(recordings, found)
     return finish_folder(folder, recordings, source, manifest, manifest_hash, missing)
+
+
+def _times_outside(transcript: Transcript, rec: Recording) -> str | None:
+    """Why a transcript's word or span times cannot belong to the recording (not finite, negative, or beyond
+    its length as the audio header gives it), or None. Times of 1e300 s put infinity into a float32 cache."""
+    from adsearch.io.audio import AudioError, audio_duration
+
+    times = [(w.text, w.start, w.end) for w in transcript.words if w.start is not None or w.end is not None]
+    times += [("(a time mark)", begin, end) for begin, end in transcript.spans]
+    if not times:
+        return None
+    try:
+        length = audio_duration(rec.path)
+    except AudioError:
+        length = float("inf")  # extraction reports the audio itself; the times must still be finite
+    for text, start, end in times:
+        for value in (start, end):
+            if value is not None and not (math.isfinite(value) and 0 <= value <= length + 1.0):
+                return (f"the time {value!r} s of {text!r} is not within the recording (0 to "
+                        f"{length:.1f} s); word times are seconds from the start of the audio file")
+    return None
 
 
 def _read_text(path: Path) -> str:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from adsearch.corpus import Recording
+from adsearch.corpus import Recording, format_segments
 from adsearch.io.digest import file_digest
 
 FORMAT_VERSION = 1
@@ -95,8 +96,12 @@ def failure_path(folder: Path, rec_id: str) -> Path:
 
 
 def item_meta(rec: Recording, folder: Path) -> dict:
+    """What a transcript belongs to: the recording's id, labels, audio (path and SHA-256) and segments, and the
+    transcript file's own SHA-256."""
     return {"id": rec.id, "label": rec.label, "group": rec.group, "split": rec.split, "mmse": rec.mmse,
-            "path": str(rec.path), "sha256": file_digest(transcript_path(folder, rec.id))}
+            "path": str(rec.path), "sha256": file_digest(transcript_path(folder, rec.id)),
+            "audio_sha256": file_digest(rec.path) if rec.path.is_file() else None,
+            "segments": format_segments(rec.segments)}
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,26 @@ class TranscriptSet:
         transcript = Transcript.from_json(json.loads(raw), str(path))
         self._loaded[rec_id] = transcript
         return transcript
+
+
+def mismatched_recordings(found: TranscriptSet, recordings: Sequence[Recording]) -> list[str]:
+    """Recordings of a manifest whose transcript in `found` was made of other audio or other segments (a
+    manifest with its paths rotated, a file replaced), one sentence each naming the recording."""
+    problems = []
+    for rec in recordings:
+        item = found._items.get(rec.id)
+        if item is None:
+            continue
+        if item.get("audio_sha256") and rec.path.is_file():
+            if file_digest(rec.path) != item["audio_sha256"]:
+                problems.append(f"{rec.id}: its audio {rec.path} is not the audio that was transcribed "
+                                f"({item['path']}; SHA-256 differs)")
+        elif item["path"] != str(rec.path):
+            problems.append(f"{rec.id}: transcribed from {item['path']}, the manifest says {rec.path}")
+        if "segments" in item and item["segments"] != format_segments(rec.segments):
+            problems.append(f"{rec.id}: transcribed with segments {item['segments'] or '(whole recording)'}, the "
+                            f"manifest says {format_segments(rec.segments) or '(whole recording)'}")
+    return problems
 
 
 def open_transcripts(path: Path | str) -> TranscriptSet:
