@@ -16,6 +16,7 @@ import hashlib
 import io
 import math
 import re
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from adsearch.io.audio import AudioError, audio_duration
 from adsearch.io.outputs import file_written_whole, printable
 
 MANIFEST_COLUMNS = ("id", "path", "label", "group", "split", "mmse", "segments", "segmentation")
+COVARIATE_PREFIX = "nuisance_"  # columns of the user's own nuisance covariates: nuisance_age, nuisance_site, ...
 # Where a recording's segments came from: a speaker segmentation's participant speech (DementiaBank's), the
 # parts outside it (shortcut controls), voice activity detection (every speaker), the user's own segments
 # of unstated origin, or none at all.
@@ -50,6 +52,9 @@ class Recording:
     mmse: float | None = None
     segments: tuple[Segment, ...] = ()  # empty: use the whole recording
     segmentation: str = ""  # one of SEGMENTATIONS; empty: "given" when there are segments, else "whole"
+    # the manifest's nuisance columns (`nuisance_age`, `nuisance_site`, ...): (name, value as written); what a
+    # study treats as possible shortcuts beside the recording conditions it measures itself
+    covariates: tuple[tuple[str, str], ...] = ()
 
     @property
     def segmented_by(self) -> str:
@@ -206,6 +211,10 @@ def read_manifest(path: Path | str, check_files: bool = True) -> list[Recording]
             f"{', '.join(MANIFEST_COLUMNS)} (mmse and segments may be left out)"
         )
     rows, problems = csv_records(path, header, raw_rows)
+    nuisance = [column for column in header if column.startswith(COVARIATE_PREFIX)]
+    problems += [f"{path}: column {printable(column)[:60]!r}: a nuisance column is {COVARIATE_PREFIX}NAME, NAME "
+                 "1-40 letters, digits or _" for column in nuisance
+                 if not re.fullmatch(r"[A-Za-z0-9_]{1,40}", column[len(COVARIATE_PREFIX):])]
     recordings: list[Recording] = []
     seen: dict[str, int] = {}
     for line, row in rows:
@@ -246,8 +255,10 @@ def read_manifest(path: Path | str, check_files: bool = True) -> list[Recording]
             audio_path = (path.parent / audio_path).resolve()
         if check_files and not audio_path.is_file():
             problems.append(f"{where}: audio file {audio_path} does not exist")
+        covariates = tuple(sorted((column[len(COVARIATE_PREFIX):], row[column]) for column in nuisance))
         recordings.append(
-            Recording(rec_id, audio_path, label, row["group"] or rec_id, split, mmse, segments, segmentation)
+            Recording(rec_id, audio_path, label, row["group"] or rec_id, split, mmse, segments, segmentation,
+                      covariates)
         )
     problems += speakers_in_both_splits(recordings, path)
     if problems:
@@ -257,6 +268,27 @@ def read_manifest(path: Path | str, check_files: bool = True) -> list[Recording]
     if not recordings:
         raise CorpusError(f"{path}: the manifest has no recordings")
     return recordings
+
+
+def label_conflicts(recordings: list[Recording]) -> list[str]:
+    """Labels that contradict each other, as warnings naming the rows: a speaker with both an AD and a control
+    recording (a diagnosis belongs to the person), one audio file under ids with different labels."""
+    warnings = []
+    by_speaker: dict[str, list[Recording]] = defaultdict(list)
+    by_file: dict[Path, list[Recording]] = defaultdict(list)
+    for rec in recordings:
+        if rec.label is not None:
+            by_speaker[rec.group].append(rec)
+            by_file[rec.path].append(rec)
+    for speaker, recs in by_speaker.items():
+        if len({r.label for r in recs}) > 1:
+            warnings.append(f"speaker {speaker!r} has AD and control recordings ("
+                            + ", ".join(f"{r.id}: {r.label}" for r in recs[:6]) + "); check the labels")
+    for audio, recs in by_file.items():
+        if len({r.label for r in recs}) > 1:
+            warnings.append(f"{audio} is listed under ids with different labels ("
+                            + ", ".join(f"{r.id}: {r.label}" for r in recs[:6]) + "); one of them is wrong")
+    return warnings
 
 
 def _parse_mmse(text: str) -> float | None:
@@ -289,9 +321,10 @@ def write_manifest(recordings: Sequence[Recording], path: Path | str) -> Path:
     relative to it."""
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
+    nuisance = sorted({name for rec in recordings for name, _ in rec.covariates})
     with file_written_whole(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(MANIFEST_COLUMNS)
+        writer.writerow([*MANIFEST_COLUMNS, *(COVARIATE_PREFIX + name for name in nuisance)])
         for rec in recordings:
             audio = Path(rec.path).resolve()
             try:
@@ -306,20 +339,24 @@ def write_manifest(recordings: Sequence[Recording], path: Path | str) -> Path:
             writer.writerow([
                 rec.id, shown, "" if rec.label is None else rec.label, rec.group, rec.split,
                 "" if rec.mmse is None else f"{rec.mmse:g}", format_segments(rec.segments), rec.segmented_by,
+                *(dict(rec.covariates).get(name, "") for name in nuisance),
             ])
     return path
 
 
 def manifest_digest(recordings: Sequence[Recording]) -> str:
-    """Content hash of what extraction depends on: ids, labels, splits, segments and audio file sizes."""
+    """Content hash of what extraction depends on: ids, labels, splits, segments, nuisance columns (a cache
+    records them) and audio file sizes."""
     digest = hashlib.sha256()
     for rec in sorted(recordings, key=lambda r: r.id):
         try:
             size = Path(rec.path).stat().st_size
         except OSError:
             size = -1
+        covariates = "".join(f"\t{name}={value}" for name, value in rec.covariates)  # (none: the digest as before)
         digest.update(
-            f"{rec.id}\t{rec.label}\t{rec.group}\t{rec.split}\t{format_segments(rec.segments)}\t{size}\n".encode()
+            f"{rec.id}\t{rec.label}\t{rec.group}\t{rec.split}\t{format_segments(rec.segments)}\t{size}{covariates}\n"
+            .encode()
         )
     return digest.hexdigest()
 
@@ -406,13 +443,17 @@ def control_segments(path: Path, duration: float | None, keep: str) -> tuple[lis
 def _read_mmse(path: Path) -> dict[str, tuple[float | None, str]]:
     scores: dict[str, tuple[float | None, str]] = {}
     with io.StringIO(_read_text(path, "MMSE file"), newline="") as handle:
-        for row in csv.DictReader(handle):
+        for line, row in enumerate(csv.DictReader(handle), start=2):
             row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
             name = row.get("adressfname") or row.get("id")
             if not name:
                 continue
             mmse = row.get("mmse", "")
-            scores[name] = (float(mmse) if mmse not in ("", "nan", "NA") else None, row.get("dx", ""))
+            try:  # a missing score ("", "nan", "NA") stays missing; anything else must be a score of 0-30
+                score = None if mmse.lower() in ("", "nan", "na") else _parse_mmse(mmse)
+            except ValueError as exc:
+                raise CorpusError(f"{path} line {line} ({name}): {exc}; fix or empty that cell") from None
+            scores[name] = (score, row.get("dx", ""))
     return scores
 
 

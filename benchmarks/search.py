@@ -9,6 +9,8 @@ BENCHMARKS.md).
     python benchmarks/search.py mmse       # MMSE regression: default vs random to 95 % of the oracle's R2
     python benchmarks/search.py ensemble   # two sources with independent signals: ensemble vs best single trial
     python benchmarks/search.py mmse-stack # the MMSE stack's ridge penalty: adsearch's alpha = 1 vs leave-one-out
+    python benchmarks/search.py hard --before /tmp/prev   # hard planted kinds (benchmarks/hard.py): default vs
+                                                          # random vs the code before (a checkout given by --before)
     python benchmarks/search.py all --json benchmarks/results/search-cpu.json
 
 Every part runs the real worker (`adsearch.search.worker.run_worker`) against an SQLite file.
@@ -567,10 +569,14 @@ def memory(work: Path, trials: int = 20) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=["overhead", "scaling", "quality", "memory", "mmse", "ensemble", "mmse-stack",
-                                         "all"])
+                                         "hard", "all"])
     parser.add_argument("--trials", type=int, help="override the part's trial budget")
     parser.add_argument("--seeds", type=int, help="quality, mmse, ensemble: caches (and runs) per planted kind")
     parser.add_argument("--workers", type=int, help="quality, mmse: runs at a time (default: every core)")
+    parser.add_argument("--before", type=Path, help="hard: a checkout of the code before, run as 'previous default'")
+    parser.add_argument("--kinds", help="hard: comma-separated kinds (default: the five hard ones; also mean, spread, "
+                                        "nonlinear: the easy kinds of quality)")
+    parser.add_argument("--work", type=Path, help="hard: keep the caches, studies and each run's run.json here")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     parts = ["overhead", "scaling", "quality", "memory", "mmse", "ensemble"] if args.part == "all" else [args.part]
@@ -578,6 +584,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for part in parts:
             options = {"trials": args.trials} if args.trials else {}
+            if part == "hard":
+                from hard import KINDS, hard
+
+                results[part] = hard(args.work or Path(tmp) / "hard", **options, **{k: v for k, v in (
+                    ("seeds", args.seeds), ("workers", args.workers), ("before", args.before)) if v},
+                    kinds=tuple(args.kinds.split(",")) if args.kinds else tuple(KINDS))
+                continue
             if part in ("quality", "mmse"):
                 options.update({k: v for k, v in (("seeds", args.seeds), ("workers", args.workers)) if v})
             elif part in ("ensemble", "mmse-stack") and args.seeds:

@@ -14,6 +14,7 @@ from adsearch.search.estimators import (
     PLSRegressor,
     ShrinkageLDA,
     TfidfWeighting,
+    UnivariateSelection,
 )
 
 
@@ -90,6 +91,23 @@ def test_estimators_round_trip_through_skops(tmp_path):
 def test_tfidf_weighting_follows_scikit_learn_conventions(estimator, check):
     """scikit-learn's own estimator checks (its contract for transformers) against adsearch's TF-IDF step."""
     check(estimator)
+
+
+@parametrize_with_checks([UnivariateSelection(k=2), UnivariateSelection(k=2, regression=True)])
+def test_univariate_selection_follows_scikit_learn_conventions(estimator, check):
+    check(estimator)
+
+
+def test_univariate_selection_keeps_scikit_learns_best_columns():
+    """The same columns as SelectKBest with the ANOVA F test (classes) or f_regression (a score)."""
+    from sklearn.feature_selection import SelectKBest, f_classif, f_regression
+
+    X, y = data(120, 30, 3)
+    for regression, target, score in ((False, y, f_classif), (True, X[:, 5] * 2 + y, f_regression)):
+        ours = UnivariateSelection(k=4, regression=regression).fit(X, target)
+        theirs = SelectKBest(score, k=4).fit(X, target)
+        np.testing.assert_array_equal(ours.columns_, np.flatnonzero(theirs.get_support()))
+        np.testing.assert_array_equal(ours.transform(X), theirs.transform(X))
 
 
 def test_tfidf_weighting_matches_scikit_learn_and_refuses_negative_values():

@@ -301,6 +301,7 @@ def test_a_crafted_model_file_is_refused(exported_dir, tmp_path, function):
         load_model(_crafted_model(tmp_path / "evil.skops", function))
     copy = tmp_path / "best"
     shutil.copytree(exported_dir, copy)
+    (copy / "digests.json").unlink()  # an export older than its digests: the model file's own check
     _crafted_model(copy / "model.skops", function)
     assert_clear_error(run("predict", copy, tmp_path / "x.wav"), "refused")
     (copy / "model.skops").write_bytes(b"not a zip")
@@ -341,6 +342,12 @@ def test_every_model_adsearch_exports_loads_with_the_exact_allow_list(tmp_path):
             save_model(fit_pipeline(config, X, y, 0), tmp_path / "m.skops")
             needed |= set(sio.get_untrusted_types(file=tmp_path / "m.skops"))
             load_model(tmp_path / "m.skops")
+    selected = TrialConfig(layer=0, pooling="mean", unit="recording", scale="standard", select="kbest", select_k=5,
+                           pca="none", l2_normalize=False, classifier="logreg", params={"C": 1.0})
+    save_model(fit_pipeline(selected, rng.normal(size=(40, 80)).astype(np.float32), np.arange(40) % 2, 0),
+               tmp_path / "m.skops")
+    needed |= set(sio.get_untrusted_types(file=tmp_path / "m.skops"))
+    load_model(tmp_path / "m.skops")
     counts = rng.poisson(0.5, size=(40, 80)).astype(np.float32)  # an n-gram source's TF-IDF preprocessing
     tfidf = TrialConfig(layer=0, pooling="mean", unit="recording", scale="tfidf", pca="none", l2_normalize=False,
                         classifier="logreg", params={"C": 1.0})

@@ -224,10 +224,11 @@ def test_three_workers_on_sqlite_finish_exactly_the_budget(small_cache, tmp_path
     assert len({t.user_attrs["worker"] for t in study.get_trials()}) >= 2
     assert "study exact: 25/25 finished" in done.stdout and "export it with" in done.stdout
     # the layer screen ran before the workers: printed, its heat map uploaded, its top cells the first trials
-    assert "screening 4 layers x 2 poolings" in done.stdout and "6 enqueued as the first trials" in done.stdout
+    enqueued = re.search(r"(\d+) enqueued as the first trials", done.stdout)
+    assert "screening 4 layers x 2 poolings" in done.stdout and enqueued and 1 <= int(enqueued.group(1)) <= 10
     assert list((tmp_path / "adsearch-artifacts").rglob("*")), "no screen heat map artifact"
     screened = [t for t in study.get_trials() if t.user_attrs.get("origin") == "screen"]
-    assert sorted(t.number for t in screened) == list(range(6))
+    assert sorted(t.number for t in screened) == list(range(int(enqueued.group(1))))
     trial = study.best_trial
     attrs = trial.user_attrs
     assert attrs["cv_balanced_accuracy"] == pytest.approx(trial.value)

@@ -19,7 +19,7 @@ def test_default_space_is_valid_and_covers_every_registered_classifier():
     spec = load_spec(DEFAULT)
     assert set(spec.space.classifiers) == set(models_for("classification"))
     assert spec.cv.metric == "balanced_accuracy" and spec.sampler == "tpe" and spec.pruner == "none"
-    assert spec.screen.enabled and spec.screen.top == 6
+    assert spec.screen.enabled and spec.screen.top == 10
     assert check_layers(spec, 25) == tuple(range(25))
 
 

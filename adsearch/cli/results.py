@@ -21,7 +21,16 @@ def export(
     study: Annotated[str, typer.Option(help="Study name.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="New folder for config, model and report.")],
     storage: Annotated[str, typer.Option(help=STORAGE_HELP, envvar="ADSEARCH_STORAGE")] = "sqlite:///adsearch.db",
-    trial: Annotated[int | None, typer.Option(help="Trial number to export (default: the best).")] = None,
+    trial: Annotated[int | None, typer.Option(help="Trial number to export (default: the best of --choose-from "
+                                                  "by fresh folds).")] = None,
+    choose_from: Annotated[int, typer.Option(help="Re-score the study's K best trials on fresh fold assignments "
+                                                  "(deconfounded like the study) and export the best of them: "
+                                                  "the study's best value is partly luck. 1: its best value.",
+                                             min=1, max=100)] = 5,
+    despite_nuisance_baseline: Annotated[bool, typer.Option(
+        "--despite-nuisance-baseline", help="Export even when the trial does not clear the nuisance-only baseline "
+                                            "(recording length, speaking time, recording conditions; deconfounded "
+                                            "studies: chance), which otherwise stops the export.")] = False,
     top_k: Annotated[int, typer.Option(help="Also test the next K configurations; exact McNemar vs the exported "
                                             "one (an MMSE study: paired bootstrap of the metric).", min=0,
                                        max=1000)] = 0,
@@ -44,9 +53,12 @@ def export(
 
     with user_errors():
         result = export_trial(study, storage, output, trial, top_k, str(cache) if cache else None, artifacts,
-                              log=lambda message: out.print(message, highlight=False), control_study=control_study)
+                              log=lambda message: out.print(message, highlight=False), control_study=control_study,
+                              choose_from=choose_from, despite_nuisance_baseline=despite_nuisance_baseline)
     cv = result.config.cv
-    out.print(f"trial {result.config.study.trial}: CV {cv.metric} {cv.mean:.4f} +/- {cv.std:.4f}"
+    out.print(f"trial {result.config.study.trial}: {'deconfounded ' if cv.deconfound else ''}CV {cv.metric} "
+              f"{cv.mean:.4f} +/- {cv.std:.4f}"
+              + (f" (plain CV {cv.deconfound.plain_mean:.4f})" if cv.deconfound else "")
               + (f"; on {cv.fresh.repeats} fresh fold assignments {cv.fresh.mean:.4f} +/- {cv.fresh.std:.4f} "
                  f"(selection optimism, CV - fresh: {cv.fresh.optimism:+.4f})" if cv.fresh else ""))
     for line in result.warnings:
@@ -145,7 +157,9 @@ def predict(
     speech model layer, pooling and pipeline.
 
     Only as many transformer layers run as the chosen layer needs. A file that cannot be read gets an
-    error row; the others are still predicted. The `segmentation` column says which speech each file used.
+    error row; the others are still predicted, every row is written, and the exit status is then 1. The
+    `segmentation` column says which speech each file used; a score from voice activity detection or the
+    whole recording is not comparable with the study's (the `note` column says so): pass --segments.
     """
     from adsearch.results.ensemble import EnsemblePredictor, is_ensemble
     from adsearch.results.predict import Predictor, check_output, read_segments, write_predictions
@@ -179,12 +193,14 @@ def predict(
             label = f" -> {prediction.label}" if prediction.label else ""
             out.print(f"{prediction.file}: {score}{label} "
                       f"({prediction.n_windows} windows, {prediction.speech_seconds:.1f} s of speech, "
-                      f"segmentation: {prediction.segmentation})", highlight=False, markup=False)
+                      f"segmentation: {prediction.segmentation})"
+                      + (f"; {prediction.note}" if prediction.note else ""), highlight=False, markup=False)
     if output:
         with user_errors():
             write_predictions(predictions, output)
         out.print(f"wrote {output}", highlight=False)
-    if all(p.error for p in predictions):
+    if failed := sum(1 for p in predictions if p.error):
+        err.print(f"{failed} of {len(predictions)} file(s) could not be predicted (error rows)", highlight=False)
         raise typer.Exit(1)
 
 
@@ -213,7 +229,7 @@ def ensemble(
     import optuna
 
     from adsearch.results.ensemble import export_ensemble
-    from adsearch.search.ensemble import ensemble_cv
+    from adsearch.search.ensemble import describe_left_out, ensemble_cv
     from adsearch.search.objective import FeatureSource
     from adsearch.search.storage import make_storage, mask_url
     from adsearch.search.study import load_cache_for, open_study
@@ -230,6 +246,8 @@ def ensemble(
             loaded, setup = open_study(make_storage(storage, create=False), study, mask_url(storage))
             labels = FeatureSource(load_cache_for(setup, study), setup.null_seed, task=setup.spec.task).labels
             computed = ensemble_cv(loaded, labels, setup.folds, setup.spec.cv.metric, top, rounds, method)
+            if left_out := describe_left_out(computed.left_out):
+                out.print(left_out, highlight=False)
             result = (setup.spec.cv.metric, loaded.best_value, computed.ensemble_folds, computed.single_folds,
                       list(zip(computed.trials, computed.weights, strict=True)))
     metric, study_best, ensemble_folds, single_folds, members = result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -17,8 +18,9 @@ from adsearch.search.budget import MAX_TRIALS
 
 
 def _study_summary(study, budget: int) -> None:
+    from adsearch.search import deconfound
     from adsearch.search.protocol import direction
-    from adsearch.search.study import StudySetup, best_summary, describe_config, fold_fits, trial_counts
+    from adsearch.search.study import StudySetup, best_summary, describe_best, describe_config, fold_fits, trial_counts
 
     counts = trial_counts(study)
     setup = StudySetup.from_study(study)
@@ -41,18 +43,21 @@ def _study_summary(study, budget: int) -> None:
         stale = stale_floor(floor, best["value"], counts["finished"], study.study_name) if best else None
         if stale:
             err.print(f"[yellow]warning:[/] {escape(stale)}", highlight=False)
+    out.print("scoring: " + deconfound.describe(setup.deconfound), highlight=False)
     if best:
-        out.print(f"best: trial {best['number']}, CV {best['value']:.4f}: {describe_config(best['config'])}",
+        out.print(f"best: trial {best['number']}, {describe_best(best)}: {describe_config(best['config'])}",
                   highlight=False)
     from adsearch.search.baseline import describe as describe_baseline
-    from adsearch.search.baseline import duration_warning, load_duration_baseline
+    from adsearch.search.baseline import load_nuisance_baseline, nuisance_gate
 
-    baseline = load_duration_baseline(study)
+    baseline = load_nuisance_baseline(study)
     if baseline:
-        out.print("duration-only baseline: CV " + describe_baseline(baseline), highlight=False)
-        warning = duration_warning(best["value"], baseline, floor) if best else None
+        out.print("nuisance-only baseline: CV " + describe_baseline(baseline), highlight=False)
+        warning = nuisance_gate(best["value"], best["fold_scores"], baseline, floor, best["deconfounded"]) \
+            if best else None
         if warning:
-            err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+            err.print(f"[yellow]warning:[/] {escape(warning)}; `adsearch export` stops on it unless given "
+                      "--despite-nuisance-baseline", highlight=False)
 
 
 @app.command()
@@ -112,6 +117,10 @@ def search(
     if workers < 0:
         err.print("[bold red]error:[/] --workers must be at least 0")
         raise typer.Exit(2)
+    if re.fullmatch(r"sqlite:/{2,3}(:memory:)?(\?.*)?", storage.strip()):
+        raise typer.BadParameter(f"{storage}: an in-memory SQLite database lives inside one process, so workers "
+                                 "cannot share it and the study is lost when the command ends; name a file, e.g. "
+                                 "sqlite:///adsearch.db", param_hint="--storage")
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -294,7 +303,7 @@ def null(
     import optuna_dashboard
 
     from adsearch.embed import open_cache
-    from adsearch.search.baseline import load_duration_baseline
+    from adsearch.search.baseline import load_nuisance_baseline
     from adsearch.search.null import create_null_studies, describe, record, summarise
     from adsearch.search.storage import make_storage, mask_url
     from adsearch.search.study import StudySetup, load_screen, open_study, study_note, trial_counts
@@ -331,7 +340,7 @@ def null(
         record(store, study, summary)
         setup = StudySetup.from_study(main)  # the study note gains the floor
         optuna_dashboard.save_note(main, study_note(open_cache(setup.cache_path), setup, load_screen(main),
-                                                    load_duration_baseline(main))
+                                                    load_nuisance_baseline(main))
                                    + "\n\n**Noise floor**: " + describe(summary) + ".")
     out.print(f"study {study}: " + describe(summary), highlight=False)
     if summary["unfinished"]:

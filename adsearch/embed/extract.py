@@ -34,7 +34,7 @@ from adsearch.embed.encoder import WindowEncoder, default_batch_size, resolve_de
 from adsearch.embed.model import ModelSource, resolve_model
 from adsearch.embed.windows import MIN_WINDOW_SAMPLES, Window, make_batches, pack_batches, plan_windows
 from adsearch.io.audio import SAMPLE_RATE, AudioError, load_audio
-from adsearch.io.outputs import save_atomic_npz, write_json_atomic
+from adsearch.io.outputs import NonFiniteError, save_atomic_npz, shortened, write_json_atomic
 from adsearch.threads import ThreadPlan, choose_threads
 from adsearch.work import Claim, ExtractProgress, shard_of, speech_seconds
 
@@ -107,6 +107,20 @@ def part_path(parts: Path, rec_id: str) -> Path:
     return parts / f"{rec_id}.npz"
 
 
+def _save_part(parts: Path, rec: Recording, done: list, device: str, threads: int, conditions: dict) -> None:
+    """One recording's part file: its windows' spans, frame counts and statistics, and how it was made."""
+    save_atomic_npz(
+        part_path(parts, rec.id),
+        start=np.array([r[0] for r in done], np.int64),
+        end=np.array([r[1] for r in done], np.int64),
+        n_frames=np.array([r[2] for r in done], np.int64),
+        device=np.array(device),
+        threads=np.array(threads),
+        conditions=np.array(json.dumps(conditions, sort_keys=True)),
+        **{s: np.stack([r[3][s] for r in done], axis=1).astype(np.float32) for s in STATS},
+    )
+
+
 def failure_path(parts: Path, rec_id: str) -> Path:
     return parts / f"{rec_id}.failed.json"
 
@@ -135,13 +149,15 @@ def _drop_damaged_parts(parts: Path, recordings: Sequence[Recording]) -> list[st
                 loaded["n_frames"]
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             part.unlink(missing_ok=True)
-            redone.append(f"{rec.id} ({rec.path}): its part {part.name} was damaged ({str(exc)[:120]}); extracting "
-                          "it again")
+            redone.append(f"{rec.id} ({rec.path}): its part {part.name} was damaged ({shortened(str(exc), 120)}); "
+                          "extracting it again")
     return redone
 
 
-def recording_windows(rec: Recording, settings: ExtractSettings) -> tuple[list[Window], float]:
-    audio = load_audio(rec.path)
+def recording_windows(rec: Recording, settings: ExtractSettings, conditions: dict | None = None
+                      ) -> tuple[list[Window], float]:
+    """The recording's windows of participant speech and their seconds; `conditions` as `load_audio`'s."""
+    audio = load_audio(rec.path, conditions=conditions)
     spans = plan_windows(rec.segments, len(audio), settings.window_s, settings.min_window_s)
     if not spans:
         raise AudioError(
@@ -171,10 +187,11 @@ def _group_recordings(recordings: list[Recording], target_windows: int, settings
     process holds is left to it."""
 
     def load(rec: Recording):
+        conditions: dict = {}
         try:
-            return (rec, *recording_windows(rec, settings))
+            return (rec, *recording_windows(rec, settings, conditions), conditions)
         except AudioError as exc:
-            return rec, exc, 0.0
+            return rec, exc, 0.0, conditions
 
     def groups() -> Iterator[list[Recording]]:
         # Group sizes are estimated from the segment lists; exactness is not needed here.
@@ -324,7 +341,7 @@ def _extract_claimed(pending: list[Recording], parts: Path, encoder: WindowEncod
 
     computed = failed = 0
     audio_seconds = 0.0
-    owner: dict[int, tuple[Recording, float]] = {}  # a running number per recording -> (recording, seconds)
+    owner: dict[int, tuple[Recording, float, dict]] = {}  # a running number -> (recording, seconds, conditions)
     rows: dict[int, list] = {}
     left: dict[int, int] = {}  # windows of the recording not collected yet
     numbers = itertools.count()
@@ -334,7 +351,7 @@ def _extract_claimed(pending: list[Recording], parts: Path, encoder: WindowEncod
         carried: list[Window] = []
         for group in _group_recordings(pending, 4 * batch_size, settings, claim, loaders):
             windows: list[Window] = []
-            for rec, loaded, seconds in group:
+            for rec, loaded, seconds, conditions in group:
                 if isinstance(loaded, AudioError):
                     write_json_atomic(failure_path(parts, rec.id),
                                       asdict(Failure(rec.id, str(rec.path), loaded.reason, rec.split, rec.label)))
@@ -344,7 +361,7 @@ def _extract_claimed(pending: list[Recording], parts: Path, encoder: WindowEncod
                         progress.advance(1, 0.0)
                     continue
                 number = next(numbers)
-                owner[number], rows[number], left[number] = (rec, seconds), [], len(loaded)
+                owner[number], rows[number], left[number] = (rec, seconds, conditions), [], len(loaded)
                 for window in loaded:
                     window.item = number
                 windows += loaded
@@ -364,19 +381,16 @@ def _extract_claimed(pending: list[Recording], parts: Path, encoder: WindowEncod
             left[window.item] -= 1
             if left[window.item]:
                 continue
-            rec, seconds = owner.pop(window.item)
+            rec, seconds, conditions = owner.pop(window.item)
             done = sorted(rows.pop(window.item), key=lambda row: row[0])
-            save_atomic_npz(
-                part_path(parts, rec.id),
-                start=np.array([r[0] for r in done], np.int64),
-                end=np.array([r[1] for r in done], np.int64),
-                n_frames=np.array([r[2] for r in done], np.int64),
-                device=np.array(encoder.device),
-                threads=np.array(threads),
-                **{s: np.stack([r[3][s] for r in done], axis=1).astype(np.float32) for s in STATS},
-            )
-            computed += 1
-            audio_seconds += seconds
+            try:
+                _save_part(parts, rec, done, encoder.device, threads, conditions)
+                computed += 1
+                audio_seconds += seconds
+            except NonFiniteError as exc:  # the model overflowed on it (float16): the recording fails, not the cache
+                write_json_atomic(failure_path(parts, rec.id), asdict(Failure(
+                    rec.id, str(rec.path), f"the model's hidden states are not finite ({exc})", rec.split,
+                    rec.label)))
             claims.pop(rec.id).release()
             if progress:
                 progress.advance(1, seconds)
@@ -478,8 +492,13 @@ def _consolidate(cache_dir: Path, done: list[Recording], n_layers: int, dim: int
             windows["n_frames"] += part["n_frames"].tolist()
             devices.add(str(part["device"]) if "device" in part.files else "unknown")
             threads.add(int(part["threads"]) if "threads" in part.files else 0)
-        items.append({"id": rec.id, "label": rec.label, "group": rec.group, "split": rec.split,
-                      "mmse": rec.mmse, "path": str(rec.path), "n_windows": count})
+            item = {"id": rec.id, "label": rec.label, "group": rec.group, "split": rec.split,
+                    "mmse": rec.mmse, "path": str(rec.path), "n_windows": count}
+            if "conditions" in part.files:  # how the recording was made (`recording_conditions`), and its
+                item["conditions"] = {**json.loads(str(part["conditions"])), "segments": len(rec.segments)}
+        if rec.covariates:  # the manifest's own nuisance columns (age, sex, site, device ...)
+            item["covariates"] = dict(rec.covariates)
+        items.append(item)
         offset += count
     for array in arrays.values():
         array.flush()

@@ -84,14 +84,16 @@ def _save_layer(path: Path, layer: int, values: dict[str, np.ndarray]) -> None:
 
 
 def _write_meta(path: Path, labels: np.ndarray, n_train: int, windows_per_item: np.ndarray, frames: np.ndarray,
-                n_layers: int, dim: int, model: str, synthetic: dict, mmse: np.ndarray | None = None) -> Path:
+                n_layers: int, dim: int, model: str, synthetic: dict, mmse: np.ndarray | None = None,
+                conditions: list[dict] | None = None) -> Path:
     """cache.json of a synthetic cache whose arrays are written: one recording per speaker, train first."""
     n_items = len(labels)
     window_item = np.repeat(np.arange(n_items), windows_per_item)
     items = [{"id": f"r{i:04d}", "label": int(labels[i]), "group": f"spk{i:04d}",
               "split": "train" if i < n_train else "test", "mmse": None if mmse is None else float(mmse[i]),
               "path": "",
-              "n_windows": int(windows_per_item[i])} for i in range(n_items)]
+              "n_windows": int(windows_per_item[i]), **({"conditions": conditions[i]} if conditions else {})}
+             for i in range(n_items)]
     meta = {
         "format_version": FORMAT_VERSION, "items": items, "n_windows": len(window_item),
         "windows": {"item": window_item.tolist(), "n_frames": frames.tolist(),
@@ -107,16 +109,25 @@ def _write_meta(path: Path, labels: np.ndarray, n_train: int, windows_per_item: 
 
 
 REALISTIC_KINDS = ("mean", "spread", "nonlinear", "none")
+# Kinds a layer x pooling screen cannot solve alone (issue 25, benchmarks/search.py hard):
+# "shortcut": recording length follows the label in the train split only, the early layers encode length
+#     strongly, a weaker genuine class shift sits at the signal layer (deconfounded CV tells them apart);
+# "interaction": the label is the product of a mean shift's sign and a spread change's sign at one layer;
+# "sparse": a class shift in 3 dimensions only; "extreme": short bursts in a few dimensions that only max
+#     pooling keeps (the window means barely move).
+HARD_KINDS = ("shortcut", "interaction", "sparse", "extreme")
 # Signal strength per kind that puts the planted configuration's 5-fold CV near 0.80 balanced accuracy on
 # 166 train recordings x 256 dims (chosen by scanning strengths; `benchmarks/search.py quality` reports each
 # cache's oracle: 0.77-0.93, mean 0.83, BENCHMARKS.md).
-CALIBRATED_STRENGTH = {"mean": 0.11, "spread": 0.12, "nonlinear": 1.3, "none": 0.0}
+CALIBRATED_STRENGTH = {"mean": 0.11, "spread": 0.12, "nonlinear": 1.3, "none": 0.0, "shortcut": 0.10,
+                       "interaction": 1.0, "sparse": 0.7, "extreme": 1.0}
 # The MMSE signal strength (target="mmse", kind "mean") that puts the planted configuration's 5-fold CV near
 # R2 0.45, RMSE about 4 on a score SD of about 5.4: between ADReSSo's official baseline (RMSE 5.28) and its
 # best systems (3.85). Scanned: 0.08 gives R2 0.29, 0.12 gives 0.57.
 CALIBRATED_MMSE_STRENGTH = 0.10
 # The pooling that sees each planted kind: with the planted layer, the "oracle" configuration.
-PLANTED_POOLING = {"mean": "mean", "spread": "std", "nonlinear": "mean", "none": "mean"}
+PLANTED_POOLING = {"mean": "mean", "spread": "std", "nonlinear": "mean", "none": "mean", "shortcut": "mean",
+                   "interaction": "mean+std", "sparse": "mean", "extreme": "max"}
 
 
 def write_realistic_cache(
@@ -147,8 +158,8 @@ def write_realistic_cache(
     "nonlinear" (the class-1 shift has a random sign per recording: class means coincide, only non-linear
     classifiers separate them) or "none" (no signal: the null floor). The signal peaks at `signal_layer`
     (default: drawn from the middle layers) and fades over about two layers each side."""
-    if kind not in REALISTIC_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(REALISTIC_KINDS)}")
+    if kind not in REALISTIC_KINDS + HARD_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(REALISTIC_KINDS + HARD_KINDS)}")
     if target not in ("label", "mmse"):
         raise ValueError("target must be label or mmse")
     rng = np.random.default_rng(seed)
@@ -161,8 +172,11 @@ def write_realistic_cache(
     labels = drawn if labels is None else np.asarray(labels, np.int64)
     if labels.shape != (n_items,):
         raise ValueError(f"labels: one per recording ({n_items}), not {labels.shape}")
-    # Recording lengths: log-normal around a minute, cut into windows of at most 20 s (50 frames/s).
+    # Recording lengths: log-normal around a minute, cut into windows of at most 20 s (50 frames/s); in the
+    # shortcut kind the AD recordings of the train split are longer (in the test split they are not).
     seconds = np.clip(rng.lognormal(np.log(60), 0.5, n_items), 8, 300)
+    if kind == "shortcut":
+        seconds = np.where((labels == 1) & (np.arange(n_items) < n_train), seconds * 3.0, seconds)
     windows_per_item = np.ceil(seconds / 20).astype(int)
     window_item = np.repeat(np.arange(n_items), windows_per_item)
     n_windows = len(window_item)
@@ -182,33 +196,60 @@ def write_realistic_cache(
     spread[0] |= not spread.any()
     direction *= spread
     direction /= np.linalg.norm(direction) / np.sqrt(dim / 4)  # per-dim size about 1 where it is non-zero
-    signs = rng.choice([-1.0, 1.0], n_items) if kind == "nonlinear" else np.ones(n_items)
+    signs = rng.choice([-1.0, 1.0], n_items) if kind in ("nonlinear", "interaction") else np.ones(n_items)
+    # interaction: the spread moves up or down with the sign of the mean shift times the label's sign
+    spread_sign = np.where(labels == 1, signs, -signs)
+    few = np.random.default_rng([seed, 3]).choice(dim, 3, replace=False)  # the sparse and extreme kinds' dimensions
     mmse = planted_mmse(labels, seed) if mmse is None else np.asarray(mmse, np.float64)
     planted = labels if target == "label" else (29.0 - mmse) / 9.0  # about 0 for controls, 1 for a typical AD
     per_window = (planted * signs)[window_item][:, None]
+    if kind == "interaction":
+        per_window = signs[window_item][:, None]
     for layer in range(n_layers):
         angle = 0.5 * np.pi * layer / max(1, n_layers - 1)
         loadings = np.cos(angle) * loadings_a + np.sin(angle) * loadings_b
         nuisance = np.cos(angle) * nuisance_a + np.sin(angle) * nuisance_b
         weight = strength * np.exp(-0.5 * ((layer - signal_layer) / 1.5) ** 2)  # peaks, fades over ~2 layers
-        mean = latent @ loadings + 0.5 * rng.normal(0, 1, (n_windows, dim)) + 0.8 * length * nuisance
+        # length is encoded everywhere; the shortcut kind's early layers encode it strongly, its middle ones weakly
+        length_weight = 3.0 * np.exp(-layer / 2.5) if kind == "shortcut" else 0.8
+        mean = latent @ loadings + 0.5 * rng.normal(0, 1, (n_windows, dim)) + length_weight * length * nuisance
         mean[:, outliers] = 30 * (1 + 0.1 * layer) * (1 + 0.3 * outlier_level[window_item]
                                                       + 0.1 * rng.normal(0, 1, (n_windows, len(outliers))))
         log_std = 0.3 * rng.normal(0, 1, (n_items, dim))[window_item] + 0.1 * rng.normal(0, 1, (n_windows, dim))
-        if kind in ("mean", "nonlinear"):
+        if kind in ("mean", "nonlinear", "shortcut", "interaction"):
             mean += weight * per_window * direction
         elif kind == "spread":
             log_std += weight * per_window * np.abs(direction)
+        elif kind == "sparse":
+            mean[:, few] += weight * per_window
+        if kind == "interaction":
+            log_std += weight * 0.5 * spread_sign[window_item][:, None] * np.abs(direction)
         std = np.exp(log_std)
         std[:, outliers] *= 10
-        values = {"mean": mean, "m2": std**2 * frames[:, None],
-                  "max": mean + std * (2.5 + 0.3 * rng.normal(0, 1, (n_windows, dim))),
+        peak = mean + std * (2.5 + 0.3 * rng.normal(0, 1, (n_windows, dim)))
+        if kind == "extreme":  # a burst of a few frames: the maximum moves, the mean hardly
+            peak[:, few] += weight * 3 * per_window * std[:, few]
+        values = {"mean": mean, "m2": std**2 * frames[:, None], "max": peak,
                   "min": mean - std * (2.5 + 0.3 * rng.normal(0, 1, (n_windows, dim)))}
         _save_layer(path, layer, values)
+    conditions = drawn_conditions(np.random.default_rng([seed, 4]), seconds)
     return _write_meta(path, labels, n_train, windows_per_item, frames, n_layers, dim, "synthetic-realistic",
                        {"kind": kind, "signal_layer": signal_layer, "signal_pooling": PLANTED_POOLING[kind],
-                        "nonlinear": kind == "nonlinear", "strength": strength, "realistic": True, "target": target},
-                       mmse)
+                        "nonlinear": kind in ("nonlinear", "interaction"), "strength": strength, "realistic": True,
+                        "target": target, "dimensions": few.tolist() if kind in ("sparse", "extreme") else None},
+                       mmse, conditions)
+
+
+def drawn_conditions(rng: np.random.Generator, seconds: np.ndarray) -> list[dict]:
+    """What extraction measures of each recording (`io.audio.recording_conditions`), drawn alike for both groups:
+    only the length carries what the kind plants in it."""
+    n = len(seconds)
+    level = rng.normal(-26, 4, n)
+    noise = level - rng.normal(35, 6, n)
+    return [{"sample_rate": 16000.0, "channels": 1.0, "seconds": round(float(seconds[i]), 4),
+             "level_dbfs": round(float(level[i]), 3), "noise_floor_dbfs": round(float(noise[i]), 3),
+             "snr_db": round(float(level[i] - noise[i] + 8), 3), "clipped_share": 0.0,
+             "segments": int(rng.integers(3, 15))} for i in range(n)]
 
 
 def planted_mmse(labels: np.ndarray, seed: int) -> np.ndarray:

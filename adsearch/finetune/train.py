@@ -44,7 +44,7 @@ def _windows(recordings: list[Recording], indices: np.ndarray, settings: Finetun
     windows = []
     for index in indices:
         try:
-            found, _ = recording_windows(recordings[index], cut)
+            found, _ = recording_windows(recordings[index], cut)  # (conditions unused)
         except AudioError:
             continue  # unreadable or no speech span (extraction reports it): one training recording fewer
         for window in found:

@@ -6,6 +6,7 @@ speech model goes through `load_audio`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +32,19 @@ class AudioError(Exception):
         self.reason = reason
 
 
+def _without_file_object(exc: Exception) -> str:
+    """libsndfile's message without the Python file object it was given (`Error opening <_io.BufferedReader
+    name='...'>: ...`): the path is said once, in front."""
+    return re.sub(r"Error opening <_io\.\w+ name=.*?>: ", "", str(exc)).strip() or type(exc).__name__
+
+
 def audio_duration(path: Path | str) -> float:
     """Duration in seconds from the file header alone (no decoding)."""
     try:
         with Path(path).open("rb") as raw:  # a file object: libsndfile cannot open names that are not UTF-8
             info = sf.info(raw)
     except Exception as exc:  # soundfile raises several types for unreadable files
-        raise AudioError(path, f"cannot read audio header ({exc})") from exc
+        raise AudioError(path, f"cannot read audio header ({_without_file_object(exc)})") from exc
     _check_header(Path(path), info.samplerate, info.channels, info.frames)
     return info.frames / info.samplerate
 
@@ -78,8 +85,9 @@ def _check_header(path: Path, rate: int, channels: int, frames: int) -> None:
                                f"{MAX_DECODED_BYTES / 2**30:.0f} GiB")
 
 
-def load_audio(path: Path | str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode, downmix to mono and resample with soxr's anti-aliasing filter (VHQ)."""
+def load_audio(path: Path | str, sample_rate: int = SAMPLE_RATE, conditions: dict | None = None) -> np.ndarray:
+    """Decode, downmix to mono and resample with soxr's anti-aliasing filter (VHQ). `conditions`, if given, is
+    filled with how the recording was made (`recording_conditions`), measured on the way at no extra read."""
     path = Path(path)
     if not path.exists():
         raise AudioError(path, "file does not exist")
@@ -91,7 +99,7 @@ def load_audio(path: Path | str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     except AudioError:
         raise
     except Exception as exc:
-        raise AudioError(path, f"cannot decode audio ({exc})") from exc
+        raise AudioError(path, f"cannot decode audio ({_without_file_object(exc)})") from exc
     if data.shape[0] == 0:
         raise AudioError(path, "file holds no audio samples")
     declared = max(declared, _wav_declared_frames(path) or 0)
@@ -106,4 +114,28 @@ def load_audio(path: Path | str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
                                "would score it with confidence it does not have")
     if rate != sample_rate:
         mono = soxr.resample(mono, rate, sample_rate, quality="VHQ").astype(np.float32, copy=False)
+    if conditions is not None:
+        conditions.update(recording_conditions(data, rate, mono, sample_rate))
     return np.ascontiguousarray(mono)
+
+
+CLIPPED = 0.999  # of full scale: a sample at or above it was (almost surely) clipped by the recorder
+FRAME_S = 0.025  # frames of the level statistics
+
+
+def recording_conditions(raw: np.ndarray, rate: int, mono: np.ndarray, mono_rate: int) -> dict[str, float]:
+    """How a recording was made, measured without any label: what a classifier could pick up instead of the
+    speaker (DementiaBank's recordings differ in device, room and level). `raw` (frames, channels) as decoded,
+    `mono` the downmix at `mono_rate`. Levels in dB of full scale over 25 ms frames: the noise floor is the
+    10th percentile frame, the signal-to-noise ratio the 90th percentile frame over it; `clipped_share` the
+    share of raw samples at 0.999 of full scale or above."""
+    frame = max(1, int(FRAME_S * mono_rate))
+    usable = len(mono) // frame * frame or len(mono)
+    rms = np.sqrt(np.mean(np.square(mono[:usable].astype(np.float64)).reshape(-1, min(frame, usable)), axis=1))
+    frame_db = 20 * np.log10(np.maximum(rms, 1e-10))
+    noise, loud = np.percentile(frame_db, [10, 90])
+    level = 20 * np.log10(max(float(np.sqrt(np.mean(np.square(mono.astype(np.float64))))), 1e-10))
+    return {"sample_rate": float(rate), "channels": float(raw.shape[1]), "seconds": round(raw.shape[0] / rate, 4),
+            "level_dbfs": round(float(level), 3), "noise_floor_dbfs": round(float(noise), 3),
+            "snr_db": round(float(loud - noise), 3),
+            "clipped_share": round(float(np.mean(np.abs(raw) >= CLIPPED)), 6)}

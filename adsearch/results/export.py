@@ -17,7 +17,7 @@ import yaml
 
 from adsearch import __version__
 from adsearch.embed.cache import EmbeddingCache
-from adsearch.io.outputs import check_new_folder, folder_written_whole
+from adsearch.io.outputs import check_new_folder, folder_written_whole, shortened
 from adsearch.results.calibration import calibration_report
 from adsearch.results.model_files import save_model
 from adsearch.results.schema import (
@@ -25,6 +25,7 @@ from adsearch.results.schema import (
     MODEL_FILE,
     CacheRef,
     CVRecord,
+    Deconfounded,
     ExportedConfig,
     ExportError,
     Features,
@@ -32,9 +33,10 @@ from adsearch.results.schema import (
     ModelRef,
     StudyRef,
     transcripts_ref,
+    write_digests,
 )
 from adsearch.results.statistics import mcnemar_exact, mmse_test_report, paired_bootstrap, test_report
-from adsearch.search.baseline import duration_warning, load_duration_baseline
+from adsearch.search.baseline import load_nuisance_baseline, nuisance_gate, nuisance_warning
 from adsearch.search.objective import cross_validate, fit_pipeline, oof_predictions, read_features, recording_scores
 from adsearch.search.plugins import module_digest, plugin_of
 from adsearch.search.protocol import CHANCE, assign_folds, better, direction, improvement, null_best
@@ -98,18 +100,29 @@ def export_trial(
     artifacts: Path | str | None = None,
     log=print,
     control_study: str | None = None,
+    choose_from: int = 5,
+    despite_nuisance_baseline: bool = False,
 ) -> ExportResult:
-    """Write config.yaml and model.skops; evaluate once on the held-out test split; write the report."""
+    """Write config.yaml and model.skops; evaluate once on the held-out test split; write the report.
+
+    Without `trial_number`, the exported trial is the best of the study's `choose_from` best by their score on
+    fresh fold assignments (deconfounded like the study): the study's best value is the maximum of many noisy
+    estimates, and the fresh folds remove the part of it that was luck. A configuration that does not clear
+    the nuisance-only baseline (`baseline.nuisance_gate`) stops the export unless `despite_nuisance_baseline`."""
     import optuna
     from optuna.trial import TrialState
 
+    from adsearch.search.null import NULL_ATTR
     from adsearch.search.storage import make_storage, mask_url
-    from adsearch.search.study import StudyError, load_caches_for, open_study, trial_config
+    from adsearch.search.study import StudyError, load_caches_for, nuisance_cache, open_study, trial_config
 
     out_dir = check_new_folder(out_dir)
     if not 0 <= top_k <= 1000:
         raise ExportError(f"--top-k {top_k}: give 0 (the exported trial alone) up to 1000 other configurations to "
                           "test beside it")
+    if not 1 <= choose_from <= 100:
+        raise ExportError(f"--choose-from {choose_from}: give 1 (the study's best value) up to 100 best trials to "
+                          "re-score on fresh folds")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = make_storage(storage_url, create=False)
     try:
@@ -123,33 +136,58 @@ def export_trial(
                       key=lambda t: t.value, reverse=direction(setup.spec.cv.metric) == "maximize")
     if not complete:
         raise ExportError(f"study {study_name!r} has no complete trial yet")
-    if trial_number is None:
-        chosen = complete[0]
-    else:
+    if control_study is not None and control_study == study_name:
+        raise ExportError(f"--control-study {control_study!r} is the study itself; name the shortcut-control study "
+                          "(the same search on a `--keep non-participant` or `--keep non-speech` cache)")
+    if trial_number is not None:
         trials = study.get_trials(deepcopy=False)
         if not 0 <= trial_number < len(trials):
             raise ExportError(f"study {study_name!r} has trials 0..{len(trials) - 1}, not {trial_number}")
-        chosen = trials[trial_number]
-        if chosen.state != TrialState.COMPLETE:
-            raise ExportError(f"trial {trial_number} is {chosen.state.name}, not COMPLETE; "
+        if trials[trial_number].state != TrialState.COMPLETE:
+            raise ExportError(f"trial {trial_number} is {trials[trial_number].state.name}, not COMPLETE; "
                               "export a complete trial (leave --trial out for the best)")
     caches = load_caches_for(setup, study_name, cache_path)
     control = control_summary(storage, control_study, setup.spec.cv.metric) if control_study else None
-    config = trial_config(setup, chosen.params)
-    cache = caches[config.source]  # a multi-source study: the chosen source's cache and model
     spec = setup.spec
+    nuisances = nuisance_cache(caches) if setup.nuisances is not None else None
+    candidates = [trials[trial_number]] if trial_number is not None else complete[:choose_from]
+    scored = []
+    for candidate in candidates:
+        candidate_config = trial_config(setup, candidate.params)
+        fresh = rescore_on_fresh_folds(caches[candidate_config.source], candidate_config, spec.cv.folds,
+                                       spec.cv.metric, spec.seed, candidate.value, task=spec.task,
+                                       nuisances=nuisances)
+        scored.append((candidate, candidate_config, fresh))
+        if trial_number is None:
+            log(f"trial {candidate.number}: study CV {candidate.value:.4f}, on {fresh.repeats} fresh fold "
+                f"assignments {fresh.mean:.4f} +/- {fresh.std:.4f}")
+    chosen, config, fresh = max(scored, key=lambda row: (improvement(row[2].mean, 0.0, spec.cv.metric), -row[2].std))
+    cache = caches[config.source]  # a multi-source study: the chosen source's cache and model
     exported = config_of_trial(study_name, storage_url, setup, chosen, cache, config)
-    exported.cv.fresh = rescore_on_fresh_folds(cache, config, spec.cv.folds, spec.cv.metric, spec.seed,
-                                               chosen.value, task=spec.task)
-    fresh = exported.cv.fresh
+    exported.cv.fresh = fresh
+    exported.cv.selection = selection_record(scored, chosen, trial_number, spec.cv.metric)
     log(f"re-scored on {fresh.repeats} fresh fold assignments: {spec.cv.metric} {fresh.mean:.4f} +/- "
         f"{fresh.std:.4f} vs study CV {chosen.value:.4f} (selection optimism {fresh.optimism:+.4f})")
+    if trial_number is None:
+        from adsearch.results.report import describe_selection
+
+        log(describe_selection(exported.cv.selection))
+    floor = study._storage.get_study_system_attrs(study._study_id).get(NULL_ATTR)
+    baseline = load_nuisance_baseline(study)
+    stop = nuisance_gate(fresh.mean, exported.cv.fold_scores, baseline, floor, nuisances is not None)
+    if stop and not despite_nuisance_baseline:
+        raise ExportError(f"trial {chosen.number}: {stop}. Nothing was exported. Look for configurations that "
+                          "do (`adsearch search` with more trials, another space or source), or pass "
+                          "--despite-nuisance-baseline to export it anyway (the report then says so)")
     # Everything is written into a private hidden folder that becomes OUT_DIR at the very end: an export
     # killed midway, or beaten by a concurrent one, leaves no half-written or mixed OUT_DIR.
     result = ExportResult(out_dir, exported, None)
     with folder_written_whole(out_dir) as work_dir:
+        if stop:
+            result.warnings.append(f"exported despite the nuisance-only baseline: {stop}")
         figures = _write_export(study, setup, caches, cache, config, chosen, complete, exported, work_dir, out_dir,
-                                top_k, artifacts, control, log, result)
+                                top_k, artifacts, control, log, result, floor, baseline)
+        write_digests(work_dir)
     result.figures = [out_dir / figure.relative_to(work_dir) for figure in figures]
     return result
 
@@ -176,7 +214,11 @@ def config_of_trial(study_name: str, storage_url: str, setup, chosen, cache: Emb
                           else None),
         pipeline=PipelineSettings(**config.model_dump(exclude={"layer", "pooling", "unit", "source"})),
         cv=CVRecord(folds=spec.cv.folds, repeats=spec.cv.repeats, metric=spec.cv.metric, seed=spec.seed,
-                    mean=chosen.value, std=float(np.std(scores)), fold_scores=scores),
+                    mean=chosen.value, std=float(np.std(scores)), fold_scores=scores,
+                    deconfound=Deconfounded(scheme="adjusted", features=setup.deconfound["features"],
+                                            scores=setup.deconfound["scores"],
+                                            plain_mean=chosen.user_attrs.get(f"cv_{spec.cv.metric}", chosen.value))
+                    if setup.nuisances is not None else None),
         seed=spec.seed,
         cache=CacheRef(path=str(Path(cache.path).resolve()), content_hash=cache.content_hash),
         versions=_versions(),
@@ -185,18 +227,37 @@ def config_of_trial(study_name: str, storage_url: str, setup, chosen, cache: Emb
     )
 
 
+def selection_record(scored: list, chosen, trial_number: int | None, metric: str) -> dict:
+    """How the exported trial was chosen, for config.yaml and the report: each candidate's study CV and fresh
+    score, and how much of the study's best value the fresh folds took away (`optimism_removed`)."""
+    if trial_number is not None:
+        return {"by": "--trial", "trial": trial_number}
+    raw_best = scored[0]
+    return {"by": "fresh folds", "among": len(scored), "chosen": chosen.number, "study_best": raw_best[0].number,
+            "candidates": [{"trial": trial.number, "cv": trial.value, "fresh": fresh.mean, "fresh_std": fresh.std}
+                           for trial, _, fresh in scored],
+            # the study's best value against the estimate exported instead: the chosen trial's fresh score
+            "optimism_removed": float(improvement(raw_best[0].value, next(f.mean for t, _, f in scored
+                                                                           if t.number == chosen.number), metric))}
+
+
 def _write_export(study, setup, caches, cache, config: TrialConfig, chosen, complete, exported: ExportedConfig,
-                  work_dir: Path, out_dir: Path, top_k: int, artifacts, control, log, result: ExportResult) -> list:
+                  work_dir: Path, out_dir: Path, top_k: int, artifacts, control, log, result: ExportResult,
+                  floor: dict | None, baseline: dict | None) -> list:
     """Config, refit model, one held-out test evaluation (with the top-k comparison) and the report, into
     `work_dir`; returns the report's figures."""
     from adsearch.results.report import write_report
-    from adsearch.search.null import NULL_ATTR, stale_floor
+    from adsearch.search.null import stale_floor
     from adsearch.search.study import trial_config, trial_counts
 
     spec = setup.spec
     task = spec.task
     train = cache.with_target("train", task)
     model = fit_on(cache, config, train, spec.seed, task)
+    refused = np.size(train) - np.count_nonzero(np.isfinite(predict_items(cache, config, model, train)[0]))
+    if refused:
+        raise ExportError(f"trial {chosen.number}: the refit model's {'predictions' if task == 'mmse' else 'scores'} "
+                          f"of {refused} of {len(train)} train recordings are NaN or infinite; nothing was exported")
     oof = oof_predictions(chosen)
     if oof is not None and hasattr(model, "predict_proba"):  # out-of-fold P(AD) = score - 0.5 + 0.5
         exported.cv.calibration = calibration_report(np.tile(cache.labels[train], len(oof)), oof.ravel() + 0.5)
@@ -222,7 +283,7 @@ def _write_export(study, setup, caches, cache, config: TrialConfig, chosen, comp
             result.warnings.append(
                 f"held-out test: {len(test_items)} of {len(test_items) + len(unreadable)} labelled test recordings "
                 f"evaluated; {len(unreadable)} could not be read ("
-                + "; ".join(f"{u['id']}: {u['reason'][:80]}" for u in unreadable[:3])
+                + "; ".join(f"{u['id']}: {shortened(u['reason'], 80)}" for u in unreadable[:3])
                 + (", ..." if len(unreadable) > 3 else "") + "). Published results on the full test split are "
                 "not comparable with this one")
         looks = study.user_attrs.get("adsearch_test_looks", [])
@@ -252,10 +313,9 @@ def _write_export(study, setup, caches, cache, config: TrialConfig, chosen, comp
                             "mcnemar": mcnemar_exact(best_test, other_output)}
             result.top_k.append({"trial": other.number, "cv_mean": other.value, **compared})
         (work_dir / "test.json").write_text(json.dumps({**result.test, "top_k": result.top_k}, indent=1))
-    floor = study._storage.get_study_system_attrs(study._study_id).get(NULL_ATTR)
-    baseline = load_duration_baseline(study)
     result.warnings += honesty_warnings(exported, floor, control)
-    if baseline and (weak := duration_warning(exported.cv.mean, baseline, floor)):
+    if baseline and (weak := nuisance_warning(exported.cv.deconfound.plain_mean if exported.cv.deconfound
+                                              else exported.cv.mean, baseline, floor)):
         result.warnings.append(weak)
     if floor and (stale := stale_floor(floor, study.best_value, trial_counts(study)["finished"], study.study_name)):
         result.warnings.append(stale)
@@ -329,14 +389,23 @@ FRESH_SEED_OFFSET = 10_000  # fold seeds no study uses: the study's own are seed
 
 
 def rescore_on_fresh_folds(cache: EmbeddingCache, config: TrialConfig, folds: int, metric: str, seed: int,
-                           study_cv: float, repeats: int = FRESH_REPEATS, task: str = "classification") -> FreshCV:
-    """Cross-validate `config` on `repeats` new speaker-grouped fold assignments (train split only)."""
+                           study_cv: float, repeats: int = FRESH_REPEATS, task: str = "classification",
+                           nuisances: EmbeddingCache | None = None) -> FreshCV:
+    """Cross-validate `config` on `repeats` new speaker-grouped fold assignments (train split only); with
+    `nuisances` (a deconfounded study's nuisance cache), deconfounded like the study."""
+    from adsearch.search.baseline import nuisance_features
     from adsearch.search.objective import FeatureSource
 
     source = FeatureSource(cache, task=task)
     fresh_seed = seed + FRESH_SEED_OFFSET
     assignment = assign_folds(source.labels, source.groups, folds, repeats, fresh_seed, task)
-    scores = np.array(cross_validate(config, source, assignment, metric, seed).fold_scores)
+    fair = None
+    if nuisances is not None:  # the nuisance model refitted in the new folds' training parts
+        from adsearch.search.deconfound import nuisance_scores
+
+        fair = nuisance_scores(nuisance_features(nuisances, source.train)[0], source.labels, assignment,
+                               task == "mmse", seed)
+    scores = np.array(cross_validate(config, source, assignment, metric, seed, nuisances=fair).fold_scores)
     per_repeat = scores.reshape(repeats, folds).mean(axis=1)
     mean = float(per_repeat.mean())
     return FreshCV(repeats=repeats, seed=fresh_seed, mean=mean, std=float(per_repeat.std()),
@@ -400,5 +469,7 @@ def reproduce_cv(config: ExportedConfig, cache: EmbeddingCache) -> list[float]:
     source = FeatureSource(cache, task=config.task)
     folds = assign_folds(source.labels, source.groups, config.cv.folds, config.cv.repeats, config.cv.seed,
                          config.task)
+    nuisances = np.asarray(config.cv.deconfound.scores) if config.cv.deconfound else None
     with threadpool_limits(1):  # as the workers ran it: a multi-threaded BLAS solve differs in the last bits
-        return cross_validate(config.trial_config(), source, folds, config.cv.metric, config.seed).fold_scores
+        return cross_validate(config.trial_config(), source, folds, config.cv.metric, config.seed,
+                              nuisances=nuisances).fold_scores

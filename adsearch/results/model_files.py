@@ -19,6 +19,7 @@ TRUSTED_TYPES = frozenset({
     "adsearch.search.estimators.PLSRegressor",
     "adsearch.search.estimators.ShrinkageLDA",
     "adsearch.search.estimators.TfidfWeighting",
+    "adsearch.search.estimators.UnivariateSelection",
     "catboost.core.CatBoostClassifier",
     "catboost.core.CatBoostRegressor",
     "sklearn.calibration._CalibratedClassifier",  # calibration inside the folds (space.calibration)

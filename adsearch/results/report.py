@@ -179,7 +179,7 @@ def _honesty_rows(exported, floor: dict | None, control: dict | None, baseline: 
     else:
         said = (f"{chance:g}" if chance is not None else "the majority-class rate") + f" ({metric})"
     rows = [("chance", said)]
-    rows.append(("duration-only baseline", f"CV {describe_baseline(baseline)}, the study's folds" if baseline
+    rows.append(("nuisance-only baseline", f"CV {describe_baseline(baseline)}, the study's folds" if baseline
                  else "not recorded (a study created before adsearch computed it)"))
     rows.append(("noise floor (`adsearch null`)", describe(floor) if floor else
                  "not measured: run `adsearch null --study " + exported.study.name + "` (the same search on "
@@ -289,8 +289,15 @@ def write_report(study, setup, cache, exported, test: dict | None, top_k: list[d
                    ("pca", pipeline.pca_components or pipeline.pca_variance or "none"),
                    ("l2 normalise", pipeline.l2_normalize), ("classifier", pipeline.classifier),
                    ("hyperparameters", format_params(pipeline.params)),
-                   (f"CV {exported.cv.metric}", f"{exported.cv.mean:.4f} +/- {exported.cv.std:.4f} "
-                                                f"({exported.cv.folds} folds x {exported.cv.repeats})")]
+                   (f"{'deconfounded ' if exported.cv.deconfound else ''}CV {exported.cv.metric}",
+                    f"{exported.cv.mean:.4f} +/- {exported.cv.std:.4f} ({exported.cv.folds} folds x "
+                    f"{exported.cv.repeats})")]
+    if exported.cv.deconfound:
+        config_rows.append((f"plain CV {exported.cv.metric}", f"{exported.cv.deconfound.plain_mean:.4f} (the "
+                            "deconfounded CV scores each fold's predictions with their linear dependence on "
+                            f"{', '.join(exported.cv.deconfound.features)} at a fixed label removed)"))
+    if exported.cv.selection:
+        config_rows.append(("how it was chosen", describe_selection(exported.cv.selection)))
     config_rows.append(("segmentation of the recordings", describe_segmentation(cache.meta)))
     if exported.cv.calibration:
         config_rows.append(("calibration of P(AD), out-of-fold", f"Brier {exported.cv.calibration['brier']:.4f}, "
@@ -402,3 +409,16 @@ def _upload(study, figures: list[Path], artifacts: Path | str | None) -> None:
     store = FileSystemArtifactStore(str(base))
     for path in figures:
         upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study, mimetype="image/png")
+
+
+def describe_selection(selection: dict) -> str:
+    """One line: which trial, chosen how, and what the choice took away from the study's best value."""
+    if selection.get("by") != "fresh folds":
+        return f"trial {selection['trial']}, chosen by the user (--trial)"
+    best = selection["candidates"][0]
+    same = selection["chosen"] == selection["study_best"]
+    return (f"chose trial {selection['chosen']} among the study's {selection['among']} best by fresh folds"
+            + (" (also the study's best value)" if same else
+               f" instead of trial {best['trial']} (study CV {best['cv']:.4f}, fresh {best['fresh']:.4f})")
+            + f": {selection['optimism_removed']:+.4f} of selection optimism removed from the study's best value "
+              "(the chosen one's fresh score is still the best of several: the held-out test is the unbiased check)")

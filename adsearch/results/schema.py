@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +15,7 @@ from adsearch.search.space import PipelineSettings, TrialConfig, fixed_params_pr
 
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.skops"
+DIGESTS_FILE = "digests.json"  # SHA-256 of every config and model file of an export, written last
 
 
 class ExportError(ValueError):
@@ -49,10 +51,23 @@ class CVRecord(_Strict):
     seed: int
     mean: float
     std: float
-    fold_scores: list[float]
+    fold_scores: list[float]  # deconfounded where `deconfound` is: the trial's own value
     fresh: FreshCV | None = None
     # P(AD)'s calibration on the trial's out-of-fold predictions (probability classifiers only)
     calibration: dict | None = None
+    # a deconfounded study's scheme, the nuisances its predictions are adjusted for (names, and the nuisance
+    # model's out-of-fold scores, repeats x train recordings) and the trial's plain CV: `evaluate` reproduces
+    # the deconfounded fold scores with them
+    deconfound: Deconfounded | None = None
+    # how the exported trial was chosen: by fresh folds among the study's best (`candidates`), or --trial
+    selection: dict | None = None
+
+
+class Deconfounded(_Strict):
+    scheme: Literal["adjusted"]
+    features: list[str]
+    scores: list[list[float]]
+    plain_mean: float
 
 
 class FreshCV(_Strict):
@@ -124,6 +139,44 @@ def validation_details(exc: ValidationError | TypeError) -> str:
     return str(exc)
 
 
+def _defining_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and (p.name == CONFIG_FILE or p.suffix == ".skops"))
+
+
+def write_digests(folder: Path) -> None:
+    """Record the SHA-256 of every config and model file under `folder` (an export being written)."""
+    from adsearch.io.digest import file_digest
+
+    digests = {str(p.relative_to(folder)): file_digest(p) for p in _defining_files(folder)}
+    (folder / DIGESTS_FILE).write_text(json.dumps(digests, indent=1, sort_keys=True))
+
+
+def check_export_digests(folder: Path) -> None:
+    """Refuse an export whose config or model files changed since it was written (a hand-edited layer gives
+    another answer with exit 0), naming the file. Exports older than the digests have none: not checked."""
+    from adsearch.io.digest import file_digest
+
+    recorded_path = folder / DIGESTS_FILE
+    if not recorded_path.is_file():
+        return
+    try:
+        recorded = json.loads(recorded_path.read_text())
+        assert isinstance(recorded, dict)
+    except (OSError, ValueError, AssertionError):
+        raise ExportError(f"{recorded_path}: cannot be read as the export's digests; export again") from None
+    present = {str(p.relative_to(folder)) for p in _defining_files(folder)}
+    for name in sorted(present | set(recorded)):
+        if name not in recorded:
+            raise ExportError(f"{folder / name}: not part of the export as written (no digest recorded); remove it "
+                              "or export again")
+        if name not in present:
+            raise ExportError(f"{folder / name}: missing from the export; copy the whole folder or export again")
+        if file_digest(folder / name) != recorded[name]:
+            raise ExportError(f"{folder / name} was changed after the export (its SHA-256 differs from "
+                              f"{DIGESTS_FILE}); its predictions would not be the exported model's. Export again "
+                              "(or, for your own configuration, `adsearch export --trial N`)")
+
+
 def load_config(path: Path | str) -> ExportedConfig:
     """Read and validate config.yaml; a hand edit that breaks it is reported by key."""
     path = Path(path)
@@ -140,6 +193,7 @@ def load_config(path: Path | str) -> ExportedConfig:
         raise ExportError(str(exc)) from None
     except (ValidationError, TypeError) as exc:
         raise ExportError(f"{path}: invalid config: {validation_details(exc)}") from None
+    check_export_digests(path.parent)
     try:
         check_digests(config.plugins, str(path))  # the classifier's own code, as it was at export
     except PluginError as exc:
@@ -148,6 +202,8 @@ def load_config(path: Path | str) -> ExportedConfig:
     problems = fixed_params_problems(pipeline.classifier, pipeline.params, "pipeline")
     if config.features.pooling not in POOLINGS:
         problems.append(f"features.pooling: {config.features.pooling!r} is not one of {list(POOLINGS)}")
+    if pipeline.select == "kbest" and not (pipeline.select_k or 0) >= 1:
+        problems.append("pipeline.select_k: needs a positive integer when select is 'kbest'")
     if pipeline.pca == "components" and not (pipeline.pca_components or 0) >= 1:
         problems.append("pipeline.pca_components: needs a positive integer when pca is 'components'")
     if pipeline.pca == "variance" and not 0 < (pipeline.pca_variance or 0) < 1:

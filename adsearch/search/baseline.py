@@ -1,10 +1,15 @@
-"""The duration-only baseline: what recording length and speaking time alone score under a study's own folds.
+"""The nuisance-only baseline: what recording conditions alone score under a study's own folds.
 
 On DementiaBank, how long a recording runs and how long the participant speaks differ between the groups
-(impaired speakers describe the picture more slowly, with more and longer pauses). A model can therefore
+(impaired speakers describe the picture more slowly, with more and longer pauses), and so can how the
+recordings were made (device, room, level: the groups were not always recorded alike). A model can therefore
 score well above chance with no information about the voice or the words, and a study's best is only as
-interesting as its margin over this number. Every study computes it at creation, records it, and the search
-summary, the study note and the report show it beside the best score.
+interesting as its margin over this number. Every study scores a model of these nuisances alone at creation:
+recording length, speaking time and segment count; where extraction measured them, the recording's level,
+noise floor, signal-to-noise ratio, clipping, sample rate and channels; and the manifest's own nuisance
+columns (`nuisance_age`, `nuisance_site`, ...). It records the score and a permutation p-value, the search
+summary, study note, export and report show it beside the best score, and it decides whether the study scores
+its trials deconfounded (`deconfound.py`).
 """
 
 from __future__ import annotations
@@ -13,17 +18,55 @@ import numpy as np
 
 from adsearch.embed.cache import EmbeddingCache
 from adsearch.search.objective import metrics
-from adsearch.search.protocol import MMSE_RANGE, improvement, null_best, regression_metrics
+from adsearch.search.protocol import MMSE_RANGE, improvement, null_best, permute_labels, regression_metrics
 
-DURATION_ATTR = "adsearch:duration_baseline"  # study system attribute
-FEATURES = {"recording_seconds": "recording length (the audio file's header)",
-            "speech_seconds": "speaking time (the participant speech extraction used)",
-            "segments": "number of speech segments (the manifest's)"}
+NUISANCE_ATTR = "adsearch:duration_baseline"  # study system attribute (its name from when it held durations only)
+DURATIONS = {"recording_seconds": "recording length (the audio file's header)",
+             "speech_seconds": "speaking time (the participant speech extraction used)",
+             "segments": "number of speech segments (the manifest's)"}
+CONDITIONS = ("level_dbfs", "noise_floor_dbfs", "snr_db", "clipped_share", "sample_rate", "channels")
+PERMUTATIONS = 49  # of the baseline's p-value (at least 0.02): labels permuted across speakers, the same folds
+
+
+def nuisance_features(cache: EmbeddingCache, items: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """One row per item of `items`: log durations, the recording conditions extraction measured (where every
+    item has them), the manifest's nuisance columns (numbers as they are, categories one-hot, missing values the
+    column's mean); columns that do not vary over `items` are left out."""
+    duration, names = duration_features(cache, items)
+    columns = list(np.log1p(np.maximum(duration, 0)).T)
+    meta = [cache.meta["items"][i] for i in items]
+    if all("conditions" in item for item in meta):
+        for name in CONDITIONS:
+            columns.append(np.array([float(item["conditions"][name]) for item in meta]))
+            names.append(name)
+    for name in sorted({key for item in meta for key in item.get("covariates", {})}):
+        values = [item.get("covariates", {}).get(name, "") for item in meta]
+        numbers = _numbers(values)
+        if numbers is not None:
+            columns.append(np.where(np.isnan(numbers), np.nanmean(numbers), numbers))
+            names.append(f"nuisance_{name}")
+        else:
+            for level in sorted(set(values)):
+                columns.append(np.array([value == level for value in values], np.float64))
+                names.append(f"nuisance_{name}={level or '(missing)'}")
+    X = np.column_stack(columns)
+    varies = X.std(axis=0) > 0
+    return X[:, varies], [name for name, keep in zip(names, varies, strict=True) if keep]
+
+
+def _numbers(values: list[str]) -> np.ndarray | None:
+    """The values as numbers (empty: NaN), or None when any is not a number (then the column is categories)."""
+    try:
+        numbers = np.array([float(value) if value else np.nan for value in values])
+    except ValueError:
+        return None
+    return numbers if np.isfinite(numbers[~np.isnan(numbers)]).all() and not np.isnan(numbers).all() else None
 
 
 def duration_features(cache: EmbeddingCache, items: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """One row per item of `items`: the duration features this cache can tell (speaking time always;
-    recording length where every audio file is readable; segments where the manifest is)."""
+    recording length where every audio file's header (or extraction) says it; segments where the cache or the
+    manifest does)."""
     windows = cache.meta["windows"]
     owner = np.asarray(windows["item"], np.int64)
     samples = np.asarray(windows["end_sample"], np.float64) - np.asarray(windows["start_sample"], np.float64)
@@ -35,13 +78,16 @@ def duration_features(cache: EmbeddingCache, items: np.ndarray) -> tuple[np.ndar
     segments = _segment_counts(cache, items)
     if segments is not None:
         columns["segments"] = segments
-    names = [name for name in FEATURES if name in columns]
+    names = [name for name in DURATIONS if name in columns]
     return np.column_stack([columns[name] for name in names]), names
 
 
 def _recording_seconds(cache: EmbeddingCache, items: np.ndarray) -> np.ndarray | None:
     from adsearch.io.audio import AudioError, audio_duration
 
+    meta = [cache.meta["items"][i] for i in items]
+    if all("conditions" in item for item in meta):
+        return np.array([item["conditions"]["seconds"] for item in meta], np.float64)
     try:
         return np.array([audio_duration(cache.meta["items"][i]["path"]) for i in items])
     except (AudioError, OSError, KeyError, ValueError):
@@ -51,6 +97,9 @@ def _recording_seconds(cache: EmbeddingCache, items: np.ndarray) -> np.ndarray |
 def _segment_counts(cache: EmbeddingCache, items: np.ndarray) -> np.ndarray | None:
     from adsearch.corpus import CorpusError, read_manifest
 
+    meta = [cache.meta["items"][i] for i in items]
+    if all("segments" in item.get("conditions", {}) for item in meta):
+        return np.array([max(item["conditions"]["segments"], 1) for item in meta], np.float64)
     path = cache.meta.get("manifest", {}).get("path")
     if not path:
         return None
@@ -61,25 +110,48 @@ def _segment_counts(cache: EmbeddingCache, items: np.ndarray) -> np.ndarray | No
         return None
 
 
-def duration_baseline(cache: EmbeddingCache, folds: np.ndarray, metric: str, seed: int = 0,
+def nuisance_baseline(cache: EmbeddingCache, folds: np.ndarray, metric: str, seed: int = 0,
                       task: str = "classification") -> dict:
-    """The CV score (the study's folds and metric) of a standardised logistic regression on the log of the
-    duration features of the train recordings; for an MMSE study a ridge regression on them, beside the
-    floor every MMSE figure needs: predicting each training fold's mean score."""
-    from sklearn.linear_model import LogisticRegression, Ridge
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
+    """The CV score (the study's folds and metric) of a standardised logistic regression on the nuisance
+    features of the train recordings (`nuisance_features`); for an MMSE study a ridge regression on them, beside
+    the floor every MMSE figure needs: predicting each training fold's mean score. `p_value`: how often the same
+    model scores at least as well with the targets permuted across speakers (`PERMUTATIONS` times)."""
     regression = task == "mmse"
     train = cache.splits == "train"
     train = np.flatnonzero(train & ~np.isnan(cache.mmse) if regression else train)
     targets = cache.targets(task)[train]
-    X, names = duration_features(cache, train)
-    X = np.log1p(np.maximum(X, 0))
+    X, names = nuisance_features(cache, train)
+    scores, floor = _fold_scores(X, targets, folds, metric, seed, regression)
+    mean = float(np.nanmean(scores))
+    groups = cache.groups[train]
+    nulls = [float(np.nanmean(_fold_scores(X, permute_labels(targets, groups, seed + 1 + i), folds, metric, seed,
+                                           regression)[0])) for i in range(PERMUTATIONS)]
+    beaten = sum(improvement(null, mean, metric) >= 0 for null in nulls)
+    described = "durations" + (", recording conditions" if any(n in CONDITIONS for n in names) else "") + (
+        ", the manifest's nuisance columns" if any(n.startswith("nuisance_") for n in names) else "")
+    baseline = {"cv": mean, "std": float(np.nanstd(scores)), "metric": metric, "features": names,
+                "model": (f"standardised {'ridge' if regression else 'logistic'} regression on {described}"),
+                "fold_scores": scores, "p_value": (1 + beaten) / (1 + PERMUTATIONS), "permutations": PERMUTATIONS}
+    if regression:
+        baseline["mean_predictor"] = {"cv": float(np.nanmean(floor)), "std": float(np.nanstd(floor)),
+                                      "fold_scores": floor}
+    return baseline
+
+
+def _fold_scores(X: np.ndarray, targets: np.ndarray, folds: np.ndarray, metric: str, seed: int, regression: bool
+                 ) -> tuple[list[float], list[float]]:
+    """Fold scores of the nuisance model, and (MMSE) of predicting the training part's mean."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     scores, floor = [], []
     for assignment in folds:
         for fold in range(int(folds.max()) + 1):
             valid = assignment == fold
+            if not regression and len(np.unique(targets[~valid])) < 2:  # permuted labels of a tiny corpus
+                scores.append(float("nan"))
+                continue
             model = make_pipeline(StandardScaler(), Ridge(alpha=1.0) if regression
                                   else LogisticRegression(random_state=seed))
             model.fit(X[~valid], targets[~valid])
@@ -90,18 +162,13 @@ def duration_baseline(cache: EmbeddingCache, folds: np.ndarray, metric: str, see
                 floor.append(regression_metrics(targets[valid], mean)[metric])
             else:
                 scores.append(metrics(targets[valid], model.decision_function(X[valid]), 0.0)[metric])
-    baseline = {"cv": float(np.mean(scores)), "std": float(np.std(scores)), "metric": metric, "features": names,
-                "model": ("standardised ridge regression on log durations" if regression
-                          else "standardised logistic regression on log durations"), "fold_scores": scores}
-    if regression:
-        baseline["mean_predictor"] = {"cv": float(np.nanmean(floor)), "std": float(np.nanstd(floor)),
-                                      "fold_scores": floor}
-    return baseline
+    return scores, floor
 
 
 def describe(baseline: dict) -> str:
     text = (f"{baseline['cv']:.4f} +/- {baseline['std']:.4f} ({baseline['model']}: "
-            f"{', '.join(baseline['features'])})")
+            f"{', '.join(baseline['features'])}"
+            + (f"; permutation p = {baseline['p_value']:.3f}" if "p_value" in baseline else "") + ")")
     if "mean_predictor" in baseline:
         text += f"; predicting the training folds' mean MMSE: {baseline['mean_predictor']['cv']:.4f}"
     return text
@@ -117,8 +184,8 @@ def chance_level(baseline: dict | None, metric: str) -> float | None:
     return (baseline or {}).get("mean_predictor", {}).get("cv")
 
 
-def duration_warning(best: float, baseline: dict, floor: dict | None = None) -> str | None:
-    """A warning when the best score does not clear the duration baseline by more than a search over noise
+def nuisance_warning(best: float, baseline: dict, floor: dict | None = None) -> str | None:
+    """A warning when the best score does not clear the nuisance baseline by more than a search over noise
     finds above chance (the noise floor's margin), or at all when no noise floor was measured."""
     metric = baseline["metric"]
     chance = chance_level(baseline, metric)
@@ -126,11 +193,38 @@ def duration_warning(best: float, baseline: dict, floor: dict | None = None) -> 
         if floor and floor.get("n") and chance is not None else 0.0
     if improvement(best, baseline["cv"], metric) > margin:
         return None
-    how = f"by more than the noise floor's margin ({margin:.3f})" if margin else "at all"
-    return (f"the best CV {best:.4f} does not beat the duration-only baseline {baseline['cv']:.4f} {how}: "
-            "recording length and speaking time may explain the score")
+    how = (f"by more than the best label-permuted search got above chance ({margin:+.3f} {metric})" if margin
+           else "at all")
+    return (f"the best CV {best:.4f} does not beat the nuisance-only baseline {baseline['cv']:.4f} {how}: "
+            "recording length, speaking time and how the recordings were made may explain the score")
 
 
-def load_duration_baseline(study) -> dict | None:
+def nuisance_gate(score: float, fold_scores: list[float], baseline: dict | None, floor: dict | None,
+                  deconfounded: bool) -> str | None:
+    """Why `export` stops (None: it goes on). A plain study's `score` must clear the nuisance-only baseline
+    (`nuisance_warning`); a deconfounded study's must clear chance, where riding the nuisances scores, by the
+    larger of two standard errors of its fold scores and the noise floor's margin."""
+    if not baseline:
+        return None
+    if not deconfounded:
+        return nuisance_warning(score, baseline, floor)
+    metric = baseline["metric"]
+    chance = chance_level(baseline, metric)
+    if chance is None:
+        return None
+    folds = np.asarray(fold_scores, np.float64)
+    error = float(folds.std() / np.sqrt(max(len(folds), 1)))
+    noise = max(0.0, improvement(null_best(floor), chance, metric)) if floor and floor.get("n") else 0.0
+    margin = max(2 * error, noise)
+    if improvement(score, chance, metric) > margin:
+        return None
+    return (f"the deconfounded CV {score:.4f} is not above chance ({chance:.4f}) by more than {margin:.3f} ("
+            + ("what the best label-permuted search got above chance" if noise >= 2 * error
+               else "two standard errors of its fold scores")
+            + "): with what recording length, speaking time and how the recordings were made say taken out of its "
+              "predictions, it scores like chance, so its plain score rides those nuisances")
+
+
+def load_nuisance_baseline(study) -> dict | None:
     """The baseline a study recorded at creation (None for null studies and studies made before it existed)."""
-    return study._storage.get_study_system_attrs(study._study_id).get(DURATION_ATTR)
+    return study._storage.get_study_system_attrs(study._study_id).get(NUISANCE_ATTR)

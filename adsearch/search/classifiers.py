@@ -79,12 +79,18 @@ class ClassifierSpec:
 
 
 REGISTRY: dict[str, ClassifierSpec] = {}
+OWN_MODULES = ("adsearch.search.classifiers", "adsearch.search.regressors")  # the built-ins: no plugin replaces them
 
 
 def register(name: str, description: str, params: dict[str, Param],
              fit_to_data: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
              task: str = "classification"):
     def decorator(build: Callable[[dict[str, Any], int], Any]) -> Callable[[dict[str, Any], int], Any]:
+        owner = REGISTRY[name].build.__module__ if name in REGISTRY else None
+        if owner in OWN_MODULES and build.__module__ not in OWN_MODULES:
+            kind = "regressor" if task == "mmse" else "classifier"
+            raise ValueError(f"the name {name!r} belongs to adsearch's own {kind} ({REGISTRY[name].description}); "
+                             f"register yours under another name, such as 'my_{name}'")
         REGISTRY[name] = ClassifierSpec(name, description, params, build, fit_to_data, task)
         return build
 
@@ -101,6 +107,15 @@ def _logreg(p, seed):
     from sklearn.linear_model import LogisticRegression
 
     return LogisticRegression(C=p["C"], max_iter=2000, random_state=seed)
+
+
+@register("sparse_logreg", "elastic-net logistic regression (l1_ratio 1: lasso), for signals in a few dimensions",
+          {"C": FloatRange(1e-2, 1e2, log=True, above=0), "l1_ratio": FloatRange(0.2, 1.0, min=0, max=1)})
+def _sparse_logreg(p, seed):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=p["C"], l1_ratio=p["l1_ratio"], solver="saga", tol=1e-3, max_iter=2000,
+                              random_state=seed)
 
 
 @register("linear_svm", "linear support vector machine (Platt-free: decision function)",

@@ -22,6 +22,7 @@ import optuna
 
 from adsearch.embed.cache import POOLINGS, EmbeddingCache
 from adsearch.search.classifiers import REGISTRY
+from adsearch.search.deconfound import adjusted_scores
 from adsearch.search.protocol import MMSE_RANGE, ProtocolError, permute_labels, regression_metrics
 from adsearch.search.space import TrialConfig, suggest
 
@@ -35,7 +36,8 @@ CALIBRATION_FOLDS = 3  # inner stratified folds of CalibratedClassifierCV
 
 
 def build_pipeline(config: TrialConfig, seed: int, in_place: bool = False, pca_by_covariance: bool = False):
-    """scale (standardise, or TF-IDF-weigh counts) -> PCA -> L2 -> classifier, as an unfitted Pipeline.
+    """scale (standardise, or TF-IDF-weigh counts) -> select (k best columns) -> PCA -> L2 -> classifier, as an
+    unfitted Pipeline.
     `in_place=True` lets scaling
     and normalisation overwrite their input: for cross-validation, whose fold matrices are private copies,
     so a window-level fold does not hold a second full-size copy. `pca_by_covariance` suits more samples than
@@ -44,13 +46,16 @@ def build_pipeline(config: TrialConfig, seed: int, in_place: bool = False, pca_b
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import Normalizer
 
-    from adsearch.search.estimators import BlockwiseStandardScaler, CovariancePCA, TfidfWeighting
+    from adsearch.search.estimators import BlockwiseStandardScaler, CovariancePCA, TfidfWeighting, UnivariateSelection
 
     steps = []
     if config.scale == "standard":
         steps.append(("scale", BlockwiseStandardScaler(copy=not in_place)))
     elif config.scale == "tfidf":
         steps.append(("scale", TfidfWeighting()))
+    if config.select == "kbest":
+        steps.append(("select", UnivariateSelection(k=config.select_k,
+                                                    regression=REGISTRY[config.classifier].is_regressor)))
     if config.pca != "none":
         components = config.pca_components if config.pca == "components" else config.pca_variance
         pca = CovariancePCA(components) if pca_by_covariance else PCA(components, svd_solver="full")
@@ -71,13 +76,16 @@ def fit_pipeline(config: TrialConfig, X: np.ndarray, y: np.ndarray, seed: int, i
     neighbours than training points) are capped to what it allows. With more samples than features
     (window-level), PCA diagonalises the d x d covariance: an SVD of the whole matrix takes several copies of
     it (800 MB on 6,400 windows x 3,072 features); with fewer (recording-level), the SVD is the cheap one."""
-    if config.pca == "components" and config.pca_components > min(X.shape):
-        config = config.model_copy(update={"pca_components": min(X.shape)})
+    if config.select == "kbest" and config.select_k > X.shape[1]:
+        config = config.model_copy(update={"select_k": X.shape[1]})
+    kept = config.select_k if config.select == "kbest" else X.shape[1]
+    if config.pca == "components" and config.pca_components > min(X.shape[0], kept):
+        config = config.model_copy(update={"pca_components": min(X.shape[0], kept)})
     adapt = REGISTRY[config.classifier].fit_to_data
     if adapt is not None:  # a calibrated classifier is fitted on the inner folds' training part
         n = len(X) if config.calibration == "none" else len(X) * (CALIBRATION_FOLDS - 1) // CALIBRATION_FOLDS
         config = config.model_copy(update={"params": adapt(config.params, n)})
-    return build_pipeline(config, seed, in_place, pca_by_covariance=X.shape[0] > X.shape[1]).fit(X, y)
+    return build_pipeline(config, seed, in_place, pca_by_covariance=X.shape[0] > kept).fit(X, y)
 
 
 def scores_of(model, X: np.ndarray) -> tuple[np.ndarray, float]:
@@ -109,26 +117,26 @@ def metrics(y_true: np.ndarray, score: np.ndarray, threshold: float) -> dict[str
     from scipy.stats import rankdata
 
     truth = np.asarray(y_true).astype(bool)
-    predicted = np.asarray(score) > threshold
+    score = np.asarray(score)
+    predicted = score > threshold
     tp, fp = np.sum(predicted & truth), np.sum(predicted & ~truth)
     fn, tn = np.sum(~predicted & truth), np.sum(~predicted & ~truth)
-    recalls = [r for r, n in ((tp / max(tp + fn, 1), tp + fn), (tn / max(tn + fp, 1), tn + fp)) if n]
+    recalls = [r for r, n in ((tp / (tp + fn or 1), tp + fn), (tn / (tn + fp or 1), tn + fp)) if n]
     positives, negatives = int(truth.sum()), int((~truth).sum())
-    if positives and negatives:
+    if not (positives and negatives):
+        auc = float("nan")
+    else:
         ranks = rankdata(score)  # ties get their average rank, as in the Mann-Whitney statistic
         auc = (ranks[truth].sum() - positives * (positives + 1) / 2) / (positives * negatives)
-    else:
-        auc = float("nan")
     return {
         "balanced_accuracy": float(np.mean(recalls)),
-        "accuracy": float((tp + tn) / len(truth)),
+        "accuracy": float((tp + tn) / (tp + tn + fp + fn)),
         "f1": float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 0.0,
         "roc_auc": float(auc),
     }
 
 
-def score_predictions(y_true: np.ndarray, score: np.ndarray, threshold: float, regression: bool
-                      ) -> dict[str, float]:
+def score_predictions(y_true: np.ndarray, score: np.ndarray, threshold: float, regression: bool) -> dict[str, float]:
     """Every metric of the task: classification metrics of scores, or regression metrics of MMSE predictions."""
     return regression_metrics(y_true, score) if regression else metrics(y_true, score, threshold)
 
@@ -214,10 +222,17 @@ class FeatureSource:
         return read_features(self.cache, layer, pooling, unit, items)
 
 
+class NonFiniteScores(ValueError):
+    """A model's scores or predictions hold NaN or infinity: its trial fails with this reason instead of
+    completing at a chance-like score."""
+
+
 @dataclass
 class CVResult:
-    fold_scores: list[float]  # the study metric, one per evaluated fold
-    fold_metrics: list[dict[str, float]] = field(default_factory=list)
+    fold_scores: list[float]  # the study metric, one per evaluated fold (deconfounded, where nuisances were given)
+    fold_metrics: list[dict[str, float]] = field(default_factory=list)  # plain: every metric, unweighted
+    # of the predictions adjusted for the nuisances (`deconfound.adjusted`), where nuisances were given
+    deconfounded_metrics: list[dict[str, float]] = field(default_factory=list)
     fit_seconds: float = 0.0  # time inside fit and predict (not reading or copying features)
     # out-of-fold score minus its threshold (> 0: AD; an MMSE study: the predicted score), one per repeat and
     # train recording; NaN where pruned
@@ -227,9 +242,10 @@ class CVResult:
     def mean(self) -> float:
         return float(np.mean(self.fold_scores))
 
-    def summary(self) -> dict[str, float]:
-        names = self.fold_metrics[0].keys() if self.fold_metrics else []
-        return {name: float(np.nanmean([m[name] for m in self.fold_metrics])) for name in names}
+    def summary(self, deconfounded: bool = False) -> dict[str, float]:
+        folds = self.deconfounded_metrics if deconfounded else self.fold_metrics
+        names = folds[0].keys() if folds else []
+        return {name: float(np.nanmean([m[name] for m in folds])) for name in names}
 
 
 def cross_validate(
@@ -239,8 +255,12 @@ def cross_validate(
     metric: str,
     seed: int,
     on_fold: Callable[[int, float], None] | None = None,
+    nuisances: np.ndarray | None = None,
 ) -> CVResult:
-    """Score `config` fold by fold; `on_fold(step, score)` may raise to stop early (pruning)."""
+    """Score `config` fold by fold; `on_fold(step, score)` may raise to stop early (pruning). `nuisances`
+    (repeats, recordings: out-of-fold nuisance-model scores): deconfounded CV (`deconfound.py`): each fold is
+    also scored on its predictions adjusted for the nuisances, and that score is the fold's (the plain one is
+    kept beside it)."""
     features = config.layer, config.pooling, config.unit
     y, owner = source.labels, source.window_owner
     result = CVResult([], oof=np.full(folds.shape, np.nan, np.float32))
@@ -264,9 +284,19 @@ def cross_validate(
                 score, threshold = recording_scores(model, valid_rows, owner[valid_windows], len(y))
                 score = score[valid]
             result.fit_seconds += time.perf_counter() - started
+            if not np.isfinite(score).all():
+                bad = int(np.size(score) - np.count_nonzero(np.isfinite(score)))
+                raise NonFiniteScores(f"repeat {repeat + 1}, fold {fold + 1}: {bad} of {np.size(score)} out-of-fold "
+                                      f"{'predictions' if regression else 'scores'} are NaN or infinite; a trial is "
+                                      "scored on numbers only")
             fold_metrics = score_predictions(y[valid], score, threshold, regression)
             result.oof[repeat, valid] = score - threshold
             result.fold_metrics.append(fold_metrics)
+            if nuisances is not None:
+                fair, fair_threshold = adjusted_scores(score, threshold, y[valid], nuisances[repeat, valid],
+                                                       not regression and threshold == 0.5)
+                fold_metrics = score_predictions(y[valid], fair, fair_threshold, regression)
+                result.deconfounded_metrics.append(fold_metrics)
             result.fold_scores.append(fold_metrics[metric])
             if on_fold:
                 on_fold(repeat * n_folds + fold, fold_metrics[metric])
@@ -346,7 +376,7 @@ class Objective:
         pruned = None
         try:
             result = cross_validate(config, self.sources[config.source], self.setup.folds, spec.cv.metric, spec.seed,
-                                    report)
+                                    report, self.setup.nuisances)
         except optuna.TrialPruned as exc:
             pruned, result = exc, None
         # Flat attributes read well as dashboard columns; per-fold scores are the intermediate values and
@@ -354,6 +384,8 @@ class Objective:
         attrs = {"cv_std": round(float(np.std(scores)), 6), "folds_run": len(scores)}
         if result is not None:
             attrs.update({f"cv_{name}": round(value, 6) for name, value in result.summary().items()})
+            attrs.update({f"deconfounded_{name}": round(value, 6)
+                          for name, value in result.summary(deconfounded=True).items()})
             attrs["fit_seconds"] = round(result.fit_seconds, 4)
         for key, value in attrs.items():
             trial.set_user_attr(key, value)

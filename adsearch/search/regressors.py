@@ -20,6 +20,15 @@ def _ridge(p, seed):
     return Ridge(alpha=p["alpha"])
 
 
+@register("elastic_net", "elastic-net regression (l1_ratio 1: lasso), for a score carried by a few dimensions",
+          {"alpha": FloatRange(1e-3, 1e1, log=True, above=0), "l1_ratio": FloatRange(0.2, 1.0, min=0, max=1)},
+          task=_MMSE)
+def _elastic_net(p, seed):
+    from sklearn.linear_model import ElasticNet
+
+    return ElasticNet(alpha=p["alpha"], l1_ratio=p["l1_ratio"], max_iter=5000, random_state=seed)
+
+
 @register("kernel_ridge", "kernel ridge regression with an RBF kernel",
           {"alpha": FloatRange(1e-3, 1e2, log=True, above=0), "gamma": FloatRange(1e-5, 1e-1, log=True, above=0)},
           task=_MMSE)

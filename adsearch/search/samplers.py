@@ -25,7 +25,7 @@ class LayerGridSampler(optuna.samplers.BaseSampler):
         self.layers = layers
         reference = spec.layer_grid
         self.reference = {"pooling": reference.pooling, "unit": reference.unit, "scale": reference.scale,
-                          "pca": reference.pca, "l2_normalize": reference.l2_normalize,
+                          "select": "none", "pca": reference.pca, "l2_normalize": reference.l2_normalize,
                           "classifier": reference.classifier,
                           **{f"{reference.classifier}.{k}": v for k, v in reference.params.items()}}
         self.tuner = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)

@@ -24,12 +24,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from adsearch.embed.cache import POOLINGS
+from adsearch.search.deconfound import adjusted
 from adsearch.search.objective import FeatureSource
 from adsearch.search.protocol import MMSE_RANGE, REGRESSION_METRICS, better, direction
 
 RIDGE_GRID = np.logspace(-3, 3, 7)  # times the mean eigenvalue of the centred kernel
-# Kernel width: the median heuristic, gamma = 1 / median squared distance. A grid of widths (x0.25, x4) found
-# no cell this single width missed on the realistic caches and cost 3 eigendecompositions more per cell.
+# Kernel widths: the median heuristic, gamma = 1 / median squared distance, and 3x it. On the realistic caches
+# a grid (x0.25, x4) found no cell the median width missed; an interaction (the sign of a mean shift times the
+# sign of a spread change) shows at 3x the median's gamma only (BENCHMARKS.md, hard kinds): one more
+# eigendecomposition per cell.
+KERNEL_WIDTHS = (1.0, 3.0)
 
 
 @dataclass
@@ -168,11 +172,11 @@ def column_scores(labels: np.ndarray, predictions: np.ndarray, metric: str) -> n
     fn, tn = (~predicted & truth).sum(0), (~predicted & ~truth).sum(0)
     positives, negatives = int(truth.sum()), int((~truth).sum())
     if metric == "balanced_accuracy":
-        recalls = [tp / positives] if positives else []
-        recalls += [tn / negatives] if negatives else []
+        recalls = [tp / (tp + fn)] if positives else []
+        recalls += [tn / (tn + fp)] if negatives else []
         return np.mean(recalls, axis=0)
     if metric == "accuracy":
-        return (tp + tn) / len(truth)
+        return (tp + tn) / (tp + tn + fp + fn)
     if metric == "f1":
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
@@ -198,13 +202,18 @@ def _regression_column_scores(y: np.ndarray, predictions: np.ndarray, metric: st
         return (centred.T @ (y - y.mean())) / (np.linalg.norm(centred, axis=0) * np.linalg.norm(y - y.mean()))
 
 
-def _probe_scores(K: np.ndarray, y: np.ndarray, labels: np.ndarray, folds: np.ndarray, metric: str
-                  ) -> tuple[float, float]:
+def _probe_scores(K: np.ndarray, y: np.ndarray, labels: np.ndarray, folds: np.ndarray, metric: str,
+                  nuisances: np.ndarray | None = None) -> tuple[float, float]:
     """The mean fold score of the study metric at the best ridge factor (threshold 0 on +-1 targets, or the
     MMSE predictions themselves), and that ridge as an absolute penalty: factor x the centred kernel's mean
-    eigenvalue (its trace over n), which is scikit-learn's `alpha` for a ridge on the same features."""
-    scores = np.mean([column_scores(labels[rows], predictions, metric)
-                      for rows, predictions in kfold_predictions(K, y, folds, RIDGE_GRID)], axis=0)
+    eigenvalue (its trace over n), which is scikit-learn's `alpha` for a ridge on the same features. With
+    `nuisances` (repeats, n: nuisance-model scores): each fold's predictions adjusted for them, as the study's
+    trials are scored."""
+    held_out = kfold_predictions(K, y, folds, RIDGE_GRID)
+    repeats = np.repeat(np.arange(len(folds)), int(folds.max()) + 1)  # held_out runs fold by fold, repeat by repeat
+    scores = np.mean([column_scores(labels[rows], predictions if nuisances is None else
+                                    adjusted(predictions, labels[rows], nuisances[repeat, rows]), metric)
+                      for (rows, predictions), repeat in zip(held_out, repeats, strict=True)], axis=0)
     scores = np.where(np.isnan(scores), np.inf if direction(metric) == "minimize" else -np.inf, scores)
     best = int(np.argmin(scores) if direction(metric) == "minimize" else np.argmax(scores))
     n = len(K)
@@ -213,7 +222,7 @@ def _probe_scores(K: np.ndarray, y: np.ndarray, labels: np.ndarray, folds: np.nd
 
 
 def screen(source: FeatureSource, folds: np.ndarray, layers: tuple[int, ...], poolings: list[str], metric: str,
-           one_vector: bool = False) -> ScreenResult:
+           one_vector: bool = False, nuisances: np.ndarray | None = None) -> ScreenResult:
     """Both probes for every layer x pooling, on the train rows of `source` with the study's folds.
 
     A pooling concatenates statistics, each standardised column by column, so its Gram matrix is the sum of
@@ -241,12 +250,14 @@ def screen(source: FeatureSource, folds: np.ndarray, layers: tuple[int, ...], po
                     X = _standardised(source.statistic(layer, statistic, "recording"))
                     grams[statistic] = X @ X.T
             gram = sum(grams[statistic] for statistic in POOLINGS[pooling])
-            linear[i, j], linear_alpha[i, j] = _probe_scores(gram, y, labels, folds, metric)
+            linear[i, j], linear_alpha[i, j] = _probe_scores(gram, y, labels, folds, metric, nuisances)
             norms = np.diag(gram)
             distances = np.maximum(norms[:, None] + norms[None, :] - 2 * gram, 0.0)
-            gamma[i, j] = 1.0 / (float(np.median(distances[np.triu_indices(len(y), 1)])) or 1.0)
-            kernel[i, j], kernel_alpha[i, j] = _probe_scores(np.exp(-gamma[i, j] * distances), y, labels, folds,
-                                                             metric)
+            median = 1.0 / (float(np.median(distances[np.triu_indices(len(y), 1)])) or 1.0)
+            probes = [(*_probe_scores(np.exp(-median * width * distances), y, labels, folds, metric, nuisances),
+                       median * width) for width in KERNEL_WIDTHS]
+            kernel[i, j], kernel_alpha[i, j], gamma[i, j] = (min if direction(metric) == "minimize" else max)(
+                probes, key=lambda probe: probe[0])
     return ScreenResult(list(layers), list(poolings), metric, linear, kernel, gamma, time.perf_counter() - started,
                         linear_alpha=linear_alpha, kernel_alpha=kernel_alpha)
 
@@ -285,46 +296,130 @@ def heatmap(result: ScreenResult, path) -> None:
 # what an enqueued trial uses for a linear-probe cell, or a kernel-probe one (classifiers, then regressors)
 LINEAR_CLASSIFIERS = ("logreg", "lda", "linear_svm", "ridge", "pls")
 KERNEL_CLASSIFIERS = ("rbf_svm", "knn", "kernel_ridge", "svr", "knn_regressor")
+WIDTHS = (0.3, 1.0, 3.0, 10.0)  # the kernel widths tried for the portfolio's kernel model, times the median's
+# The portfolio after the best cell's probe model (auto-sklearn 2.0's idea, Feurer et al. 2022: start from
+# pipelines that cover different kinds of data, not one default), each a kind of signal that model misses:
+# (name, classification model and settings, MMSE model and settings, pooling, other settings)
+PORTFOLIO = (
+    ("sparse", ("sparse_logreg", {"C": 1.0, "l1_ratio": 1.0}), ("elastic_net", {"alpha": 0.1, "l1_ratio": 1.0}),
+     None, {}),  # a few informative dimensions among many
+    ("kernel", ("rbf_svm", {"C": 10.0}), ("svr", {"C": 10.0}), "mean+std", {}),  # an interaction; tuned width
+    ("trees", ("extra_trees", {"n_estimators": 200, "max_depth": 8, "max_features": "sqrt", "min_samples_leaf": 2}),
+     ("extra_trees_regressor", {"n_estimators": 200, "max_depth": 8, "max_features": "sqrt",
+                                "min_samples_leaf": 2}), "mean+std+max", {}),  # thresholds on the statistics
+    ("second cell", None, None, None, {}),
+    ("windows", None, None, None, {"unit": "window"}),  # the probe's model on windows, averaged per recording
+    ("select", ("logreg", {"C": 1.0}), ("ridge", {"alpha": 1.0}), None, {"select": "kbest", "select_k": 8}),
+    ("maxima", None, None, "max", {}),  # extreme values that only max pooling keeps
+)
+
+
+def tune_width(source: FeatureSource, folds: np.ndarray, layer: int, pooling: str, metric: str,
+               nuisances: np.ndarray | None = None) -> float:
+    """The RBF width (gamma, for standardised features) whose kernel probe scores best at one cell, among
+    WIDTHS times the median heuristic: the screen's single width found the right cells, but an interaction's
+    best classifier wants another width (3x the median's in the planted one, BENCHMARKS.md)."""
+    labels = source.labels
+    y = labels.astype(np.float64) if metric in REGRESSION_METRICS else np.where(labels == 1, 1.0, -1.0)
+    X = np.hstack([_standardised(source.statistic(layer, statistic, "recording")) for statistic in POOLINGS[pooling]])
+    norms = np.sum(X**2, axis=1)
+    distances = np.maximum(norms[:, None] + norms[None, :] - 2 * X @ X.T, 0.0)
+    median = 1.0 / (float(np.median(distances[np.triu_indices(len(y), 1)])) or 1.0)
+    scores = [_probe_scores(np.exp(-median * width * distances), y, labels, folds, metric, nuisances)[0]
+              for width in WIDTHS]
+    pick = np.argmin if direction(metric) == "minimize" else np.argmax
+    return median * WIDTHS[int(pick(scores))]
 
 
 def starting_points(result: ScreenResult, spec, n: int, source_layers: dict[str, tuple[int, ...]] | None = None,
-                    one_vector: frozenset[str | None] = frozenset()) -> list[dict]:
-    """Parameters for the study's first trials: the top `n` cells, each with recording-level features, no
-    PCA, standard scaling and a classifier of the probe's kind: logistic regression with C = 1, or an RBF SVM
-    with the probe's kernel width and C = 10; for MMSE, the probe itself: ridge (or RBF kernel ridge with the
-    probe's width) at the probe's best penalty. (Measured on realistic caches: these C values were within a
-    point of the best of a grid at the planted cell, while translating the probe's ridge into C was not: a
-    large ridge ranks well but makes an SVM with C = 1 / ridge predict one class.) Only settings that are
-    parameters of the space are fixed (a `one_vector` source's trials have no pooling or unit); the sampler
+                    one_vector: frozenset[str | None] = frozenset(), gamma: float | None = None) -> list[dict]:
+    """Parameters for the study's first trials, a portfolio over the screen's best cells: the best cell with a
+    model of its probe's kind (logistic regression with C = 1, or an RBF SVM with the probe's kernel width and
+    C = 10; for MMSE the probe itself, ridge or RBF kernel ridge at the probe's penalty), then the same cell's
+    layer with models for signals that model misses (`PORTFOLIO`: sparse, a kernel of the tuned width `gamma`,
+    trees on the concatenated statistics, windows, selected columns, maxima), the second cell with its probe's
+    model; then the next cells with theirs. Each entry needs what it names in the space (a model, a pooling, a
+    unit) and is left out otherwise; settings outside the space's ranges are moved to their nearest end.
+    (Measured on realistic caches: these C values were within a point of the best of a grid at the planted
+    cell, while translating the probe's ridge into C was not: a large ridge ranks well but makes an SVM with
+    C = 1 / ridge predict one class.) Only settings that are parameters of the space are fixed; the sampler
     fills in the rest."""
-    from adsearch.search.space import classifier_params
+    cells = result.top(max(n, 1))
+    if not cells:
+        return []
+    regression = spec.task == "mmse"
+    first = cells[0]
+    planned = [_point(first, spec, None, {}, None, source_layers, one_vector)]
+    for name, classifier, regressor, pooling, settings in PORTFOLIO:
+        if name == "second cell":
+            planned += [_point(cell, spec, None, {}, None, source_layers, one_vector) for cell in cells[1:2]]
+            continue
+        model = regressor if regression else classifier
+        if name == "kernel" and model is not None:
+            model = (model[0], {**model[1], "gamma": gamma or first["gamma"]})
+        planned.append(_point(first, spec, model, settings, pooling, source_layers, one_vector))
+    planned += [_point(cell, spec, None, {}, None, source_layers, one_vector) for cell in cells[2:]]
+    points, seen = [], set()
+    for point in planned:  # each once (a kernel width tuned to the screen's own is the same point)
+        key = tuple(sorted((k, float(f"{v:.2g}") if isinstance(v, float) else v) for k, v in (point or {}).items()))
+        if point is not None and key not in seen:
+            points.append(point)
+            seen.add(key)
+    return points[:n]
+
+
+def _point(cell: dict, spec, model: tuple[str, dict] | None, settings: dict, pooling: str | None,
+           source_layers: dict[str, tuple[int, ...]] | None, one_vector: frozenset[str | None]) -> dict | None:
+    """One starting point at `cell` (its layer, and `pooling` or its own): `model` (name, settings), or the
+    space's model of the probe's kind; None when the space lacks what it needs."""
+    from adsearch.search.classifiers import IntRange
+    from adsearch.search.space import IntSpan, classifier_params
 
     space = spec.space
-    points = []
-    for cell in result.top(n):
-        params: dict = {"layer": cell["layer"]}
-        if cell["source"] is not None:  # a multi-source study: the source, then its own layer parameter
-            params = {"source": cell["source"]}
-            if len((source_layers or {}).get(cell["source"], ())) > 1:
-                params[f"layer.{cell['source']}"] = cell["layer"]
-        for name, options, value in (("pooling", space.pooling, cell["pooling"]), ("unit", space.unit, "recording"),
-                                     ("scale", space.scale, "standard"), ("pca", space.pca, "none"),
-                                     ("l2_normalize", space.l2_normalize, False)):
-            if name in ("pooling", "unit") and cell["source"] in one_vector:
-                continue  # not parameters of a one-vector source's trials
-            if len(options) > 1 and value in options:
-                params[name] = value
+    single = cell["source"] in one_vector
+    pooling = pooling or cell["pooling"]
+    if (pooling not in space.pooling and not single) or any(
+            value not in getattr(space, key) for key, value in settings.items() if key in ("unit", "select")):
+        return None
+    if single and settings.get("unit", "recording") != "recording":
+        return None
+    params: dict = {"layer": cell["layer"]}
+    if cell["source"] is not None:  # a multi-source study: the source, then its own layer parameter
+        params = {"source": cell["source"]}
+        if len((source_layers or {}).get(cell["source"], ())) > 1:
+            params[f"layer.{cell['source']}"] = cell["layer"]
+    fixed = {"pooling": pooling, "unit": "recording", "scale": "standard", "select": "none", "pca": "none",
+             "l2_normalize": False, **{k: v for k, v in settings.items() if k != "select_k"}}
+    for name, value in fixed.items():
+        if name in ("pooling", "unit") and single:
+            continue  # not parameters of a one-vector source's trials
+        options = getattr(space, name)
+        if len(options) > 1 and value in options:
+            params[name] = value
+    if settings.get("select") == "kbest" and len(space.select) > 1:
+        params["select_k"] = int(min(max(settings["select_k"], space.select_k.low), space.select_k.high))
+    if model is None:
         preferred = LINEAR_CLASSIFIERS if cell["probe"] == "linear" else KERNEL_CLASSIFIERS
         classifier = next((c for c in preferred if c in space.classifiers), None)
-        if classifier is not None:
-            if len(space.classifiers) > 1:
-                params["classifier"] = classifier
-            alpha = cell["alpha"] or 1.0  # the probe's own penalty: a ridge regressor is that probe, refitted
-            wanted = {("logreg", "C"): 1.0, ("rbf_svm", "C"): 10.0, ("rbf_svm", "gamma"): cell["gamma"],
-                      ("ridge", "alpha"): alpha, ("kernel_ridge", "alpha"): alpha,
-                      ("kernel_ridge", "gamma"): cell["gamma"], ("svr", "C"): 10.0, ("svr", "gamma"): cell["gamma"]}
-            for param, (kind, span) in classifier_params(spec, classifier).items():
-                if kind == "range" and (classifier, param) in wanted:
-                    params[f"{classifier}.{param}"] = float(min(max(wanted[classifier, param], span.low), span.high))
-        points.append(params)
-    return points
+        alpha = cell["alpha"] or 1.0  # the probe's own penalty: a ridge regressor is that probe, refitted
+        wanted = {"logreg": {"C": 1.0}, "rbf_svm": {"C": 10.0, "gamma": cell["gamma"]}, "ridge": {"alpha": alpha},
+                  "kernel_ridge": {"alpha": alpha, "gamma": cell["gamma"]},
+                  "svr": {"C": 10.0, "gamma": cell["gamma"]}}.get(classifier, {})
+    else:
+        classifier, wanted = model
+        if classifier not in space.classifiers:
+            return None
+    if classifier is None:
+        return params
+    if len(space.classifiers) > 1:
+        params["classifier"] = classifier
+    for param, (kind, span) in classifier_params(spec, classifier).items():
+        if param not in wanted:
+            continue
+        if kind == "range":
+            value = min(max(wanted[param], span.low), span.high)
+            whole = isinstance(span, IntSpan | IntRange)
+            params[f"{classifier}.{param}"] = int(round(value)) if whole else float(value)
+        elif kind == "choice" and wanted[param] in span:
+            params[f"{classifier}.{param}"] = wanted[param]
+    return params

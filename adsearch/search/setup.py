@@ -36,6 +36,10 @@ class StudySetup:
     sources: dict[str, dict] = field(default_factory=dict)
     left_out: int = 0  # an MMSE study: train recordings without an MMSE score, not in its folds
     one_vector: bool = False  # the only cache holds one vector per recording (`EmbeddingCache.one_vector`)
+    # deconfounded CV (`deconfound.plan`): {"scheme": "adjusted" | "none", "why", "features", "scores":
+    # (repeats, n_train) nuisance-model scores}; its trials score each fold on predictions adjusted for them.
+    deconfound: dict = field(default_factory=lambda: {"scheme": "none", "why": "a study made before deconfounding"})
+    baseline: dict | None = None  # a new study's nuisance-only baseline, until it is recorded (NUISANCE_ATTR)
 
     def __post_init__(self) -> None:
         self.sampler = self.sampler or self.spec.sampler
@@ -52,7 +56,8 @@ class StudySetup:
                           "spec": self.spec.model_dump(mode="json")},
                 "plugins": {module: module_digest(module) for module in self.spec.plugins},
                 "protocol": {**self.spec.cv.model_dump(), "seed": self.spec.seed},
-                "folds": {"train_ids": self.train_ids, "assignment": self.folds.tolist()}}
+                "folds": {"train_ids": self.train_ids, "assignment": self.folds.tolist()},
+                "deconfound": self.deconfound}
 
     @classmethod
     def from_study(cls, study: optuna.Study) -> StudySetup:
@@ -72,7 +77,16 @@ class StudySetup:
                    spec, attr["space"]["file"], attr["folds"]["train_ids"],
                    np.asarray(attr["folds"]["assignment"]), optimiser.get("sampler", ""),
                    optimiser.get("pruner", ""), optimiser.get("sampler_seed"), attr.get("null_seed"),
-                   attr.get("sources") or {}, attr.get("left_out", 0), attr["cache"].get("one_vector", False))
+                   attr.get("sources") or {}, attr.get("left_out", 0), attr["cache"].get("one_vector", False),
+                   attr.get("deconfound") or {"scheme": "none", "why": "a study made before deconfounding"})
+
+    @property
+    def nuisances(self) -> np.ndarray | None:
+        """The out-of-fold nuisance-model scores (repeats, n_train) a deconfounded study adjusts its
+        predictions for, or None: plain CV."""
+        if self.deconfound.get("scheme") != "adjusted":
+            return None
+        return np.asarray(self.deconfound["scores"], np.float64)
 
     @property
     def layers(self) -> tuple[int, ...]:

@@ -1,9 +1,10 @@
 """The search space: a YAML file under `studies/`, validated, turned into one define-by-run Optuna space.
 
 One trial picks, in order: layer, pooling, unit (recording vectors, or window vectors classified and then
-averaged per recording), scaling, PCA (none, a number of components, or a share of explained variance),
-L2 normalisation, classifier, and that classifier's own hyperparameters (named `classifier.param`, so the
-conditional parameters of different classifiers never share a distribution).
+averaged per recording), scaling, univariate feature selection (none, or the k best columns), PCA (none, a
+number of components, or a share of explained variance), L2 normalisation, classifier, and that
+classifier's own hyperparameters (named `classifier.param`, so the conditional parameters of different
+classifiers never share a distribution).
 
 In YAML a hyperparameter is a range (`{low: 0.01, high: 100, log: true}`), a list of choices, or a single
 fixed value; a classifier listed with `{}` keeps the registry's default ranges.
@@ -91,6 +92,9 @@ class SearchSpace(_Strict):
     pooling: list[Literal["mean", "std", "mean+std", "max", "min+max", "mean+std+max"]] = list(POOLINGS)
     unit: list[Literal["recording", "window"]] = ["recording"]
     scale: list[Literal["standard", "none", "tfidf"]] = ["standard"]  # tfidf: n-gram count sources only
+    # kbest: the k columns that separate the classes (or follow the score) best, one at a time, in each fold
+    select: list[Literal["none", "kbest"]] = ["none"]
+    select_k: IntSpan = IntSpan(low=2, high=64, log=True)
     pca: list[Literal["none", "components", "variance"]] = ["none"]
     pca_components: IntSpan = IntSpan(low=4, high=128, log=True)
     pca_variance: FloatSpan = FloatSpan(low=0.8, high=0.99)
@@ -99,7 +103,7 @@ class SearchSpace(_Strict):
     calibration: list[Literal["none", "sigmoid", "isotonic"]] = ["none"]
     classifiers: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"logreg": {}})
 
-    @field_validator("pooling", "unit", "scale", "pca", "l2_normalize", "calibration", "classifiers")
+    @field_validator("pooling", "unit", "scale", "select", "pca", "l2_normalize", "calibration", "classifiers")
     @classmethod
     def _not_empty(cls, value):
         if not value:
@@ -118,7 +122,7 @@ class ScreenSpec(_Strict):
     """Layer screening before the search (see adsearch/search/screen.py)."""
 
     enabled: bool = Field(True, description="score every layer x pooling with closed-form probes first")
-    top: int = Field(6, ge=0, le=100, description="the best cells become the study's first trials (0: none)")
+    top: int = Field(10, ge=0, le=100, description="first trials: a portfolio over the best cells (0: none)")
 
 
 class StudySpec(_Strict):
@@ -134,6 +138,8 @@ class StudySpec(_Strict):
     # No pruning by default: on realistic caches neither pruner reached 95 % of the oracle in fewer trials or
     # less CPU time, and a pruned trial keeps no CV score (BENCHMARKS.md, search quality).
     pruner: Literal["none", "wilcoxon", "median"] = "none"
+    # deconfounded CV (adsearch/search/deconfound.py): auto = where the nuisance-only baseline beats chance
+    deconfound: Literal["auto", "on", "off"] = "auto"
     space: SearchSpace = SearchSpace()
     layer_grid: Reference = Reference()
 
@@ -360,6 +366,8 @@ class PipelineSettings(_Strict):
     """Preprocessing and classifier: what is fitted on the pooled features."""
 
     scale: Literal["standard", "none", "tfidf"]
+    select: Literal["none", "kbest"] = "none"
+    select_k: int | None = None
     pca: Literal["none", "components", "variance"]
     pca_components: int | None = None
     pca_variance: float | None = None
@@ -412,6 +420,8 @@ def suggest(trial, spec: StudySpec, layers: tuple[int, ...], sources: dict[str, 
     pooling = "mean" if single else choice("pooling", list(space.pooling))
     unit = "recording" if single else choice("unit", list(space.unit))
     scale = choice("scale", list(space.scale))
+    select = choice("select", list(space.select))
+    select_k = _suggest_span(trial, "select_k", space.select_k) if select == "kbest" else None
     pca = choice("pca", list(space.pca))
     components = _suggest_span(trial, "pca_components", space.pca_components) if pca == "components" else None
     variance = _suggest_span(trial, "pca_variance", space.pca_variance) if pca == "variance" else None
@@ -427,6 +437,7 @@ def suggest(trial, spec: StudySpec, layers: tuple[int, ...], sources: dict[str, 
             params[name] = choice(key, list(value))
         else:
             params[name] = _suggest_span(trial, key, value)
-    return TrialConfig(layer=layer, pooling=pooling, unit=unit, scale=scale, pca=pca, pca_components=components,
+    return TrialConfig(layer=layer, pooling=pooling, unit=unit, scale=scale, select=select, select_k=select_k,
+                       pca=pca, pca_components=components,
                        pca_variance=variance, l2_normalize=l2, classifier=classifier, params=params, source=source,
                        calibration=calibration)

@@ -39,6 +39,7 @@ __all__ = [
     "StudyError",
     "StudySetup",
     "best_summary",
+    "describe_best",
     "check_compatible",
     "chosen_optimiser",
     "create_null_or_resume",
@@ -101,7 +102,32 @@ def new_setup(cache: Caches, spec: StudySpec, space_file: str, sampler: str | No
         for name, one in caches.items()}
     return StudySetup(str(primary.path.resolve()), primary.content_hash, primary.n_layers, spec, space_file,
                       reference.ids, folds, sampler or "", pruner or "", sampler_seed, sources=sources,
-                      left_out=reference.left_out, one_vector=not sources and primary.one_vector)
+                      left_out=reference.left_out, one_vector=not sources and primary.one_vector,
+                      **deconfounding(nuisance_cache(caches), spec, folds))
+
+
+def nuisance_cache(caches: Caches) -> EmbeddingCache:
+    """The source whose recordings tell the most nuisances (extraction measured conditions; a transcript source
+    did not), so a study's baseline and deconfounding see them: all sources cover the same recordings."""
+    found = list(caches.values()) if isinstance(caches, dict) else [caches]
+    return max(found, key=lambda one: all("conditions" in item for item in one.meta["items"]))
+
+
+def deconfounding(cache: EmbeddingCache, spec: StudySpec, folds: np.ndarray, null_seed: int | None = None,
+                   main_scheme: str = "none") -> dict:
+    """{"deconfound": whether (and on which nuisances) the study's trials are scored deconfounded
+    (`deconfound.plan`), "baseline": the nuisance-only baseline of its folds}; a null study is deconfounded
+    as its main study is (`main_scheme`) and has no baseline (its labels are noise)."""
+    from adsearch.search import deconfound
+    from adsearch.search.baseline import chance_level, nuisance_baseline, nuisance_features
+
+    source = FeatureSource(cache, null_seed, task=spec.task)
+    baseline = None if null_seed is not None else nuisance_baseline(cache, folds, spec.cv.metric, spec.seed, spec.task)
+    Z, names = nuisance_features(cache, source.train)
+    mode = spec.deconfound if null_seed is None else "on" if main_scheme == "adjusted" else "off"
+    plan = deconfound.plan(mode, baseline, Z, names, chance_level(baseline, spec.cv.metric), source.labels, folds,
+                           spec.task == "mmse", spec.seed)
+    return {"deconfound": plan, "baseline": baseline}
 
 
 def crossfit_folds(cache: EmbeddingCache, train_ids: list[str], spec: StudySpec, space_file: str
@@ -278,7 +304,8 @@ def create_null_or_resume(storage, study_name: str, cache: Caches, main: StudySe
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
-        study = _create(storage, study_name, cache, replace(main, null_seed=null_seed), budget, None, None)
+        null = deconfounding(nuisance_cache(cache), main.spec, main.folds, null_seed, main.deconfound["scheme"])
+        study = _create(storage, study_name, cache, replace(main, null_seed=null_seed, **null), budget, None, None)
     setup = _wait_for_setup(study)
     if setup.null_seed != null_seed or setup.cache_hash != main.cache_hash:
         raise StudyError(f"study {study_name!r} exists and is not this study's null study {null_seed}")
@@ -302,9 +329,9 @@ def _create(storage, study_name: str, cache: Caches, setup: StudySetup, budget: 
     if log and setup.spec.task == "mmse":
         log(f"MMSE study: {len(setup.train_ids)} train recordings with an MMSE score"
             + (f"; {setup.left_out} without one left out" if setup.left_out else ""))
+    baseline = _record_nuisance_baseline(study, setup, log)  # (before the screen, which scores as it decides)
     screened = _screen_and_enqueue(study, cache, setup, budget, log)
     cache = next(iter(cache.values())) if isinstance(cache, dict) else cache  # the first source, for the note
-    baseline = _record_duration_baseline(study, cache, setup, log)
     if screened is not None and on_screen is not None:
         on_screen(study, screened)
     import optuna_dashboard
@@ -313,19 +340,20 @@ def _create(storage, study_name: str, cache: Caches, setup: StudySetup, budget: 
     return study
 
 
-def _record_duration_baseline(study: optuna.Study, cache: EmbeddingCache, setup: StudySetup,
-                              log: Callable[[str], None] | None) -> dict | None:
-    """What recording length and speaking time alone score on the study's folds (not for null studies, whose
-    labels are noise). Every source covers the same recordings, so the first one's durations serve."""
-    from adsearch.search.baseline import DURATION_ATTR, describe, duration_baseline
+def _record_nuisance_baseline(study: optuna.Study, setup: StudySetup, log: Callable[[str], None] | None
+                              ) -> dict | None:
+    """What the nuisances alone score on the study's folds (measured with its setup; none for null studies,
+    whose labels are noise), and whether its trials are scored deconfounded."""
+    from adsearch.search import deconfound
+    from adsearch.search.baseline import NUISANCE_ATTR, describe
 
-    if setup.null_seed is not None:
+    if setup.baseline is None:
         return None
-    baseline = duration_baseline(cache, setup.folds, setup.spec.cv.metric, setup.spec.seed, setup.spec.task)
-    study._storage.set_study_system_attr(study._study_id, DURATION_ATTR, baseline)
+    study._storage.set_study_system_attr(study._study_id, NUISANCE_ATTR, setup.baseline)
     if log:
-        log("duration-only baseline: CV " + describe(baseline))
-    return baseline
+        log("nuisance-only baseline: CV " + describe(setup.baseline))
+        log(deconfound.describe(setup.deconfound))
+    return setup.baseline
 
 
 SCREEN_ATTR = "adsearch:screen"  # study system attribute holding the layer screen
@@ -336,7 +364,7 @@ def _screen_and_enqueue(study: optuna.Study, cache: Caches, setup: StudySetup, b
     """Run the layer screen of a new study (if its space asks for one), record it on the study and enqueue
     the top cells as its first trials: at most the budget, so the budget stays exact. A multi-source study
     screens every source's layers and ranks all cells together."""
-    from adsearch.search.screen import ScreenResult, screen, starting_points
+    from adsearch.search.screen import ScreenResult, screen, starting_points, tune_width
 
     spec = setup.spec
     if not spec.screen.enabled or setup.sampler == "layer-grid":  # layer-grid walks the layers itself
@@ -348,11 +376,18 @@ def _screen_and_enqueue(study: optuna.Study, cache: Caches, setup: StudySetup, b
         log(f"screening {rows} {'source layers' if setup.sources else 'layers'} x {len(spec.space.pooling)} poolings "
             "with a linear and a kernel probe (closed form, the study's folds, train rows only)")
     results = {name: screen(FeatureSource(one, setup.null_seed, task=spec.task), setup.folds, layers[name],
-                            list(spec.space.pooling), spec.cv.metric, name in setup.one_vector_sources)
+                            list(spec.space.pooling), spec.cv.metric, name in setup.one_vector_sources,
+                            setup.nuisances)
                for name, one in caches.items()}
     result = ScreenResult.stacked(results) if setup.sources else results[None]
+    best = result.top(1)
+    gamma = None
+    if best and best[0]["source"] not in setup.one_vector_sources and "mean+std" in spec.space.pooling:
+        name = best[0]["source"]  # the portfolio's kernel model: a width tuned at the best cell's layer
+        gamma = tune_width(FeatureSource(caches[name], setup.null_seed, task=spec.task), setup.folds,
+                           best[0]["layer"], "mean+std", spec.cv.metric, setup.nuisances)
     result.enqueued = starting_points(result, spec, min(spec.screen.top, budget), setup.source_layers,
-                                      setup.one_vector_sources)
+                                      setup.one_vector_sources, gamma)
     for params in result.enqueued:
         study.enqueue_trial(params, user_attrs={"origin": "screen"})
     study._storage.set_study_system_attr(study._study_id, SCREEN_ATTR, result.to_attr())
@@ -402,15 +437,17 @@ def study_note(cache: EmbeddingCache, setup: StudySetup, screened: ScreenResult 
                      "score is what this search finds when speech says nothing about the label.")
     return "\n".join(tuned + [
         "## adsearch study",
-        f"**Corpus**: `{meta.get('manifest', {}).get('path', '?')}`: {len(train)} train recordings "
+        f"**Corpus**: {code_span(meta.get('manifest', {}).get('path', '?'))}: {len(train)} train recordings "
         f"(AD {(train == 1).sum()}, control {(train == 0).sum()}), {n_test} test recordings (never read here).",
-        f"**Cache**: `{setup.cache_path}` (content {setup.cache_hash[:12]}); model `{model.get('name')}` @ "
-        f"`{model.get('revision')}`, {cache.n_layers} hidden states x {cache.dim} dims, windows of "
+        f"**Cache**: {code_span(setup.cache_path)} (content {setup.cache_hash[:12]}); model "
+        f"{code_span(model.get('name'))} @ {code_span(model.get('revision'))}, {cache.n_layers} hidden states x "
+        f"{cache.dim} dims, windows of "
         f"{meta.get('settings', {}).get('window_s')} s.",
         *(["**Feature sources** (searched jointly as `source`, each with its own `layer.NAME`): " + "; ".join(
-            f"`{name}` = `{source['path']}` ({source['n_layers']} layers)" for name, source in setup.sources.items())]
+            f"{code_span(name)} = {code_span(source['path'])} ({source['n_layers']} layers)"
+            for name, source in setup.sources.items())]
           if setup.sources else []),
-        f"**Space**: `{setup.space_file}` (hash {spec.digest()}); sampler {setup.sampler} (seed "
+        f"**Space**: {code_span(setup.space_file)} (hash {spec.digest()}); sampler {setup.sampler} (seed "
         f"{setup.sampler_seed}), pruner {setup.pruner}, seed {spec.seed}; classifiers "
         f"{', '.join(spec.space.classifiers)}. Every worker uses this sampler and pruner.",
         *([f"**Task: MMSE regression** (ADReSSo task 2): {len(setup.train_ids)} train recordings with a score"
@@ -421,15 +458,17 @@ def study_note(cache: EmbeddingCache, setup: StudySetup, screened: ScreenResult 
         f"metric {spec.cv.metric}. Intermediate values are the per-fold scores.",
         "Trial columns: `cv_*` are fold means of each metric, `cv_std` the spread of the study metric, "
         "`fit_seconds` the time in fit/predict, `folds_run` how many folds ran before any pruning, `worker` "
-        "the host:pid that ran it.",
+        "the host:pid that ran it; `deconfounded_*` the same means on predictions adjusted for the nuisances.",
+        f"**Scoring**: {_deconfounding_note(setup)}",
     ] + ([f"**Layer screen** ({screened.seconds:.1f} s, linear and RBF ridge probes on the same folds; a screen, "
           "optimistic like any maximum): best " + ", ".join(
               f"{c['source'] + ' ' if c['source'] else ''}layer {c['layer']} {c['pooling']} {c['score']:.3f} "
               f"({c['probe']})" for c in screened.top(5))
           + f". The first {len(screened.enqueued)} trials (user attribute `origin: screen`) start there."]
          if screened else [])
-       + ([f"**Duration-only baseline**: CV {describe_baseline(baseline)} on the same folds: what recording "
-           "length and speaking time alone score; read the best score beside it."] if baseline else []))
+       + ([f"**Nuisance-only baseline**: CV {describe_baseline(baseline)} on the same folds: what recording "
+           "length, speaking time and recording conditions alone score; read the best score beside it."]
+          if baseline else []))
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
@@ -456,12 +495,42 @@ def trial_config(setup: StudySetup, params: dict) -> TrialConfig:
                    setup.one_vector_sources)
 
 
+def _deconfounding_note(setup: StudySetup) -> str:
+    from adsearch.search import deconfound
+
+    text = deconfound.describe(setup.deconfound)
+    if setup.deconfound.get("scheme") == "adjusted":
+        text += (". A trial's value is its deconfounded CV: a configuration that rides the nuisances scores near "
+                 "chance and is not chosen; `cv_*` keeps its plain CV")
+    return text
+
+
+def code_span(value: object) -> str:
+    """`value` as a Markdown code span that nothing in it can end (a fence longer than its longest run of
+    backticks, CommonMark 6.1): a folder named with backticks cannot put markup (an external image) into
+    the study note the dashboard renders."""
+    text = " ".join(str(value).split("\n")) or "(none)"
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    padded = f" {text} " if text.startswith("`") or text.endswith("`") else text
+    return f"{fence}{padded}{fence}"
+
+
+def describe_best(best: dict) -> str:
+    """`CV 0.81` or, in a deconfounded study, `deconfounded CV 0.74 (plain CV 0.81)`."""
+    if best.get("deconfounded"):
+        return f"deconfounded CV {best['value']:.4f} (plain CV {best['plain']:.4f})"
+    return f"CV {best['value']:.4f}"
+
+
 def best_summary(study: optuna.Study, setup: StudySetup) -> dict | None:
     try:
         best = study.best_trial
     except ValueError:
         return None
-    return {"number": best.number, "value": best.value,
+    plain = best.user_attrs.get(f"cv_{setup.spec.cv.metric}", best.value)  # a deconfounded study's plain CV
+    return {"number": best.number, "value": best.value, "plain": plain,
+            "fold_scores": [best.intermediate_values[k] for k in sorted(best.intermediate_values)],
+            "deconfounded": setup.deconfound.get("scheme") == "adjusted",
             "config": trial_config(setup, best.params).model_dump(mode="json")}
 
 
