@@ -219,6 +219,9 @@ def test_bad_storage_urls_are_refused_before_anything_is_created(tmp_path):
 def test_a_port_in_use_is_reported(tmp_path):
     import socket
 
+    from adsearch.search.storage import make_storage
+
+    make_storage(f"sqlite:///{tmp_path / 'd.db'}")  # a study database (the dashboard creates none)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -193,7 +193,6 @@ def load_config(path: Path | str) -> ExportedConfig:
         raise ExportError(str(exc)) from None
     except (ValidationError, TypeError) as exc:
         raise ExportError(f"{path}: invalid config: {validation_details(exc)}") from None
-    check_export_digests(path.parent)
     try:
         check_digests(config.plugins, str(path))  # the classifier's own code, as it was at export
     except PluginError as exc:
@@ -210,4 +209,5 @@ def load_config(path: Path | str) -> ExportedConfig:
         problems.append("pipeline.pca_variance: needs a share in (0, 1) when pca is 'variance'")
     if problems:
         raise ExportError(f"{path}: invalid config: " + "; ".join(problems))
+    check_export_digests(path.parent)  # after the checks by key: a broken edit is named by its key
     return config
