@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 18's before/after on one CUDA card, in one run: extraction of the ADReSSo-sized corpus through the CLI
 # (GPU busy share, forward ceiling) and one fine-tuning epoch, with the code before issue 18 and with this tree,
-# then this tree's profile. About 7 minutes on an H100 at the default sizes; every result lands in OUT as it
+# then this tree's profile; then issue 27's transcription, batched (float16) against one recording at a time
+# (BEFORE_ASR: a tree of the code before batching, `git archive 02dd80c adsearch`) and against faster-whisper's
+# own pipeline on the same chunks. About 7 minutes on an H100 at the default sizes; every result lands in OUT as it
 # is measured, so a run cut short keeps what it finished.
 #
 # Here, before calling the device (the old code travels as an untracked folder of the working tree):
@@ -34,3 +36,7 @@ run finetune-before "$before" benchmarks/finetune.py cuda --recordings "$recordi
     --json "$out/finetune-before.json"
 run profile-after "$after" benchmarks/profile_extract.py --size large --device cuda --dtype bfloat16 \
     --corpus-scale 0.25 --json "$out/profile-after.json"
+# Issue 27: the synthetic corpus needs eSpeak NG (libespeak-ng); without it this step says so and the rest stands.
+run transcribe-batched "$after" benchmarks/transcribe.py batched --device cuda --batch-sizes 8 16 \
+    ${BEFORE_ASR:+--before "$BEFORE_ASR"} --json "$out/transcribe-batched.json" \
+    || echo "transcription: failed (see $out/transcribe-batched.txt; the synthetic corpus needs eSpeak NG)"
