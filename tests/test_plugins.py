@@ -35,6 +35,8 @@ def plugin_dir(tmp_path, monkeypatch):
     shutil.copy(EXAMPLE, folder)
     monkeypatch.syspath_prepend(str(folder))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
+    import adsearch.search.regressors  # noqa: F401  (registered now, so the snapshot below holds them)
+
     before = dict(REGISTRY)
     yield folder
     REGISTRY.clear()

@@ -50,9 +50,9 @@ def load_plugins(modules: list[str]) -> dict[str, str]:
                                   "holds it on PYTHONPATH (on every machine that runs workers)") from None
             except Exception as exc:
                 raise PluginError(f"plugins: importing {module!r} failed: {type(exc).__name__}: {exc}") from None
-            finally:
-                for name in set(REGISTRY) - before:  # a failed import leaves none of its classifiers behind
-                    if sys.modules.get(module) is None:
+            finally:  # a failed import leaves none of its classifiers behind (adsearch's own, first imported
+                for name in set(REGISTRY) - before:  # on the way, stay)
+                    if sys.modules.get(module) is None and REGISTRY[name].build.__module__ not in OWN_MODULES:
                         del REGISTRY[name]
             for name in sorted(set(REGISTRY) - before):
                 try:
