@@ -165,7 +165,7 @@ def export_trial(
     cache = caches[config.source]  # a multi-source study: the chosen source's cache and model
     exported = config_of_trial(study_name, storage_url, setup, chosen, cache, config)
     exported.cv.fresh = fresh
-    exported.cv.selection = selection_record(scored, chosen, trial_number, spec.cv.metric)
+    exported.cv.selection = selection_record(scored, chosen, fresh, trial_number, spec.cv.metric)
     log(f"re-scored on {fresh.repeats} fresh fold assignments: {spec.cv.metric} {fresh.mean:.4f} +/- "
         f"{fresh.std:.4f} vs study CV {chosen.value:.4f} (selection optimism {fresh.optimism:+.4f})")
     if trial_number is None:
@@ -227,18 +227,17 @@ def config_of_trial(study_name: str, storage_url: str, setup, chosen, cache: Emb
     )
 
 
-def selection_record(scored: list, chosen, trial_number: int | None, metric: str) -> dict:
+def selection_record(scored: list, chosen, fresh: FreshCV, trial_number: int | None, metric: str) -> dict:
     """How the exported trial was chosen, for config.yaml and the report: each candidate's study CV and fresh
     score, and how much of the study's best value the fresh folds took away (`optimism_removed`)."""
     if trial_number is not None:
         return {"by": "--trial", "trial": trial_number}
     raw_best = scored[0]
     return {"by": "fresh folds", "among": len(scored), "chosen": chosen.number, "study_best": raw_best[0].number,
-            "candidates": [{"trial": trial.number, "cv": trial.value, "fresh": fresh.mean, "fresh_std": fresh.std}
-                           for trial, _, fresh in scored],
+            "candidates": [{"trial": trial.number, "cv": trial.value, "fresh": f.mean, "fresh_std": f.std}
+                           for trial, _, f in scored],
             # the study's best value against the estimate exported instead: the chosen trial's fresh score
-            "optimism_removed": float(improvement(raw_best[0].value, next(f.mean for t, _, f in scored
-                                                                           if t.number == chosen.number), metric))}
+            "optimism_removed": float(improvement(raw_best[0].value, fresh.mean, metric))}
 
 
 def _write_export(study, setup, caches, cache, config: TrialConfig, chosen, complete, exported: ExportedConfig,

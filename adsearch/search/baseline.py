@@ -149,9 +149,7 @@ def nuisance_baseline(cache: EmbeddingCache, folds: np.ndarray, metric: str, see
 def _fold_scores(X: np.ndarray, targets: np.ndarray, folds: np.ndarray, metric: str, seed: int, regression: bool
                  ) -> tuple[list[float], list[float]]:
     """Fold scores of the nuisance model, and (MMSE) of predicting the training part's mean."""
-    from sklearn.linear_model import LogisticRegression, Ridge
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from adsearch.search.deconfound import nuisance_model
 
     scores, floor = [], []
     for assignment in folds:
@@ -160,9 +158,7 @@ def _fold_scores(X: np.ndarray, targets: np.ndarray, folds: np.ndarray, metric: 
             if not regression and len(np.unique(targets[~valid])) < 2:  # permuted labels of a tiny corpus
                 scores.append(float("nan"))
                 continue
-            model = make_pipeline(StandardScaler(), Ridge(alpha=1.0) if regression
-                                  else LogisticRegression(random_state=seed))
-            model.fit(X[~valid], targets[~valid])
+            model = nuisance_model(regression, seed).fit(X[~valid], targets[~valid])
             if regression:
                 predicted = np.clip(model.predict(X[valid]), *MMSE_RANGE)
                 scores.append(regression_metrics(targets[valid], predicted)[metric])

@@ -63,23 +63,27 @@ def adjusted_scores(score: np.ndarray, threshold: float, target: np.ndarray, nui
     return adjusted(np.log(p / (1 - p)), target, nuisances), 0.0
 
 
-def nuisance_scores(Z: np.ndarray, targets: np.ndarray, folds: np.ndarray, regression: bool, seed: int = 0
-                    ) -> np.ndarray:
-    """(repeats, recordings): each recording's score under the nuisance-only model (standardised logistic
-    regression, MMSE: ridge) fitted on the training part of the fold that validates it."""
+def nuisance_model(regression: bool, seed: int = 0):
+    """The nuisance-only model, unfitted: a standardised logistic regression (MMSE: ridge). The baseline scores
+    it, the deconfounding adjusts for its scores: one model for both."""
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    return make_pipeline(StandardScaler(), Ridge(alpha=1.0) if regression else LogisticRegression(random_state=seed))
+
+
+def nuisance_scores(Z: np.ndarray, targets: np.ndarray, folds: np.ndarray, regression: bool, seed: int = 0
+                    ) -> np.ndarray:
+    """(repeats, recordings): each recording's score under the nuisance-only model (`nuisance_model`) fitted on
+    the training part of the fold that validates it."""
     scores = np.zeros(folds.shape, np.float64)
     for repeat, assignment in enumerate(folds):
         for fold in range(int(assignment.max()) + 1):
             valid = assignment == fold
             if not regression and len(np.unique(targets[~valid])) < 2:
                 continue
-            model = make_pipeline(StandardScaler(), Ridge(alpha=1.0) if regression
-                                  else LogisticRegression(random_state=seed))
-            model.fit(Z[~valid], targets[~valid])
+            model = nuisance_model(regression, seed).fit(Z[~valid], targets[~valid])
             scores[repeat, valid] = model.predict(Z[valid]) if regression else model.decision_function(Z[valid])
     return scores
 
